@@ -1,0 +1,172 @@
+"""``spntune`` command line. Entry point: ``main(argv=None)``; nothing happens at import."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+#: Overrides that shrink any trial to seconds on a CPU (applied after --config, before --set).
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.image_size": [64, 64],
+    "data.train_size": 16,
+    "data.val_size": 8,
+    "data.limit_train": 16,
+    "data.limit_val": 8,
+    "train.epochs": 1,
+    "train.coarse_epochs": 1,
+    "train.refine_epochs": 1,
+    "train.batch_size": 4,
+    "train.viz_samples": 2,
+}
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def build_trial_config(config_file: str | None, sets: list[str], smoke: bool) -> dict[str, Any]:
+    """Layer YAML file < smoke overrides < --set into one nested dict (not yet validated)."""
+    from spntune.config import load_yaml, parse_set_args, unflatten
+
+    layers: dict[str, Any] = dict(load_yaml(config_file)) if config_file else {}
+    merged = unflatten(layers)
+    if smoke:
+        merged = unflatten({**_flat(merged), **SMOKE_OVERRIDES})
+    return unflatten({**_flat(merged), **parse_set_args(sets)})
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    from spntune.config import flatten
+
+    return flatten(d)
+
+
+class ConsoleReporter:
+    """Rich progress bar over batches plus one line per epoch."""
+
+    wants_checkpoints = False
+
+    def __init__(self, console: Any, total_epochs: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.total_epochs = total_epochs
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console, transient=True,
+        )  # fmt: skip
+        self.task: Any = None
+
+    def progress(self, stage: str, epoch: int, batch: int, num_batches: int, loss: float) -> None:
+        desc = f"epoch {epoch}/{self.total_epochs} \\[{stage}]"
+        if self.task is None or batch == 1:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            else:
+                self.bar.start()
+            self.task = self.bar.add_task(desc, total=num_batches, loss=loss)
+        self.bar.update(self.task, completed=batch, loss=loss)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.console.print(
+            f"epoch {metrics['epoch']:>3} \\[{metrics['phase']}] loss {metrics['train_loss']:.4f}  "
+            f"mIoU coarse {_fmt(metrics['coarse_miou'])} refined {_fmt(metrics['refined_miou'])}  "
+            f"bIoU coarse {_fmt(metrics['coarse_boundary_iou'])} refined {_fmt(metrics['refined_boundary_iou'])}  "
+            f"{metrics['epoch_seconds']:.1f}s"
+        )
+
+    def resume_checkpoint(self) -> Path | None:
+        return None
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def print_results(console: Any, metrics: dict[str, Any], class_names: list[str]) -> None:
+    """Final table: coarse vs refined, per class, and mIoU after each propagation step."""
+    from rich.table import Table
+
+    from spntune.trainables import _sanitize
+
+    table = Table(title=f"final metrics (epoch {metrics['epoch']})")
+    table.add_column("metric")
+    table.add_column("coarse", justify="right")
+    table.add_column("refined", justify="right")
+    table.add_column("gain", justify="right")
+    rows = [("mIoU", "miou"), ("boundary IoU", "boundary_iou"), ("pixel acc", "pixel_acc"), ("mean Dice", "mean_dice")]
+    rows += [(f"IoU {n}", f"iou_{_sanitize(n)}") for n in class_names]
+    for label, key in rows:
+        c, r = metrics[f"coarse_{key}"], metrics[f"refined_{key}"]
+        gain = r - c if not (math.isnan(c) or math.isnan(r)) else math.nan
+        table.add_row(label, _fmt(c), _fmt(r), ("+" if gain > 0 else "") + _fmt(gain))
+    console.print(table)
+    steps = [
+        metrics[k] for k in sorted((k for k in metrics if k.startswith("refined_miou_t")), key=lambda k: int(k[14:]))
+    ]
+    if len(steps) > 1:
+        console.print("refined mIoU by propagation step: " + "  ".join(f"t{t}={_fmt(v)}" for t, v in enumerate(steps)))
+    console.print(f"{metrics['train_images_per_s']:.1f} train images/s, {metrics['epoch_seconds']:.1f} s/epoch")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from spntune.config import TrialConfig
+    from spntune.trainables import train_segmentation
+
+    console = Console()
+    raw = build_trial_config(args.config, args.set or [], args.smoke_test)
+    if args.output:
+        raw.setdefault("output_dir", args.output)
+    raw.setdefault("output_dir", str(Path("runs") / "train"))
+    cfg = TrialConfig.from_dict(raw)  # validate before any heavy work
+    console.print(
+        f"[bold]spntune train[/bold]: {cfg.data.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
+        f"{cfg.model.arch}/{cfg.model.encoder} + {cfg.refiner.kind}, {cfg.train.stage}, "
+        f"{cfg.train.total_epochs} epochs -> {cfg.output_dir}"
+    )
+    reporter = ConsoleReporter(console, cfg.train.total_epochs)
+    try:
+        result = train_segmentation(cfg.to_dict(), reporter, resume_from=args.resume)
+    finally:
+        reporter.close()
+    print_results(console, result["metrics"], result["class_names"])
+    console.print(f"wrote {cfg.output_dir}/config.yaml, checkpoint.pt and panels/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spntune", description="Search refined segmentation pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run one trial in-process (debug mode, no Ray)")
+    train.add_argument("--config", help="trial config YAML")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. refiner.kind=dyspn")
+    train.add_argument("--smoke-test", action="store_true", help="shrink to seconds (tiny images, 1 epoch)")
+    train.add_argument("--output", help="output folder (default: output_dir from the config, else runs/train)")
+    train.add_argument("--resume", help="checkpoint file/folder to continue from")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spntune.config import ConfigError
+    from spntune.data.base import DatasetError
+    from spntune.models.coarse import WeightsUnavailableError
+    from spntune.trainables import NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DatasetError, WeightsUnavailableError, NonFiniteLossError, FileNotFoundError) as exc:
+        print(f"spntune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Typed trial configuration: defaults here, overridden by YAML, then by ``--set key=value``.
+
+A trial config is a nested dict (``{"refiner": {"kind": "cspn"}}``) or a flat one with dotted
+keys (``{"refiner.kind": "cspn"}``, what a search produces); both validate into ``TrialConfig``.
+Unknown keys and bad values raise ``ConfigError`` listing every offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RefinerConfig",
+    "TrainConfig",
+    "TrialConfig",
+    "flatten",
+    "load_yaml",
+    "parse_set_args",
+    "unflatten",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid trial configuration; the message lists each bad key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Which dataset, where, at what size."""
+
+    name: str = "synthetic"
+    root: str | None = None
+    image_size: tuple[int, int] = (128, 128)  # (height, width); multiples of 32 for smp encoders
+    train_split: str | None = None  # None: the dataset's default (pets trainval, voc/folder train)
+    val_split: str | None = None  # None: pets test, voc/folder val
+    target: str = "binary"  # pets only: binary | binary_ignore_border | trimap
+    train_size: int = Field(256, ge=1)  # synthetic only
+    val_size: int = Field(64, ge=1)  # synthetic only
+    limit_train: int | None = Field(None, ge=1)  # first N samples, for quick runs
+    limit_val: int | None = Field(None, ge=1)
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from spntune.data import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; valid: {sorted(DATASETS)}")
+        return v
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if any(s < 32 or s % 32 for s in v):
+            raise ValueError(
+                f"height and width must be positive multiples of 32 (smp encoders downsample 32x), got {v}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.name != "synthetic" and not self.root:
+            raise ValueError(f"dataset {self.name!r} needs data.root (the folder holding it)")
+        return self
+
+
+class ModelConfig(_Strict):
+    """The coarse network."""
+
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None  # "imagenet" needs internet or a pre-populated HF cache
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the architecture
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from spntune.models.coarse import COARSE
+
+        if v not in COARSE:
+            raise ValueError(f"unknown coarse architecture {v!r}; valid: {sorted(COARSE)}")
+        return v
+
+    @field_validator("encoder_weights", mode="before")
+    @classmethod
+    def _null_words(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.lower() in ("null", "none", "") else v
+
+
+class RefinerConfig(_Strict):
+    """The refiner: kind and propagation hyperparameters (ignored for ``kind: none``)."""
+
+    kind: str = "cspn"
+    kernel_size: int = Field(3, ge=3, le=11)
+    iterations: int = Field(6, ge=1, le=32)
+    channels: int = Field(32, ge=4, le=512)  # affinity-network bottleneck
+    centre: Literal["h0", "ht"] = "h0"  # CSPN: centre weight on h^0 (official) or on h^t
+    propagate: Literal["probs", "logits"] = "probs"
+    affinity_norm: Literal["abs_sum", "clamped"] = "abs_sum"  # CSPN only
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from spntune.models.refiners import REFINERS
+
+        if v not in REFINERS:
+            raise ValueError(f"unknown refiner {v!r}; valid: {sorted(REFINERS)}")
+        return v
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"kernel size must be odd (3, 5, 7, 9 or 11), got {v}")
+        return v
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(5.0, gt=0)  # max global grad norm; None = off
+
+
+class TrainConfig(_Strict):
+    stage: Literal["joint", "two_stage"] = "joint"
+    epochs: int = Field(5, ge=1)  # joint
+    coarse_epochs: int = Field(3, ge=1)  # two_stage: train coarse ...
+    refine_epochs: int = Field(2, ge=1)  # ... then freeze it and train the refiner
+    coarse_loss_weight: float = Field(0.5, ge=0)  # joint: total = refined + w * coarse
+    loss: str = "ce"
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # cuda only
+    viz_samples: int = Field(4, ge=0)  # validation images drawn into panels
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from spntune.losses import parse_loss_spec
+
+        parse_loss_spec(v)
+        return v
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs if self.stage == "joint" else self.coarse_epochs + self.refine_epochs
+
+
+class TrialConfig(_Strict):
+    """Everything one trial needs. ``TrialConfig.from_dict`` is the entry point."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str | None = None  # where `spntune train` writes config, checkpoint, panels
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrialConfig:
+        pooled = {"deeplabv3", "deeplabv3plus", "pspnet"}
+        if self.model.arch in pooled and self.train.batch_size < 2:
+            raise ValueError(
+                f"train.batch_size must be >= 2 for model.arch={self.model.arch!r}: its pooling "
+                "branch applies BatchNorm to one value per channel"
+            )
+        if self.refiner.kind == "none" and self.train.stage == "two_stage":
+            raise ValueError("train.stage='two_stage' needs a refiner; use refiner.kind cspn or dyspn")
+        return self
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrialConfig:
+        """Validate a nested or dotted-flat dict; raise ``ConfigError`` naming every bad key."""
+        try:
+            return cls.model_validate(unflatten(config))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<config>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = (
+            f" (got {err['input']!r})"
+            if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict)
+            else ""
+        )
+        lines.append(f"  {key}: {msg}{got}")
+    return "invalid trial config:\n" + "\n".join(lines)
+
+
+def unflatten(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a": {"c": 2}}`` -> ``{"a": {"b": 1, "c": 2}}``."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key in ("data", "model", "refiner", "optim", "train"):
+            value = unflatten(value)
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            existing = node.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"invalid trial config:\n  {key}: {part!r} is a value, not a section")
+            node = existing
+        leaf = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = {**node[leaf], **value}
+        else:
+            node[leaf] = value
+    return out
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Inverse of ``unflatten``: nested dict -> dotted keys (``model.kwargs`` stays a dict)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "kwargs":
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """``["refiner.kind=dyspn", "train.epochs=3"]`` -> dotted dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. refiner.kind=cspn), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,260 @@
+"""Spatial propagation as pure tensor functions (CSPN, DySPN).
+
+Both refiners reduce to one linear step over a k x k neighbourhood::
+
+    h^{t+1}_i = sum_j a_ij * h^t_{i+o_j}  +  b_i * h^t_i  +  c_i * h^0_i
+
+with per-pixel weights shared by all C channels. ``cspn_weights`` and ``dyspn_weights``
+turn raw affinities into ``(a, b, c)`` following the papers' equations (see DESIGN.md), and
+``propagate_step`` applies one step.
+
+The fast path accumulates one shifted slice of a padded ``h`` at a time (``addcmul_``), so it
+never materialises the ``k*k`` copies of ``[B, C, H, W]`` that an ``unfold`` does.
+``propagate_step_reference`` is the slow, obviously correct ``unfold`` version, kept for tests.
+
+Image borders: ``h`` is padded by replication, so a neighbour outside the image reads the
+nearest border pixel. Together with weights that sum to one this keeps a constant map constant.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AFFINITY_NORMS",
+    "CENTRE_PLACEMENTS",
+    "cspn_weights",
+    "dyspn_weights",
+    "neighbour_offsets",
+    "num_neighbours",
+    "num_rings",
+    "propagate",
+    "propagate_step",
+    "propagate_step_reference",
+    "ring_index",
+]
+
+#: Where CSPN puts the centre weight ``1 - sum_j kappa_hat_j``: on ``h^0`` (official code,
+#: "8sum") or on ``h^t`` (the variant that some re-implementations use).
+CENTRE_PLACEMENTS = ("h0", "ht")
+
+#: How CSPN normalises raw affinities: ``abs_sum`` is the paper's ``kappa / sum_j |kappa_j|``;
+#: ``clamped`` divides by ``max(sum_j |kappa_j|, 1)`` (NLSPN-style), which keeps the step
+#: stable but lets a small affinity mean "propagate a little".
+AFFINITY_NORMS = ("abs_sum", "clamped")
+
+_EPS = 1e-6
+
+
+def _check_kernel(kernel_size: int) -> None:
+    if kernel_size < 3 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+
+
+def num_neighbours(kernel_size: int) -> int:
+    """Neighbours of a pixel in a ``k x k`` window, centre excluded: ``k*k - 1``."""
+    _check_kernel(kernel_size)
+    return kernel_size * kernel_size - 1
+
+
+def num_rings(kernel_size: int) -> int:
+    """Concentric rings of a ``k x k`` window: ``(k - 1) / 2`` (3 for DySPN's 7x7)."""
+    _check_kernel(kernel_size)
+    return (kernel_size - 1) // 2
+
+
+@cache
+def neighbour_offsets(kernel_size: int) -> tuple[tuple[int, int], ...]:
+    """``(dy, dx)`` of every neighbour, row-major over the window, centre skipped.
+
+    This order matches ``F.unfold``'s kernel positions with the centre removed, and the
+    channel order of every affinity tensor in this module.
+    """
+    _check_kernel(kernel_size)
+    r = kernel_size // 2
+    return tuple((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0))
+
+
+@cache
+def ring_index(kernel_size: int) -> tuple[int, ...]:
+    """Ring (0-based: ring 1 of the paper is 0) of each neighbour: ``max(|dy|, |dx|) - 1``."""
+    return tuple(max(abs(dy), abs(dx)) - 1 for dy, dx in neighbour_offsets(kernel_size))
+
+
+def _ring_membership(kernel_size: int, like: Tensor) -> Tensor:
+    """One-hot ``[R, K]`` matrix: row r marks the neighbours on ring r."""
+    rings = torch.tensor(ring_index(kernel_size), device=like.device)
+    return F.one_hot(rings, num_rings(kernel_size)).T.to(like.dtype)
+
+
+def _check_weights(h: Tensor, neighbour_weight: Tensor, kernel_size: int) -> None:
+    if h.dim() != 4:
+        raise ValueError(f"h must be [B, C, H, W], got shape {tuple(h.shape)}")
+    b, _, height, width = h.shape
+    expected = (b, num_neighbours(kernel_size), height, width)
+    if tuple(neighbour_weight.shape) != expected:
+        raise ValueError(
+            f"neighbour_weight must be {expected} for kernel_size={kernel_size}, got {tuple(neighbour_weight.shape)}"
+        )
+
+
+def propagate_step(
+    h: Tensor,
+    h0: Tensor,
+    neighbour_weight: Tensor,
+    self_weight: Tensor | None,
+    anchor_weight: Tensor | None,
+    kernel_size: int,
+) -> Tensor:
+    """One propagation step, by shifted-slice accumulation.
+
+    Args:
+        h: current map ``h^t``.
+        h0: initial (coarse) map ``h^0``.
+        neighbour_weight: weight of each neighbour, channel order of ``neighbour_offsets``.
+        self_weight: weight of ``h^t`` at the pixel itself, or None for zero.
+        anchor_weight: weight of ``h^0`` at the pixel, or None for zero.
+        kernel_size: odd window size k.
+
+    Shape:
+        h, h0: ``[B, C, H, W]``; neighbour_weight: ``[B, k*k-1, H, W]``;
+        self_weight, anchor_weight: ``[B, 1, H, W]``. Returns ``[B, C, H, W]``.
+    """
+    _check_weights(h, neighbour_weight, kernel_size)
+    r = kernel_size // 2
+    height, width = h.shape[-2:]
+    padded = F.pad(h, (r, r, r, r), mode="replicate")  # [B, C, H+2r, W+2r], one copy
+    if anchor_weight is not None:
+        out = h0 * anchor_weight
+    else:
+        out = torch.zeros_like(h)
+    if self_weight is not None:
+        out.addcmul_(self_weight, h)
+    for j, (dy, dx) in enumerate(neighbour_offsets(kernel_size)):
+        shifted = padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width]  # a view
+        out.addcmul_(neighbour_weight[:, j : j + 1], shifted)
+    return out
+
+
+def propagate_step_reference(
+    h: Tensor,
+    h0: Tensor,
+    neighbour_weight: Tensor,
+    self_weight: Tensor | None,
+    anchor_weight: Tensor | None,
+    kernel_size: int,
+) -> Tensor:
+    """Slow reference for ``propagate_step``: unfold every neighbourhood, weight, sum.
+
+    Materialises ``[B, C, k*k, H, W]``; for tests only. Same arguments and shapes as
+    ``propagate_step``.
+    """
+    _check_weights(h, neighbour_weight, kernel_size)
+    b, c, height, width = h.shape
+    k = kernel_size
+    r = k // 2
+    padded = F.pad(h, (r, r, r, r), mode="replicate")
+    patches = F.unfold(padded, kernel_size=k).view(b, c, k * k, height, width)
+    centre = (k * k) // 2
+    neighbours = torch.cat([patches[:, :, :centre], patches[:, :, centre + 1 :]], dim=2)
+    out = (neighbours * neighbour_weight.unsqueeze(1)).sum(dim=2)
+    if self_weight is not None:
+        out = out + self_weight * h
+    if anchor_weight is not None:
+        out = out + anchor_weight * h0
+    return out
+
+
+def cspn_weights(
+    affinity: Tensor, centre: str = "h0", norm: str = "abs_sum"
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """CSPN (Cheng et al. 2018) step weights from raw affinities.
+
+    ``kappa_hat = kappa / sum_j |kappa_j|`` and the centre weight is ``1 - sum_j kappa_hat_j``,
+    placed on ``h^0`` (``centre="h0"``, the official "8sum" mode) or on ``h^t`` (``"ht"``).
+    All-zero affinities give ``kappa_hat = 0`` and centre weight 1: the identity.
+
+    Args:
+        affinity: raw affinities ``kappa`` from the affinity network.
+        centre: ``"h0"`` or ``"ht"``.
+        norm: ``"abs_sum"`` (paper) or ``"clamped"`` (divide by ``max(sum |kappa|, 1)``).
+
+    Shape:
+        affinity: ``[B, k*k-1, H, W]``. Returns ``(neighbour [B, k*k-1, H, W],
+        self [B, 1, H, W] | None, anchor [B, 1, H, W] | None)`` for ``propagate_step``.
+    """
+    if centre not in CENTRE_PLACEMENTS:
+        raise ValueError(f"centre must be one of {CENTRE_PLACEMENTS}, got {centre!r}")
+    if norm not in AFFINITY_NORMS:
+        raise ValueError(f"norm must be one of {AFFINITY_NORMS}, got {norm!r}")
+    abs_sum = affinity.abs().sum(dim=1, keepdim=True)
+    floor = _EPS if norm == "abs_sum" else 1.0
+    kappa_hat = affinity / abs_sum.clamp_min(floor)
+    centre_weight = 1.0 - kappa_hat.sum(dim=1, keepdim=True)
+    if centre == "h0":
+        return kappa_hat, None, centre_weight
+    return kappa_hat, centre_weight, None
+
+
+def dyspn_weights(affinity: Tensor, attention: Tensor, kernel_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """DySPN (Lin et al. 2022) step weights for one iteration.
+
+    With rings k = 1..R of the window, ``S_k = sum_{j in k} w_j``, ``|S|_k = sum_{j in k} |w_j|``
+    and attention ``pi_1..pi_R`` (rings) and ``pi_{R+1}`` (``h^t`` itself)::
+
+        S' = sum_k pi_k |S|_k + pi_{R+1} + eps
+        h^{t+1} = [sum_k pi_k sum_{j in k} w_j h^t_j + pi_{R+1} h^t
+                   + (S' - sum_k pi_k S_k - pi_{R+1}) h^0] / S'
+
+    The weights sum to one at every pixel, so a constant map stays constant, and zero
+    affinities give ``h^{t+1} = h^0`` when ``h^t = h^0``.
+
+    Args:
+        affinity: raw neighbour affinities ``w`` (shared by all iterations).
+        attention: this iteration's attention maps, already in ``[0, 1]`` (sigmoid).
+        kernel_size: odd window size k; R = (k - 1) / 2 rings.
+
+    Shape:
+        affinity: ``[B, k*k-1, H, W]``; attention: ``[B, R+1, H, W]``.
+        Returns ``(neighbour [B, k*k-1, H, W], self [B, 1, H, W], anchor [B, 1, H, W])``.
+    """
+    n_rings = num_rings(kernel_size)
+    if attention.shape[1] != n_rings + 1:
+        raise ValueError(
+            f"attention must have {n_rings + 1} channels for kernel_size={kernel_size}, got {attention.shape[1]}"
+        )
+    membership = _ring_membership(kernel_size, affinity)  # [R, K]
+    ring_sum = torch.einsum("rk,bkhw->brhw", membership, affinity)  # S_k, [B, R, H, W]
+    ring_abs_sum = torch.einsum("rk,bkhw->brhw", membership, affinity.abs())  # |S|_k
+    pi_ring, pi_self = attention[:, :n_rings], attention[:, n_rings:]
+    s_prime = (pi_ring * ring_abs_sum).sum(dim=1, keepdim=True) + pi_self + _EPS
+    pi_per_neighbour = torch.einsum("rk,brhw->bkhw", membership, pi_ring)  # [B, K, H, W]
+    neighbour = pi_per_neighbour * affinity / s_prime
+    self_weight = pi_self / s_prime
+    anchor = (s_prime - (pi_ring * ring_sum).sum(dim=1, keepdim=True) - pi_self) / s_prime
+    return neighbour, self_weight, anchor
+
+
+def propagate(
+    h0: Tensor,
+    weights: list[tuple[Tensor, Tensor | None, Tensor | None]],
+    kernel_size: int,
+    return_steps: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """Run ``len(weights)`` steps from ``h0``; one ``(neighbour, self, anchor)`` per step.
+
+    Shape:
+        h0: ``[B, C, H, W]``. Returns ``(h^T, [h^0, h^1, ..., h^T])``; the list is empty
+        unless ``return_steps``.
+    """
+    h = h0
+    steps = [h0] if return_steps else []
+    for neighbour, self_weight, anchor in weights:
+        h = propagate_step(h, h0, neighbour, self_weight, anchor, kernel_size)
+        if return_steps:
+            steps.append(h)
+    return h, steps
