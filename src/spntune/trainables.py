@@ -138,11 +138,17 @@ def _optimiser(
 
 def _loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and len(ds) < batch_size:  # type: ignore[arg-type]
+        # A split smaller than one batch (tiny debug sets) still yields one full batch: BatchNorm
+        # layers that pool to 1x1 (DeepLab, PSPNet) cannot train on a single sample.
+        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batch_size, generator=generator)
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(ds) > batch_size,  # type: ignore[arg-type]
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train,
         num_workers=workers,
         generator=generator,
         persistent_workers=workers > 0,
@@ -309,7 +315,7 @@ def train_segmentation(
         for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
             # Re-seed per epoch so a resumed trial sees the same batches as an uninterrupted one.
             seed_everything(cfg.train.seed + epoch)
-            train_loader.generator.manual_seed(cfg.train.seed + epoch)  # type: ignore[union-attr]
+            train_loader.generator.manual_seed(cfg.train.seed + epoch)  # type: ignore[union-attr]  # sampler's too
             model.train()
             if phase.name == "refine":
                 model.coarse.eval()  # frozen: BatchNorm statistics stay as trained
@@ -373,6 +379,11 @@ def train_segmentation(
                 "class_names": class_names,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             }
+            # Persist before reporting: a reporter may stop the trial (ASHA, interruption).
+            if output_dir is not None:
+                save_checkpoint(
+                    output_dir / CHECKPOINT_FILE, model, cfg, epoch, phase.name, optimiser, scheduler, extra
+                )
             if reporter.wants_checkpoints:
                 with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
                     save_checkpoint(
@@ -381,10 +392,6 @@ def train_segmentation(
                     reporter.report(metrics, Path(tmp))
             else:
                 reporter.report(metrics, None)
-            if output_dir is not None:
-                save_checkpoint(
-                    output_dir / CHECKPOINT_FILE, model, cfg, epoch, phase.name, optimiser, scheduler, extra
-                )
 
     if output_dir is not None and cfg.train.viz_samples > 0:
         from spntune.viz import write_panels

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from spntune.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_train_smoke_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--smoke-test",
+                "--set",
+                "refiner.kind=dyspn",
+                "--set",
+                "refiner.kernel_size=5",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "final metrics" in text and "coarse" in text and "refined" in text and "t0=" in text
+    assert (out / "config.yaml").is_file()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["config"]["refiner"]["kind"] == "dyspn"
+    assert sorted(p.name for p in (out / "panels").iterdir()) == [
+        "legend.txt",
+        "panel_000.png",
+        "panel_001.png",
+        "steps_000.png",
+        "steps_001.png",
+    ]
+
+
+@pytest.mark.parametrize("name", ["synthetic", "pets", "voc", "camvid"])
+def test_example_configs_validate(name):
+    from spntune.cli import build_trial_config
+    from spntune.config import TrialConfig
+
+    TrialConfig.from_dict(build_trial_config(str(CONFIGS / f"{name}.yaml"), [], smoke=False))
+
+
+def test_shared_pets_and_voc_train_end_to_end(shared_data, tmp_path):
+    for cfg, root in (("pets", "oxford-iiit-pet-mini"), ("voc", "VOCdevkit-mini")):
+        args = ["train", "--config", str(CONFIGS / f"{cfg}.yaml"), "--smoke-test", "--set", f"data.root={shared_data / root}",
+                "--set", "model.encoder=resnet18", "--set", "refiner.channels=8", "--set", "train.batch_size=2",
+                "--output", str(tmp_path / cfg)]  # fmt: skip
+        assert main(args) == 0
+
+
+def test_bad_config_exits_2_with_the_key(tmp_path, capsys):
+    assert main(["train", "--smoke-test", "--set", "refiner.kernel_size=4", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "refiner.kernel_size: kernel size must be odd" in err and "Traceback" not in err
+
+
+def test_missing_dataset_exits_2_naming_the_path(tmp_path, capsys):
+    assert main(["train", "--smoke-test", "--set", "data.name=pets", "--set", f"data.root={tmp_path}/nope"]) == 2
+    assert f"{tmp_path}/nope" in capsys.readouterr().err
+
+
+def test_missing_config_file(capsys):
+    assert main(["train", "--config", "no/such.yaml"]) == 2
+    assert "config file not found: no/such.yaml" in capsys.readouterr().err

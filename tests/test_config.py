@@ -1,0 +1,61 @@
+import pytest
+
+from spntune.config import ConfigError, TrialConfig, flatten, parse_set_args, unflatten
+
+
+def test_defaults_validate():
+    cfg = TrialConfig.from_dict({})
+    assert cfg.data.name == "synthetic" and cfg.refiner.kind == "cspn"
+
+
+def test_flat_and_nested_agree():
+    nested = TrialConfig.from_dict({"refiner": {"kind": "dyspn", "kernel_size": 7}, "train": {"epochs": 2}})
+    flat = TrialConfig.from_dict({"refiner.kind": "dyspn", "refiner.kernel_size": 7, "train.epochs": 2})
+    assert nested == flat
+    assert unflatten(flatten(nested.to_dict())) == nested.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"refiner.kernal_size": 3}, r"refiner.kernal_size: unknown key"),
+        ({"refiner.kernel_size": 4}, r"refiner.kernel_size: kernel size must be odd.*got 4"),
+        ({"refiner.kind": "spn"}, r"refiner.kind: unknown refiner 'spn'; valid: \['cspn', 'dyspn', 'none'\]"),
+        ({"model.arch": "segnet"}, r"model.arch: unknown coarse architecture 'segnet'; valid: .*'unet'"),
+        ({"data.name": "coco"}, r"data.name: unknown dataset 'coco'; valid: .*'folder'"),
+        ({"data.name": "voc"}, r"needs data.root"),
+        ({"data.image_size": [100, 128]}, r"data.image_size: .*multiples of 32"),
+        ({"train.loss": "ce+dise"}, r"train.loss: unknown loss 'dise'"),
+        ({"optim.lr": -1}, r"optim.lr: .*greater than 0"),
+        ({"refiner.iterations": 0}, r"refiner.iterations"),
+        (
+            {"model.arch": "deeplabv3plus", "train.batch_size": 1},
+            r"batch_size must be >= 2 for model.arch='deeplabv3plus'",
+        ),
+        ({"refiner.kind": "none", "train.stage": "two_stage"}, r"two_stage.*needs a refiner"),
+    ],
+)
+def test_bad_values_name_the_key(config, expected):
+    with pytest.raises(ConfigError, match=expected):
+        TrialConfig.from_dict(config)
+
+
+def test_several_errors_are_all_listed():
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_dict({"refiner.kernel_size": 4, "optim.lr": 0, "bogus": 1})
+    text = str(info.value)
+    assert "refiner.kernel_size" in text and "optim.lr" in text and "bogus: unknown key" in text
+
+
+def test_set_args_parse_yaml_scalars():
+    assert parse_set_args(["train.epochs=3", "model.encoder_weights=null", "data.image_size=[64, 96]"]) == {
+        "train.epochs": 3,
+        "model.encoder_weights": None,
+        "data.image_size": [64, 96],
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set_args(["train.epochs"])
+
+
+def test_image_size_int_means_square():
+    assert TrialConfig.from_dict({"data.image_size": 96}).data.image_size == (96, 96)

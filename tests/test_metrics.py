@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+
+from spntune.metrics import (
+    BoundaryIoU,
+    ConfusionMatrix,
+    boundary_band,
+    boundary_width,
+    confusion_matrix,
+    scores_from_confusion,
+)
+
+
+def test_confusion_matrix_by_hand():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 1]])
+    cm = confusion_matrix(pred, target, 3)
+    # rows = target: class 0 -> (0,1); class 1 -> (1,1,1); class 2 -> (2,0); void skipped
+    assert cm.tolist() == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]
+    s = scores_from_confusion(cm)
+    iou = [1 / 3, 3 / 4, 1 / 2]  # tp / (tp + fp + fn)
+    assert s["per_class_iou"] == pytest.approx(iou)
+    assert s["miou"] == pytest.approx(sum(iou) / 3)
+    assert s["pixel_acc"] == pytest.approx(5 / 7)
+    assert s["mean_dice"] == pytest.approx((2 / 4 + 6 / 7 + 2 / 3) / 3)
+
+
+def test_absent_class_is_excluded_from_the_mean():
+    target = torch.tensor([[0, 0, 1, 1]])
+    pred = torch.tensor([[0, 0, 1, 0]])
+    s = scores_from_confusion(confusion_matrix(pred, target, 4))  # classes 2, 3 absent everywhere
+    assert math.isnan(s["per_class_iou"][2]) and math.isnan(s["per_class_iou"][3])
+    assert s["miou"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_predicted_but_absent_class_counts_as_zero():
+    target = torch.tensor([[0, 0, 0, 0]])
+    pred = torch.tensor([[0, 0, 0, 2]])
+    s = scores_from_confusion(confusion_matrix(pred, target, 3))
+    assert s["per_class_iou"][2] == 0.0
+    assert s["miou"] == pytest.approx((3 / 4 + 0) / 2)
+
+
+def test_dataset_level_not_mean_of_batches():
+    meter = ConfusionMatrix(2)
+    # batch 1: tiny image, perfect; batch 2: big image, class 1 IoU 0.5
+    meter.update(torch.tensor([[1]]), torch.tensor([[1]]))
+    meter.update(torch.tensor([[0, 0, 1, 1]]), torch.tensor([[0, 0, 1, 0]]))
+    s = meter.compute()
+    # pooled: class 0 tp=2 fn=1 -> 2/3; class 1 tp=2 fp=1 -> 2/3
+    assert s["miou"] == pytest.approx(2 / 3)
+
+
+def test_all_ignore_image():
+    meter = ConfusionMatrix(3)
+    meter.update(torch.tensor([[1, 2]]), torch.tensor([[255, 255]]))
+    s = meter.compute()
+    assert math.isnan(s["miou"]) and math.isnan(s["pixel_acc"])
+    meter.update(torch.tensor([[1, 1]]), torch.tensor([[1, 255]]))
+    assert meter.compute()["miou"] == 1.0
+
+
+def test_out_of_range_ids_are_rejected():
+    with pytest.raises(ValueError, match="outside 0..2"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
+
+
+def test_boundary_band_by_hand():
+    mask = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
+    mask[0, 0, 1:6, 1:6] = True  # 5x5 square
+    band = boundary_band(mask, 1)
+    expected = mask.clone()
+    expected[0, 0, 2:5, 2:5] = False  # inner 3x3 is farther than 1 px from the contour
+    assert torch.equal(band, expected)
+    full = torch.ones(1, 1, 5, 5, dtype=torch.bool)  # the image edge counts as contour
+    assert boundary_band(full, 1).sum() == 16
+
+
+def test_boundary_width_is_two_percent_of_the_diagonal():
+    assert boundary_width(192, 256) == 6  # diag 320
+    assert boundary_width(10, 10) == 1
+
+
+def test_boundary_iou_by_hand():
+    # 60x80 image (d = 2), a 20x20 square truth and the same square shifted right by 2 px
+    target = torch.zeros(1, 60, 80, dtype=torch.long)
+    target[0, 20:40, 20:40] = 1
+    pred = torch.zeros_like(target)
+    pred[0, 20:40, 22:42] = 1
+    m = BoundaryIoU(2)
+    m.update(pred, target)
+    gt_band = boundary_band((target == 1).unsqueeze(1), 2)
+    pr_band = boundary_band((pred == 1).unsqueeze(1), 2)
+    expected = (gt_band & pr_band).sum() / (gt_band | pr_band).sum()
+    assert m.compute()["per_class_boundary_iou"][1] == pytest.approx(float(expected))
+    perfect = BoundaryIoU(2)
+    perfect.update(target, target)
+    assert perfect.compute()["boundary_iou"] == 1.0
+
+
+def test_boundary_iou_ignores_void():
+    target = torch.zeros(1, 20, 20, dtype=torch.long)
+    target[0, :, 10:] = 255
+    pred = torch.zeros_like(target)
+    pred[0, :, 10:] = 1  # all predictions of class 1 fall on void pixels
+    m = BoundaryIoU(2)
+    m.update(pred, target)
+    s = m.compute()
+    assert math.isnan(s["per_class_boundary_iou"][1])
+    assert s["boundary_iou"] == 1.0

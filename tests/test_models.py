@@ -1,0 +1,95 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spntune.models import COARSE, REFINERS, RefinedSegmenter, WeightsUnavailableError, build_coarse
+
+CORE_ARCHS = ["unet", "deeplabv3", "deeplabv3plus", "fcn", "fpn", "pspnet"]
+
+
+def test_registry_has_the_named_architectures():
+    for name in [*CORE_ARCHS, "unetplusplus", "linknet", "manet"]:
+        assert name in COARSE
+    assert set(REFINERS) == {"none", "cspn", "dyspn"}
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_coarse_forward_backward(arch):
+    torch.manual_seed(0)
+    model = build_coarse(arch, "resnet18", None, num_classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 3, 64, 64)
+    out.mean().backward()
+    # (PSPNet uses only 3 encoder stages, so not every encoder weight gets a gradient)
+    with_grad = [p.grad is not None for p in model.parameters()]
+    assert with_grad[-1] and sum(with_grad) > len(with_grad) / 2
+
+
+@pytest.mark.parametrize("variant", ["8s", "16s", "32s"])
+def test_fcn_variants(variant):
+    from spntune.models import FCN
+
+    model = FCN("resnet18", None, classes=4, variant=variant)
+    assert model(torch.randn(2, 3, 64, 96)).shape == (2, 4, 64, 96)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(KeyError, match="valid:.*unet"):
+        build_coarse("segnet", "resnet18", None, 3)
+    with pytest.raises(KeyError, match="unknown encoder 'resnet1'"):
+        build_coarse("unet", "resnet1", None, 3)
+
+
+def test_imagenet_weights_offline_gives_a_clear_error():
+    code = (
+        "from spntune.models import build_coarse\n"
+        "try:\n build_coarse('unet','resnet18','imagenet',3)\n"
+        "except Exception as e:\n print(type(e).__name__); print(e)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp/spntune-nohome"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.startswith(WeightsUnavailableError.__name__), out.stdout + out.stderr
+    assert "encoder_weights: null" in out.stdout and "HF_HUB_OFFLINE" in out.stdout
+
+
+REFINER_KWARGS = {
+    "none": {},
+    "cspn": {"kernel_size": 3, "iterations": 3, "channels": 8},
+    "cspn-ht-logits": {"kernel_size": 5, "iterations": 2, "channels": 8, "centre": "ht", "propagate": "logits"},
+    "dyspn": {"kernel_size": 7, "iterations": 2, "channels": 8},
+}
+
+
+@pytest.mark.parametrize("name", list(REFINER_KWARGS))
+def test_untrained_refiner_returns_the_coarse_prediction(name):
+    torch.manual_seed(0)
+    kind = name.split("-")[0]
+    refiner = REFINERS[kind](num_classes=4, **REFINER_KWARGS[name])
+    image = torch.randn(2, 3, 32, 32)
+    coarse = torch.randn(2, 4, 32, 32) * 3
+    out = refiner(image, coarse, return_steps=True)
+    assert torch.equal(out.logits.argmax(1), coarse.argmax(1))
+    if kind == "none" or "logits" in name:
+        torch.testing.assert_close(out.logits, coarse)
+    else:  # probabilities propagated: refined logits are log-probabilities of the same softmax
+        torch.testing.assert_close(out.logits.softmax(1), coarse.softmax(1), atol=1e-6, rtol=1e-5)
+    assert len(out.steps) == getattr(refiner, "iterations", 0) + 1
+
+
+def test_dyspn_head_layout_matches_paper():
+    refiner = REFINERS["dyspn"](num_classes=21, kernel_size=7, iterations=6)
+    assert refiner.affinity_net.head.out_channels == 48 + 4 * 6  # 48 affinities + 4T attention
+
+
+@pytest.mark.parametrize("kind", ["cspn", "dyspn"])
+def test_segmenter_trains_the_refiner(kind):
+    torch.manual_seed(0)
+    model = RefinedSegmenter(build_coarse("unet", "resnet18", None, 3), REFINERS[kind](num_classes=3, channels=8))
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    out = model(x)
+    torch.nn.functional.cross_entropy(out.refined_logits, y).backward()
+    head = model.refiner.affinity_net.head.weight
+    assert head.grad is not None and head.grad.abs().sum() > 0  # zero-init head still learns

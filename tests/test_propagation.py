@@ -1,0 +1,157 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from spntune.models.propagation import (
+    cspn_weights,
+    dyspn_weights,
+    neighbour_offsets,
+    num_rings,
+    propagate,
+    propagate_step,
+    propagate_step_reference,
+    ring_index,
+)
+
+KERNELS = [3, 5, 7, 9, 11]
+
+
+def _inputs(k, b=2, c=3, h=9, w=10, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h_t = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    h0 = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    aff = torch.randn(b, k * k - 1, h, w, generator=g, dtype=dtype)
+    att = torch.rand(b, num_rings(k) + 1, h, w, generator=g, dtype=dtype)
+    return h_t, h0, aff, att
+
+
+def _all_weights(k, aff, att):
+    return {
+        "cspn-h0-abs_sum": cspn_weights(aff, "h0", "abs_sum"),
+        "cspn-ht-abs_sum": cspn_weights(aff, "ht", "abs_sum"),
+        "cspn-h0-clamped": cspn_weights(aff, "h0", "clamped"),
+        "dyspn": dyspn_weights(aff, att, k),
+    }
+
+
+def test_offsets_and_rings():
+    assert neighbour_offsets(3) == ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+    rings = ring_index(7)
+    assert len(rings) == 48
+    assert [rings.count(r) for r in range(3)] == [8, 16, 24]  # DySPN's 7x7 rings
+
+
+@pytest.mark.parametrize("k", KERNELS)
+def test_fast_matches_reference(k):
+    h, h0, aff, att = _inputs(k)
+    for name, w in _all_weights(k, aff, att).items():
+        fast = propagate_step(h, h0, *w, k)
+        ref = propagate_step_reference(h, h0, *w, k)
+        torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_cspn_matches_paper_equation_by_hand():
+    # 3x3, one pixel in the middle of a 3x3 map: h1 = (1 - sum kh) h0 + sum kh_j h_j
+    k = 3
+    h = torch.arange(9, dtype=torch.float64).view(1, 1, 3, 3)
+    h0 = torch.full_like(h, 10.0)
+    kappa = torch.zeros(1, 8, 3, 3, dtype=torch.float64)
+    kappa[0, :, 1, 1] = torch.tensor([1.0, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    kh = kappa[0, :, 1, 1] / 8.0  # sum |kappa| = 8
+    neighbours = torch.tensor([0.0, 1, 2, 3, 5, 6, 7, 8], dtype=torch.float64)
+    expected = (1 - kh.sum()) * 10.0 + (kh * neighbours).sum()
+    out = propagate_step(h, h0, *cspn_weights(kappa, "h0"), k)
+    assert out[0, 0, 1, 1].item() == pytest.approx(expected.item())
+    # centre on h^t instead: (1 - sum kh) * h_t(centre = 4)
+    out = propagate_step(h, h0, *cspn_weights(kappa, "ht"), k)
+    assert out[0, 0, 1, 1].item() == pytest.approx(((1 - kh.sum()) * 4.0 + (kh * neighbours).sum()).item())
+
+
+def test_dyspn_matches_paper_equation_by_hand():
+    k = 5
+    h, h0, aff, att = _inputs(k, b=1, c=1, h=5, w=5)
+    out = propagate_step(h, h0, *dyspn_weights(aff, att, k), k)
+    # explicit formula at the centre pixel (2, 2), whose 5x5 window is fully inside
+    w = aff[0, :, 2, 2]
+    pi = att[0, :, 2, 2]
+    rings = torch.tensor(ring_index(k))
+    neigh = torch.stack([h[0, 0, 2 + dy, 2 + dx] for dy, dx in neighbour_offsets(k)])
+    s = torch.stack([w[rings == r].sum() for r in range(2)])
+    s_abs = torch.stack([w[rings == r].abs().sum() for r in range(2)])
+    s_prime = (pi[:2] * s_abs).sum() + pi[2] + 1e-6
+    num = sum(pi[r] * (w[rings == r] * neigh[rings == r]).sum() for r in range(2))
+    num = num + pi[2] * h[0, 0, 2, 2] + (s_prime - (pi[:2] * s).sum() - pi[2]) * h0[0, 0, 2, 2]
+    assert out[0, 0, 2, 2].item() == pytest.approx((num / s_prime).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_gradcheck(k):
+    _h, h0, aff, att = _inputs(k, b=1, c=2, h=5, w=6)
+    aff = aff.requires_grad_()
+    att = att.requires_grad_()
+    h0 = h0.requires_grad_()
+
+    def cspn(h0, aff):
+        out, _ = propagate(h0, [cspn_weights(aff, "h0")] * 3, k)
+        return out
+
+    def dyspn(h0, aff, att):
+        out, _ = propagate(h0, [dyspn_weights(aff, att, k)] * 2, k)
+        return out
+
+    assert torch.autograd.gradcheck(cspn, (h0, aff))
+    assert torch.autograd.gradcheck(dyspn, (h0, aff, att))
+
+
+@pytest.mark.parametrize("k", KERNELS)
+def test_zero_affinity_is_identity(k):
+    _, h0, aff, att = _inputs(k)
+    zero = torch.zeros_like(aff)
+    for name, w in _all_weights(k, zero, att).items():
+        out, steps = propagate(h0, [w] * 4, k, return_steps=True)
+        torch.testing.assert_close(out, h0, msg=name)
+        assert len(steps) == 5
+
+
+@pytest.mark.parametrize("k", KERNELS)
+def test_constant_map_stays_constant(k):
+    _, _, aff, att = _inputs(k)
+    const = torch.full((2, 3, 9, 10), 0.37, dtype=torch.float64)
+    for name, w in _all_weights(k, aff * 5, att).items():
+        out, _ = propagate(const, [w] * 6, k)
+        torch.testing.assert_close(out, const, msg=name)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t._base is None:  # views allocate nothing
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_fast_path_never_materialises_the_neighbourhood():
+    k = 7
+    h, h0, aff, _att = _inputs(k, b=1, c=4, h=32, w=32, dtype=torch.float32)
+    w = cspn_weights(aff, "h0")
+    padded_numel = 1 * 4 * (32 + 6) * (32 + 6)
+    fast, ref = _LargestAllocation(), _LargestAllocation()
+    with fast:
+        propagate_step(h, h0, *w, k)
+    with ref:
+        propagate_step_reference(h, h0, *w, k)
+    assert fast.largest <= padded_numel  # one padded copy of h, nothing k*k-sized
+    assert ref.largest >= k * k * h.numel() - h.numel()  # the unfold really is k*k copies
+
+
+def test_shape_errors_are_clear():
+    h = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="neighbour_weight must be"):
+        propagate_step(h, h, torch.zeros(1, 8, 4, 4), None, None, 5)
+    with pytest.raises(ValueError, match="odd"):
+        neighbour_offsets(4)

@@ -1,0 +1,130 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spntune import losses
+from spntune.trainables import NonFiniteLossError, Reporter, load_checkpoint, train_segmentation
+
+TINY = {
+    "data.image_size": [64, 64],
+    "data.train_size": 8,
+    "data.val_size": 4,
+    "train.batch_size": 4,
+    "train.epochs": 2,
+    "refiner.channels": 8,
+    "refiner.iterations": 3,
+    "train.viz_samples": 0,
+}
+
+
+class Collect(Reporter):
+    def __init__(self, checkpoints=False):
+        self.rows = []
+        self.wants_checkpoints = checkpoints
+        self.checkpoint_files = []
+
+    def report(self, metrics, checkpoint_dir):
+        self.rows.append(metrics)
+        if checkpoint_dir is not None:
+            self.checkpoint_files.append(sorted(p.name for p in Path(checkpoint_dir).iterdir()))
+
+
+@pytest.mark.parametrize("kind", ["none", "cspn", "dyspn"])
+def test_joint_training_reports_every_epoch(kind):
+    rep = Collect()
+    out = train_segmentation({**TINY, "refiner.kind": kind}, rep)
+    assert [r["epoch"] for r in rep.rows] == [1, 2]
+    m = out["metrics"]
+    for key in ("coarse_miou", "refined_miou", "coarse_boundary_iou", "refined_boundary_iou", "refined_iou_curve"):
+        assert 0.0 <= m[key] <= 1.0 or math.isnan(m[key])
+    steps = [k for k in m if k.startswith("refined_miou_t")]
+    assert len(steps) == (1 if kind == "none" else 4)
+    assert m["refined_miou_t0"] == pytest.approx(m["coarse_miou"])  # t = 0 is the coarse prediction
+    assert m[steps[-1]] == pytest.approx(m["refined_miou"])
+    if kind == "none":
+        assert m["refined_miou"] == m["coarse_miou"]
+
+
+def test_two_stage_freezes_the_coarse_network():
+    rep = Collect()
+    cfg = {**TINY, "train.stage": "two_stage", "train.coarse_epochs": 1, "train.refine_epochs": 2}
+    train_segmentation(cfg, rep)
+    assert [r["phase"] for r in rep.rows] == ["coarse", "refine", "refine"]
+    # coarse frozen (weights and BatchNorm statistics) during refinement: same coarse metrics
+    assert rep.rows[1]["coarse_miou"] == rep.rows[2]["coarse_miou"]
+    # during the coarse phase the zero-initialised refiner changes nothing
+    assert rep.rows[0]["refined_miou"] == pytest.approx(rep.rows[0]["coarse_miou"])
+
+
+def test_same_seed_same_metrics():
+    a, b = Collect(), Collect()
+    train_segmentation({**TINY, "train.epochs": 1}, a)
+    train_segmentation({**TINY, "train.epochs": 1}, b)
+    assert a.rows[0]["refined_miou"] == b.rows[0]["refined_miou"]
+    assert a.rows[0]["train_loss"] == b.rows[0]["train_loss"]
+    c = Collect()
+    train_segmentation({**TINY, "train.epochs": 1, "train.seed": 1}, c)
+    assert c.rows[0]["train_loss"] != a.rows[0]["train_loss"]
+
+
+def test_checkpoint_round_trip_and_resume(tmp_path):
+    rep = Collect(checkpoints=True)
+    out_dir = tmp_path / "run"
+    train_segmentation({**TINY, "output_dir": str(out_dir), "train.viz_samples": 1}, rep)
+    assert rep.checkpoint_files == [["checkpoint.pt"], ["checkpoint.pt"]]
+    state = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["config"]["refiner"]["kind"] == "cspn"
+    assert (out_dir / "config.yaml").is_file()
+    assert (out_dir / "panels" / "panel_000.png").is_file() and (out_dir / "panels" / "steps_000.png").is_file()
+
+    # resume after epoch 1 of 3 gives the same final metrics as an uninterrupted run
+    full = Collect()
+    train_segmentation({**TINY, "train.epochs": 3}, full)
+    with pytest.raises(_Interrupted):
+        train_segmentation({**TINY, "train.epochs": 3, "output_dir": str(tmp_path / "a")}, _StopAfter(Collect(), 1))
+    resumed = Collect()
+    train_segmentation({**TINY, "train.epochs": 3}, resumed, resume_from=tmp_path / "a")
+    assert [r["epoch"] for r in resumed.rows] == [2, 3]
+    assert resumed.rows[-1]["refined_miou"] == pytest.approx(full.rows[-1]["refined_miou"], abs=1e-6)
+    assert resumed.rows[-1]["train_loss"] == pytest.approx(full.rows[-1]["train_loss"], rel=1e-5)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAfter(Reporter):
+    def __init__(self, inner, epochs):
+        self.inner, self.epochs = inner, epochs
+
+    def report(self, metrics, checkpoint_dir):
+        self.inner.report(metrics, checkpoint_dir)
+        if metrics["epoch"] >= self.epochs:
+            raise _Interrupted
+
+
+def test_resume_helper_interrupts(tmp_path):
+    with pytest.raises(_Interrupted):
+        train_segmentation({**TINY, "output_dir": str(tmp_path)}, _StopAfter(Collect(), 1))
+    assert load_checkpoint(tmp_path)["epoch"] == 0
+
+
+def test_nan_loss_stops_with_a_clear_error(monkeypatch):
+    monkeypatch.setitem(losses.LOSSES, "ce", lambda logits, target: logits.sum() * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 1, batch 1.*optim.lr"):
+        train_segmentation({**TINY, "train.epochs": 1})
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3plus", "fcn"])
+def test_other_architectures_train(arch):
+    out = train_segmentation(
+        {**TINY, "train.epochs": 1, "model.arch": arch, "refiner.kind": "dyspn", "refiner.kernel_size": 5}
+    )
+    assert out["metrics"]["epoch"] == 1
+
+
+def test_losses_all_train():
+    out = train_segmentation({**TINY, "train.epochs": 1, "train.loss": "ce+dice+focal+lovasz+jaccard"})
+    assert math.isfinite(out["metrics"]["train_loss"])
