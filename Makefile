@@ -16,9 +16,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# A small search (6 trials) on the built-in synthetic data with Ray on this machine.
 demo: $(STAMP)
-	$(BIN)/spntune train --smoke-test --set data.image_size=96 --set data.train_size=64 --set data.val_size=16 \
-		--set data.limit_train=64 --set data.limit_val=16 --set train.epochs=3 --output runs/demo
+	rm -rf runs/ray/demo
+	$(BIN)/spntune search --space smoke --trials 6 --concurrency 2 --name demo --storage runs/ray
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -32,7 +32,6 @@ def test_flat_and_nested_agree():
             {"model.arch": "deeplabv3plus", "train.batch_size": 1},
             r"batch_size must be >= 2 for model.arch='deeplabv3plus'",
         ),
-        ({"refiner.kind": "none", "train.stage": "two_stage"}, r"two_stage.*needs a refiner"),
     ],
 )
 def test_bad_values_name_the_key(config, expected):
@@ -59,3 +58,8 @@ def test_set_args_parse_yaml_scalars():
 
 def test_image_size_int_means_square():
     assert TrialConfig.from_dict({"data.image_size": 96}).data.image_size == (96, 96)
+
+
+def test_two_stage_without_refiner_is_the_coarse_phase():
+    cfg = TrialConfig.from_dict({"refiner.kind": "none", "train.stage": "two_stage", "train.coarse_epochs": 2})
+    assert cfg.total_epochs == 2

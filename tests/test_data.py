@@ -1,8 +1,7 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from fixtures import make_folder, make_pets, make_voc, write_jpg, write_png
 from PIL import Image
 
 from spntune.config import DataConfig
@@ -11,65 +10,7 @@ from spntune.data.folder import load_folder
 from spntune.data.pets import load_pets
 from spntune.data.synthetic import SyntheticShapes, render_sample
 from spntune.data.transforms import build_transform
-from spntune.data.voc import load_voc, voc_palette
-
-
-def _jpg(path: Path, h=40, w=50, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
-
-
-def _png(path: Path, values: np.ndarray, palette: bool = False):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(values.astype(np.uint8), mode="L")
-    if palette:
-        img = img.convert("P")
-        img.putpalette(voc_palette())
-        img = Image.fromarray(values.astype(np.uint8), mode="P")
-        img.putpalette(voc_palette())
-    img.save(path)
-
-
-def make_pets(root: Path) -> Path:
-    trimap = np.full((40, 50), 2, np.uint8)
-    trimap[10:30, 10:40] = 1
-    trimap[10, 10:40] = 3
-    for i, name in enumerate(["Abyssinian_1", "Abyssinian_2", "beagle_1"]):
-        _jpg(root / "images" / f"{name}.jpg", seed=i)
-        _png(root / "annotations" / "trimaps" / f"{name}.png", trimap)
-    (root / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 1 1\nbeagle_1 2 2 1\n")
-    (root / "annotations" / "test.txt").write_text("Abyssinian_2 1 1 1\n")
-    return root
-
-
-def make_voc(root: Path) -> Path:
-    voc = root / "VOCdevkit" / "VOC2012"
-    mask = np.zeros((40, 50), np.uint8)
-    mask[5:20, 5:20] = 15
-    mask[5:20, 20] = 255
-    for i, name in enumerate(["2007_000001", "2007_000002"]):
-        _jpg(voc / "JPEGImages" / f"{name}.jpg", seed=i)
-        _png(voc / "SegmentationClass" / f"{name}.png", mask, palette=True)
-    sets = voc / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True)
-    (sets / "train.txt").write_text("2007_000001\n")
-    (sets / "val.txt").write_text("2007_000002\n")
-    return root / "VOCdevkit"
-
-
-def make_folder(root: Path, classes=("road", "car", "sky")) -> Path:
-    (root).mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    mask = np.zeros((40, 50), np.uint8)
-    mask[20:] = 1
-    mask[0:3] = 255
-    for split in ("train", "val"):
-        for i in range(2):
-            _jpg(root / "images" / split / f"img{i}.png", seed=i)
-            _png(root / "masks" / split / f"img{i}.png", mask)
-    return root
-
+from spntune.data.voc import load_voc
 
 # ---------------------------------------------------------------- pets
 
@@ -102,7 +43,7 @@ def test_bad_trimap_value_names_the_file(tmp_path):
     root = make_pets(tmp_path / "pets")
     bad = np.full((40, 50), 2, np.uint8)
     bad[0, 0] = 7
-    _png(root / "annotations" / "trimaps" / "Abyssinian_1.png", bad)
+    write_png(root / "annotations" / "trimaps" / "Abyssinian_1.png", bad)
     ds = load_pets(root, "trainval")
     with pytest.raises(DatasetError, match=r"Abyssinian_1\.png has values \[7\].*trimap values 1, 2, 3"):
         ds[0]
@@ -113,7 +54,7 @@ def test_corrupt_image_and_size_mismatch(tmp_path):
     (root / "images" / "Abyssinian_1.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match=r"cannot read image .*Abyssinian_1\.jpg"):
         load_pets(root, "trainval")[0]
-    _jpg(root / "images" / "beagle_1.jpg", h=41)
+    write_jpg(root / "images" / "beagle_1.jpg", h=41)
     with pytest.raises(
         DatasetError, match=r"size mismatch: image .*beagle_1\.jpg is 50x41 but mask .*beagle_1\.png is 50x40"
     ):
@@ -142,7 +83,7 @@ def test_voc_errors(tmp_path):
         load_voc(devkit, "train")[0]
     bad = np.zeros((40, 50), np.uint8)
     bad[0, 0] = 21
-    _png(devkit / "VOC2012" / "SegmentationClass" / "2007_000002.png", bad, palette=True)
+    write_png(devkit / "VOC2012" / "SegmentationClass" / "2007_000002.png", bad, palette=True)
     with pytest.raises(DatasetError, match=r"2007_000002\.png has values \[21\].*0\.\.20 or 255"):
         load_voc(devkit, "val")[0]
 

@@ -25,6 +25,14 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 }
 
 
+def make_console() -> Any:
+    """Rich console; wide when output is piped or logged so tables keep their columns."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
@@ -115,12 +123,10 @@ def print_results(console: Any, metrics: dict[str, Any], class_names: list[str])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from spntune.config import TrialConfig
     from spntune.trainables import train_segmentation
 
-    console = Console()
+    console = make_console()
     raw = build_trial_config(args.config, args.set or [], args.smoke_test)
     if args.output:
         raw.setdefault("output_dir", args.output)
@@ -129,15 +135,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]spntune train[/bold]: {cfg.data.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
         f"{cfg.model.arch}/{cfg.model.encoder} + {cfg.refiner.kind}, {cfg.train.stage}, "
-        f"{cfg.train.total_epochs} epochs -> {cfg.output_dir}"
+        f"{cfg.total_epochs} epochs -> {cfg.output_dir}"
     )
-    reporter = ConsoleReporter(console, cfg.train.total_epochs)
+    reporter = ConsoleReporter(console, cfg.total_epochs)
     try:
         result = train_segmentation(cfg.to_dict(), reporter, resume_from=args.resume)
     finally:
         reporter.close()
     print_results(console, result["metrics"], result["class_names"])
     console.print(f"wrote {cfg.output_dir}/config.yaml, checkpoint.pt and panels/")
+    return 0
+
+
+#: Overrides for `search --smoke-test`: every trial shrinks to seconds (any space, any data).
+SEARCH_SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.image_size": [64, 64],
+    "data.train_size": 16,
+    "data.val_size": 8,
+    "data.limit_train": 16,
+    "data.limit_val": 8,
+    "train.epochs": 2,
+    "train.coarse_epochs": 1,
+    "train.refine_epochs": 1,
+    "train.batch_size": 4,
+    "train.viz_samples": 0,
+    "model.encoder": "resnet18",
+}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from spntune.config import parse_set_args
+    from spntune.search import SearchOptions, print_summary, run_search
+    from spntune.space import load_space
+
+    space = load_space(args.space)
+    overrides = {**(SEARCH_SMOKE_OVERRIDES if args.smoke_test else {}), **parse_set_args(args.set or [])}
+    opts = SearchOptions(
+        space=space,
+        trials=2 if args.smoke_test and args.trials is None else (args.trials or 8),
+        concurrency=args.concurrency,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        scheduler=args.scheduler,
+        grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        metric=args.metric,
+        objectives=[o.strip() for o in args.objective.split(",") if o.strip()],
+        address=args.address,
+        name=args.name or space.name,
+        storage=Path(args.storage),
+        resume=args.resume,
+        max_failures=args.max_failures,
+        overrides=overrides,
+        seed=args.seed,
+        top=args.top,
+    )
+    summary = run_search(opts)
+    print_summary(summary, opts.top)
     return 0
 
 
@@ -151,6 +205,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="output folder (default: output_dir from the config, else runs/train)")
     train.add_argument("--resume", help="checkpoint file/folder to continue from")
     train.set_defaults(func=cmd_train)
+
+    search = sub.add_parser("search", help="hyperparameter search with Ray Tune + Optuna")
+    search.add_argument("--space", default="smoke", help="search space YAML, or a built-in: smoke, pets, voc, camvid")
+    search.add_argument("--trials", type=int, help="number of trials (default 8; 2 with --smoke-test)")
+    search.add_argument("--concurrency", type=int, default=2, help="trials running at once")
+    search.add_argument("--gpus-per-trial", type=float, default=0.0, help="fraction of a GPU per trial, e.g. 0.5")
+    search.add_argument("--cpus-per-trial", type=float, default=1.0)
+    search.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="ASHA early stopping on epochs")
+    search.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    search.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/factor at each rung")
+    search.add_argument("--metric", help="metric to optimise (default: the space's, refined_miou)")
+    search.add_argument("--objective", default="miou", help="miou, or miou,latency for a Pareto search")
+    search.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: start Ray here")
+    search.add_argument("--name", help="search name (default: the space's name)")
+    search.add_argument("--storage", default="runs/ray", help="folder for Ray results and checkpoints")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
+    search.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial from its checkpoint")
+    search.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a trial key for every trial")
+    search.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    search.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
+    search.add_argument("--smoke-test", action="store_true", help="2 tiny trials of seconds each")
+    search.set_defaults(func=cmd_search)
     return parser
 
 

@@ -163,10 +163,6 @@ class TrainConfig(_Strict):
         parse_loss_spec(v)
         return v
 
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs if self.stage == "joint" else self.coarse_epochs + self.refine_epochs
-
 
 class TrialConfig(_Strict):
     """Everything one trial needs. ``TrialConfig.from_dict`` is the entry point."""
@@ -186,9 +182,15 @@ class TrialConfig(_Strict):
                 f"train.batch_size must be >= 2 for model.arch={self.model.arch!r}: its pooling "
                 "branch applies BatchNorm to one value per channel"
             )
-        if self.refiner.kind == "none" and self.train.stage == "two_stage":
-            raise ValueError("train.stage='two_stage' needs a refiner; use refiner.kind cspn or dyspn")
         return self
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs this trial runs; two-stage without a refiner is only its coarse phase."""
+        t = self.train
+        if t.stage == "joint":
+            return t.epochs
+        return t.coarse_epochs + (t.refine_epochs if self.refiner.kind != "none" else 0)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> TrialConfig:

@@ -113,10 +113,10 @@ def _phases(cfg: TrialConfig, model: RefinedSegmenter) -> list[_Phase]:
         refined_weight = 0.0 if cfg.refiner.kind == "none" else 1.0
         coarse_weight = 1.0 if cfg.refiner.kind == "none" else t.coarse_loss_weight
         return [_Phase("joint", 0, t.epochs, list(model.parameters()), coarse_weight, refined_weight)]
-    return [
-        _Phase("coarse", 0, t.coarse_epochs, list(model.coarse.parameters()), 1.0, 0.0),
-        _Phase("refine", t.coarse_epochs, t.refine_epochs, list(model.refiner.parameters()), 0.0, 1.0),
-    ]
+    phases = [_Phase("coarse", 0, t.coarse_epochs, list(model.coarse.parameters()), 1.0, 0.0)]
+    if cfg.refiner.kind != "none":  # two-stage without a refiner is only the coarse phase
+        phases.append(_Phase("refine", t.coarse_epochs, t.refine_epochs, list(model.refiner.parameters()), 0.0, 1.0))
+    return phases
 
 
 def _optimiser(
@@ -178,10 +178,18 @@ def evaluate(
     refined_meter = SegmentationMeter(num_classes)
     step_meters: list[SegmentationMeter] = []
     loss_sum, loss_n = 0.0, 0
+    forward_seconds, images = 0.0, 0
     for image, target in loader:
         image, target = image.to(device), target.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         with torch.autocast(device_type=device.type, enabled=amp):
             out = model(image, return_steps=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        forward_seconds += time.perf_counter() - t0
+        images += image.shape[0]
         coarse_meter.update(out.coarse_logits.argmax(1), target)
         refined_meter.update(out.refined_logits.argmax(1), target)
         if not step_meters:
@@ -196,6 +204,7 @@ def evaluate(
         "refined": refined_meter.compute(),
         "steps_miou": [m.compute()["miou"] for m in step_meters],
         "val_loss": loss_sum / max(loss_n, 1),
+        "infer_ms_per_image": 1000 * forward_seconds / max(images, 1),
     }
 
 
@@ -212,6 +221,7 @@ def flat_metrics(results: dict[str, Any], class_names: list[str]) -> dict[str, f
     for t, miou in enumerate(results["steps_miou"]):
         out[f"refined_miou_t{t}"] = miou
     out["val_loss"] = results["val_loss"]
+    out["infer_ms_per_image"] = results["infer_ms_per_image"]
     return out
 
 

@@ -1,0 +1,443 @@
+"""``spntune search``: Ray Tune runs the trials, Optuna (TPE) proposes them.
+
+One trial = ``train_segmentation`` behind a Ray reporter. The driver validates the space,
+starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` + ASHA, prints a concise live table
+and a leaderboard, and writes ``leaderboard.csv`` next to Ray's results. ``--resume`` continues
+an interrupted search from its storage folder (searcher state included).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from spntune.config import ConfigError, TrialConfig
+from spntune.space import SearchSpace
+from spntune.trainables import Reporter, train_segmentation
+
+__all__ = ["OBJECTIVES", "RayReporter", "SearchOptions", "SearchSummary", "TrialRow", "run_search", "run_trial"]
+
+#: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "miou": ("refined_miou", "max"),
+    "latency": ("infer_ms_per_image", "min"),
+}
+
+
+class RayReporter(Reporter):
+    """Reports to Ray Tune with a checkpoint every epoch; resumes from Ray's checkpoint."""
+
+    wants_checkpoints = True
+
+    def __init__(self) -> None:
+        import ray
+
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._restored: tempfile.TemporaryDirectory[str] | None = None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report({**metrics, "node_id": self._node_id}, checkpoint=checkpoint)  # copies it to storage
+
+    def resume_checkpoint(self) -> Path | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="spntune-restore-")
+        return Path(checkpoint.to_directory(self._restored.name))
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, overrides: dict[str, Any]) -> None:
+    """Ray Tune function trainable: Optuna's suggestions -> trial config -> train."""
+    trial_config = {**space.to_trial_config(config), **overrides}
+    train_segmentation(trial_config, RayReporter())
+
+
+@dataclass
+class SearchOptions:
+    space: SearchSpace
+    trials: int = 8
+    concurrency: int = 2
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    metric: str | None = None  # default: the space's metric
+    objectives: list[str] = field(default_factory=lambda: ["miou"])
+    address: str | None = None
+    name: str = "search"
+    storage: Path = Path("runs/ray")
+    resume: bool = False
+    max_failures: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    top: int = 10
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str  # completed | stopped (ASHA) | error
+    summary: str
+    epochs: int
+    best: float
+    last: dict[str, Any]
+    path: str
+    error: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchSummary:
+    rows: list[TrialRow]
+    experiment_path: Path
+    metric: str
+    seconds: float
+    pareto: list[TrialRow] = field(default_factory=list)
+
+    @property
+    def errored(self) -> list[TrialRow]:
+        return [r for r in self.rows if r.status == "error"]
+
+
+def describe(config: dict[str, Any]) -> str:
+    """One-line pipeline summary of a flat trial config."""
+    kind = config.get("refiner.kind", "cspn")
+    refiner = (
+        kind
+        if kind == "none"
+        else f"{kind} k{config.get('refiner.kernel_size', '?')} T{config.get('refiner.iterations', '?')}"
+    )
+    lr = config.get("optim.lr")
+    lr_text = f" lr {lr:.1e}" if isinstance(lr, float) else ""
+    return f"{config.get('model.arch', 'unet')}/{config.get('model.encoder', 'resnet18')} + {refiner}, {config.get('train.loss', 'ce')}{lr_text}"
+
+
+def _preflight(space: SearchSpace, overrides: dict[str, Any]) -> None:
+    """Fail before Ray starts: overrides must validate and a dataset root must exist."""
+    base = {**space.to_trial_config({}), **overrides}
+    cfg = TrialConfig.from_dict(base)
+    if cfg.data.root and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")
+
+
+class _Progress:
+    """Concise trial table for the terminal, replacing Ray's default output."""
+
+    def __init__(self, space: SearchSpace, metric: str) -> None:
+        from spntune.cli import make_console
+
+        self.space = space
+        self.metric = metric
+        self.console = make_console()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live: Any = None
+
+    def callback(self) -> ProgressCallback:
+        return ProgressCallback(self)
+
+    def update(self, trial: Any, status: str, result: dict | None = None) -> None:
+        row = self.rows.setdefault(trial.trial_id, {"epoch": 0, "metric": math.nan})
+        try:
+            row["summary"] = describe(self.space.to_trial_config(trial.config))
+        except ConfigError:
+            row["summary"] = str(trial.config)
+        row["status"] = status
+        if result is not None and "epoch" in result:
+            row["epoch"] = result["epoch"]
+            row["metric"] = result.get(self.metric, math.nan)
+        if self.live is not None:
+            self.live.update(self.table())
+        elif result is None:
+            self.console.print(f"trial {trial.trial_id} {status:<8} {row['summary']}")
+        else:
+            self.console.print(f"trial {trial.trial_id} epoch {row['epoch']} {self.metric} {row['metric']:.4f}")
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"trials ({self.metric})", expand=False)
+        for col in ("trial", "pipeline", "epoch", self.metric, "status"):
+            table.add_column(col)
+        for tid, row in self.rows.items():
+            table.add_row(tid, row.get("summary", ""), str(row["epoch"]), _fmt(row["metric"]), row["status"])
+        return table
+
+    def __enter__(self) -> _Progress:
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.table(), console=self.console, refresh_per_second=2)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+
+class ProgressCallback(tune.Callback):
+    """Feeds ``_Progress`` from the driver. Pickles to a no-op (Ray stores the run config)."""
+
+    def __init__(self, progress: _Progress | None) -> None:
+        self.progress = progress
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"progress": None}
+
+    def _update(self, trial: Any, status: str, result: dict | None = None) -> None:
+        if self.progress is not None:
+            self.progress.update(trial, status, result)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, "running")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._update(trial, "running", result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trial, "ERROR")
+
+
+def _fmt(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.4f}"
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy engine: verbose=0 is silent, our table shows progress
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+
+
+def run_search(opts: SearchOptions) -> SearchSummary:
+    """Run (or resume) a search and return its leaderboard rows."""
+    import optuna
+    import ray
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = opts.space
+    unknown = [o for o in opts.objectives if o not in OBJECTIVES]
+    if unknown or not opts.objectives:
+        raise ConfigError(f"--objective takes {', '.join(OBJECTIVES)} joined by ',', got {','.join(opts.objectives)}")
+    metric = opts.metric or space.metric
+    mode = space.mode if metric == space.metric else "max"
+    _preflight(space, opts.overrides)
+    storage = opts.storage.resolve()
+    experiment = storage / opts.name
+    if opts.resume and not experiment.is_dir():
+        raise ConfigError(f"nothing to resume: no search at {experiment}")
+    if not opts.resume and experiment.exists():
+        raise ConfigError(
+            f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
+        )
+
+    start = time.perf_counter()
+    _init_ray(opts.address)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=space, overrides=opts.overrides),
+        {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+    )
+    progress = _Progress(space, metric)
+    run_config = tune.RunConfig(
+        name=opts.name,
+        storage_path=str(storage),
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        verbose=0,
+        callbacks=[progress.callback()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
+        if opts.resume:
+            # Restores the searcher (Optuna study) too; finished trials are not re-run.
+            tuner = tune.Tuner.restore(
+                str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=False
+            )
+        else:
+            metrics = [OBJECTIVES[o][0] if o != "miou" else metric for o in opts.objectives]
+            modes = [OBJECTIVES[o][1] if o != "miou" else mode for o in opts.objectives]
+            sampler = optuna.samplers.TPESampler(
+                multivariate=True, group=True, constant_liar=True, seed=opts.seed, n_startup_trials=min(10, opts.trials)
+            )
+            searcher = OptunaSearch(
+                space=space.define_by_run,
+                metric=metrics if len(metrics) > 1 else metrics[0],
+                mode=modes if len(modes) > 1 else modes[0],
+                sampler=sampler,
+                points_to_evaluate=space.points_to_evaluate or None,
+            )
+            if opts.scheduler == "asha":
+                scheduler: Any = ASHAScheduler(
+                    time_attr="training_iteration", metric=metric, mode=mode, max_t=1000,
+                    grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
+                )  # fmt: skip
+            else:
+                scheduler = FIFOScheduler()
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=opts.trials,
+                    max_concurrent_trials=opts.concurrency,
+                ),
+                run_config=run_config,
+            )
+        with progress:
+            results = tuner.fit()
+    rows = _rows(results, space, metric, mode)
+    summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
+    if len(opts.objectives) > 1:
+        summary.pareto = _pareto(
+            rows, [(OBJECTIVES[o][0] if o != "miou" else metric, OBJECTIVES[o][1]) for o in opts.objectives]
+        )
+    write_leaderboard(summary, experiment / "leaderboard.csv")
+    if not opts.address:
+        ray.shutdown()
+    return summary
+
+
+def _rows(results: Any, space: SearchSpace, metric: str, mode: str) -> list[TrialRow]:
+    rows = []
+    for result in results:
+        config = space.to_trial_config(result.config or {})
+        last = dict(result.metrics or {})
+        try:
+            expected = TrialConfig.from_dict(config).total_epochs
+        except ConfigError:
+            expected = -1
+        df = result.metrics_dataframe
+        if df is not None and metric in df:
+            values = df[metric].dropna()
+            best = float(values.max() if mode == "max" else values.min()) if len(values) else math.nan
+        else:
+            best = math.nan
+        epochs = int(last.get("epoch", 0) or 0)
+        if result.error is not None:
+            status, error = "error", _first_line(result.error)
+        else:
+            status, error = ("completed" if epochs >= expected else "stopped"), ""
+        trial_id = last.get("trial_id") or Path(result.path).name
+        rows.append(
+            TrialRow(str(trial_id), status, describe(config), epochs, best, last, str(result.path), error, config)
+        )
+    sign = -1 if mode == "max" else 1
+    rows.sort(key=lambda r: (math.isnan(r.best), sign * (0 if math.isnan(r.best) else r.best)))
+    return rows
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    # Ray wraps the trial's exception; keep its last "Error: message" line.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0]:
+            return line[:500]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def _pareto(rows: list[TrialRow], objectives: list[tuple[str, str]]) -> list[TrialRow]:
+    def vec(r: TrialRow) -> list[float]:
+        return [(r.last.get(m, math.nan) if mo == "min" else -r.last.get(m, math.nan)) for m, mo in objectives]
+
+    ok = [r for r in rows if r.status != "error" and not any(math.isnan(v) for v in vec(r))]
+    front = []
+    for r in ok:
+        dominated = any(all(a <= b for a, b in zip(vec(o), vec(r))) and vec(o) != vec(r) for o in ok)
+        if not dominated:
+            front.append(r)
+    return front
+
+
+def write_leaderboard(summary: SearchSummary, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = [
+        "coarse_miou",
+        "refined_miou",
+        "refined_miou_gain",
+        "refined_boundary_iou",
+        "infer_ms_per_image",
+        "epoch_seconds",
+    ]
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            ["rank", "trial_id", "status", f"best_{summary.metric}", "epochs", *keys, "pipeline", "path", "error"]
+        )
+        for i, r in enumerate(summary.rows, 1):
+            writer.writerow(
+                [
+                    i,
+                    r.trial_id,
+                    r.status,
+                    r.best,
+                    r.epochs,
+                    *(r.last.get(k, "") for k in keys),
+                    r.summary,
+                    r.path,
+                    r.error,
+                ]
+            )
+
+
+def print_summary(summary: SearchSummary, top: int) -> None:
+    from rich.table import Table
+
+    from spntune.cli import make_console
+
+    console = make_console()
+    table = Table(title=f"leaderboard: best {summary.metric} per trial")
+    for col in (
+        "#",
+        "trial",
+        "pipeline",
+        "epochs",
+        f"best {summary.metric}",
+        "coarse mIoU",
+        "gain",
+        "boundary IoU",
+        "status",
+    ):
+        table.add_column(col)
+    for i, r in enumerate(summary.rows[:top], 1):
+        table.add_row(
+            str(i), r.trial_id, r.summary, str(r.epochs), _fmt(r.best), _fmt(r.last.get("coarse_miou")),
+            _fmt(r.last.get("refined_miou_gain")), _fmt(r.last.get("refined_boundary_iou")), r.status,
+        )  # fmt: skip
+    console.print(table)
+    counts = {s: sum(r.status == s for r in summary.rows) for s in ("completed", "stopped", "error")}
+    console.print(
+        f"{len(summary.rows)} trials in {summary.seconds:.0f} s: {counts['completed']} completed, "
+        f"{counts['stopped']} stopped early (ASHA), {counts['error']} errored"
+    )
+    for r in summary.errored:
+        console.print(f"  [red]errored[/red] {r.trial_id} ({r.summary}): {r.error}")
+    if summary.pareto:
+        console.print("Pareto set (refined mIoU vs latency): " + ", ".join(
+            f"{r.trial_id} ({_fmt(r.last.get('refined_miou'))}, {r.last.get('infer_ms_per_image', math.nan):.1f} ms)" for r in summary.pareto
+        ))  # fmt: skip
+    console.print(f"results: {summary.experiment_path} (leaderboard.csv; each trial's folder holds its checkpoints)")

@@ -1,0 +1,62 @@
+"""Tiny datasets in the original layouts, written to a tmp dir."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from spntune.data.voc import voc_palette
+
+
+def write_jpg(path: Path, h=40, w=50, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def write_png(path: Path, values: np.ndarray, palette: bool = False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(values.astype(np.uint8), mode="P" if palette else "L")
+    if palette:
+        img.putpalette(voc_palette())
+    img.save(path)
+
+
+def make_pets(root: Path) -> Path:
+    trimap = np.full((40, 50), 2, np.uint8)
+    trimap[10:30, 10:40] = 1
+    trimap[10, 10:40] = 3
+    for i, name in enumerate(["Abyssinian_1", "Abyssinian_2", "beagle_1"]):
+        write_jpg(root / "images" / f"{name}.jpg", seed=i)
+        write_png(root / "annotations" / "trimaps" / f"{name}.png", trimap)
+    (root / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 1 1\nbeagle_1 2 2 1\n")
+    (root / "annotations" / "test.txt").write_text("Abyssinian_2 1 1 1\n")
+    return root
+
+
+def make_voc(root: Path) -> Path:
+    voc = root / "VOCdevkit" / "VOC2012"
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:20, 5:20] = 15
+    mask[5:20, 20] = 255
+    for i, name in enumerate(["2007_000001", "2007_000002"]):
+        write_jpg(voc / "JPEGImages" / f"{name}.jpg", seed=i)
+        write_png(voc / "SegmentationClass" / f"{name}.png", mask, palette=True)
+    sets = voc / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("2007_000001\n")
+    (sets / "val.txt").write_text("2007_000002\n")
+    return root / "VOCdevkit"
+
+
+def make_folder(root: Path, classes=("road", "car", "sky")) -> Path:
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    mask = np.zeros((40, 50), np.uint8)
+    mask[20:] = 1
+    mask[0:3] = 255
+    for split in ("train", "val"):
+        for i in range(2):
+            write_jpg(root / "images" / split / f"img{i}.png", seed=i)
+            write_png(root / "masks" / split / f"img{i}.png", mask)
+    return root
