@@ -155,3 +155,26 @@ def test_shape_errors_are_clear():
         propagate_step(h, h, torch.zeros(1, 8, 4, 4), None, None, 5)
     with pytest.raises(ValueError, match="odd"):
         neighbour_offsets(4)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("variant", ["cspn-h0", "cspn-ht", "dyspn"])
+def test_custom_backward_matches_autograd_through_the_reference(k, variant):
+    h0, _, aff, att = _inputs(k, b=2, c=3, h=8, w=9)
+    grads = []
+    for step in (propagate_step, propagate_step_reference):
+        leaves = [t.clone().requires_grad_() for t in (h0, aff, att)]
+        if variant == "dyspn":
+            weights = dyspn_weights(leaves[1], leaves[2], k)
+        else:
+            weights = cspn_weights(leaves[1], variant.split("-")[1])
+        h = leaves[0]
+        for _ in range(3):
+            h = step(h, leaves[0], *weights, k)
+        (h * torch.linspace(-1, 1, h.numel(), dtype=h.dtype).view_as(h)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for fast, ref in zip(*grads, strict=True):
+        if ref is None:
+            assert fast is None
+        else:
+            torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)

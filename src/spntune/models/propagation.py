@@ -9,7 +9,8 @@ turn raw affinities into ``(a, b, c)`` following the papers' equations (see DESI
 ``propagate_step`` applies one step.
 
 The fast path accumulates one shifted slice of a padded ``h`` at a time (``addcmul_``), so it
-never materialises the ``k*k`` copies of ``[B, C, H, W]`` that an ``unfold`` does.
+never materialises the ``k*k`` copies of ``[B, C, H, W]`` that an ``unfold`` does; its backward
+(a custom ``autograd.Function``) is built from the same in-place shifted passes.
 ``propagate_step_reference`` is the slow, obviously correct ``unfold`` version, kept for tests.
 
 Image borders: ``h`` is padded by replication, so a neighbour outside the image reads the
@@ -19,10 +20,12 @@ nearest border pixel. Together with weights that sum to one this keeps a constan
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "AFFINITY_NORMS",
@@ -102,6 +105,76 @@ def _check_weights(h: Tensor, neighbour_weight: Tensor, kernel_size: int) -> Non
         )
 
 
+def _accumulate(
+    h: Tensor,
+    h0: Tensor,
+    neighbour_weight: Tensor,
+    self_weight: Tensor | None,
+    anchor_weight: Tensor | None,
+    kernel_size: int,
+) -> Tensor:
+    """Forward of one step without autograd: one padded copy of h, one in-place pass per neighbour."""
+    r = kernel_size // 2
+    height, width = h.shape[-2:]
+    padded = F.pad(h, (r, r, r, r), mode="replicate")  # [B, C, H+2r, W+2r], one copy
+    out = h0 * anchor_weight if anchor_weight is not None else torch.zeros_like(h)
+    if self_weight is not None:
+        out.addcmul_(self_weight, h)
+    for j, (dy, dx) in enumerate(neighbour_offsets(kernel_size)):
+        shifted = padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width]  # a view
+        out.addcmul_(neighbour_weight[:, j : j + 1], shifted)
+    return out
+
+
+class _PropagateStep(torch.autograd.Function):
+    """One step with a hand-written backward built from the same shifted-slice passes.
+
+    Autograd through the forward's in-place loop would give every neighbour's gradient as a
+    full padded-size tensor (k*k - 1 allocations and adds per step); here the adjoint shifts
+    accumulate into one padded buffer, and replicate padding is folded back once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, h0: Tensor, neighbour_weight: Tensor, self_weight: Tensor | None,
+                anchor_weight: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
+        ctx.kernel_size = kernel_size
+        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight)
+        return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        h, h0, neighbour_weight, self_weight, anchor_weight = ctx.saved_tensors
+        k = ctx.kernel_size
+        r = k // 2
+        height, width = h.shape[-2:]
+        offsets = neighbour_offsets(k)
+        need_h, need_h0, need_nw, need_sw, need_aw, _ = ctx.needs_input_grad
+        grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = None
+        if need_nw:
+            padded = F.pad(h, (r, r, r, r), mode="replicate")
+            grad_nw = torch.empty_like(neighbour_weight)
+            for j, (dy, dx) in enumerate(offsets):
+                shifted = padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width]
+                grad_nw[:, j] = (grad_out * shifted).sum(dim=1)
+        if need_h:
+            grad_padded = grad_out.new_zeros(*h.shape[:2], height + 2 * r, width + 2 * r)
+            for j, (dy, dx) in enumerate(offsets):
+                grad_padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width].addcmul_(
+                    neighbour_weight[:, j : j + 1], grad_out
+                )
+            grad_h = torch.ops.aten.replication_pad2d_backward(grad_padded, h, [r, r, r, r])
+            if self_weight is not None:
+                grad_h.addcmul_(self_weight, grad_out)
+        if need_h0 and anchor_weight is not None:
+            grad_h0 = grad_out * anchor_weight
+        if need_sw and self_weight is not None:
+            grad_sw = (grad_out * h).sum(dim=1, keepdim=True)
+        if need_aw and anchor_weight is not None:
+            grad_aw = (grad_out * h0).sum(dim=1, keepdim=True)
+        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, None
+
+
 def propagate_step(
     h: Tensor,
     h0: Tensor,
@@ -110,7 +183,7 @@ def propagate_step(
     anchor_weight: Tensor | None,
     kernel_size: int,
 ) -> Tensor:
-    """One propagation step, by shifted-slice accumulation.
+    """One propagation step, by shifted-slice accumulation (forward and backward).
 
     Args:
         h: current map ``h^t``.
@@ -125,19 +198,15 @@ def propagate_step(
         self_weight, anchor_weight: ``[B, 1, H, W]``. Returns ``[B, C, H, W]``.
     """
     _check_weights(h, neighbour_weight, kernel_size)
-    r = kernel_size // 2
-    height, width = h.shape[-2:]
-    padded = F.pad(h, (r, r, r, r), mode="replicate")  # [B, C, H+2r, W+2r], one copy
-    if anchor_weight is not None:
-        out = h0 * anchor_weight
-    else:
-        out = torch.zeros_like(h)
-    if self_weight is not None:
-        out.addcmul_(self_weight, h)
-    for j, (dy, dx) in enumerate(neighbour_offsets(kernel_size)):
-        shifted = padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width]  # a view
-        out.addcmul_(neighbour_weight[:, j : j + 1], shifted)
-    return out
+    for name, w in (("self_weight", self_weight), ("anchor_weight", anchor_weight)):
+        if w is not None and tuple(w.shape) != (h.shape[0], 1, *h.shape[-2:]):
+            raise ValueError(f"{name} must be {(h.shape[0], 1, *h.shape[-2:])}, got {tuple(w.shape)}")
+    if h0.shape != h.shape:
+        raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
+    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+    return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
 
 
 def propagate_step_reference(
