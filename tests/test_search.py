@@ -34,9 +34,22 @@ def leaderboard(experiment: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def mlflow_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("spntune")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
 def test_smoke_search_two_trials(tmp_path, capsys):
-    code = main(["search", "--smoke-test", "--storage", str(tmp_path), "--name", "smoke", "--scheduler", "none", *TINY])
-    assert code == 0
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--smoke-test", "--storage", str(tmp_path), "--name", "smoke", "--scheduler", "none",
+            "--tracking-uri", uri, "--set", "train.viz_samples=1", *TINY]  # fmt: skip
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "leaderboard" in out and "2 trials" in out
     rows = leaderboard(tmp_path / "smoke")
@@ -46,6 +59,42 @@ def test_smoke_search_two_trials(tmp_path, capsys):
     for r in rows:
         assert 0.0 <= float(r["best_refined_miou"]) <= 1.0
         assert any(p.name.startswith("checkpoint_") for p in Path(r["path"]).iterdir())
+
+    # MLflow: one parent run, one finished child run per trial with per-epoch metrics and artifacts
+    client, parents, children = mlflow_runs(uri)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["spntune.search"] == "smoke"
+    assert parent.data.tags["best_trial_run_id"] in {c.info.run_id for c in children}
+    parent_files = {
+        f.path for d in ("leaderboard", "plots", "search_space") for f in client.list_artifacts(parent.info.run_id, d)
+    }
+    assert {"leaderboard/leaderboard.csv", "leaderboard/leaderboard.html", "search_space/smoke.yaml"} <= parent_files
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["data.name"] == "synthetic"
+        history = client.get_metric_history(child.info.run_id, "refined_miou")
+        assert [m.step for m in history] == [1, 2]
+        for key in (
+            "coarse_miou",
+            "refined_boundary_iou",
+            "refined_pixel_acc",
+            "refined_mean_dice",
+            "refined_iou_curve",
+            "epoch_seconds",
+        ):
+            assert key in child.data.metrics
+        files = {
+            f.path for d in ("panels", "gradcam", "checkpoint") for f in client.list_artifacts(child.info.run_id, d)
+        }
+        assert {
+            "panels/panel_000.png",
+            "panels/steps_000.png",
+            "gradcam/gradcam_000.png",
+            "checkpoint/checkpoint.pt",
+        } <= files
+        assert [f.path for f in client.list_artifacts(child.info.run_id) if f.path == "config.yaml"]
 
 
 def test_errored_trial_does_not_stop_the_search(tmp_path, capsys):
@@ -59,32 +108,52 @@ def test_errored_trial_does_not_stop_the_search(tmp_path, capsys):
     }  # fmt: skip
     path = tmp_path / "err.yaml"
     path.write_text(yaml.safe_dump(space))
-    args = [
-        "search",
-        "--space",
-        str(path),
-        "--trials",
-        "2",
-        "--storage",
-        str(tmp_path / "ray"),
-        "--max-failures",
-        "0",
-        "--scheduler",
-        "none",
-    ]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--space", str(path), "--trials", "2", "--storage", str(tmp_path / "ray"), "--max-failures", "0",
+            "--scheduler", "none", "--tracking-uri", uri]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "1 errored" in out and "split 'nosuchsplit' not found" in out
     rows = leaderboard(tmp_path / "ray" / "err")
     assert sorted(r["status"] for r in rows) == ["completed", "error"]
     assert "nosuchsplit" in next(r["error"] for r in rows if r["status"] == "error")
+    _, _, children = mlflow_runs(uri)
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]  # never left RUNNING
+    failed = next(c for c in children if c.info.status == "FAILED")
+    assert "nosuchsplit" in failed.data.tags["spntune.reason"]
+
+
+def test_asha_stopped_trial_run_is_killed(tmp_path):
+    space = {
+        "name": "asha",
+        "base": {"data.image_size": [64, 64], "data.train_size": 16, "data.val_size": 8, "train.epochs": 3,
+                 "train.batch_size": 8, "train.viz_samples": 0, "refiner.kind": "none"},
+        "params": {"optim.lr": {"choice": [3.0e-3, 1.0e-9]}},
+        # a sane trial first, then one that cannot learn: ASHA's rung at epoch 1 keeps the top half
+        "points_to_evaluate": [{"optim.lr": 3.0e-3}, {"optim.lr": 1.0e-9}],
+    }  # fmt: skip
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--space", str(path), "--trials", "2", "--concurrency", "1", "--storage", str(tmp_path / "ray"),
+            "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2", "--tracking-uri", uri]  # fmt: skip
+    assert main(args) == 0
+    rows = leaderboard(tmp_path / "ray" / "asha")
+    assert sorted(r["status"] for r in rows) == ["completed", "stopped"]
+    _, parents, children = mlflow_runs(uri)
+    assert parents[0].info.status == "FINISHED"
+    by_status = {c.info.status: c for c in children}
+    assert set(by_status) == {"FINISHED", "KILLED"}
+    assert "stopped" in by_status["KILLED"].data.tags["spntune.reason"]
 
 
 def test_existing_name_needs_resume_and_missing_needs_none(tmp_path, capsys):
     (tmp_path / "smoke").mkdir()
-    assert main(["search", "--smoke-test", "--storage", str(tmp_path), "--name", "smoke"]) == 2
+    assert main(["search", "--smoke-test", "--storage", str(tmp_path), "--name", "smoke", "--no-mlflow"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["search", "--smoke-test", "--storage", str(tmp_path), "--name", "other", "--resume"]) == 2
+    assert (
+        main(["search", "--smoke-test", "--storage", str(tmp_path), "--name", "other", "--resume", "--no-mlflow"]) == 2
+    )
     assert "nothing to resume" in capsys.readouterr().err
 
 
@@ -95,7 +164,8 @@ def _results(trial_dir: Path) -> list[dict]:
 
 def test_resume_after_killing_the_driver(tmp_path):
     storage, name = tmp_path / "ray", "resume"
-    args = ["search", "--smoke-test", "--trials", "3", "--concurrency", "1", "--scheduler", "none",
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--smoke-test", "--trials", "3", "--concurrency", "1", "--scheduler", "none", "--tracking-uri", uri,
             "--storage", str(storage), "--name", name, "--set", "train.epochs=3", *TINY]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -130,6 +200,11 @@ def test_resume_after_killing_the_driver(tmp_path):
     for d in experiment.glob("run_trial_*"):
         epochs = [r["epoch"] for r in _results(d)]
         assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]
+    # MLflow: the same parent run, one child run per trial (a resumed trial continues its run)
+    _, parents, children = mlflow_runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["spntune.ray_trial_id"] for c in children}) == 3
 
 
 @pytest.fixture
@@ -152,7 +227,8 @@ def two_node_cluster(tmp_path):
 def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     address, env = two_node_cluster
     args = ["search", "--smoke-test", "--trials", "2", "--concurrency", "2", "--cpus-per-trial", "1", "--scheduler", "none",
-            "--address", address, "--storage", str(tmp_path), "--name", "cluster", *TINY]  # fmt: skip
+            "--address", address, "--storage", str(tmp_path), "--name", "cluster",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *TINY]  # fmt: skip
     out = subprocess.run([*SPNTUNE, *args], capture_output=True, text=True, env=env, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
     node_ids = set()

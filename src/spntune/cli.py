@@ -166,7 +166,7 @@ SEARCH_SMOKE_OVERRIDES: dict[str, Any] = {
 def cmd_search(args: argparse.Namespace) -> int:
     from spntune.config import parse_set_args
     from spntune.search import SearchOptions, print_summary, run_search
-    from spntune.space import load_space
+    from spntune.space import builtin_space_path, load_space
 
     space = load_space(args.space)
     overrides = {**(SEARCH_SMOKE_OVERRIDES if args.smoke_test else {}), **parse_set_args(args.set or [])}
@@ -189,9 +189,146 @@ def cmd_search(args: argparse.Namespace) -> int:
         overrides=overrides,
         seed=args.seed,
         top=args.top,
+        tracking_uri="none" if args.no_mlflow else args.tracking_uri,
+        experiment=args.experiment,
+        viz=not args.no_viz,
+        space_file=Path(args.space) if Path(args.space).is_file() else builtin_space_path(args.space),
     )
     summary = run_search(opts)
     print_summary(summary, opts.top)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from spntune.tracking import _artifact_root, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    root = _artifact_root(uri)
+    if root:
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        cmd += ["--default-artifact-root", root]
+    print(f"MLflow UI: http://127.0.0.1:{args.port}  (tracking {uri}); Ctrl-C stops it", flush=True)
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from spntune.tracking import TAG_PARENT, TAG_SEARCH, _client, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    client = _client(uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        raise FileNotFoundError(f"no MLflow experiment {args.experiment!r} at {uri}")
+    searches = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
+                if TAG_SEARCH in r.data.tags and TAG_PARENT not in r.data.tags]  # fmt: skip
+    if args.search:
+        searches = [r for r in searches if r.data.tags[TAG_SEARCH] == args.search]
+    if not searches:
+        raise FileNotFoundError(
+            f"no search {args.search or ''} in experiment {args.experiment!r} at {uri}".replace("  ", " ")
+        )
+    parent = searches[0]
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", max_results=5000
+    )
+    children.sort(key=lambda r: -r.data.metrics.get("best_refined_miou", -1.0))
+    console = make_console()
+    table = Table(
+        title=f"search {parent.data.tags[TAG_SEARCH]} (run {parent.info.run_id}): best refined mIoU per trial"
+    )
+    for col in (
+        "#",
+        "run id",
+        "trial",
+        "pipeline",
+        "epochs",
+        "best refined mIoU",
+        "coarse mIoU",
+        "boundary IoU",
+        "status",
+    ):
+        table.add_column(col)
+    for i, run in enumerate(children[: args.top], 1):
+        p, m = run.data.params, run.data.metrics
+        kind = p.get("refiner.kind", "?")
+        refiner = kind if kind == "none" else f"{kind} k{p.get('refiner.kernel_size')} T{p.get('refiner.iterations')}"
+        table.add_row(
+            str(i), run.info.run_id, run.data.tags.get("spntune.ray_trial_id", ""),
+            f"{p.get('model.arch')}/{p.get('model.encoder')} + {refiner}, {p.get('train.loss')}",
+            str(len(client.get_metric_history(run.info.run_id, "refined_miou"))),
+            _fmt(m.get("best_refined_miou", math.nan)), _fmt(m.get("coarse_miou", math.nan)),
+            _fmt(m.get("refined_boundary_iou", math.nan)), run.info.status,
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{len(children)} trial runs; best: {parent.data.tags.get('best_trial_run_id', '-')}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from spntune.config import TrialConfig
+    from spntune.data.base import read_image, to_tensors
+    from spntune.data.transforms import build_transform
+    from spntune.trainables import build_model, load_checkpoint
+    from spntune.viz import _PALETTE, colourise
+
+    with tempfile.TemporaryDirectory(prefix="spntune-predict-") as tmp:
+        if args.run:
+            from spntune.tracking import _client, default_tracking_uri
+
+            client = _client(args.tracking_uri or default_tracking_uri())
+            try:
+                path = client.download_artifacts(args.run, "checkpoint/checkpoint.pt", tmp)
+            except Exception as exc:
+                raise FileNotFoundError(f"run {args.run} has no checkpoint/checkpoint.pt artifact: {exc}") from None
+        else:
+            path = args.checkpoint
+        state = load_checkpoint(path)
+    cfg = TrialConfig.from_dict(state["config"])
+    class_names = state["extra"]["class_names"]
+    model = build_model(cfg, len(class_names))
+    model.load_state_dict(state["model"])
+    model.eval()
+    transform = build_transform(cfg.data.image_size, train=False)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette = _PALETTE.flatten().tolist()
+    for image_path in map(Path, args.images):
+        image = read_image(image_path)
+        x, _ = to_tensors(image, np.zeros(image.shape[:2], np.uint8), transform)
+        with torch.no_grad():
+            pred = model(x.unsqueeze(0)).refined_logits.argmax(1)[0].numpy().astype(np.uint8)
+        mask = Image.fromarray(pred, mode="P").resize((image.shape[1], image.shape[0]), Image.NEAREST)
+        mask.putpalette(palette)
+        mask.save(out_dir / f"{image_path.stem}_mask.png")
+        overlay = (0.5 * image + 0.5 * colourise(np.asarray(mask))).astype(np.uint8)
+        Image.fromarray(overlay).save(out_dir / f"{image_path.stem}_overlay.png")
+        print(f"{image_path} -> {out_dir / (image_path.stem + '_mask.png')}, {image_path.stem}_overlay.png")
+    (out_dir / "classes.txt").write_text("\n".join(class_names) + "\n")
     return 0
 
 
@@ -226,7 +363,34 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     search.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
     search.add_argument("--smoke-test", action="store_true", help="2 tiny trials of seconds each")
+    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow_runs)")
+    search.add_argument("--experiment", default="spntune", help="MLflow experiment name")
+    search.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
+    search.add_argument(
+        "--no-viz", action="store_true", help="skip mask panels and Grad-CAM artifacts (large searches)"
+    )
     search.set_defaults(func=cmd_search)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
+    ui.set_defaults(func=cmd_ui)
+
+    best = sub.add_parser("best", help="leaderboard of a search, read from MLflow")
+    best.add_argument("--search", help="search name (default: the latest search)")
+    best.add_argument("--top", type=int, default=10)
+    best.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
+    best.add_argument("--experiment", default="spntune")
+    best.set_defaults(func=cmd_best)
+
+    predict = sub.add_parser("predict", help="write masks and overlays with a trained model")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id of a trial (its best checkpoint)")
+    source.add_argument("--checkpoint", help="a checkpoint.pt (or its folder) from spntune train")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

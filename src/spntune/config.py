@@ -19,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "RefinerConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TrialConfig",
     "flatten",
@@ -164,6 +165,18 @@ class TrainConfig(_Strict):
         return v
 
 
+class TrackingConfig(_Strict):
+    """MLflow: set ``uri`` to log this trial as a run (the search sets all of these)."""
+
+    uri: str | None = None  # travels to Ray workers inside the config: they do not inherit env vars
+    experiment: str = "spntune"
+    parent_run_id: str | None = None
+    search_name: str | None = None
+    run_name: str | None = None
+    viz: bool = True  # mask panels, per-step strips and Grad-CAM at each new best epoch
+    gradcam: bool = True
+
+
 class TrialConfig(_Strict):
     """Everything one trial needs. ``TrialConfig.from_dict`` is the entry point."""
 
@@ -172,6 +185,7 @@ class TrialConfig(_Strict):
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str | None = None  # where `spntune train` writes config, checkpoint, panels
 
     @model_validator(mode="after")
@@ -224,7 +238,7 @@ def unflatten(config: dict[str, Any]) -> dict[str, Any]:
     """``{"a.b": 1, "a": {"c": 2}}`` -> ``{"a": {"b": 1, "c": 2}}``."""
     out: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict) and key in ("data", "model", "refiner", "optim", "train"):
+        if isinstance(value, dict) and key in ("data", "model", "refiner", "optim", "train", "tracking"):
             value = unflatten(value)
         parts = str(key).split(".")
         node = out

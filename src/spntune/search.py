@@ -23,6 +23,7 @@ from ray import tune
 
 from spntune.config import ConfigError, TrialConfig
 from spntune.space import SearchSpace
+from spntune.tracking import SearchRun, default_tracking_uri, finish_trial_run
 from spntune.trainables import Reporter, train_segmentation
 
 __all__ = ["OBJECTIVES", "RayReporter", "SearchOptions", "SearchSummary", "TrialRow", "run_search", "run_trial"]
@@ -48,6 +49,9 @@ class RayReporter(Reporter):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report({**metrics, "node_id": self._node_id}, checkpoint=checkpoint)  # copies it to storage
+
+    def trial_id(self) -> str | None:
+        return tune.get_context().get_trial_id()
 
     def resume_checkpoint(self) -> Path | None:
         checkpoint = tune.get_checkpoint()
@@ -83,6 +87,10 @@ class SearchOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     top: int = 10
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or ./mlflow_runs; "none": no MLflow
+    experiment: str = "spntune"
+    viz: bool = True
+    space_file: Path | None = None
 
 
 @dataclass
@@ -96,6 +104,7 @@ class TrialRow:
     path: str
     error: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # Optuna names, as suggested
 
 
 @dataclass
@@ -105,6 +114,8 @@ class SearchSummary:
     metric: str
     seconds: float
     pareto: list[TrialRow] = field(default_factory=list)
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
 
     @property
     def errored(self) -> list[TrialRow]:
@@ -135,9 +146,10 @@ def _preflight(space: SearchSpace, overrides: dict[str, Any]) -> None:
 class _Progress:
     """Concise trial table for the terminal, replacing Ray's default output."""
 
-    def __init__(self, space: SearchSpace, metric: str) -> None:
+    def __init__(self, space: SearchSpace, metric: str, on_trial_end: Any = None) -> None:
         from spntune.cli import make_console
 
+        self.on_trial_end = on_trial_end  # (trial, status, reason) -> None: closes the MLflow run
         self.space = space
         self.metric = metric
         self.console = make_console()
@@ -208,9 +220,13 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, "done")
+        if self.progress is not None and self.progress.on_trial_end is not None:
+            self.progress.on_trial_end(trial, "complete", "")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, "ERROR")
+        if self.progress is not None and self.progress.on_trial_end is not None:
+            self.progress.on_trial_end(trial, "error", "")
 
 
 def _fmt(v: Any) -> str:
@@ -256,12 +272,43 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         )
 
     start = time.perf_counter()
+    overrides = dict(opts.overrides)
+    uri = None if (opts.tracking_uri or "").lower() == "none" else (opts.tracking_uri or default_tracking_uri())
+    parent = None
+    if uri:
+        search_params = {"space": space.name, "trials": opts.trials, "concurrency": opts.concurrency,
+                         "scheduler": opts.scheduler, "metric": metric, "objectives": ",".join(opts.objectives),
+                         "gpus_per_trial": opts.gpus_per_trial, "cpus_per_trial": opts.cpus_per_trial,
+                         "overrides": overrides}  # fmt: skip
+        parent = SearchRun.open(
+            uri, opts.experiment, opts.name, experiment, search_params, opts.space_file, opts.resume
+        )
+        if parent is not None:  # the URI travels in the config: Ray workers do not inherit the environment
+            overrides |= {"tracking.uri": uri, "tracking.experiment": opts.experiment, "tracking.parent_run_id": parent.run_id,
+                          "tracking.search_name": opts.name, "tracking.viz": opts.viz}  # fmt: skip
     _init_ray(opts.address)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, space=space, overrides=opts.overrides),
+        tune.with_parameters(run_trial, space=space, overrides=overrides),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
-    progress = _Progress(space, metric)
+
+    def close_run(trial: Any, outcome: str, reason: str) -> None:
+        if parent is None:
+            return
+        result = trial.last_result or {}
+        try:
+            expected = TrialConfig.from_dict({**space.to_trial_config(trial.config), **overrides}).total_epochs
+        except ConfigError:
+            expected = -1
+        if outcome == "error":
+            status, reason = "FAILED", reason or "trial raised; see the Ray error file in the trial folder"
+        elif int(result.get("epoch", 0) or 0) < expected:
+            status, reason = "KILLED", f"stopped early by the scheduler after epoch {result.get('epoch', 0)}"
+        else:
+            status = "FINISHED"
+        finish_trial_run(uri, opts.experiment, parent.run_id, trial.trial_id, status, reason)  # type: ignore[arg-type]
+
+    progress = _Progress(space, metric, close_run)
     run_config = tune.RunConfig(
         name=opts.name,
         storage_path=str(storage),
@@ -309,22 +356,46 @@ def run_search(opts: SearchOptions) -> SearchSummary:
             )
         with progress:
             results = tuner.fit()
-    rows = _rows(results, space, metric, mode)
+    rows = _rows(results, space, metric, mode, overrides)
     summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
     if len(opts.objectives) > 1:
         summary.pareto = _pareto(
             rows, [(OBJECTIVES[o][0] if o != "miou" else metric, OBJECTIVES[o][1]) for o in opts.objectives]
         )
     write_leaderboard(summary, experiment / "leaderboard.csv")
+    if parent is not None and uri is not None:
+        _finish_tracking(parent, uri, opts.experiment, space, summary, mode)
     if not opts.address:
         ray.shutdown()
     return summary
 
 
-def _rows(results: Any, space: SearchSpace, metric: str, mode: str) -> list[TrialRow]:
+def _finish_tracking(
+    parent: SearchRun, uri: str, experiment_name: str, space: SearchSpace, summary: SearchSummary, mode: str
+) -> None:
+    """Final sweep (every child run gets its final status, also for trials of a resumed search), then
+    the parent run's leaderboard, plots and best-trial tag."""
+    for row in summary.rows:
+        status = {"error": "FAILED", "stopped": "KILLED"}.get(row.status, "FINISHED")
+        reason = {"error": row.error, "stopped": f"stopped early by the scheduler after epoch {row.epochs}"}.get(
+            row.status, ""
+        )
+        finish_trial_run(uri, experiment_name, parent.run_id, row.trial_id, status, reason)
+    experiment = summary.experiment_path
+    files = {"leaderboard": write_leaderboard_html(summary, experiment / "leaderboard.html")}
+    files |= {f"plots/{p.stem}": p for p in search_plots(space, summary.rows, mode, experiment / "plots")}
+    best = next((r for r in summary.rows if r.status != "error" and not math.isnan(r.best)), None)
+    parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None)
+    summary.parent_run_id, summary.tracking_uri = parent.run_id, uri
+
+
+def _rows(results: Any, space: SearchSpace, metric: str, mode: str, overrides: dict[str, Any]) -> list[TrialRow]:
     rows = []
     for result in results:
-        config = space.to_trial_config(result.config or {})
+        config = {
+            **space.to_trial_config(result.config or {}),
+            **{k: v for k, v in overrides.items() if not k.startswith("tracking.")},
+        }
         last = dict(result.metrics or {})
         try:
             expected = TrialConfig.from_dict(config).total_epochs
@@ -343,7 +414,18 @@ def _rows(results: Any, space: SearchSpace, metric: str, mode: str) -> list[Tria
             status, error = ("completed" if epochs >= expected else "stopped"), ""
         trial_id = last.get("trial_id") or Path(result.path).name
         rows.append(
-            TrialRow(str(trial_id), status, describe(config), epochs, best, last, str(result.path), error, config)
+            TrialRow(
+                str(trial_id),
+                status,
+                describe(config),
+                epochs,
+                best,
+                last,
+                str(result.path),
+                error,
+                config,
+                dict(result.config or {}),
+            )
         )
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda r: (math.isnan(r.best), sign * (0 if math.isnan(r.best) else r.best)))
@@ -404,6 +486,101 @@ def write_leaderboard(summary: SearchSummary, path: Path) -> None:
             )
 
 
+def write_leaderboard_html(summary: SearchSummary, path: Path) -> Path:
+    import html
+
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "#",
+            "trial",
+            "pipeline",
+            "epochs",
+            f"best {summary.metric}",
+            "coarse mIoU",
+            "gain",
+            "boundary IoU",
+            "status",
+            "error",
+        )
+    )
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            i, r.trial_id, r.summary, r.epochs, _fmt(r.best), _fmt(r.last.get("coarse_miou")),
+            _fmt(r.last.get("refined_miou_gain")), _fmt(r.last.get("refined_boundary_iou")), r.status, r.error)) + "</tr>"
+        for i, r in enumerate(summary.rows, 1)
+    )  # fmt: skip
+    path.write_text(f"<html><body><table border=1 cellpadding=4><tr>{head}</tr>{body}</table></body></html>\n")
+    return path
+
+
+def search_plots(space: SearchSpace, rows: list[TrialRow], mode: str, out_dir: Path) -> list[Path]:
+    """Optuna parameter importance (fANOVA over the unconditional parameters) and a parallel-coordinates
+    plot of the trials, as PNGs. Needs at least two finished trials; returns what it wrote."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    done = [r for r in rows if r.status != "error" and not math.isnan(r.best)]
+    if len(done) < 2:
+        return []
+    distributions = {name: _distribution(space, name) for name in space.optuna_to_config_key()}
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for r in done:
+        params = {k: v for k, v in r.params.items() if k in distributions}
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions={k: distributions[k] for k in params}, value=r.best)
+        )
+    varying = [k for k in space.params if len({str(r.params.get(k)) for r in done}) > 1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, plot in (("param_importances.png", optuna.visualization.matplotlib.plot_param_importances),
+                           ("parallel_coordinates.png", optuna.visualization.matplotlib.plot_parallel_coordinate)):  # fmt: skip
+            if not varying:
+                break
+            try:
+                ax = plot(study, params=varying)
+                fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+                fig.set_size_inches(10, 6)
+                fig.tight_layout()
+                fig.savefig(out_dir / name, dpi=100)
+                plt.close(fig)
+                written.append(out_dir / name)
+            except Exception as exc:  # too few or constant trials: skip the plot, keep the search result
+                logging.getLogger("spntune.search").warning("could not draw %s: %s", name, exc)
+    return written
+
+
+def _distribution(space: SearchSpace, name: str) -> Any:
+    import optuna.distributions as d
+
+    key = space.optuna_to_config_key()[name]
+    param = space.params.get(name)
+    if param is None:
+        value = name.split(".", 1)[0]
+        param = next(
+            p
+            for branches in space.when.values()
+            for v, ps in branches.items()
+            if v == value
+            for k, p in ps.items()
+            if k == key
+        )
+    if param.kind == "choice":
+        return d.CategoricalDistribution(param.choice)
+    if param.kind == "int":
+        low, high = param.int_range  # type: ignore[misc]
+        return d.IntDistribution(low, high, step=int(param.step or 1), log=param.log)
+    if param.kind == "float":
+        low, high = param.float_range  # type: ignore[misc]
+        return d.FloatDistribution(low, high, step=param.step, log=param.log)
+    return d.CategoricalDistribution([param.value])
+
+
 def print_summary(summary: SearchSummary, top: int) -> None:
     from rich.table import Table
 
@@ -441,3 +618,6 @@ def print_summary(summary: SearchSummary, top: int) -> None:
             f"{r.trial_id} ({_fmt(r.last.get('refined_miou'))}, {r.last.get('infer_ms_per_image', math.nan):.1f} ms)" for r in summary.pareto
         ))  # fmt: skip
     console.print(f"results: {summary.experiment_path} (leaderboard.csv; each trial's folder holds its checkpoints)")
+    if summary.parent_run_id:
+        console.print(f"MLflow: search run {summary.parent_run_id} at {summary.tracking_uri}")
+        console.print("browse it: spntune ui   (then open http://127.0.0.1:5000)")

@@ -66,6 +66,10 @@ class Reporter:
         """A checkpoint folder to resume from (Ray Tune's restored checkpoint), or None."""
         return None
 
+    def trial_id(self) -> str | None:
+        """The scheduler's id for this trial (Ray's trial id), or None in-process."""
+        return None
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -285,6 +289,23 @@ def train_segmentation(
     """
     cfg = TrialConfig.from_dict(config)
     reporter = reporter or Reporter()
+    tracker = _start_tracker(cfg, reporter)  # before data and model: their failures are tracked too
+    try:
+        result = _run_trial(cfg, reporter, resume_from, tracker)
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ray stops a trial (ASHA) with SystemExit
+        if tracker is not None:
+            tracker.end("KILLED", "stopped by the scheduler" if isinstance(exc, SystemExit) else "interrupted")
+        raise
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.end("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    if tracker is not None:
+        tracker.end("FINISHED")
+    return result
+
+
+def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | None, tracker: Any) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     amp = cfg.train.amp and device.type == "cuda"
@@ -309,8 +330,37 @@ def train_segmentation(
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    metrics = _train_loop(cfg, reporter, model, loss_fn, train_loader, val_loader, val_ds, class_names,
+                          device, amp, scaler, start_epoch, state, output_dir, tracker)  # fmt: skip
+    if output_dir is not None and cfg.train.viz_samples > 0:
+        from spntune.viz import write_panels
+
+        write_panels(model, val_ds, class_names, output_dir / "panels", cfg.train.viz_samples, device)
+    return {"metrics": metrics, "class_names": class_names, "output_dir": str(output_dir) if output_dir else None}
+
+
+def _start_tracker(cfg: TrialConfig, reporter: Reporter) -> Any:
+    if not cfg.tracking.uri:
+        return None
+    from spntune.config import flatten
+    from spntune.tracking import TrialTracker, dump_config
+
+    params = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.")}
+    return TrialTracker(cfg.tracking.model_dump(), reporter.trial_id(), params, dump_config(cfg.to_dict()))
+
+
+def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, loss_fn: nn.Module,
+                train_loader: DataLoader, val_loader: DataLoader, val_ds: Dataset, class_names: list[str],
+                device: torch.device, amp: bool, scaler: Any, start_epoch: int, state: dict[str, Any] | None,
+                output_dir: Path | None, tracker: Any) -> dict[str, Any]:  # fmt: skip
+    """The epochs of every phase; returns the last epoch's metrics."""
+    num_classes = len(class_names)
     metrics: dict[str, Any] = {}
-    best = -math.inf
+    best = (
+        -math.inf
+        if state is None
+        else float(state.get("extra", {}).get("metrics", {}).get("best_refined_miou", -math.inf))
+    )
     for phase in _phases(cfg, model):
         if start_epoch >= phase.first_epoch + phase.epochs:
             continue  # finished before the resume point
@@ -383,7 +433,9 @@ def train_segmentation(
                 "val_seconds": val_seconds,
                 "lr": optimiser.param_groups[0]["lr"],
             }
-            best = max(best, metrics["refined_miou"])
+            current = metrics["refined_miou"]
+            is_best = not math.isnan(current) and current > best
+            best = current if is_best else best
             metrics["best_refined_miou"] = best
             extra = {
                 "class_names": class_names,
@@ -394,6 +446,10 @@ def train_segmentation(
                 save_checkpoint(
                     output_dir / CHECKPOINT_FILE, model, cfg, epoch, phase.name, optimiser, scheduler, extra
                 )
+            # MLflow first too: Ray stops a trial by raising inside its report call.
+            if tracker is not None:
+                _track_epoch(tracker, cfg, metrics, results, is_best, model, epoch + 1,
+                             phase.name, optimiser, scheduler, extra, val_ds, class_names, device)  # fmt: skip
             if reporter.wants_checkpoints:
                 with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
                     save_checkpoint(
@@ -402,9 +458,23 @@ def train_segmentation(
                     reporter.report(metrics, Path(tmp))
             else:
                 reporter.report(metrics, None)
+    return metrics
 
-    if output_dir is not None and cfg.train.viz_samples > 0:
-        from spntune.viz import write_panels
 
-        write_panels(model, val_ds, class_names, output_dir / "panels", cfg.train.viz_samples, device)
-    return {"metrics": metrics, "class_names": class_names, "output_dir": str(output_dir) if output_dir else None}
+def _track_epoch(tracker: Any, cfg: TrialConfig, metrics: dict[str, Any], results: dict[str, Any], is_best: bool,
+                 model: RefinedSegmenter, epoch: int, phase: str, optimiser: Any, scheduler: Any,
+                 extra: dict[str, Any], val_ds: Dataset, class_names: list[str], device: torch.device) -> None:  # fmt: skip
+    """Per-epoch metrics; at a new best epoch also the checkpoint, step curve and pictures."""
+    tracker.log_epoch(metrics, epoch)
+    if not is_best:
+        return
+    tracker.best_steps_miou = results["steps_miou"]
+    pictures: dict[str, Any] = {}
+    if cfg.tracking.viz and cfg.train.viz_samples > 0:
+        from spntune.viz import trial_pictures
+
+        pictures = trial_pictures(model, val_ds, class_names, cfg.train.viz_samples, device, cfg.tracking.gradcam)
+    with tempfile.TemporaryDirectory(prefix="spntune-best-") as tmp:
+        path = Path(tmp) / CHECKPOINT_FILE
+        save_checkpoint(path, model, cfg, epoch - 1, phase, None, None, extra)  # weights only: for predict
+        tracker.log_best(epoch, path, pictures)

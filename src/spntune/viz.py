@@ -95,3 +95,94 @@ def write_panels(
     legend = "\n".join(f"{i}: {name} rgb{tuple(int(v) for v in _PALETTE[i])}" for i, name in enumerate(class_names))
     (out_dir / "legend.txt").write_text(legend + "\n")
     return paths
+
+
+def _cam_layer(coarse: torch.nn.Module) -> torch.nn.Module:
+    """The module whose *input* is the coarse network's last decoder features."""
+    for name in ("segmentation_head", "head32"):  # smp models; our FCN (stride-32 features)
+        if hasattr(coarse, name):
+            return getattr(coarse, name)
+    raise ValueError(f"no Grad-CAM layer known for {type(coarse).__name__}")
+
+
+def grad_cam(coarse: torch.nn.Module, image: torch.Tensor, classes: list[int]) -> dict[int, np.ndarray]:
+    """Seg-Grad-CAM: for class c, gradients of the summed class-c logits over the pixels predicted
+    as c, pooled into channel weights of the last decoder features.
+
+    Shape:
+        image ``[1, 3, H, W]``. Returns ``{class: [H, W] float in 0..1}``.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def take(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        features = inputs[0].detach().requires_grad_()  # works even when the coarse net is frozen
+        captured["features"] = features
+        return (features, *inputs[1:])
+
+    handle = _cam_layer(coarse).register_forward_pre_hook(take)
+    was_training = coarse.training
+    coarse.eval()
+    try:
+        with torch.enable_grad():
+            logits = coarse(image)
+            pred = logits.argmax(1)
+            features = captured["features"]
+            cams = {}
+            for c in classes:
+                target = (logits[:, c] * (pred == c)).sum()
+                (grads,) = torch.autograd.grad(target, features, retain_graph=True)
+                weights = grads.mean(dim=(2, 3), keepdim=True)
+                cam = torch.relu((weights * features).sum(1, keepdim=True))
+                cam = torch.nn.functional.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)[
+                    0, 0
+                ]
+                cams[c] = (cam / cam.max().clamp_min(1e-12)).detach().cpu().numpy()
+    finally:
+        handle.remove()
+        coarse.train(was_training)
+    return cams
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Jet-coloured CAM blended 50/50 over the RGB image."""
+    from matplotlib import colormaps
+
+    heat = (colormaps["jet"](cam)[..., :3] * 255).astype(np.float32)
+    return (0.5 * image.astype(np.float32) + 0.5 * heat).clip(0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def trial_pictures(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    class_names: list[str],
+    count: int,
+    device: torch.device,
+    gradcam: bool = True,
+) -> dict[str, np.ndarray | str]:
+    """Everything a person browses for one trial: ``{relative path: RGB array or text}``.
+
+    ``panels/panel_NNN.png`` (image | truth | coarse | refined | fixed/broken), ``panels/steps_NNN.png``
+    (h^0..h^T) and, with ``gradcam``, ``gradcam/gradcam_NNN.png``: one overlay per predicted class
+    (the four largest) for the first ``count`` validation images.
+    """
+    indices = list(range(min(count, len(dataset))))  # type: ignore[arg-type]
+    out: dict[str, np.ndarray | str] = {}
+    for i, (panel, strip) in zip(indices, render_examples(model, dataset, indices, device), strict=True):
+        out[f"panels/panel_{i:03d}.png"] = panel
+        out[f"panels/steps_{i:03d}.png"] = strip
+        if gradcam:
+            image, _ = dataset[i]
+            x = image.unsqueeze(0).to(device)
+            pred = model.coarse(x).argmax(1)[0]  # type: ignore[operator]
+            areas = torch.bincount(pred.flatten(), minlength=len(class_names))
+            classes = [int(c) for c in areas.argsort(descending=True)[:4] if areas[c] > 0]
+            cams = grad_cam(model.coarse, x, classes)  # type: ignore[arg-type]
+            rgb = denormalise(image)
+            out[f"gradcam/gradcam_{i:03d}.png"] = _label(
+                [rgb] + [cam_overlay(rgb, cams[c]) for c in classes], ["image"] + [class_names[c] for c in classes]
+            )
+    out["panels/legend.txt"] = (
+        "\n".join(f"{i}: {n} rgb{tuple(int(v) for v in _PALETTE[i])}" for i, n in enumerate(class_names)) + "\n"
+    )
+    return out

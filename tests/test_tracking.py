@@ -1,0 +1,94 @@
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spntune.cli import main
+from spntune.trainables import train_segmentation
+
+TINY = {
+    "data.image_size": [64, 64], "data.train_size": 8, "data.val_size": 4, "train.batch_size": 4,
+    "train.epochs": 2, "refiner.channels": 8, "train.viz_samples": 1,
+}  # fmt: skip
+
+
+def test_standalone_run_logs_everything(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    train_segmentation({**TINY, "tracking.uri": uri, "tracking.run_name": "debug"})
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "debug"
+    steps = client.get_metric_history(run.info.run_id, "refined_miou_by_step")
+    assert [m.step for m in steps] == list(range(7))  # h^0 .. h^6 at the best epoch, logged once
+    assert run.data.params["refiner.kind"] == "cspn" and "tracking.uri" not in run.data.params
+
+
+def test_failure_inside_training_ends_the_run_failed(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from spntune import losses
+
+    calls = {"n": 0}
+
+    def flaky(logits, target):
+        calls["n"] += 1
+        if calls["n"] > 3:  # fail in epoch 2, after epoch 1 was logged
+            return logits.sum() * float("nan")
+        return losses.cross_entropy(logits, target)
+
+    monkeypatch.setitem(losses.LOSSES, "ce", flaky)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(FloatingPointError):
+        train_segmentation({**TINY, "tracking.uri": uri, "refiner.kind": "none"})
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError: training loss became nan" in run.data.tags["spntune.reason"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "refined_miou")] == [1]
+
+
+def test_unreachable_mlflow_does_not_stop_training(caplog):
+    caplog.set_level(logging.WARNING, logger="spntune.tracking")
+    out = train_segmentation({**TINY, "tracking.uri": "http://127.0.0.1:9"})  # nothing listens on port 9
+    assert out["metrics"]["epoch"] == 2
+    assert any("training continues" in r.getMessage() or "not tracked" in r.getMessage() for r in caplog.records)
+
+
+def test_predict_from_a_run_and_from_a_checkpoint(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    train_segmentation({**TINY, "tracking.uri": uri, "output_dir": str(tmp_path / "train")})
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(image)
+    for source in (["--run", run.info.run_id, "--tracking-uri", uri], ["--checkpoint", str(tmp_path / "train")]):
+        out = tmp_path / ("pred-" + source[0].strip("-"))
+        assert main(["predict", *source, str(image), "--out", str(out)]) == 0
+        mask = Image.open(out / "photo_mask.png")
+        assert mask.mode == "P" and mask.size == (70, 50)  # original size, palette PNG
+        assert set(np.unique(np.asarray(mask))) <= set(range(5))
+        assert Image.open(out / "photo_overlay.png").size == (70, 50)
+    assert (
+        main(["predict", "--run", "nonexistent", str(image), "--out", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
+    )
+    assert "nonexistent" in capsys.readouterr().err
+
+
+def test_best_reads_the_leaderboard_from_mlflow(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--smoke-test", "--storage", str(tmp_path / "ray"), "--name", "lb", "--scheduler", "none",
+            "--tracking-uri", uri, "--no-viz", "--set", "data.train_size=8", "--set", "data.limit_train=8"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    import shutil
+
+    shutil.rmtree(tmp_path / "ray")  # the Ray results folder is gone; MLflow still knows
+    assert main(["best", "--search", "lb", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "search lb" in out and "2 trial runs" in out and "FINISHED" in out
+    assert main(["best", "--search", "nope", "--tracking-uri", uri]) == 2
