@@ -130,6 +130,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     raw = build_trial_config(args.config, args.set or [], args.smoke_test)
     if args.output:
         raw.setdefault("output_dir", args.output)
+    if args.mlflow or args.tracking_uri:
+        from spntune.tracking import default_tracking_uri
+
+        raw.setdefault("tracking", {})["uri"] = args.tracking_uri or default_tracking_uri()
     raw.setdefault("output_dir", str(Path("runs") / "train"))
     cfg = TrialConfig.from_dict(raw)  # validate before any heavy work
     console.print(
@@ -221,7 +225,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if root:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         cmd += ["--default-artifact-root", root]
-    print(f"MLflow UI: http://127.0.0.1:{args.port}  (tracking {uri}); Ctrl-C stops it", flush=True)
+    print(
+        f"MLflow UI: http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning  (tracking {uri}); Ctrl-C stops it",
+        flush=True,
+    )
     try:
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:
@@ -341,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--smoke-test", action="store_true", help="shrink to seconds (tiny images, 1 epoch)")
     train.add_argument("--output", help="output folder (default: output_dir from the config, else runs/train)")
     train.add_argument("--resume", help="checkpoint file/folder to continue from")
+    train.add_argument("--mlflow", action="store_true", help="also log this trial as an MLflow run (./mlflow_runs)")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (implies --mlflow)")
     train.set_defaults(func=cmd_train)
 
     search = sub.add_parser("search", help="hyperparameter search with Ray Tune + Optuna")

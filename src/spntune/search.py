@@ -620,4 +620,4 @@ def print_summary(summary: SearchSummary, top: int) -> None:
     console.print(f"results: {summary.experiment_path} (leaderboard.csv; each trial's folder holds its checkpoints)")
     if summary.parent_run_id:
         console.print(f"MLflow: search run {summary.parent_run_id} at {summary.tracking_uri}")
-        console.print("browse it: spntune ui   (then open http://127.0.0.1:5000)")
+        console.print("browse it: spntune ui   (then open http://127.0.0.1:5000, view 'Model training')")

@@ -102,7 +102,10 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+        # The experiment kind makes MLflow 3's UI open it in its "Model training" view, not GenAI.
+        return client.create_experiment(
+            name, artifact_location=_artifact_root(uri), tags={"mlflow.experimentKind": "custom_model_development"}
+        )
     except Exception:  # created concurrently by another worker
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
