@@ -153,15 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 #: Overrides for `search --smoke-test`: every trial shrinks to seconds (any space, any data).
 SEARCH_SMOKE_OVERRIDES: dict[str, Any] = {
-    "data.image_size": [64, 64],
-    "data.train_size": 16,
-    "data.val_size": 8,
-    "data.limit_train": 16,
-    "data.limit_val": 8,
-    "train.epochs": 2,
-    "train.coarse_epochs": 1,
-    "train.refine_epochs": 1,
-    "train.batch_size": 4,
+    **SMOKE_OVERRIDES,
+    "train.epochs": 2,  # two epochs, so ASHA has a rung to act on
     "train.viz_samples": 0,
     "model.encoder": "resnet18",
 }

@@ -486,31 +486,37 @@ def write_leaderboard(summary: SearchSummary, path: Path) -> None:
             )
 
 
+def _leaderboard_table(summary: SearchSummary, rows: list[TrialRow]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows shared by the terminal table and the HTML artifact."""
+    header = [
+        "#",
+        "trial",
+        "pipeline",
+        "epochs",
+        f"best {summary.metric}",
+        "coarse mIoU",
+        "gain",
+        "boundary IoU",
+        "status",
+    ]
+    body = [
+        [str(i), r.trial_id, r.summary, str(r.epochs), _fmt(r.best), _fmt(r.last.get("coarse_miou")),
+         _fmt(r.last.get("refined_miou_gain")), _fmt(r.last.get("refined_boundary_iou")), r.status]
+        for i, r in enumerate(rows, 1)
+    ]  # fmt: skip
+    return header, body
+
+
 def write_leaderboard_html(summary: SearchSummary, path: Path) -> Path:
     import html
 
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "#",
-            "trial",
-            "pipeline",
-            "epochs",
-            f"best {summary.metric}",
-            "coarse mIoU",
-            "gain",
-            "boundary IoU",
-            "status",
-            "error",
-        )
+    header, body = _leaderboard_table(summary, summary.rows)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in [*header, "error"])
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in [*row, r.error]) + "</tr>"
+        for row, r in zip(body, summary.rows, strict=True)
     )
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            i, r.trial_id, r.summary, r.epochs, _fmt(r.best), _fmt(r.last.get("coarse_miou")),
-            _fmt(r.last.get("refined_miou_gain")), _fmt(r.last.get("refined_boundary_iou")), r.status, r.error)) + "</tr>"
-        for i, r in enumerate(summary.rows, 1)
-    )  # fmt: skip
-    path.write_text(f"<html><body><table border=1 cellpadding=4><tr>{head}</tr>{body}</table></body></html>\n")
+    path.write_text(f"<html><body><table border=1 cellpadding=4><tr>{head}</tr>{cells}</table></body></html>\n")
     return path
 
 
@@ -588,23 +594,11 @@ def print_summary(summary: SearchSummary, top: int) -> None:
 
     console = make_console()
     table = Table(title=f"leaderboard: best {summary.metric} per trial")
-    for col in (
-        "#",
-        "trial",
-        "pipeline",
-        "epochs",
-        f"best {summary.metric}",
-        "coarse mIoU",
-        "gain",
-        "boundary IoU",
-        "status",
-    ):
+    header, body = _leaderboard_table(summary, summary.rows[:top])
+    for col in header:
         table.add_column(col)
-    for i, r in enumerate(summary.rows[:top], 1):
-        table.add_row(
-            str(i), r.trial_id, r.summary, str(r.epochs), _fmt(r.best), _fmt(r.last.get("coarse_miou")),
-            _fmt(r.last.get("refined_miou_gain")), _fmt(r.last.get("refined_boundary_iou")), r.status,
-        )  # fmt: skip
+    for row in body:
+        table.add_row(*row)
     console.print(table)
     counts = {s: sum(r.status == s for r in summary.rows) for s in ("completed", "stopped", "error")}
     console.print(
