@@ -351,6 +351,9 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                     scheduler=scheduler,
                     num_samples=opts.trials,
                     max_concurrent_trials=opts.concurrency,
+                    # A fresh actor re-imports torch + smp (~5 s here); the trainable is a pure
+                    # function of its config (it reseeds itself), so actors can be reused safely.
+                    reuse_actors=True,
                 ),
                 run_config=run_config,
             )
