@@ -69,3 +69,13 @@ def test_missing_dataset_exits_2_naming_the_path(tmp_path, capsys):
 def test_missing_config_file(capsys):
     assert main(["train", "--config", "no/such.yaml"]) == 2
     assert "config file not found: no/such.yaml" in capsys.readouterr().err
+
+
+def test_train_with_mlflow_logs_a_standalone_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", "--smoke-test", "--tracking-uri", uri, "--output", str(tmp_path / "run")]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
+    assert run.info.status == "FINISHED" and "refined_miou" in run.data.metrics
