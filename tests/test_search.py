@@ -235,3 +235,28 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     for d in (tmp_path / "cluster").glob("run_trial_*"):
         node_ids |= {r["node_id"] for r in _results(d)}
     assert len(node_ids) == 2  # one trial on each node
+
+
+def test_multi_objective_reports_a_pareto_set(tmp_path):
+    from spntune.cli import SEARCH_SMOKE_OVERRIDES
+    from spntune.config import ConfigError
+    from spntune.search import SearchOptions, run_search
+    from spntune.space import load_space
+
+    overrides = {**SEARCH_SMOKE_OVERRIDES, "data.train_size": 8, "data.limit_train": 8}
+    opts = SearchOptions(space=load_space("smoke"), trials=3, scheduler="none", objectives=["miou", "latency"],
+                         storage=tmp_path, name="mo", tracking_uri="none", overrides=overrides)  # fmt: skip
+    summary = run_search(opts)
+    assert summary.pareto
+
+    def point(r):
+        return (r.last["refined_miou"], -r.last["infer_ms_per_image"])
+
+    done = [r for r in summary.rows if r.status != "error"]
+    for p in summary.pareto:  # no finished trial is at least as good on both and better on one
+        assert not any(all(a >= b for a, b in zip(point(o), point(p))) and point(o) != point(p) for o in done)
+    for r in done:
+        if r not in summary.pareto:
+            assert any(all(a >= b for a, b in zip(point(p), point(r))) for p in summary.pareto)
+    with pytest.raises(ConfigError, match="--objective takes miou, latency"):
+        run_search(SearchOptions(space=load_space("smoke"), objectives=["accuracy"], storage=tmp_path, name="bad"))
