@@ -260,3 +260,28 @@ def test_multi_objective_reports_a_pareto_set(tmp_path):
             assert any(all(a >= b for a, b in zip(point(p), point(r))) for p in summary.pareto)
     with pytest.raises(ConfigError, match="--objective takes miou, latency"):
         run_search(SearchOptions(space=load_space("smoke"), objectives=["accuracy"], storage=tmp_path, name="bad"))
+
+
+def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
+    import ray
+
+    from spntune.cli import SEARCH_SMOKE_OVERRIDES
+    from spntune.search import SearchOptions, run_search
+    from spntune.space import SearchSpace
+
+    marker = tmp_path / "crashed"
+    # Ray workers get the variable from the runtime environment; run_search reuses this Ray instance.
+    ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2"}}, include_dashboard=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = SearchSpace(
+        name="retry", base={**SEARCH_SMOKE_OVERRIDES, "train.epochs": 3, "data.train_size": 8, "data.limit_train": 8}
+    )
+    summary = run_search(SearchOptions(space=space, trials=1, scheduler="none", max_failures=1, storage=tmp_path / "ray",
+                                       name="retry", tracking_uri=uri))  # fmt: skip
+    assert marker.exists()  # it did crash, before epoch 2
+    (row,) = summary.rows
+    assert row.status == "completed" and row.epochs == 3
+    epochs = [r["epoch"] for r in _results(Path(row.path))]
+    assert epochs == [1, 2, 3]  # resumed at epoch 2 from the epoch-1 checkpoint, nothing re-run
+    _, _, children = mlflow_runs(uri)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"  # the retry continued the same run

@@ -9,6 +9,7 @@ a console reporter, Ray Tune a reporter around ``tune.report``.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import tempfile
@@ -339,6 +340,21 @@ def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | N
     return {"metrics": metrics, "class_names": class_names, "output_dir": str(output_dir) if output_dir else None}
 
 
+def _maybe_inject_crash(epoch: int) -> None:
+    """Fault injection for recovery tests: ``SPNTUNE_CRASH_ONCE=<marker file>:<epoch>`` makes the first
+    trial that reaches that (1-based) epoch raise once, creating the marker so retries run normally."""
+    spec = os.environ.get("SPNTUNE_CRASH_ONCE")
+    if not spec:
+        return
+    marker, _, at_epoch = spec.rpartition(":")
+    if epoch + 1 == int(at_epoch):
+        try:
+            Path(marker).open("x").close()  # atomic: exactly one crash across all workers
+        except FileExistsError:
+            return
+        raise RuntimeError(f"injected crash before epoch {epoch + 1} (SPNTUNE_CRASH_ONCE)")
+
+
 def _start_tracker(cfg: TrialConfig, reporter: Reporter) -> Any:
     if not cfg.tracking.uri:
         return None
@@ -373,6 +389,7 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
             optimiser.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
+            _maybe_inject_crash(epoch)
             # Re-seed per epoch so a resumed trial sees the same batches as an uninterrupted one.
             seed_everything(cfg.train.seed + epoch)
             train_loader.generator.manual_seed(cfg.train.seed + epoch)  # type: ignore[union-attr]  # sampler's too
