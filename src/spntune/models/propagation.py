@@ -105,6 +105,14 @@ def _check_weights(h: Tensor, neighbour_weight: Tensor, kernel_size: int) -> Non
         )
 
 
+def _windows(kernel_size: int, height: int, width: int) -> list[tuple[slice, slice]]:
+    """Per neighbour, the ``[H, W]`` window of the ``r``-padded map holding ``h`` shifted by its offset."""
+    r = kernel_size // 2
+    return [
+        (slice(r + dy, r + dy + height), slice(r + dx, r + dx + width)) for dy, dx in neighbour_offsets(kernel_size)
+    ]
+
+
 def _accumulate(
     h: Tensor,
     h0: Tensor,
@@ -115,14 +123,12 @@ def _accumulate(
 ) -> Tensor:
     """Forward of one step without autograd: one padded copy of h, one in-place pass per neighbour."""
     r = kernel_size // 2
-    height, width = h.shape[-2:]
     padded = F.pad(h, (r, r, r, r), mode="replicate")  # [B, C, H+2r, W+2r], one copy
     out = h0 * anchor_weight if anchor_weight is not None else torch.zeros_like(h)
     if self_weight is not None:
         out.addcmul_(self_weight, h)
-    for j, (dy, dx) in enumerate(neighbour_offsets(kernel_size)):
-        shifted = padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width]  # a view
-        out.addcmul_(neighbour_weight[:, j : j + 1], shifted)
+    for j, (rows, cols) in enumerate(_windows(kernel_size, *h.shape[-2:])):
+        out.addcmul_(neighbour_weight[:, j : j + 1], padded[:, :, rows, cols])  # a view: no copy
     return out
 
 
@@ -148,21 +154,18 @@ class _PropagateStep(torch.autograd.Function):
         k = ctx.kernel_size
         r = k // 2
         height, width = h.shape[-2:]
-        offsets = neighbour_offsets(k)
+        windows = _windows(k, height, width)
         need_h, need_h0, need_nw, need_sw, need_aw, _ = ctx.needs_input_grad
         grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = None
         if need_nw:
             padded = F.pad(h, (r, r, r, r), mode="replicate")
             grad_nw = torch.empty_like(neighbour_weight)
-            for j, (dy, dx) in enumerate(offsets):
-                shifted = padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width]
-                grad_nw[:, j] = (grad_out * shifted).sum(dim=1)
+            for j, (rows, cols) in enumerate(windows):
+                grad_nw[:, j] = (grad_out * padded[:, :, rows, cols]).sum(dim=1)
         if need_h:
             grad_padded = grad_out.new_zeros(*h.shape[:2], height + 2 * r, width + 2 * r)
-            for j, (dy, dx) in enumerate(offsets):
-                grad_padded[:, :, r + dy : r + dy + height, r + dx : r + dx + width].addcmul_(
-                    neighbour_weight[:, j : j + 1], grad_out
-                )
+            for j, (rows, cols) in enumerate(windows):
+                grad_padded[:, :, rows, cols].addcmul_(neighbour_weight[:, j : j + 1], grad_out)
             grad_h = torch.ops.aten.replication_pad2d_backward(grad_padded, h, [r, r, r, r])
             if self_weight is not None:
                 grad_h.addcmul_(self_weight, grad_out)
