@@ -203,19 +203,13 @@ class TrialTracker:
         """Best epoch so far: checkpoint + pictures (``{relative path: RGB array}``), overwritten."""
         if not self.active:
             return
-        from PIL import Image
+        from spntune.viz import save_pictures
 
         self.safe("log checkpoint", lambda: self.client.log_artifact(self.run_id, str(checkpoint), "checkpoint"))
         self.safe("tag best epoch", lambda: self.client.set_tag(self.run_id, "best_epoch", str(epoch)))
         if pictures:
             with tempfile.TemporaryDirectory(prefix="spntune-pics-") as tmp:
-                for rel, arr in pictures.items():
-                    path = Path(tmp) / rel
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    if isinstance(arr, str):
-                        path.write_text(arr)
-                    else:
-                        Image.fromarray(arr).save(path)
+                save_pictures(pictures, Path(tmp))
                 self.safe("log pictures", lambda: self.client.log_artifacts(self.run_id, tmp))
 
     def end(self, status: str, reason: str = "") -> None:

@@ -334,9 +334,11 @@ def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | N
     metrics = _train_loop(cfg, reporter, model, loss_fn, train_loader, val_loader, val_ds, class_names,
                           device, amp, scaler, start_epoch, state, output_dir, tracker)  # fmt: skip
     if output_dir is not None and cfg.train.viz_samples > 0:
-        from spntune.viz import write_panels
+        from spntune.viz import save_pictures, trial_pictures
 
-        write_panels(model, val_ds, class_names, output_dir / "panels", cfg.train.viz_samples, device)
+        save_pictures(
+            trial_pictures(model, val_ds, class_names, cfg.train.viz_samples, device, gradcam=False), output_dir
+        )
     return {"metrics": metrics, "class_names": class_names, "output_dir": str(output_dir) if output_dir else None}
 
 
@@ -466,7 +468,7 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
             # MLflow first too: Ray stops a trial by raising inside its report call.
             if tracker is not None:
                 _track_epoch(tracker, cfg, metrics, results, is_best, model, epoch + 1,
-                             phase.name, optimiser, scheduler, extra, val_ds, class_names, device)  # fmt: skip
+                             phase.name, extra, val_ds, class_names, device)  # fmt: skip
             if reporter.wants_checkpoints:
                 with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
                     save_checkpoint(
@@ -479,8 +481,8 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
 
 
 def _track_epoch(tracker: Any, cfg: TrialConfig, metrics: dict[str, Any], results: dict[str, Any], is_best: bool,
-                 model: RefinedSegmenter, epoch: int, phase: str, optimiser: Any, scheduler: Any,
-                 extra: dict[str, Any], val_ds: Dataset, class_names: list[str], device: torch.device) -> None:  # fmt: skip
+                 model: RefinedSegmenter, epoch: int, phase: str, extra: dict[str, Any], val_ds: Dataset,
+                 class_names: list[str], device: torch.device) -> None:  # fmt: skip
     """Per-epoch metrics; at a new best epoch also the checkpoint, step curve and pictures."""
     tracker.log_epoch(metrics, epoch)
     if not is_best:

@@ -16,7 +16,16 @@ from torch.utils.data import Dataset
 from spntune.data.base import IGNORE_INDEX, denormalise
 from spntune.data.voc import voc_palette
 
-__all__ = ["colourise", "error_map", "mask_panel", "step_strip", "write_panels"]
+__all__ = [
+    "cam_overlay",
+    "colourise",
+    "error_map",
+    "grad_cam",
+    "mask_panel",
+    "save_pictures",
+    "step_strip",
+    "trial_pictures",
+]
 
 _PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
 _PALETTE[IGNORE_INDEX] = (224, 224, 192)  # VOC's void colour
@@ -62,38 +71,28 @@ def step_strip(steps: list[np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def render_examples(
-    model: torch.nn.Module, dataset: Dataset, indices: list[int], device: torch.device
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(panel, strip)`` RGB arrays for the given validation samples."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in indices:
-        image, target = dataset[i]
-        result = model(image.unsqueeze(0).to(device), return_steps=True)
-        coarse = result.coarse_logits.argmax(1)[0].cpu().numpy()
-        refined = result.refined_logits.argmax(1)[0].cpu().numpy()
-        steps = [s.argmax(1)[0].cpu().numpy() for s in result.steps]
-        rgb = denormalise(image)
-        out.append((mask_panel(rgb, target.numpy(), coarse, refined), step_strip(steps)))
-    model.train(was_training)
-    return out
+def _render_example(
+    model: torch.nn.Module, image: torch.Tensor, target: torch.Tensor, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(panel, strip)`` RGB arrays for one normalised ``[3, H, W]`` image and its ``[H, W]`` target."""
+    result = model(image.unsqueeze(0).to(device), return_steps=True)
+    coarse = result.coarse_logits.argmax(1)[0].cpu().numpy()
+    refined = result.refined_logits.argmax(1)[0].cpu().numpy()
+    steps = [s.argmax(1)[0].cpu().numpy() for s in result.steps]
+    return mask_panel(denormalise(image), target.numpy(), coarse, refined), step_strip(steps)
 
 
-def write_panels(
-    model: torch.nn.Module, dataset: Dataset, class_names: list[str], out_dir: Path, count: int, device: torch.device
-) -> list[Path]:
-    """Write ``panel_<i>.png`` and ``steps_<i>.png`` for the first ``count`` samples."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    indices = list(range(min(count, len(dataset))))  # type: ignore[arg-type]
+def save_pictures(pictures: dict[str, np.ndarray | str], root: Path) -> list[Path]:
+    """Write ``{relative path: RGB array (PNG) or text}`` under ``root``; returns the paths."""
     paths = []
-    for i, (panel, strip) in zip(indices, render_examples(model, dataset, indices, device), strict=True):
-        for name, arr in ((f"panel_{i:03d}.png", panel), (f"steps_{i:03d}.png", strip)):
-            Image.fromarray(arr).save(out_dir / name)
-            paths.append(out_dir / name)
-    legend = "\n".join(f"{i}: {name} rgb{tuple(int(v) for v in _PALETTE[i])}" for i, name in enumerate(class_names))
-    (out_dir / "legend.txt").write_text(legend + "\n")
+    for rel, content in pictures.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            Image.fromarray(content).save(path)
+        paths.append(path)
     return paths
 
 
@@ -105,12 +104,17 @@ def _cam_layer(coarse: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"no Grad-CAM layer known for {type(coarse).__name__}")
 
 
-def grad_cam(coarse: torch.nn.Module, image: torch.Tensor, classes: list[int]) -> dict[int, np.ndarray]:
+def grad_cam(
+    coarse: torch.nn.Module, image: torch.Tensor, classes: list[int] | None = None, top: int = 4
+) -> dict[int, np.ndarray]:
     """Seg-Grad-CAM: for class c, gradients of the summed class-c logits over the pixels predicted
     as c, pooled into channel weights of the last decoder features.
 
+    Args:
+        classes: classes to explain; None = the ``top`` largest classes in the prediction.
+
     Shape:
-        image ``[1, 3, H, W]``. Returns ``{class: [H, W] float in 0..1}``.
+        image ``[1, 3, H, W]``. Returns ``{class: [H, W] float in 0..1}`` in the order explained.
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -126,6 +130,9 @@ def grad_cam(coarse: torch.nn.Module, image: torch.Tensor, classes: list[int]) -
         with torch.enable_grad():
             logits = coarse(image)
             pred = logits.argmax(1)
+            if classes is None:
+                areas = torch.bincount(pred.flatten(), minlength=logits.shape[1])
+                classes = [int(c) for c in areas.argsort(descending=True)[:top] if areas[c] > 0]
             features = captured["features"]
             cams = {}
             for c in classes:
@@ -166,22 +173,21 @@ def trial_pictures(
     (h^0..h^T) and, with ``gradcam``, ``gradcam/gradcam_NNN.png``: one overlay per predicted class
     (the four largest) for the first ``count`` validation images.
     """
-    indices = list(range(min(count, len(dataset))))  # type: ignore[arg-type]
+    was_training = model.training
+    model.eval()
     out: dict[str, np.ndarray | str] = {}
-    for i, (panel, strip) in zip(indices, render_examples(model, dataset, indices, device), strict=True):
-        out[f"panels/panel_{i:03d}.png"] = panel
-        out[f"panels/steps_{i:03d}.png"] = strip
+    for i in range(min(count, len(dataset))):  # type: ignore[arg-type]
+        image, target = dataset[i]
+        out[f"panels/panel_{i:03d}.png"], out[f"panels/steps_{i:03d}.png"] = _render_example(
+            model, image, target, device
+        )
         if gradcam:
-            image, _ = dataset[i]
-            x = image.unsqueeze(0).to(device)
-            pred = model.coarse(x).argmax(1)[0]  # type: ignore[operator]
-            areas = torch.bincount(pred.flatten(), minlength=len(class_names))
-            classes = [int(c) for c in areas.argsort(descending=True)[:4] if areas[c] > 0]
-            cams = grad_cam(model.coarse, x, classes)  # type: ignore[arg-type]
+            cams = grad_cam(model.coarse, image.unsqueeze(0).to(device))  # type: ignore[arg-type]
             rgb = denormalise(image)
             out[f"gradcam/gradcam_{i:03d}.png"] = _label(
-                [rgb] + [cam_overlay(rgb, cams[c]) for c in classes], ["image"] + [class_names[c] for c in classes]
+                [rgb] + [cam_overlay(rgb, cam) for cam in cams.values()], ["image"] + [class_names[c] for c in cams]
             )
+    model.train(was_training)
     out["panels/legend.txt"] = (
         "\n".join(f"{i}: {n} rgb{tuple(int(v) for v in _PALETTE[i])}" for i, n in enumerate(class_names)) + "\n"
     )
