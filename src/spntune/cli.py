@@ -33,8 +33,9 @@ def make_console() -> Any:
     return console if console.is_terminal else Console(width=160)
 
 
-def _fmt(v: float) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+def format_metric(v: Any) -> str:
+    """A metric to 4 decimals; ``-`` for missing, NaN or non-numeric values."""
+    return "-" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.4f}"
 
 
 def build_trial_config(config_file: str | None, sets: list[str], smoke: bool) -> dict[str, Any]:
@@ -164,6 +165,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from rich.table import Table
 
+    from spntune.config import describe_pipeline
     from spntune.tracking import TAG_PARENT, TAG_SEARCH, _client, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -202,14 +204,11 @@ def cmd_best(args: argparse.Namespace) -> int:
         table.add_column(col)
     for i, run in enumerate(children[: args.top], 1):
         p, m = run.data.params, run.data.metrics
-        kind = p.get("refiner.kind", "?")
-        refiner = kind if kind == "none" else f"{kind} k{p.get('refiner.kernel_size')} T{p.get('refiner.iterations')}"
         table.add_row(
-            str(i), run.info.run_id, run.data.tags.get("spntune.ray_trial_id", ""),
-            f"{p.get('model.arch')}/{p.get('model.encoder')} + {refiner}, {p.get('train.loss')}",
+            str(i), run.info.run_id, run.data.tags.get("spntune.ray_trial_id", ""), describe_pipeline(p),
             str(len(client.get_metric_history(run.info.run_id, "refined_miou"))),
-            _fmt(m.get("best_refined_miou", math.nan)), _fmt(m.get("coarse_miou", math.nan)),
-            _fmt(m.get("refined_boundary_iou", math.nan)), run.info.status,
+            format_metric(m.get("best_refined_miou", math.nan)), format_metric(m.get("coarse_miou", math.nan)),
+            format_metric(m.get("refined_boundary_iou", math.nan)), run.info.status,
         )  # fmt: skip
     console.print(table)
     console.print(f"{len(children)} trial runs; best: {parent.data.tags.get('best_trial_run_id', '-')}")

@@ -22,6 +22,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "TrialConfig",
+    "describe_pipeline",
     "flatten",
     "load_yaml",
     "parse_set_args",
@@ -232,6 +233,19 @@ def format_validation_error(exc: ValidationError) -> str:
         )
         lines.append(f"  {key}: {msg}{got}")
     return "invalid trial config:\n" + "\n".join(lines)
+
+
+def describe_pipeline(config: dict[str, Any]) -> str:
+    """One-line summary of a flat (dotted) trial config or of a run's MLflow params."""
+    kind = config.get("refiner.kind", "cspn")
+    refiner = (
+        kind
+        if kind == "none"
+        else f"{kind} k{config.get('refiner.kernel_size', '?')} T{config.get('refiner.iterations', '?')}"
+    )
+    lr = config.get("optim.lr")
+    lr_text = f" lr {lr:.1e}" if isinstance(lr, float) else ""
+    return f"{config.get('model.arch', 'unet')}/{config.get('model.encoder', 'resnet18')} + {refiner}, {config.get('train.loss', 'ce')}{lr_text}"
 
 
 def unflatten(config: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from spntune.cli import _fmt
+from spntune.cli import format_metric as _fmt
 from spntune.trainables import Reporter
 
 __all__ = ["ConsoleReporter", "print_results"]

@@ -21,7 +21,8 @@ from typing import Any
 
 from ray import tune
 
-from spntune.config import ConfigError, TrialConfig
+from spntune.cli import format_metric as _fmt
+from spntune.config import ConfigError, TrialConfig, describe_pipeline
 from spntune.space import SearchSpace
 from spntune.tracking import SearchRun, default_tracking_uri, finish_trial_run
 from spntune.trainables import Reporter, train_segmentation
@@ -122,19 +123,6 @@ class SearchSummary:
         return [r for r in self.rows if r.status == "error"]
 
 
-def describe(config: dict[str, Any]) -> str:
-    """One-line pipeline summary of a flat trial config."""
-    kind = config.get("refiner.kind", "cspn")
-    refiner = (
-        kind
-        if kind == "none"
-        else f"{kind} k{config.get('refiner.kernel_size', '?')} T{config.get('refiner.iterations', '?')}"
-    )
-    lr = config.get("optim.lr")
-    lr_text = f" lr {lr:.1e}" if isinstance(lr, float) else ""
-    return f"{config.get('model.arch', 'unet')}/{config.get('model.encoder', 'resnet18')} + {refiner}, {config.get('train.loss', 'ce')}{lr_text}"
-
-
 def _preflight(space: SearchSpace, overrides: dict[str, Any]) -> None:
     """Fail before Ray starts: overrides must validate and a dataset root must exist."""
     base = {**space.to_trial_config({}), **overrides}
@@ -149,7 +137,7 @@ class _Progress:
     def __init__(self, space: SearchSpace, metric: str, on_trial_end: Any = None) -> None:
         from spntune.cli import make_console
 
-        self.on_trial_end = on_trial_end  # (trial, status, reason) -> None: closes the MLflow run
+        self.on_trial_end = on_trial_end  # (trial, errored: bool) -> None: closes the MLflow run
         self.space = space
         self.metric = metric
         self.console = make_console()
@@ -160,11 +148,13 @@ class _Progress:
         return ProgressCallback(self)
 
     def update(self, trial: Any, status: str, result: dict | None = None) -> None:
-        row = self.rows.setdefault(trial.trial_id, {"epoch": 0, "metric": math.nan})
-        try:
-            row["summary"] = describe(self.space.to_trial_config(trial.config))
-        except ConfigError:
-            row["summary"] = str(trial.config)
+        row = self.rows.get(trial.trial_id)
+        if row is None:  # first sight of the trial: describe it once
+            try:
+                summary = describe_pipeline(self.space.to_trial_config(trial.config))
+            except ConfigError:
+                summary = str(trial.config)
+            row = self.rows[trial.trial_id] = {"epoch": 0, "metric": math.nan, "summary": summary}
         row["status"] = status
         if result is not None and "epoch" in result:
             row["epoch"] = result["epoch"]
@@ -221,16 +211,12 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, "done")
         if self.progress is not None and self.progress.on_trial_end is not None:
-            self.progress.on_trial_end(trial, "complete", "")
+            self.progress.on_trial_end(trial, False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trial, "ERROR")
         if self.progress is not None and self.progress.on_trial_end is not None:
-            self.progress.on_trial_end(trial, "error", "")
-
-
-def _fmt(v: Any) -> str:
-    return "-" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.4f}"
+            self.progress.on_trial_end(trial, True)
 
 
 def _init_ray(address: str | None) -> None:
@@ -261,6 +247,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         raise ConfigError(f"--objective takes {', '.join(OBJECTIVES)} joined by ',', got {','.join(opts.objectives)}")
     metric = opts.metric or space.metric
     mode = space.mode if metric == space.metric else "max"
+    objectives = [(metric, mode) if o == "miou" else OBJECTIVES[o] for o in opts.objectives]  # (metric, mode)
     _preflight(space, opts.overrides)
     storage = opts.storage.resolve()
     experiment = storage / opts.name
@@ -292,21 +279,12 @@ def run_search(opts: SearchOptions) -> SearchSummary:
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
 
-    def close_run(trial: Any, outcome: str, reason: str) -> None:
+    def close_run(trial: Any, errored: bool) -> None:
         if parent is None:
             return
-        result = trial.last_result or {}
-        try:
-            expected = TrialConfig.from_dict({**space.to_trial_config(trial.config), **overrides}).total_epochs
-        except ConfigError:
-            expected = -1
-        if outcome == "error":
-            status, reason = "FAILED", reason or "trial raised; see the Ray error file in the trial folder"
-        elif int(result.get("epoch", 0) or 0) < expected:
-            status, reason = "KILLED", f"stopped early by the scheduler after epoch {result.get('epoch', 0)}"
-        else:
-            status = "FINISHED"
-        finish_trial_run(uri, opts.experiment, parent.run_id, trial.trial_id, status, reason)  # type: ignore[arg-type]
+        epochs = int((trial.last_result or {}).get("epoch", 0) or 0)
+        status = _status(errored, epochs, _expected_epochs(_trial_config(space, trial.config, overrides)))
+        _close_trial_run(uri, opts.experiment, parent.run_id, trial.trial_id, status, epochs)  # type: ignore[arg-type]
 
     progress = _Progress(space, metric, close_run)
     run_config = tune.RunConfig(
@@ -325,8 +303,8 @@ def run_search(opts: SearchOptions) -> SearchSummary:
                 str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=False
             )
         else:
-            metrics = [OBJECTIVES[o][0] if o != "miou" else metric for o in opts.objectives]
-            modes = [OBJECTIVES[o][1] if o != "miou" else mode for o in opts.objectives]
+            metrics = [m for m, _ in objectives]
+            modes = [mo for _, mo in objectives]
             sampler = optuna.samplers.TPESampler(
                 multivariate=True, group=True, constant_liar=True, seed=opts.seed, n_startup_trials=min(10, opts.trials)
             )
@@ -362,9 +340,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     rows = _rows(results, space, metric, mode, overrides)
     summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
     if len(opts.objectives) > 1:
-        summary.pareto = _pareto(
-            rows, [(OBJECTIVES[o][0] if o != "miou" else metric, OBJECTIVES[o][1]) for o in opts.objectives]
-        )
+        summary.pareto = _pareto(rows, objectives)
     write_leaderboard(summary, experiment / "leaderboard.csv")
     if parent is not None and uri is not None:
         _finish_tracking(parent, uri, opts.experiment, space, summary, mode)
@@ -379,11 +355,7 @@ def _finish_tracking(
     """Final sweep (every child run gets its final status, also for trials of a resumed search), then
     the parent run's leaderboard, plots and best-trial tag."""
     for row in summary.rows:
-        status = {"error": "FAILED", "stopped": "KILLED"}.get(row.status, "FINISHED")
-        reason = {"error": row.error, "stopped": f"stopped early by the scheduler after epoch {row.epochs}"}.get(
-            row.status, ""
-        )
-        finish_trial_run(uri, experiment_name, parent.run_id, row.trial_id, status, reason)
+        _close_trial_run(uri, experiment_name, parent.run_id, row.trial_id, row.status, row.epochs, row.error)
     experiment = summary.experiment_path
     files = {"leaderboard": write_leaderboard_html(summary, experiment / "leaderboard.html")}
     files |= {f"plots/{p.stem}": p for p in search_plots(space, summary.rows, mode, experiment / "plots")}
@@ -392,18 +364,44 @@ def _finish_tracking(
     summary.parent_run_id, summary.tracking_uri = parent.run_id, uri
 
 
+def _trial_config(space: SearchSpace, suggested: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The flat config a trial ran with (tracking settings left out)."""
+    return {**space.to_trial_config(suggested), **{k: v for k, v in overrides.items() if not k.startswith("tracking.")}}
+
+
+def _expected_epochs(config: dict[str, Any]) -> int:
+    try:
+        return TrialConfig.from_dict(config).total_epochs
+    except ConfigError:
+        return -1
+
+
+def _status(errored: bool, epochs: int, expected: int) -> str:
+    """Leaderboard status: ``error``, ``completed`` (all epochs ran) or ``stopped`` (early, by ASHA)."""
+    if errored:
+        return "error"
+    return "completed" if epochs >= expected else "stopped"
+
+
+_MLFLOW_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
+
+
+def _close_trial_run(
+    uri: str, experiment: str, parent_run_id: str, trial_id: str, status: str, epochs: int, error: str = ""
+) -> None:
+    """Give a trial's MLflow run the final status matching its leaderboard ``status``, with the reason."""
+    reason = {
+        "error": error or "trial raised; see the Ray error file in the trial folder",
+        "stopped": f"stopped early by the scheduler after epoch {epochs}",
+    }.get(status, "")
+    finish_trial_run(uri, experiment, parent_run_id, trial_id, _MLFLOW_STATUS[status], reason)
+
+
 def _rows(results: Any, space: SearchSpace, metric: str, mode: str, overrides: dict[str, Any]) -> list[TrialRow]:
     rows = []
     for result in results:
-        config = {
-            **space.to_trial_config(result.config or {}),
-            **{k: v for k, v in overrides.items() if not k.startswith("tracking.")},
-        }
+        config = _trial_config(space, result.config or {}, overrides)
         last = dict(result.metrics or {})
-        try:
-            expected = TrialConfig.from_dict(config).total_epochs
-        except ConfigError:
-            expected = -1
         df = result.metrics_dataframe
         if df is not None and metric in df:
             values = df[metric].dropna()
@@ -411,16 +409,14 @@ def _rows(results: Any, space: SearchSpace, metric: str, mode: str, overrides: d
         else:
             best = math.nan
         epochs = int(last.get("epoch", 0) or 0)
-        if result.error is not None:
-            status, error = "error", _first_line(result.error)
-        else:
-            status, error = ("completed" if epochs >= expected else "stopped"), ""
+        status = _status(result.error is not None, epochs, _expected_epochs(config))
+        error = _first_line(result.error) if result.error is not None else ""
         trial_id = last.get("trial_id") or Path(result.path).name
         rows.append(
             TrialRow(
                 str(trial_id),
                 status,
-                describe(config),
+                describe_pipeline(config),
                 epochs,
                 best,
                 last,
