@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -95,6 +96,35 @@ def test_smoke_search_two_trials(tmp_path, capsys):
             "checkpoint/checkpoint.pt",
         } <= files
         assert [f.path for f in client.list_artifacts(child.info.run_id) if f.path == "config.yaml"]
+
+
+def _demo_args() -> list[str]:
+    """The arguments `make demo` passes to spntune, read from the Makefile itself."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    line = next(ln for ln in recipe.splitlines() if "spntune search" in ln)
+    words = shlex.split(line)
+    return words[next(i for i, w in enumerate(words) if w.endswith("spntune")) + 1 :]
+
+
+def test_make_demo_logs_pictures_for_every_trial(tmp_path):
+    """`make demo`'s own search, run where it writes ./runs and ./mlflow_runs: every trial's MLflow run
+    holds mask panels, h^0..h^T strips and Grad-CAM pictures."""
+    args = _demo_args()
+    assert args[:3] == ["search", "--space", "smoke"] and "--smoke-test" not in args
+    out = subprocess.run([*SPNTUNE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Token authentication" not in out.stdout + out.stderr  # no warning the user cannot act on
+    assert "spntune ui" in out.stdout
+    client, parents, children = mlflow_runs(f"sqlite:///{tmp_path}/mlflow_runs/mlflow.db")
+    assert len(parents) == 1 and len(children) == int(args[args.index("--trials") + 1])
+    for child in children:
+        pictures = {
+            f.path for d in ("panels", "gradcam") for f in client.list_artifacts(child.info.run_id, d)
+            if f.path.endswith(".png")
+        }  # fmt: skip
+        assert {"panels/panel_000.png", "panels/steps_000.png", "gradcam/gradcam_000.png"} <= pictures, child.info
+        assert child.data.tags["best_epoch"] in {"1", "2"}
 
 
 def test_errored_trial_does_not_stop_the_search(tmp_path, capsys):
@@ -197,9 +227,10 @@ def test_resume_after_killing_the_driver(tmp_path):
     assert len({r["trial_id"] for r in rows}) == 3
     for trial, count in finished_before.items():
         assert len(_results(experiment / trial)) == count  # finished trials were not re-run
-    for d in experiment.glob("run_trial_*"):
-        epochs = [r["epoch"] for r in _results(d)]
-        assert epochs[-1] == 3 and sorted(set(epochs)) == [1, 2, 3]
+    trials = history(experiment)
+    assert set(trials) == {r["trial_id"] for r in rows}
+    for epochs in trials.values():  # every epoch exactly once, also for the trial killed part-way
+        assert [int(h["epoch"]) for h in epochs] == [1, 2, 3]
     # MLflow: the same parent run, one child run per trial (a resumed trial continues its run)
     _, parents, children = mlflow_runs(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -262,7 +293,17 @@ def test_multi_objective_reports_a_pareto_set(tmp_path):
         run_search(SearchOptions(space=load_space("smoke"), objectives=["accuracy"], storage=tmp_path, name="bad"))
 
 
-def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
+def history(experiment: Path) -> dict[str, list[dict]]:
+    """``history.csv``: each trial's epochs as the user reads them."""
+    with (experiment / "history.csv").open() as fh:
+        out: dict[str, list[dict]] = {}
+        for row in csv.DictReader(fh):
+            out.setdefault(row["trial_id"], []).append(row)
+    return out
+
+
+@pytest.mark.parametrize("point", ["start", "report"])
+def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, capsys):
     import ray
 
     from spntune.cli import SEARCH_SMOKE_OVERRIDES
@@ -271,17 +312,28 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path):
 
     marker = tmp_path / "crashed"
     # Ray workers get the variable from the runtime environment; run_search reuses this Ray instance.
-    ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2"}}, include_dashboard=False)
+    # "start": the crash comes right after epoch 1's report (Ray may not have synced its result yet);
+    # "report": epoch 2 is trained, checkpointed and in MLflow, but Ray never hears of it.
+    ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2:{point}"}}, include_dashboard=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = SearchSpace(
         name="retry", base={**SEARCH_SMOKE_OVERRIDES, "train.epochs": 3, "data.train_size": 8, "data.limit_train": 8}
     )
     summary = run_search(SearchOptions(space=space, trials=1, scheduler="none", max_failures=1, storage=tmp_path / "ray",
                                        name="retry", tracking_uri=uri))  # fmt: skip
-    assert marker.exists()  # it did crash, before epoch 2
+    assert marker.exists()  # it did crash, in epoch 2
     (row,) = summary.rows
     assert row.status == "completed" and row.epochs == 3
-    epochs = [r["epoch"] for r in _results(Path(row.path))]
-    assert epochs == [1, 2, 3]  # resumed at epoch 2 from the epoch-1 checkpoint, nothing re-run
+    # What the user reads: the leaderboard and history.csv hold every epoch exactly once
+    (board,) = leaderboard(tmp_path / "ray" / "retry")
+    assert board["status"] == "completed" and board["epochs"] == "3"
+    epochs = history(tmp_path / "ray" / "retry")[row.trial_id]
+    assert [int(h["epoch"]) for h in epochs] == [1, 2, 3]
+    assert float(board["best_refined_miou"]) == max(float(h["refined_miou"]) for h in epochs)
     _, _, children = mlflow_runs(uri)
     assert len(children) == 1 and children[0].info.status == "FINISHED"  # the retry continued the same run
+    # spntune best reads MLflow: the trial ran 3 epochs (an epoch logged twice counts once)
+    capsys.readouterr()
+    assert main(["best", "--tracking-uri", uri, "--search", "retry"]) == 0
+    best_row = next(line for line in capsys.readouterr().out.splitlines() if row.trial_id in line)
+    assert "│ 3 " in best_row and "FINISHED" in best_row

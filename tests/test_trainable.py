@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from spntune import losses
-from spntune.trainables import NonFiniteLossError, Reporter, load_checkpoint, train_segmentation
+from spntune.trainables import (
+    HISTORY_FILE,
+    NonFiniteLossError,
+    Reporter,
+    load_checkpoint,
+    read_history,
+    train_segmentation,
+)
 
 TINY = {
     "data.image_size": [64, 64],
@@ -73,7 +80,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     rep = Collect(checkpoints=True)
     out_dir = tmp_path / "run"
     train_segmentation({**TINY, "output_dir": str(out_dir), "train.viz_samples": 1}, rep)
-    assert rep.checkpoint_files == [["checkpoint.pt"], ["checkpoint.pt"]]
+    assert rep.checkpoint_files == [["checkpoint.pt", HISTORY_FILE]] * 2
     state = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["config"]["refiner"]["kind"] == "cspn"
     assert (out_dir / "config.yaml").is_file()
@@ -128,3 +135,33 @@ def test_other_architectures_train(arch):
 def test_losses_all_train():
     out = train_segmentation({**TINY, "train.epochs": 1, "train.loss": "ce+dice+focal+lovasz+jaccard"})
     assert math.isfinite(out["metrics"]["train_loss"])
+
+
+@pytest.mark.parametrize("point", ["start", "report"])
+def test_history_is_whole_after_a_crash_and_resume(tmp_path, monkeypatch, point):
+    """A crash right after a report ("start" of the next epoch) or between checkpoint and report: the
+    history beside the checkpoint still holds every epoch exactly once, with the metrics reported."""
+    monkeypatch.setenv("SPNTUNE_CRASH_ONCE", f"{tmp_path / 'crashed'}:2:{point}")
+    out_dir = tmp_path / "run"
+    cfg = {**TINY, "train.epochs": 3, "output_dir": str(out_dir)}
+    before, after = Collect(), Collect()
+    with pytest.raises(RuntimeError, match=f"injected crash at the {point} of epoch 2"):
+        train_segmentation(cfg, before)
+    assert [r["epoch"] for r in before.rows] == [1]  # epoch 2 was never reported
+    train_segmentation(cfg, after, resume_from=out_dir)
+    assert [r["epoch"] for r in after.rows] == ([2, 3] if point == "start" else [3])
+
+    history = read_history((out_dir / HISTORY_FILE).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in load_checkpoint(out_dir)["extra"]["history"]] == [1, 2, 3]
+    for row in before.rows + after.rows:  # the history is what the reporters saw
+        assert history[row["epoch"] - 1]["refined_miou"] == row["refined_miou"]
+        assert history[row["epoch"] - 1]["phase"] == row["phase"]
+
+
+def test_crash_injection_spec_defaults_to_the_start_of_an_epoch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPNTUNE_CRASH_ONCE", f"{tmp_path / 'a:b' / 'crashed'}:1")
+    (tmp_path / "a:b").mkdir()
+    with pytest.raises(RuntimeError, match="injected crash at the start of epoch 1"):
+        train_segmentation({**TINY, "train.epochs": 1})
+    train_segmentation({**TINY, "train.epochs": 1})  # once only: the marker exists now

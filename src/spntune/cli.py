@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 SEARCH_SMOKE_OVERRIDES: dict[str, Any] = {
     **SMOKE_OVERRIDES,
     "train.epochs": 2,  # two epochs, so ASHA has a rung to act on
-    "train.viz_samples": 0,
+    "train.viz_samples": 0,  # picture-free to stay fast; `--space smoke` without --smoke-test draws them
     "model.encoder": "resnet18",
 }
 
@@ -206,7 +206,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         p, m = run.data.params, run.data.metrics
         table.add_row(
             str(i), run.info.run_id, run.data.tags.get("spntune.ray_trial_id", ""), describe_pipeline(p),
-            str(len(client.get_metric_history(run.info.run_id, "refined_miou"))),
+            str(len({h.step for h in client.get_metric_history(run.info.run_id, "refined_miou")})),  # a retried epoch once
             format_metric(m.get("best_refined_miou", math.nan)), format_metric(m.get("coarse_miou", math.nan)),
             format_metric(m.get("refined_boundary_iou", math.nan)), run.info.status,
         )  # fmt: skip
@@ -296,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a trial key for every trial")
     search.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
     search.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
-    search.add_argument("--smoke-test", action="store_true", help="2 tiny trials of seconds each")
+    search.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="2 tiny trials of seconds each, without pictures (--space smoke alone logs them, as make demo does)",
+    )
     search.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow_runs)")
     search.add_argument("--experiment", default="spntune", help="MLflow experiment name")
     search.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")

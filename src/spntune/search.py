@@ -25,7 +25,7 @@ from spntune.cli import format_metric as _fmt
 from spntune.config import ConfigError, TrialConfig, describe_pipeline
 from spntune.space import SearchSpace
 from spntune.tracking import SearchRun, default_tracking_uri, finish_trial_run
-from spntune.trainables import Reporter, train_segmentation
+from spntune.trainables import HISTORY_FILE, Reporter, read_history, train_segmentation
 
 __all__ = ["OBJECTIVES", "RayReporter", "SearchOptions", "SearchSummary", "TrialRow", "run_search", "run_trial"]
 
@@ -106,6 +106,7 @@ class TrialRow:
     error: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # Optuna names, as suggested
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics, from the checkpoint
 
 
 @dataclass
@@ -219,6 +220,10 @@ class ProgressCallback(tune.Callback):
             self.progress.on_trial_end(trial, True)
 
 
+def _drop_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -226,6 +231,11 @@ def _init_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy engine: verbose=0 is silent, our table shows progress
     if ray.is_initialized():
         return
+    if not address:
+        # A Ray started here uses token authentication (Ray's default for local clusters since 2.60;
+        # the token lives in ~/.ray/auth_token). Ray says so in a warning on every start that the user
+        # cannot act on, so that one message is dropped; the README explains it once.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_notice)
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     if address:
         ray.init(address=address, **kwargs)
@@ -342,6 +352,7 @@ def run_search(opts: SearchOptions) -> SearchSummary:
     if len(opts.objectives) > 1:
         summary.pareto = _pareto(rows, objectives)
     write_leaderboard(summary, experiment / "leaderboard.csv")
+    write_history(rows, experiment / "history.csv")
     if parent is not None and uri is not None:
         _finish_tracking(parent, uri, opts.experiment, space, summary, mode)
     if not opts.address:
@@ -357,7 +368,8 @@ def _finish_tracking(
     for row in summary.rows:
         _close_trial_run(uri, experiment_name, parent.run_id, row.trial_id, row.status, row.epochs, row.error)
     experiment = summary.experiment_path
-    files = {"leaderboard": write_leaderboard_html(summary, experiment / "leaderboard.html")}
+    files = {"leaderboard": write_leaderboard_html(summary, experiment / "leaderboard.html"),
+             "leaderboard/history": experiment / "history.csv"}  # fmt: skip
     files |= {f"plots/{p.stem}": p for p in search_plots(space, summary.rows, mode, experiment / "plots")}
     best = next((r for r in summary.rows if r.status != "error" and not math.isnan(r.best)), None)
     parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None)
@@ -397,21 +409,34 @@ def _close_trial_run(
     finish_trial_run(uri, experiment, parent_run_id, trial_id, _MLFLOW_STATUS[status], reason)
 
 
+def _checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
+    """The per-epoch history stored beside a trial's latest checkpoint (local or remote storage)."""
+    if checkpoint is None:
+        return []
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as fh:
+            return read_history(fh.read().decode())
+    except OSError:  # a checkpoint from before histories existed
+        return []
+
+
 def _rows(results: Any, space: SearchSpace, metric: str, mode: str, overrides: dict[str, Any]) -> list[TrialRow]:
+    """One row per trial. Epochs, best and last metrics come from the history that travels with the
+    trial's latest checkpoint (every report carries one), not from Ray's ``result.json``, which can
+    lose epochs when a trial is retried."""
     rows = []
     for result in results:
         config = _trial_config(space, result.config or {}, overrides)
-        last = dict(result.metrics or {})
-        df = result.metrics_dataframe
-        if df is not None and metric in df:
-            values = df[metric].dropna()
-            best = float(values.max() if mode == "max" else values.min()) if len(values) else math.nan
-        else:
-            best = math.nan
+        reported = dict(result.metrics or {})
+        history = _checkpoint_history(result.checkpoint)
+        last = dict(history[-1]) if history else reported
+        values = [float(h[metric]) for h in history if isinstance(h.get(metric), (int, float))]
+        values = [v for v in values if not math.isnan(v)]
+        best = (max(values) if mode == "max" else min(values)) if values else math.nan
         epochs = int(last.get("epoch", 0) or 0)
         status = _status(result.error is not None, epochs, _expected_epochs(config))
         error = _first_line(result.error) if result.error is not None else ""
-        trial_id = last.get("trial_id") or Path(result.path).name
+        trial_id = reported.get("trial_id") or Path(result.path).name
         rows.append(
             TrialRow(
                 str(trial_id),
@@ -424,6 +449,7 @@ def _rows(results: Any, space: SearchSpace, metric: str, mode: str, overrides: d
                 error,
                 config,
                 dict(result.config or {}),
+                history,
             )
         )
     sign = -1 if mode == "max" else 1
@@ -483,6 +509,20 @@ def write_leaderboard(summary: SearchSummary, path: Path) -> None:
                     r.error,
                 ]
             )
+
+
+def write_history(rows: list[TrialRow], path: Path) -> None:
+    """Every trial's per-epoch metrics, one row per (trial, epoch), in leaderboard order."""
+    keys: dict[str, None] = {}
+    for r in rows:
+        for h in r.history:
+            keys |= dict.fromkeys(k for k in h if k != "epoch")
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["trial_id", "epoch", *keys])
+        for r in rows:
+            for h in r.history:
+                writer.writerow([r.trial_id, h.get("epoch", ""), *(h.get(k, "") for k in keys)])
 
 
 def _leaderboard_table(summary: SearchSummary, rows: list[TrialRow]) -> tuple[list[str], list[list[str]]]:
@@ -610,7 +650,10 @@ def print_summary(summary: SearchSummary, top: int) -> None:
         console.print("Pareto set (refined mIoU vs latency): " + ", ".join(
             f"{r.trial_id} ({_fmt(r.last.get('refined_miou'))}, {r.last.get('infer_ms_per_image', math.nan):.1f} ms)" for r in summary.pareto
         ))  # fmt: skip
-    console.print(f"results: {summary.experiment_path} (leaderboard.csv; each trial's folder holds its checkpoints)")
+    console.print(
+        f"results: {summary.experiment_path} (leaderboard.csv, history.csv = every trial's epochs; "
+        "each trial's folder holds its checkpoints)"
+    )
     if summary.parent_run_id:
         console.print(f"MLflow: search run {summary.parent_run_id} at {summary.tracking_uri}")
         console.print("browse it: spntune ui   (then open http://127.0.0.1:5000, view 'Model training')")

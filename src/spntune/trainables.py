@@ -8,6 +8,7 @@ a console reporter, Ray Tune a reporter around ``tune.report``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -33,15 +34,22 @@ from spntune.models import REFINERS, RefinedSegmenter, build_coarse
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "HISTORY_FILE",
     "NonFiniteLossError",
     "Reporter",
     "build_model",
     "evaluate",
     "load_checkpoint",
+    "read_history",
     "train_segmentation",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+#: Beside every checkpoint: the trial's per-epoch metrics up to that checkpoint, one dict per epoch.
+#: It travels with the checkpoint, so a retried or resumed trial continues it: after any number of
+#: crashes it holds each epoch that led to the final model exactly once. (Ray's own ``result.json``
+#: cannot promise that: on a retry Ray copies back the last *synced* copy, which may lack epochs.)
+HISTORY_FILE = "history.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -245,8 +253,14 @@ def save_checkpoint(
     scheduler: Any,
     extra: dict[str, Any],
 ) -> None:
-    """Everything needed to resume or predict; loads with ``torch.load(weights_only=True)``."""
+    """Everything needed to resume or predict; loads with ``torch.load(weights_only=True)``.
+
+    ``extra["history"]`` (the per-epoch metrics so far) is also written as ``history.json`` beside
+    the checkpoint, so the driver reads it without loading weights.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if "history" in extra:
+        (path.parent / HISTORY_FILE).write_text(json.dumps(extra["history"]))
     torch.save(
         {
             "model": model.state_dict(),
@@ -269,6 +283,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_history(text: str) -> list[dict[str, Any]]:
+    """Parse a ``history.json``; an unreadable one reads as no history (the caller falls back)."""
+    try:
+        history = json.loads(text)
+    except ValueError:
+        return []
+    return [row for row in history if isinstance(row, dict)] if isinstance(history, list) else []
 
 
 def train_segmentation(
@@ -342,19 +365,23 @@ def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | N
     return {"metrics": metrics, "class_names": class_names, "output_dir": str(output_dir) if output_dir else None}
 
 
-def _maybe_inject_crash(epoch: int) -> None:
-    """Fault injection for recovery tests: ``SPNTUNE_CRASH_ONCE=<marker file>:<epoch>`` makes the first
-    trial that reaches that (1-based) epoch raise once, creating the marker so retries run normally."""
+def _maybe_inject_crash(epoch: int, point: str) -> None:
+    """Fault injection for recovery tests: ``SPNTUNE_CRASH_ONCE=<marker file>:<epoch>[:<point>]`` makes
+    the first trial that reaches that (1-based) epoch raise once, creating the marker so retries run
+    normally. ``point``: ``start`` (default; right after the previous epoch's report) or ``report``
+    (the epoch is trained, checkpointed and logged to MLflow, but not yet reported)."""
     spec = os.environ.get("SPNTUNE_CRASH_ONCE")
     if not spec:
         return
-    marker, _, at_epoch = spec.rpartition(":")
-    if epoch + 1 == int(at_epoch):
-        try:
-            Path(marker).open("x").close()  # atomic: exactly one crash across all workers
-        except FileExistsError:
-            return
-        raise RuntimeError(f"injected crash before epoch {epoch + 1} (SPNTUNE_CRASH_ONCE)")
+    head, _, last = spec.rpartition(":")
+    marker, _, at_epoch = head.rpartition(":") if last in ("start", "report") else (head, "", last)
+    if epoch + 1 != int(at_epoch) or point != (last if last in ("start", "report") else "start"):
+        return
+    try:
+        Path(marker).open("x").close()  # atomic: exactly one crash across all workers
+    except FileExistsError:
+        return
+    raise RuntimeError(f"injected crash at the {point} of epoch {epoch + 1} (SPNTUNE_CRASH_ONCE)")
 
 
 def _start_tracker(cfg: TrialConfig, reporter: Reporter) -> Any:
@@ -374,11 +401,10 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
     """The epochs of every phase; returns the last epoch's metrics."""
     num_classes = len(class_names)
     metrics: dict[str, Any] = {}
-    best = (
-        -math.inf
-        if state is None
-        else float(state.get("extra", {}).get("metrics", {}).get("best_refined_miou", -math.inf))
-    )
+    resumed_extra = state.get("extra", {}) if state is not None else {}
+    best = float(resumed_extra.get("metrics", {}).get("best_refined_miou", -math.inf))
+    # Epochs before the resume point, as recorded by the checkpoint we resume from.
+    history = [row for row in resumed_extra.get("history", []) if row.get("epoch", 0) <= start_epoch]
     for phase in _phases(cfg, model):
         if start_epoch >= phase.first_epoch + phase.epochs:
             continue  # finished before the resume point
@@ -391,7 +417,7 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
             optimiser.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
-            _maybe_inject_crash(epoch)
+            _maybe_inject_crash(epoch, "start")
             # Re-seed per epoch so a resumed trial sees the same batches as an uninterrupted one.
             seed_everything(cfg.train.seed + epoch)
             train_loader.generator.manual_seed(cfg.train.seed + epoch)  # type: ignore[union-attr]  # sampler's too
@@ -456,9 +482,11 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
             is_best = not math.isnan(current) and current > best
             best = current if is_best else best
             metrics["best_refined_miou"] = best
+            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
             extra = {
                 "class_names": class_names,
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                "history": history,
             }
             # Persist before reporting: a reporter may stop the trial (ASHA, interruption).
             if output_dir is not None:
@@ -469,6 +497,7 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
             if tracker is not None:
                 _track_epoch(tracker, cfg, metrics, results, is_best, model, epoch + 1,
                              phase.name, extra, val_ds, class_names, device)  # fmt: skip
+            _maybe_inject_crash(epoch, "report")
             if reporter.wants_checkpoints:
                 with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
                     save_checkpoint(
