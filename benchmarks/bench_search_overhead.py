@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from spntune.search import SearchOptions, run_search
 from spntune.space import SearchSpace
 from spntune.trainables import train_segmentation
+from spntune.tune import SearchOptions, run_search
 
 BASE = {
     "data.image_size": [64, 64], "data.train_size": 32, "data.val_size": 16, "train.epochs": 2,

@@ -41,10 +41,9 @@ def test_train_smoke_writes_everything(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["synthetic", "pets", "voc", "camvid"])
 def test_example_configs_validate(name):
-    from spntune.cli import build_trial_config
-    from spntune.config import TrialConfig
+    from spntune.config import TrialConfig, layer_config
 
-    TrialConfig.from_dict(build_trial_config(str(CONFIGS / f"{name}.yaml"), [], smoke=False))
+    TrialConfig.from_dict(layer_config(str(CONFIGS / f"{name}.yaml"), [], smoke=False))
 
 
 def test_shared_pets_and_voc_train_end_to_end(shared_data, tmp_path):
@@ -79,3 +78,14 @@ def test_train_with_mlflow_logs_a_standalone_run(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
     assert run.info.status == "FINISHED" and "refined_miou" in run.data.metrics
+
+
+def test_switching_the_refiner_kind_from_the_command_line_starts_its_section_afresh():
+    from spntune.config import TrialConfig, layer_config
+
+    camvid = str(CONFIGS / "camvid.yaml")  # refiner: cspn k3, T6, 32 channels
+    assert TrialConfig.from_dict(layer_config(camvid, ["refiner.kind=none"], smoke=False)).refiner.kind == "none"
+    dyspn = TrialConfig.from_dict(layer_config(camvid, ["refiner.kind=dyspn", "refiner.kernel_size=7"], smoke=False))
+    assert (dyspn.refiner.kind, dyspn.refiner.kernel_size) == ("dyspn", 7)
+    same = TrialConfig.from_dict(layer_config(camvid, ["refiner.kind=cspn", "refiner.iterations=3"], smoke=False))
+    assert (same.refiner.kernel_size, same.refiner.iterations) == (3, 3)  # same kind: the file's keys stay

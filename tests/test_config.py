@@ -18,7 +18,12 @@ def test_flat_and_nested_agree():
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ({"refiner.kernal_size": 3}, r"refiner.kernal_size: unknown key"),
+        ({"refiner.kernal_size": 3}, r"refiner.kernal_size: not a setting of refiner.kind=cspn \(its settings: "),
+        (
+            {"refiner.kind": "none", "refiner.kernel_size": 3},
+            r"refiner.kernel_size: not a setting of refiner.kind=none",
+        ),
+        ({"refiner.kind": "dyspn", "refiner.centre": "ht"}, r"refiner.centre: not a setting of refiner.kind=dyspn"),
         ({"refiner.kernel_size": 4}, r"refiner.kernel_size: kernel size must be odd.*got 4"),
         ({"refiner.kind": "spn"}, r"refiner.kind: unknown refiner 'spn'; valid: \['cspn', 'dyspn', 'none'\]"),
         ({"model.arch": "segnet"}, r"model.arch: unknown coarse architecture 'segnet'; valid: .*'unet'"),
@@ -63,3 +68,21 @@ def test_image_size_int_means_square():
 def test_two_stage_without_refiner_is_the_coarse_phase():
     cfg = TrialConfig.from_dict({"refiner.kind": "none", "train.stage": "two_stage", "train.coarse_epochs": 2})
     assert cfg.total_epochs == 2
+
+
+def test_kernel_size_error_names_the_value_once():
+    with pytest.raises(ConfigError) as info:
+        TrialConfig.from_dict({"refiner.kernel_size": 4})
+    assert str(info.value).endswith("refiner.kernel_size: kernel size must be odd (3, 5, 7, 9 or 11), got 4")
+
+
+def test_every_refiner_config_builds_its_refiner():
+    """A refiner's settings are its module's keyword arguments: REFINERS[kind](num_classes, **settings)."""
+    from spntune.config import REFINER_CONFIGS
+    from spntune.models import REFINERS
+
+    assert set(REFINER_CONFIGS) == set(REFINERS)
+    for kind in REFINER_CONFIGS:
+        cfg = TrialConfig.from_dict({"refiner.kind": kind})
+        assert cfg.refiner.kind == kind and type(cfg.refiner) is REFINER_CONFIGS[kind]
+        REFINERS[kind](num_classes=3, **cfg.refiner.model_dump(exclude={"kind"}))

@@ -93,3 +93,34 @@ def test_segmenter_trains_the_refiner(kind):
     torch.nn.functional.cross_entropy(out.refined_logits, y).backward()
     head = model.refiner.affinity_net.head.weight
     assert head.grad is not None and head.grad.abs().sum() > 0  # zero-init head still learns
+
+
+def test_registries_hold_exactly_the_names_configs_are_checked_against():
+    """Configs are validated against names.py without importing torch/smp; the registries must agree."""
+    from spntune import names
+    from spntune.config import REFINER_CONFIGS
+    from spntune.data import DATASETS
+    from spntune.losses import LOSSES
+    from spntune.models import COARSE, REFINERS
+
+    assert sorted(COARSE) == sorted(names.ARCHITECTURES)  # a new smp release adding one fails here
+    assert sorted(DATASETS) == sorted(names.DATASET_NAMES)
+    assert sorted(LOSSES) == sorted(names.LOSS_NAMES)
+    assert sorted(REFINERS) == sorted(REFINER_CONFIGS)
+
+
+def test_help_and_refusals_do_not_import_torch():
+    """`spntune --help` and a refused search answer at once: nothing heavy is imported on the way."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from spntune.cli import main\n"
+        "rc = main(['search', '--trials', '0', '--no-mlflow'])\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'mlflow', 'segmentation_models_pytorch') if m in sys.modules)\n"
+        "print(rc, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+    assert "--trials must be an integer >= 1, got 0" in out.stderr

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -222,6 +223,9 @@ def test_resume_after_killing_the_driver(tmp_path):
 
     resumed = subprocess.run([*SPNTUNE, *args, "--resume"], capture_output=True, text=True, env=env, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # the live table follows the resumed search: a line per epoch of every trial that still had epochs to run
+    followed = {line.split()[1] for line in resumed.stdout.splitlines() if re.match(r"trial \S+ epoch \d", line)}
+    assert len(followed) >= 3 - len(finished_before), resumed.stdout
     rows = leaderboard(experiment)
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
     assert len({r["trial_id"] for r in rows}) == 3
@@ -269,10 +273,9 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
 
 
 def test_multi_objective_reports_a_pareto_set(tmp_path):
-    from spntune.cli import SEARCH_SMOKE_OVERRIDES
-    from spntune.config import ConfigError
-    from spntune.search import SearchOptions, run_search
+    from spntune.config import SEARCH_SMOKE_OVERRIDES, ConfigError
     from spntune.space import load_space
+    from spntune.tune import SearchOptions, run_search
 
     overrides = {**SEARCH_SMOKE_OVERRIDES, "data.train_size": 8, "data.limit_train": 8}
     opts = SearchOptions(space=load_space("smoke"), trials=3, scheduler="none", objectives=["miou", "latency"],
@@ -306,14 +309,14 @@ def history(experiment: Path) -> dict[str, list[dict]]:
 def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, capsys):
     import ray
 
-    from spntune.cli import SEARCH_SMOKE_OVERRIDES
-    from spntune.search import SearchOptions, run_search
+    from spntune.config import SEARCH_SMOKE_OVERRIDES
     from spntune.space import SearchSpace
+    from spntune.tune import SearchOptions, run_search
 
     marker = tmp_path / "crashed"
     # Ray workers get the variable from the runtime environment; run_search reuses this Ray instance.
     # "start": the crash comes right after epoch 1's report (Ray may not have synced its result yet);
-    # "report": epoch 2 is trained, checkpointed and in MLflow, but Ray never hears of it.
+    # "report": epoch 2 is trained and evaluated, but neither MLflow nor Ray hears of it.
     ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2:{point}"}}, include_dashboard=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = SearchSpace(
@@ -336,4 +339,77 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     capsys.readouterr()
     assert main(["best", "--tracking-uri", uri, "--search", "retry"]) == 0
     best_row = next(line for line in capsys.readouterr().out.splitlines() if row.trial_id in line)
-    assert "│ 3 " in best_row and "FINISHED" in best_row
+    assert "│ 3 " in best_row and "completed" in best_row
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--trials", "0", "--trials must be an integer >= 1, got 0"),
+     ("--trials", "-2", "--trials must be an integer >= 1, got -2"),
+     ("--concurrency", "0", "--concurrency must be an integer >= 1, got 0"),
+     ("--gpus-per-trial", "-1", "--gpus-per-trial must be a number >= 0"),
+     ("--gpus-per-trial", "64", "--gpus-per-trial 64: this machine has"),  # e.g. 1 where there is none
+     ("--cpus-per-trial", "4096", "--cpus-per-trial 4096: this machine has"),
+     ("--address", "127.0.0.1:1", "--address 127.0.0.1:1: no Ray head answers there"),
+     ("--address", "nohost", "--address takes auto or HOST:PORT"),
+     ("--cpus-per-trial", "0", "--cpus-per-trial must be a number > 0"),
+     ("--grace-period", "0", "--grace-period must be an integer >= 1"),
+     ("--reduction-factor", "1", "--reduction-factor must be a number > 1"),
+     ("--max-failures", "-1", "--max-failures must be an integer >= 0"),
+     ("--objective", "accuracy", "--objective takes miou, latency"),
+     ("--metric", "nosuch", "--metric 'nosuch' is not a metric trials report; valid: coarse_miou")],
+)  # fmt: skip
+def test_bad_search_flags_are_refused_before_anything_starts(tmp_path, capsys, flag, value, message):
+    args = ["search", "--smoke-test", "--storage", str(tmp_path), "--name", "bad", "--tracking-uri",
+            f"sqlite:///{tmp_path}/mlflow.db", flag, value]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written: no search folder, no MLflow store
+
+
+def test_driver_callbacks_work_after_the_pickle_ray_restores_them_from(tmp_path):
+    """On --resume Ray restores the run config's callbacks by unpickling them: the tracking callback must
+    still close runs, and the listener callback must find this process's live table."""
+    import pickle
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from spntune.space import load_space
+    from spntune.status import TrialStatus
+    from spntune.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL
+    from spntune.tune import _LISTENERS, ListenerCallback, TrackingCallback
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("spntune")
+    parent = client.create_run(experiment).info.run_id
+    child = client.create_run(experiment, tags={TAG_PARENT: parent, TAG_TRIAL: "t1", TAG_STATUS: "running"})
+    space = load_space("smoke")  # train.epochs: 2
+    tracking = pickle.loads(pickle.dumps(TrackingCallback(uri, "spntune", parent, space, {})))
+    listening = pickle.loads(pickle.dumps(ListenerCallback("this-search", space, {})))
+    trial = SimpleNamespace(trial_id="t1", config={"refiner.kind": "none"}, last_result={"epoch": 1})
+
+    tracking.on_trial_complete(0, [], trial)  # ended after 1 of 2 epochs: stopped early
+    run = client.get_run(child.info.run_id)
+    assert (run.info.status, run.data.tags[TAG_STATUS]) == ("KILLED", "stopped")
+    assert run.data.tags["spntune.reason"] == "stopped early by the scheduler after epoch 1"
+
+    events = []
+    _LISTENERS["this-search"] = SimpleNamespace(trial_event=lambda *event: events.append(event))
+    try:
+        listening.on_trial_result(0, [], trial, {"epoch": 1, "refined_miou": 0.5})
+        listening.on_trial_error(0, [], trial)
+    finally:
+        _LISTENERS.pop("this-search")
+    assert [(e[0], e[2]) for e in events] == [("t1", TrialStatus.RUNNING), ("t1", TrialStatus.ERROR)]
+    assert events[0][1]["refiner.kind"] == "none" and events[0][3]["epoch"] == 1
+
+
+def test_storage_under_a_file_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["search", "--smoke-test", "--storage", str(blocker / "ray"), "--no-mlflow"]) == 2
+    assert f"{blocker} is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

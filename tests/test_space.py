@@ -3,9 +3,10 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from spntune.config import ConfigError, TrialConfig
-from spntune.space import BUILTIN_SPACES, load_space
+from spntune.space import BUILTIN_SPACES, SearchSpace, load_space
 
 
 def write_space(tmp_path: Path, space: dict) -> Path:
@@ -96,7 +97,7 @@ def test_define_by_run_only_suggests_the_active_branch(tmp_path):
     [
         (
             {"params": {"refiner.kernal_size": {"choice": [3]}}},
-            r"refiner.kernal_size: value 3 is invalid: refiner.kernal_size: unknown key",
+            r"refiner.kernal_size: value 3 is invalid: refiner.kernal_size: not a setting of refiner.kind=cspn \(its settings: affinity_norm, centre, channels",
         ),
         (
             {"params": {"refiner.kernel_size": {"choice": [3, 4]}}},
@@ -138,3 +139,24 @@ def test_schema_errors_name_the_key(tmp_path, patch, expected):
 def test_missing_space_file():
     with pytest.raises(ConfigError, match="search space file not found: nope.yaml .*built-in spaces: smoke"):
         load_space("nope.yaml")
+
+
+def test_a_setting_searched_for_every_refiner_kind_is_refused():
+    """refiner.kind=none takes no settings: searching refiner.channels for all trials would error the
+    trials without a refiner, so the space is refused with the fix named."""
+    space = {"params": {"refiner.kind": {"choice": ["none", "cspn"]}, "refiner.channels": {"choice": [8, 16]}}}
+    with pytest.raises(ValidationError, match=r"refiner.channels: value 8 is invalid when refiner.kind=none.*"
+                       r"not a setting of refiner.kind=none.*search it under when: refiner.kind"):  # fmt: skip
+        SearchSpace.model_validate(space)
+    space["when"] = {"refiner.kind": {"cspn": {"refiner.channels": space["params"].pop("refiner.channels")}}}
+    assert SearchSpace.model_validate(space).to_trial_config({"refiner.kind": "cspn", "cspn.channels": 16}) == {
+        "refiner.kind": "cspn",
+        "refiner.channels": 16,
+    }
+
+
+def test_branch_parameters_are_checked_under_their_branch():
+    space = {"params": {"refiner.kind": {"choice": ["cspn", "dyspn"]}},
+             "when": {"refiner.kind": {"dyspn": {"refiner.centre": {"choice": ["h0", "ht"]}}}}}  # fmt: skip
+    with pytest.raises(ValidationError, match="refiner.centre: value 'h0' is invalid when refiner.kind=dyspn"):
+        SearchSpace.model_validate(space)

@@ -42,7 +42,8 @@ def test_failure_inside_training_ends_the_run_failed(tmp_path, monkeypatch):
     monkeypatch.setitem(losses.LOSSES, "ce", flaky)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(FloatingPointError):
-        train_segmentation({**TINY, "tracking.uri": uri, "refiner.kind": "none"})
+        no_refiner = {k: v for k, v in TINY.items() if not k.startswith("refiner.")}  # none takes no settings
+        train_segmentation({**no_refiner, "tracking.uri": uri, "refiner.kind": "none"})
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
     assert run.info.status == "FAILED"
@@ -90,5 +91,68 @@ def test_best_reads_the_leaderboard_from_mlflow(tmp_path, capsys):
     shutil.rmtree(tmp_path / "ray")  # the Ray results folder is gone; MLflow still knows
     assert main(["best", "--search", "lb", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "search lb" in out and "2 trial runs" in out and "FINISHED" in out
+    assert "search lb" in out and "2 trial runs" in out
+    assert out.count("completed") == 2 and "best refined_miou" in out and "run id" in out
     assert main(["best", "--search", "nope", "--tracking-uri", uri]) == 2
+
+
+def _bad_checkpoints(tmp_path):
+    """Files that must be refused by name, never loaded: truncated, another format, an arbitrary pickle."""
+    import pickle
+
+    good = tmp_path / "train" / "checkpoint.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    pickled = tmp_path / "payload.pt"
+    pickled.write_bytes(pickle.dumps({"model": Payload()}))
+    foreign = tmp_path / "foreign.pt"
+    import torch
+
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    return {
+        truncated: "is not a readable spntune checkpoint",
+        text: "is not a readable spntune checkpoint",
+        pickled: "is not a readable spntune checkpoint",
+        foreign: "is not a spntune checkpoint: it lacks model, config, epoch, extra",
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_predict_refuses_bad_checkpoints_and_missing_images(tmp_path, capsys):
+    train_segmentation({**TINY, "train.epochs": 1, "output_dir": str(tmp_path / "train")})
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    for path, message in _bad_checkpoints(tmp_path).items():
+        assert main(["predict", "--checkpoint", str(path), str(image), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr()
+        assert message in err.err and str(path) in err.err and "Traceback" not in err.err
+        assert "pickle code ran" not in err.out + err.err  # weights_only: the pickle never executed
+    missing = tmp_path / "nope.jpg"
+    assert main(["predict", "--checkpoint", str(tmp_path / "train"), str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert f"image not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing written
+
+
+def test_resuming_from_another_models_checkpoint_is_refused(tmp_path, capsys):
+    train_segmentation({**TINY, "train.epochs": 1, "output_dir": str(tmp_path / "a")})
+    args = ["train", "--smoke-test", "--set", "refiner.kind=dyspn", "--set", "refiner.kernel_size=5",
+            "--output", str(tmp_path / "b"), "--resume", str(tmp_path / "a")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'a'}" in err and "do not fit this model" in err and "Traceback" not in err
+
+
+def test_printed_tracking_uris_hide_passwords():
+    from spntune.tracking import masked
+
+    assert masked("http://alice:s3cret@mlflow.example:5000") == "http://alice:***@mlflow.example:5000"
+    assert masked("postgresql://u:p%40ss@db/mlflow") == "postgresql://u:***@db/mlflow"
+    assert masked("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert masked("http://host:5000") == "http://host:5000"

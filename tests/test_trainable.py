@@ -1,18 +1,16 @@
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from spntune import losses
-from spntune.trainables import (
-    HISTORY_FILE,
-    NonFiniteLossError,
-    Reporter,
-    load_checkpoint,
-    read_history,
-    train_segmentation,
-)
+from spntune.errors import NonFiniteLossError
+from spntune.leaderboard import is_trial_metric
+from spntune.reporting import Reporter, Reporters, TrialStopped
+from spntune.status import TrialStatus
+from spntune.trainables import HISTORY_FILE, load_checkpoint, read_history, train_segmentation
 
 TINY = {
     "data.image_size": [64, 64],
@@ -26,26 +24,39 @@ TINY = {
 }
 
 
+def with_refiner(kind, **config):
+    """TINY with another refiner kind: ``none`` takes no refiner settings."""
+    kept = {k: v for k, v in TINY.items() if kind != "none" or not k.startswith("refiner.")}
+    return {**kept, "refiner.kind": kind, **config}
+
+
 class Collect(Reporter):
     def __init__(self, checkpoints=False):
         self.rows = []
-        self.wants_checkpoints = checkpoints
+        self.checkpoints = checkpoints
         self.checkpoint_files = []
+        self.ended = []
 
-    def report(self, metrics, checkpoint_dir):
-        self.rows.append(metrics)
-        if checkpoint_dir is not None:
-            self.checkpoint_files.append(sorted(p.name for p in Path(checkpoint_dir).iterdir()))
+    def report(self, epoch):
+        self.rows.append(epoch.metrics)
+        if self.checkpoints:
+            with tempfile.TemporaryDirectory() as tmp:
+                epoch.write_checkpoint(Path(tmp), True)
+                self.checkpoint_files.append(sorted(p.name for p in Path(tmp).iterdir()))
+
+    def end(self, status, reason=""):
+        self.ended.append((status, reason))
 
 
 @pytest.mark.parametrize("kind", ["none", "cspn", "dyspn"])
 def test_joint_training_reports_every_epoch(kind):
     rep = Collect()
-    out = train_segmentation({**TINY, "refiner.kind": kind}, rep)
+    out = train_segmentation(with_refiner(kind), rep)
     assert [r["epoch"] for r in rep.rows] == [1, 2]
     m = out["metrics"]
     for key in ("coarse_miou", "refined_miou", "coarse_boundary_iou", "refined_boundary_iou", "refined_iou_curve"):
         assert 0.0 <= m[key] <= 1.0 or math.isnan(m[key])
+    assert all(is_trial_metric(k) for k in m if k not in ("epoch", "phase")), m.keys()  # what --metric accepts
     steps = [k for k in m if k.startswith("refined_miou_t")]
     assert len(steps) == (1 if kind == "none" else 4)
     assert m["refined_miou_t0"] == pytest.approx(m["coarse_miou"])  # t = 0 is the coarse prediction
@@ -106,9 +117,9 @@ class _StopAfter(Reporter):
     def __init__(self, inner, epochs):
         self.inner, self.epochs = inner, epochs
 
-    def report(self, metrics, checkpoint_dir):
-        self.inner.report(metrics, checkpoint_dir)
-        if metrics["epoch"] >= self.epochs:
+    def report(self, epoch):
+        self.inner.report(epoch)
+        if epoch.metrics["epoch"] >= self.epochs:
             raise _Interrupted
 
 
@@ -165,3 +176,53 @@ def test_crash_injection_spec_defaults_to_the_start_of_an_epoch(tmp_path, monkey
     with pytest.raises(RuntimeError, match="injected crash at the start of epoch 1"):
         train_segmentation({**TINY, "train.epochs": 1})
     train_segmentation({**TINY, "train.epochs": 1})  # once only: the marker exists now
+
+
+def test_reporters_hear_how_the_trial_ended(monkeypatch):
+    ok = Collect()
+    train_segmentation({**TINY, "train.epochs": 1}, ok)
+    assert ok.ended == [(TrialStatus.COMPLETED, "")]
+
+    class StopAtOnce(Collect):  # what RayReporter does when ASHA stops a trial
+        def report(self, epoch):
+            super().report(epoch)
+            raise TrialStopped("stopped early by the scheduler")
+
+    stopped = StopAtOnce()
+    with pytest.raises(TrialStopped):
+        train_segmentation(TINY, stopped)
+    assert [r["epoch"] for r in stopped.rows] == [1]
+    assert stopped.ended == [(TrialStatus.STOPPED, "stopped early by the scheduler")]
+
+    monkeypatch.setitem(losses.LOSSES, "ce", lambda logits, target: logits.sum() * float("nan"))
+    failed = Collect()
+    with pytest.raises(NonFiniteLossError):
+        train_segmentation(TINY, failed)
+    ((status, reason),) = failed.ended
+    assert status is TrialStatus.ERROR and reason.startswith("NonFiniteLossError: training loss became nan")
+
+
+def test_reporters_are_called_in_order():
+    calls = []
+
+    class Named(Reporter):
+        def __init__(self, name, trial_id=None):
+            self.name, self.id = name, trial_id
+
+        def trial_id(self):
+            return self.id
+
+        def start(self, cfg, trial_id):
+            calls.append((self.name, "start", trial_id))
+
+        def report(self, epoch):
+            calls.append((self.name, "report", epoch.metrics["epoch"]))
+
+        def end(self, status, reason=""):
+            calls.append((self.name, "end", status.value))
+
+    both = Reporters(Named("mlflow"), Named("ray", "t1"))
+    assert both.trial_id() == "t1"
+    train_segmentation({**TINY, "train.epochs": 1}, both)
+    assert calls == [("mlflow", "start", "t1"), ("ray", "start", "t1"), ("mlflow", "report", 1),
+                     ("ray", "report", 1), ("mlflow", "end", "completed"), ("ray", "end", "completed")]  # fmt: skip

@@ -8,15 +8,24 @@ Unknown keys and bad values raise ``ConfigError`` listing every offending key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spntune.errors import ConfigError
+from spntune.names import ARCHITECTURES, DATASET_NAMES, parse_loss_spec
+
 __all__ = [
+    "REFINER_CONFIGS",
+    "SEARCH_SMOKE_OVERRIDES",
+    "SMOKE_OVERRIDES",
+    "CSPNConfig",
     "ConfigError",
     "DataConfig",
+    "DySPNConfig",
     "ModelConfig",
+    "NoRefinerConfig",
     "OptimConfig",
     "RefinerConfig",
     "TrackingConfig",
@@ -24,14 +33,11 @@ __all__ = [
     "TrialConfig",
     "describe_pipeline",
     "flatten",
+    "layer_config",
     "load_yaml",
     "parse_set_args",
     "unflatten",
 ]
-
-
-class ConfigError(ValueError):
-    """Invalid trial configuration; the message lists each bad key and what was expected."""
 
 
 class _Strict(BaseModel):
@@ -57,10 +63,8 @@ class DataConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        from spntune.data import DATASETS
-
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; valid: {sorted(DATASETS)}")
+        if v not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {v!r}; valid: {list(DATASET_NAMES)}")
         return v
 
     @field_validator("image_size", mode="before")
@@ -95,10 +99,8 @@ class ModelConfig(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from spntune.models.coarse import COARSE
-
-        if v not in COARSE:
-            raise ValueError(f"unknown coarse architecture {v!r}; valid: {sorted(COARSE)}")
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown coarse architecture {v!r}; valid: {list(ARCHITECTURES)}")
         return v
 
     @field_validator("encoder_weights", mode="before")
@@ -107,25 +109,19 @@ class ModelConfig(_Strict):
         return None if isinstance(v, str) and v.lower() in ("null", "none", "") else v
 
 
-class RefinerConfig(_Strict):
-    """The refiner: kind and propagation hyperparameters (ignored for ``kind: none``)."""
+class NoRefinerConfig(_Strict):
+    """``kind: none``: the refined prediction is the coarse prediction."""
 
-    kind: str = "cspn"
+    kind: Literal["none"] = "none"
+
+
+class _PropagationConfig(_Strict):
+    """What every propagation refiner takes."""
+
     kernel_size: int = Field(3, ge=3, le=11)
     iterations: int = Field(6, ge=1, le=32)
     channels: int = Field(32, ge=4, le=512)  # affinity-network bottleneck
-    centre: Literal["h0", "ht"] = "h0"  # CSPN: centre weight on h^0 (official) or on h^t
     propagate: Literal["probs", "logits"] = "probs"
-    affinity_norm: Literal["abs_sum", "clamped"] = "abs_sum"  # CSPN only
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, v: str) -> str:
-        from spntune.models.refiners import REFINERS
-
-        if v not in REFINERS:
-            raise ValueError(f"unknown refiner {v!r}; valid: {sorted(REFINERS)}")
-        return v
 
     @field_validator("kernel_size")
     @classmethod
@@ -133,6 +129,29 @@ class RefinerConfig(_Strict):
         if v % 2 == 0:
             raise ValueError(f"kernel size must be odd (3, 5, 7, 9 or 11), got {v}")
         return v
+
+
+class CSPNConfig(_PropagationConfig):
+    """``kind: cspn`` (Cheng et al. 2018)."""
+
+    kind: Literal["cspn"] = "cspn"
+    centre: Literal["h0", "ht"] = "h0"  # centre weight on h^0 (official "8sum") or on h^t
+    affinity_norm: Literal["abs_sum", "clamped"] = "abs_sum"
+
+
+class DySPNConfig(_PropagationConfig):
+    """``kind: dyspn`` (Lin et al. 2022): (k-1)/2 rings with per-step attention."""
+
+    kind: Literal["dyspn"] = "dyspn"
+
+
+#: Refiner settings by ``refiner.kind``, the names of ``models.REFINERS``: a new refiner is one
+#: module there plus one config model here. A refiner's settings (without ``kind``) are the keyword
+#: arguments of its module.
+REFINER_CONFIGS: dict[str, type[_Strict]] = {"none": NoRefinerConfig, "cspn": CSPNConfig, "dyspn": DySPNConfig}
+DEFAULT_REFINER = "cspn"
+
+RefinerConfig = Annotated[NoRefinerConfig | CSPNConfig | DySPNConfig, Field(discriminator="kind")]
 
 
 class OptimConfig(_Strict):
@@ -160,8 +179,6 @@ class TrainConfig(_Strict):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
-        from spntune.losses import parse_loss_spec
-
         parse_loss_spec(v)
         return v
 
@@ -183,11 +200,22 @@ class TrialConfig(_Strict):
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    refiner: RefinerConfig = Field(default_factory=CSPNConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str | None = None  # where `spntune train` writes config, checkpoint, panels
+
+    @field_validator("refiner", mode="before")
+    @classmethod
+    def _refiner_kind(cls, v: Any) -> Any:
+        """``kind`` picks the refiner's settings model; it defaults to cspn and must be a known name."""
+        if not isinstance(v, dict):
+            return v
+        kind = v.get("kind", DEFAULT_REFINER)
+        if kind not in REFINER_CONFIGS:
+            raise ValueError(f"refiner.kind: unknown refiner {kind!r}; valid: {sorted(REFINER_CONFIGS)}")
+        return {**v, "kind": kind}
 
     @model_validator(mode="after")
     def _combinations(self) -> TrialConfig:
@@ -222,13 +250,23 @@ class TrialConfig(_Strict):
 def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<config>"
+        loc = [str(p) for p in err["loc"]]
+        if loc[:1] == ["refiner"] and len(loc) > 1 and loc[1] in REFINER_CONFIGS:
+            kind = loc.pop(1)  # the union's tag: report refiner.<key>, say which kind it belongs to
+            if err["type"] == "extra_forbidden":
+                fields = sorted(set(REFINER_CONFIGS[kind].model_fields) - {"kind"})
+                takes = f"its settings: {', '.join(fields)}" if fields else "it takes no settings"
+                lines.append(f"  {'.'.join(loc)}: not a setting of refiner.kind={kind} ({takes})")
+                continue
         msg = err["msg"].removeprefix("Value error, ")
+        key = ".".join(loc) or "<config>"
+        if msg.startswith(f"{key}.") and ": " in msg:  # a section validator that names the key itself
+            key, msg = msg.split(": ", 1)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         got = (
             f" (got {err['input']!r})"
-            if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict)
+            if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict) and "got " not in msg
             else ""
         )
         lines.append(f"  {key}: {msg}{got}")
@@ -305,3 +343,42 @@ def parse_set_args(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value (e.g. refiner.kind=cspn), got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+#: Overrides that shrink any trial to seconds on a CPU (applied after --config, before --set).
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.image_size": [64, 64],
+    "data.train_size": 16,
+    "data.val_size": 8,
+    "data.limit_train": 16,
+    "data.limit_val": 8,
+    "train.epochs": 1,
+    "train.coarse_epochs": 1,
+    "train.refine_epochs": 1,
+    "train.batch_size": 4,
+    "train.viz_samples": 2,
+}
+
+#: Overrides for `search --smoke-test`: every trial shrinks to seconds (any space, any data).
+SEARCH_SMOKE_OVERRIDES: dict[str, Any] = {
+    **SMOKE_OVERRIDES,
+    "train.epochs": 2,  # two epochs, so ASHA has a rung to act on
+    "train.viz_samples": 0,  # picture-free to stay fast; `--space smoke` without --smoke-test draws them
+    "model.encoder": "resnet18",
+}
+
+
+def layer_config(config_file: str | Path | None, sets: list[str], smoke: bool) -> dict[str, Any]:
+    """Layer YAML file < smoke overrides < ``--set`` into one nested dict (not yet validated).
+
+    A ``--set refiner.kind=...`` that changes the file's refiner kind starts the refiner section
+    afresh (the file's settings belong to the other refiner; ``none`` takes none at all), keeping only
+    the refiner keys set alongside it: ``--config camvid.yaml --set refiner.kind=none`` just works.
+    """
+    merged = flatten(unflatten(dict(load_yaml(config_file)))) if config_file else {}
+    if smoke:
+        merged |= SMOKE_OVERRIDES
+    sets_flat = flatten(unflatten(parse_set_args(sets)))
+    if "refiner.kind" in sets_flat and sets_flat["refiner.kind"] != merged.get("refiner.kind", DEFAULT_REFINER):
+        merged = {k: v for k, v in merged.items() if not k.startswith("refiner.")}
+    return unflatten({**merged, **sets_flat})

@@ -1,25 +1,44 @@
-"""Terminal output of `spntune train`: a progress bar, one line per epoch, the final table."""
+"""All terminal output: the progress of `spntune train`, the live trial table of `spntune search`,
+and the leaderboards of `spntune search` and `spntune best`."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-from spntune.cli import format_metric as _fmt
-from spntune.trainables import Reporter
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-__all__ = ["ConsoleReporter", "print_results"]
+from spntune.config import describe_pipeline
+from spntune.leaderboard import SearchSummary, TrialRow, class_key, format_metric, leaderboard_table
+from spntune.reporting import EpochReport, Reporter
+from spntune.status import TrialStatus
+from spntune.tracking import masked
+
+__all__ = [
+    "ConsoleReporter",
+    "LiveTable",
+    "make_console",
+    "print_best",
+    "print_results",
+    "print_search_summary",
+]
+
+_fmt = format_metric
+
+
+def make_console() -> Console:
+    """Rich console; wide when output is piped or logged so tables keep their columns."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
 
 
 class ConsoleReporter(Reporter):
-    """Rich progress bar over batches plus one line per epoch."""
+    """`spntune train`: a progress bar over batches plus one line per epoch."""
 
-    wants_checkpoints = False
-
-    def __init__(self, console: Any, total_epochs: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    def __init__(self, console: Console, total_epochs: int) -> None:
         self.console = console
         self.total_epochs = total_epochs
         self.bar = Progress(
@@ -38,32 +57,30 @@ class ConsoleReporter(Reporter):
             self.task = self.bar.add_task(desc, total=num_batches, loss=loss)
         self.bar.update(self.task, completed=batch, loss=loss)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+    def report(self, epoch: EpochReport) -> None:
+        m = epoch.metrics
         self.console.print(
-            f"epoch {metrics['epoch']:>3} \\[{metrics['phase']}] loss {metrics['train_loss']:.4f}  "
-            f"mIoU coarse {_fmt(metrics['coarse_miou'])} refined {_fmt(metrics['refined_miou'])}  "
-            f"bIoU coarse {_fmt(metrics['coarse_boundary_iou'])} refined {_fmt(metrics['refined_boundary_iou'])}  "
-            f"{metrics['epoch_seconds']:.1f}s"
+            f"epoch {m['epoch']:>3} \\[{m['phase']}] loss {m['train_loss']:.4f}  "
+            f"mIoU coarse {_fmt(m['coarse_miou'])} refined {_fmt(m['refined_miou'])}  "
+            f"bIoU coarse {_fmt(m['coarse_boundary_iou'])} refined {_fmt(m['refined_boundary_iou'])}  "
+            f"{m['epoch_seconds']:.1f}s"
         )
 
-    def close(self) -> None:
+    def end(self, status: TrialStatus, reason: str = "") -> None:
         if self.task is not None:
             self.bar.stop()
+            self.task = None
 
 
-def print_results(console: Any, metrics: dict[str, Any], class_names: list[str]) -> None:
-    """Final table: coarse vs refined, per class, and mIoU after each propagation step."""
-    from rich.table import Table
-
-    from spntune.trainables import _sanitize
-
+def print_results(console: Console, metrics: dict[str, Any], class_names: list[str]) -> None:
+    """Final table of `spntune train`: coarse vs refined, per class, and mIoU after each propagation step."""
     table = Table(title=f"final metrics (epoch {metrics['epoch']})")
     table.add_column("metric")
     table.add_column("coarse", justify="right")
     table.add_column("refined", justify="right")
     table.add_column("gain", justify="right")
     rows = [("mIoU", "miou"), ("boundary IoU", "boundary_iou"), ("pixel acc", "pixel_acc"), ("mean Dice", "mean_dice")]
-    rows += [(f"IoU {n}", f"iou_{_sanitize(n)}") for n in class_names]
+    rows += [(f"IoU {n}", f"iou_{class_key(n)}") for n in class_names]
     for label, key in rows:
         c, r = metrics[f"coarse_{key}"], metrics[f"refined_{key}"]
         gain = r - c if not (math.isnan(c) or math.isnan(r)) else math.nan
@@ -75,3 +92,92 @@ def print_results(console: Any, metrics: dict[str, Any], class_names: list[str])
     if len(steps) > 1:
         console.print("refined mIoU by propagation step: " + "  ".join(f"t{t}={_fmt(v)}" for t, v in enumerate(steps)))
     console.print(f"{metrics['train_images_per_s']:.1f} train images/s, {metrics['epoch_seconds']:.1f} s/epoch")
+
+
+class LiveTable:
+    """`spntune search`'s view of its trials (a ``tune.TrialListener``): a live table on a terminal,
+    one line per event when the output is piped."""
+
+    def __init__(self, metric: str, console: Console | None = None) -> None:
+        self.metric = metric
+        self.console = console or make_console()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live: Live | None = None
+
+    def trial_event(
+        self, trial_id: str, config: dict[str, Any], status: TrialStatus, result: dict[str, Any] | None
+    ) -> None:
+        row = self.rows.get(trial_id)
+        if row is None:  # first sight of the trial: describe it once
+            row = self.rows[trial_id] = {"epoch": 0, "metric": math.nan, "summary": describe_pipeline(config)}
+        row["status"] = status
+        if result is not None and "epoch" in result:
+            row["epoch"] = result["epoch"]
+            row["metric"] = result.get(self.metric, math.nan)
+        if self.live is not None:
+            self.live.update(self.table())
+        elif result is None:
+            self.console.print(f"trial {trial_id} {status.value:<9} {row['summary']}")
+        else:
+            self.console.print(f"trial {trial_id} epoch {row['epoch']} {self.metric} {_fmt(row['metric'])}")
+
+    def table(self) -> Table:
+        table = Table(title=f"trials ({self.metric})", expand=False)
+        for col in ("trial", "pipeline", "epoch", self.metric, "status"):
+            table.add_column(col)
+        for tid, row in self.rows.items():
+            table.add_row(tid, row["summary"], str(row["epoch"]), _fmt(row["metric"]), row["status"].value)
+        return table
+
+    def __enter__(self) -> LiveTable:
+        if self.console.is_terminal:
+            self.live = Live(self.table(), console=self.console, refresh_per_second=2)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            self.live = None
+
+
+def _print_leaderboard(console: Console, title: str, metric: str, rows: list[TrialRow]) -> None:
+    table = Table(title=title)
+    header, body = leaderboard_table(metric, rows)
+    for col in header:
+        table.add_column(col)
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+
+
+def print_search_summary(summary: SearchSummary, top: int, console: Console | None = None) -> None:
+    """`spntune search`'s closing output: leaderboard, counts, errors, Pareto set, where things are."""
+    console = console or make_console()
+    _print_leaderboard(console, f"leaderboard: best {summary.metric} per trial", summary.metric, summary.rows[:top])
+    counts = summary.counts()
+    console.print(
+        f"{len(summary.rows)} trials in {summary.seconds:.0f} s: {counts[TrialStatus.COMPLETED]} completed, "
+        f"{counts[TrialStatus.STOPPED]} stopped early (ASHA), {counts[TrialStatus.ERROR]} errored"
+    )
+    for r in summary.errored:
+        console.print(f"  [red]errored[/red] {r.trial_id} ({r.summary}): {r.error}")
+    if summary.pareto:
+        console.print("Pareto set (refined mIoU vs latency): " + ", ".join(
+            f"{r.trial_id} ({_fmt(r.last.get('refined_miou'))}, {r.last.get('infer_ms_per_image', math.nan):.1f} ms)" for r in summary.pareto
+        ))  # fmt: skip
+    console.print(
+        f"results: {summary.experiment_path} (leaderboard.csv, history.csv = every trial's epochs; "
+        "each trial's folder holds its checkpoints)"
+    )
+    if summary.parent_run_id:
+        console.print(f"MLflow: search run {summary.parent_run_id} at {masked(summary.tracking_uri or '')}")
+        console.print("browse it: spntune ui   (then open http://127.0.0.1:5000, view 'Model training')")
+
+
+def print_best(search: dict[str, str], rows: list[TrialRow], top: int, console: Console | None = None) -> None:
+    """`spntune best`: a search's leaderboard as MLflow holds it."""
+    console = console or make_console()
+    title = f"search {search.get('spntune.search', '?')} (run {search['run_id']}): best {search['metric']} per trial"
+    _print_leaderboard(console, title, search["metric"], rows[:top])
+    console.print(f"{len(rows)} trial runs; best: {search.get('best_trial_run_id', '-')}")

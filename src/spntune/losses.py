@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spntune.data.base import IGNORE_INDEX
+from spntune.names import parse_loss_spec
 
 __all__ = ["LOSSES", "CompositeLoss", "build_loss", "parse_loss_spec"]
 
@@ -102,23 +103,6 @@ LOSSES: dict[str, LossFn] = {
     "lovasz": lovasz_softmax,
     "jaccard": soft_jaccard,
 }
-
-
-def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
-    """``"ce+0.5*dice"`` -> ``[(1.0, "ce"), (0.5, "dice")]``; unknown names list the valid ones."""
-    terms = []
-    for raw in spec.replace(" ", "").split("+"):
-        weight_text, _, name = raw.rpartition("*")
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r} in {spec!r}; valid: {sorted(LOSSES)} joined by '+'")
-        try:
-            weight = float(weight_text) if weight_text else 1.0
-        except ValueError:
-            raise ValueError(f"bad weight {weight_text!r} in loss spec {spec!r}") from None
-        if weight <= 0:
-            raise ValueError(f"loss weights must be > 0, got {weight} in {spec!r}")
-        terms.append((weight, name))
-    return terms
 
 
 class CompositeLoss(nn.Module):

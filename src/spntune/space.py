@@ -95,17 +95,30 @@ class Param(BaseModel):
             return list(self.float_range)  # type: ignore[arg-type]
         return [self.value]
 
-    def suggest(self, trial: Any, name: str) -> Any:
-        """Ask an Optuna trial for this dimension under ``name``."""
+    def _optuna(self) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+        """The one switch over kinds: Optuna's ``suggest_<kind>`` / ``<Kind>Distribution`` arguments."""
         if self.kind == "choice":
-            return trial.suggest_categorical(name, self.choice)
+            return "categorical", (self.choice,), {}
         if self.kind == "int":
-            low, high = self.int_range  # type: ignore[misc]
-            return trial.suggest_int(name, low, high, step=int(self.step or 1), log=self.log)
-        if self.kind == "float":
-            low, high = self.float_range  # type: ignore[misc]
-            return trial.suggest_float(name, low, high, step=self.step, log=self.log)
-        return self.value
+            return "int", tuple(self.int_range), {"step": int(self.step or 1), "log": self.log}  # type: ignore[arg-type]
+        return "float", tuple(self.float_range), {"step": self.step, "log": self.log}  # type: ignore[arg-type]
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Ask an Optuna trial for this dimension under ``name`` (a fixed ``value`` is not asked)."""
+        if self.kind == "value":
+            return self.value
+        kind, args, kwargs = self._optuna()
+        return getattr(trial, f"suggest_{kind}")(name, *args, **kwargs)
+
+    def distribution(self) -> Any:
+        """The Optuna distribution ``suggest`` samples from (None for a fixed ``value``)."""
+        if self.kind == "value":
+            return None
+        import optuna.distributions as d  # only the end-of-search plots need it
+
+        kind, args, kwargs = self._optuna()
+        return {"categorical": d.CategoricalDistribution, "int": d.IntDistribution,
+                "float": d.FloatDistribution}[kind](*args, **kwargs)  # fmt: skip
 
 
 class SearchSpace(BaseModel):
@@ -135,6 +148,14 @@ class SearchSpace(BaseModel):
                 for key in params:
                     mapping[self.branch_name(value, key)] = key
         return mapping
+
+    def distributions(self) -> dict[str, Any]:
+        """Every searched Optuna name -> its distribution (fixed values left out)."""
+        named = list(self.params.items())
+        for branches in self.when.values():
+            for value, params in branches.items():
+                named += [(self.branch_name(value, key), p) for key, p in params.items()]
+        return {name: p.distribution() for name, p in named if p.kind != "value"}
 
     # ----------------------------------------------------------------- translation
 
@@ -168,14 +189,10 @@ class SearchSpace(BaseModel):
         except ConfigError as exc:
             errors.append(f"base: {exc}")
         base_flat = flatten(unflatten(dict(self.base)))
-        for key, param in self._all_params():
-            for candidate in param.candidates():
-                try:
-                    TrialConfig.from_dict({**base_flat, key: candidate})
-                except ConfigError as exc:
-                    detail = str(exc).split("\n", 1)[-1].strip()
-                    errors.append(f"params {key}: value {candidate!r} is invalid: {detail}")
-                    break
+        for key, param, contexts in self._params_in_context(base_flat):
+            error = _first_invalid(key, param, contexts, base_flat)
+            if error:
+                errors.append(error)
         for cond_key, branches in self.when.items():
             if cond_key in self.params:
                 options = [str(v) for v in self.params[cond_key].candidates()]
@@ -207,12 +224,37 @@ class SearchSpace(BaseModel):
             raise ValueError("\n".join(errors))
         return self
 
-    def _all_params(self) -> list[tuple[str, Param]]:
-        out = list(self.params.items())
-        for branches in self.when.values():
-            for params in branches.values():
-                out.extend(params.items())
-        return out
+    def _params_in_context(self, base_flat: dict[str, Any]) -> list[tuple[str, Param, list[dict[str, Any]]]]:
+        """Every parameter with the conditions it must hold under. A branch parameter: its branch's
+        value. A top-level parameter: none, then every value of every other choice and conditional key,
+        so that a ``refiner.channels`` searched for all trials is refused when ``refiner.kind`` can be
+        ``none``, which takes no settings."""
+        selectors: dict[str, list[Any]] = {k: p.candidates() for k, p in self.params.items() if p.kind == "choice"}
+        out: list[tuple[str, Param, list[dict[str, Any]]]] = []
+        for cond_key, branches in self.when.items():
+            values = selectors.get(cond_key) or [base_flat.get(cond_key)]
+            for value, params in branches.items():
+                typed = next((v for v in values if str(v) == value), value)
+                out += [(key, param, [{cond_key: typed}]) for key, param in params.items()]
+        top = [
+            (key, param, [{}] + [{k: v} for k, vs in selectors.items() if k != key for v in vs])
+            for key, param in self.params.items()
+        ]
+        return top + out
+
+
+def _first_invalid(key: str, param: Param, contexts: list[dict[str, Any]], base_flat: dict[str, Any]) -> str:
+    """The first ``(context, candidate)`` of a parameter that does not validate, as an error line ('' if none)."""
+    for context in contexts:
+        for candidate in param.candidates():
+            try:
+                TrialConfig.from_dict({**base_flat, **context, key: candidate})
+            except ConfigError as exc:
+                detail = str(exc).split("\n", 1)[-1].strip()
+                where = "".join(f" when {k}={v}" for k, v in context.items())
+                hint = "".join(f" (search it under when: {k}: for the values that take it)" for k in context)
+                return f"params {key}: value {candidate!r} is invalid{where}: {detail}{hint}"
+    return ""
 
 
 def _get(flat_or_nested: dict[str, Any], key: str) -> Any:

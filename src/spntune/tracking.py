@@ -1,11 +1,14 @@
-"""MLflow tracking: one parent run per search, one nested child run per trial.
+"""MLflow tracking (and nothing else): one parent run per search, one nested child run per trial.
 
-Workers log their own child run (params, per-epoch metrics, panels, Grad-CAM, best checkpoint);
-the tracking URI travels in the trial config because Ray workers do not inherit the driver's
-environment. Every MLflow call goes through ``_Safe``: a few retries, then a warning, and
-training goes on -- an unreachable tracking server never kills a trial. The driver reconciles
-statuses at the end of each trial (ASHA-stopped -> KILLED, errored -> FAILED), so no run is
-left RUNNING even when a worker dies without a chance to close its run.
+Workers log their own child run through ``MLflowReporter`` (params, per-epoch metrics, panels,
+Grad-CAM, best checkpoint); the tracking URI travels in the trial config because Ray workers do not
+inherit the driver's environment. Every MLflow call goes through ``_Safe``: a few retries, then a
+warning, and training goes on -- an unreachable tracking server never kills a trial. The driver
+reconciles statuses as each trial ends (``finish_trial_run``; ``TrialStatus`` maps to MLflow's), so
+no run is left RUNNING even when a worker dies without a chance to close its run.
+
+``mlflow`` itself is imported inside the functions that call it: it takes seconds to import and
+``spntune --help`` or a refused search must not pay for it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,13 +27,23 @@ from typing import Any, TypeVar
 
 import yaml
 
+from spntune.config import TrackingConfig, TrialConfig, describe_pipeline, flatten
+from spntune.leaderboard import TrialRow, best_of, metric_mode, rank
+from spntune.reporting import EpochReport, Reporter
+from spntune.status import TrialStatus
+
 __all__ = [
     "DEFAULT_TRACKING_URI",
+    "MLflowReporter",
     "SearchRun",
-    "TrialTracker",
+    "artifact_root",
     "default_tracking_uri",
+    "download_checkpoint",
     "find_child_run",
     "finish_trial_run",
+    "masked",
+    "search_rows",
+    "serve_ui",
 ]
 
 log = logging.getLogger("spntune.tracking")
@@ -43,6 +58,11 @@ TAG_REASON = "spntune.reason"
 T = TypeVar("T")
 
 
+def masked(uri: str) -> str:
+    """A URI fit to print: a password in it (``http://user:secret@host``) becomes ``***``."""
+    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", uri)
+
+
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store under ./mlflow_runs (absolute path)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -51,7 +71,7 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow_runs').resolve() / 'mlflow.db'}"
 
 
-def _artifact_root(uri: str) -> str | None:
+def artifact_root(uri: str) -> str | None:
     """Artifacts next to a local SQLite store (``mlflow_runs/artifacts``); a server decides its own."""
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -104,7 +124,7 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
     try:
         # The experiment kind makes MLflow 3's UI open it in its "Model training" view, not GenAI.
         return client.create_experiment(
-            name, artifact_location=_artifact_root(uri), tags={"mlflow.experimentKind": "custom_model_development"}
+            name, artifact_location=artifact_root(uri), tags={"mlflow.experimentKind": "custom_model_development"}
         )
     except Exception:  # created concurrently by another worker
         experiment = client.get_experiment_by_name(name)
@@ -126,49 +146,48 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class TrialTracker:
-    """The child run of one trial (or a standalone run for ``spntune train --mlflow``).
-
-    Args:
-        tracking: the trial config's ``tracking`` section as a dict.
-        trial_id: Ray's trial id (None in-process).
-        params: flat resolved trial config, logged as params.
-        config_yaml: the resolved config, logged as ``config.yaml``.
+class MLflowReporter(Reporter):
+    """The MLflow run of one trial: a child run of its search (or a standalone run for
+    ``spntune train --mlflow``). Params and ``config.yaml`` at start, metrics every epoch, and at each
+    new best epoch the weights-only checkpoint and the pictures (mask panels, h^0..h^T strips,
+    Grad-CAM); at the end the refined-mIoU-by-step curve of the best epoch and the status.
     """
 
-    def __init__(
-        self, tracking: dict[str, Any], trial_id: str | None, params: dict[str, Any], config_yaml: str
-    ) -> None:
-        self.uri = tracking["uri"]
-        self.viz = bool(tracking.get("viz", True))
+    def __init__(self) -> None:
         self.safe = _Safe()
         self.run_id: str | None = None
         self.client: Any = None
+        self.viz = self.gradcam = True
         self.best_steps_miou: list[float] = []  # refined mIoU per step t at the best epoch
-        started = self.safe("start run", lambda: self._start(tracking, trial_id, params, config_yaml))
-        if started is None:
-            log.warning("MLflow run could not be started at %s; this trial is not tracked", self.uri)
 
-    def _start(self, tracking: dict[str, Any], trial_id: str | None, params: dict[str, Any], config_yaml: str) -> str:
+    def start(self, cfg: TrialConfig, trial_id: str | None) -> None:
+        tracking = cfg.tracking
+        self.viz, self.gradcam = tracking.viz, tracking.gradcam
+        params = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.")}
+        started = self.safe("start run", lambda: self._start(tracking, trial_id, params, dump_config(cfg.to_dict())))
+        if started is None:
+            log.warning("MLflow run could not be started at %s; this trial is not tracked", tracking.uri)
+
+    def _start(self, tracking: TrackingConfig, trial_id: str | None, params: dict[str, Any], config_yaml: str) -> str:
         from mlflow.entities import Param
 
-        self.client = _client(self.uri)
-        experiment_id = _experiment_id(self.client, self.uri, tracking.get("experiment") or DEFAULT_EXPERIMENT)
-        parent = tracking.get("parent_run_id")
+        self.client = _client(tracking.uri or "")
+        experiment_id = _experiment_id(self.client, tracking.uri or "", tracking.experiment or DEFAULT_EXPERIMENT)
+        parent = tracking.parent_run_id
         existing = find_child_run(self.client, experiment_id, parent, trial_id) if parent and trial_id else None
         if existing is not None:  # a resumed or retried trial continues its run
             self.run_id = existing.info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, TAG_STATUS, "running")
+            self.client.update_run(self.run_id, status=TrialStatus.RUNNING.mlflow_status)
+            self.client.set_tag(self.run_id, TAG_STATUS, TrialStatus.RUNNING.value)
             return self.run_id
-        tags = {TAG_STATUS: "running"}
+        tags = {TAG_STATUS: TrialStatus.RUNNING.value}
         if parent:
             tags[TAG_PARENT] = parent
-        if tracking.get("search_name"):
-            tags[TAG_SEARCH] = tracking["search_name"]
+        if tracking.search_name:
+            tags[TAG_SEARCH] = tracking.search_name
         if trial_id:
             tags[TAG_TRIAL] = trial_id
-        run = self.client.create_run(experiment_id, tags=tags, run_name=tracking.get("run_name") or trial_id)
+        run = self.client.create_run(experiment_id, tags=tags, run_name=tracking.run_name or trial_id)
         self.run_id = run.info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         self.client.log_text(self.run_id, config_yaml, "config.yaml")
@@ -178,55 +197,57 @@ class TrialTracker:
     def active(self) -> bool:
         return self.run_id is not None
 
-    def log_epoch(self, metrics: dict[str, Any], step: int) -> None:
+    def report(self, epoch: EpochReport) -> None:
         if not self.active:
             return
         from mlflow.entities import Metric
 
+        step = int(epoch.metrics["epoch"])
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in _numeric(metrics).items() if k != "epoch"]
+        batch = [Metric(k, v, now, step) for k, v in _numeric(epoch.metrics).items() if k != "epoch"]
         for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
             chunk = batch[i : i + 900]
             self.safe("log metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
+        if epoch.is_best:
+            self.best_steps_miou = epoch.steps_miou
+            self._log_best(step, epoch)
 
-    def log_steps_curve(self, steps_miou: list[float]) -> None:
+    def _log_best(self, step: int, epoch: EpochReport) -> None:
+        """Best epoch so far: weights-only checkpoint and pictures, overwriting the previous best's."""
+        with tempfile.TemporaryDirectory(prefix="spntune-best-") as tmp:
+            checkpoint = epoch.write_checkpoint(Path(tmp) / "checkpoint", False)
+            self.safe("log checkpoint", lambda: self.client.log_artifact(self.run_id, str(checkpoint), "checkpoint"))
+            self.safe("tag best epoch", lambda: self.client.set_tag(self.run_id, "best_epoch", str(step)))
+            pictures = Path(tmp) / "pictures"
+            if self.viz and epoch.write_pictures(pictures, self.gradcam):
+                self.safe("log pictures", lambda: self.client.log_artifacts(self.run_id, str(pictures)))
+
+    def _log_steps_curve(self) -> None:
         """Refined mIoU against propagation step t at the best epoch (a curve in the UI: x = step)."""
-        if not self.active or len(steps_miou) < 2:
+        if len(self.best_steps_miou) < 2:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric("refined_miou_by_step", v, now, t) for t, v in enumerate(steps_miou) if not math.isnan(v)]
+        batch = [Metric("refined_miou_by_step", v, now, t) for t, v in enumerate(self.best_steps_miou)
+                 if not math.isnan(v)]  # fmt: skip
         self.safe("log step curve", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
-    def log_best(self, epoch: int, checkpoint: Path, pictures: dict[str, Any]) -> None:
-        """Best epoch so far: checkpoint + pictures (``{relative path: RGB array}``), overwritten."""
+    def end(self, status: TrialStatus, reason: str = "") -> None:
         if not self.active:
             return
-        from spntune.viz import save_pictures
-
-        self.safe("log checkpoint", lambda: self.client.log_artifact(self.run_id, str(checkpoint), "checkpoint"))
-        self.safe("tag best epoch", lambda: self.client.set_tag(self.run_id, "best_epoch", str(epoch)))
-        if pictures:
-            with tempfile.TemporaryDirectory(prefix="spntune-pics-") as tmp:
-                save_pictures(pictures, Path(tmp))
-                self.safe("log pictures", lambda: self.client.log_artifacts(self.run_id, tmp))
-
-    def end(self, status: str, reason: str = "") -> None:
-        """FINISHED, FAILED or KILLED, with the reason as a tag."""
-        if not self.active:
-            return
-        self.log_steps_curve(self.best_steps_miou)
+        self._log_steps_curve()
         if reason:
             self.safe("tag reason", lambda: self.client.set_tag(self.run_id, TAG_REASON, reason[:5000]))
-        self.safe("tag status", lambda: self.client.set_tag(self.run_id, TAG_STATUS, status.lower()))
-        self.safe("end run", lambda: self.client.set_terminated(self.run_id, status))
+        self.safe("tag status", lambda: self.client.set_tag(self.run_id, TAG_STATUS, status.value))
+        self.safe("end run", lambda: self.client.set_terminated(self.run_id, status.mlflow_status))
 
 
 def finish_trial_run(
-    uri: str, experiment: str, parent_run_id: str, trial_id: str, status: str, reason: str = ""
+    uri: str, experiment: str, parent_run_id: str, trial_id: str, status: TrialStatus, reason: str = ""
 ) -> str | None:
-    """Driver side: close a trial's child run unless it is already closed with that status."""
+    """Driver side: give a trial's run its final status unless it already has it. The driver is
+    authoritative: ASHA may stop a trial at its last epoch, a dead worker cannot close its run."""
     safe = _Safe(retries=2)
 
     def close() -> str | None:
@@ -237,16 +258,58 @@ def finish_trial_run(
         run = find_child_run(client, exp.experiment_id, parent_run_id, trial_id)
         if run is None:
             return None
-        if run.info.status != status:  # the driver is authoritative (ASHA may "stop" a trial at its last epoch)
+        if run.info.status != status.mlflow_status or run.data.tags.get(TAG_STATUS) != status.value:
             if reason:
                 client.set_tag(run.info.run_id, TAG_REASON, reason[:5000])
-            client.set_tag(
-                run.info.run_id, TAG_STATUS, {"KILLED": "stopped", "FAILED": "error"}.get(status, "finished")
-            )
-            client.set_terminated(run.info.run_id, status)
+            client.set_tag(run.info.run_id, TAG_STATUS, status.value)
+            client.set_terminated(run.info.run_id, status.mlflow_status)
         return run.info.run_id
 
     return safe("close trial run", close)
+
+
+def search_rows(uri: str, experiment: str, search: str | None) -> tuple[dict[str, str], list[TrialRow]]:
+    """``spntune best``: a search's parent-run tags and params and its trials as leaderboard rows, read
+    from MLflow alone (works after the Ray results folder is gone). ``search`` None: the latest.
+
+    Raises:
+        FileNotFoundError: no such experiment or search at ``uri``.
+    """
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise FileNotFoundError(f"no MLflow experiment {experiment!r} at {masked(uri)}")
+    searches = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
+                if TAG_SEARCH in r.data.tags and TAG_PARENT not in r.data.tags and r.data.tags[TAG_SEARCH] == (search or r.data.tags[TAG_SEARCH])]  # fmt: skip
+    if not searches:
+        raise FileNotFoundError(
+            f"no search {search + ' ' if search else ''}in experiment {experiment!r} at {masked(uri)}"
+        )
+    parent = searches[0]
+    metric = parent.data.params.get("metric", "refined_miou")
+    mode = metric_mode(metric)
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", max_results=5000
+    )
+    rows = []
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, metric)
+        by_step = {h.step: h.value for h in history}  # a retried epoch logged twice counts once (the last)
+        status = _status_of(run)
+        rows.append(TrialRow(run.data.tags.get(TAG_TRIAL, ""), status, describe_pipeline(run.data.params),
+                             len(by_step), best_of(list(by_step.values()), mode), dict(run.data.metrics),
+                             path=run.info.artifact_uri, error=run.data.tags.get(TAG_REASON, "") if status is TrialStatus.ERROR else "",
+                             config=dict(run.data.params), run_id=run.info.run_id))  # fmt: skip
+    info = {**parent.data.tags, "run_id": parent.info.run_id, "metric": metric, "mode": mode}
+    return info, rank(rows, mode)
+
+
+def _status_of(run: Any) -> TrialStatus:
+    try:
+        return TrialStatus(run.data.tags.get(TAG_STATUS, ""))
+    except ValueError:  # a run closed by another tool: map MLflow's own status
+        by_mlflow = {s.mlflow_status: s for s in TrialStatus}
+        return by_mlflow.get(run.info.status, TrialStatus.RUNNING)
 
 
 def _git_commit() -> str | None:
@@ -313,5 +376,40 @@ class SearchRun:
         self.safe("finish search run", close)
 
 
+def serve_ui(uri: str, port: int, host: str = "127.0.0.1") -> int:
+    """Run the MLflow UI for ``uri`` on ``host:port`` until Ctrl-C; returns its exit code. MLflow's own
+    host-header and CORS protection stay on."""
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    root = artifact_root(uri)
+    if root:
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        cmd += ["--default-artifact-root", root]
+    reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"anyone who can reach {host}"
+    print(
+        f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning  (tracking {masked(uri)}; "
+        f"listening on {host}: {reach}); Ctrl-C stops it",
+        flush=True,
+    )
+    try:
+        return subprocess.run(cmd, check=False).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 def dump_config(config: dict[str, Any]) -> str:
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def download_checkpoint(uri: str, run_id: str, folder: Path) -> Path:
+    """A trial run's best checkpoint (``checkpoint/checkpoint.pt``), downloaded into ``folder``.
+
+    Raises:
+        FileNotFoundError: the run does not exist or has no checkpoint artifact.
+    """
+    client = _client(uri)
+    try:
+        return Path(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(folder)))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"run {run_id} has no checkpoint/checkpoint.pt artifact at {masked(uri)}: {exc}"
+        ) from None

@@ -1,19 +1,20 @@
-"""``train_segmentation(config)``: one trial, as a plain function of a config dict.
+"""``train_segmentation(config, reporter)``: one trial, as a plain function of a config dict.
 
 It validates the dict into ``TrialConfig``, builds data, model, loss and optimiser from it,
-trains for the configured epochs and calls ``reporter`` once per epoch with flat scalar
-metrics and a checkpoint folder. It does not know who called it: the CLI's debug mode passes
-a console reporter, Ray Tune a reporter around ``tune.report``.
+trains for the configured epochs and tells one ``Reporter`` (``reporting.py``) everything: once
+per epoch an ``EpochReport`` (flat scalar metrics, and ways to write a checkpoint and pictures),
+and at the end the trial's status. It does not know who called it: the CLI's debug mode passes
+a console reporter, Ray Tune a reporter around ``tune.report``; with ``tracking.uri`` set the
+trial puts an MLflow reporter in front of the caller's.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
-import re
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,19 +29,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from spntune.config import TrialConfig
 from spntune.data import build_datasets
+from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError
+from spntune.leaderboard import class_key
 from spntune.losses import build_loss
 from spntune.metrics import SegmentationMeter
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
+from spntune.reporting import EpochReport, Reporter, Reporters, TrialStopped
+from spntune.status import TrialStatus
+from spntune.tracking import MLflowReporter
+from spntune.viz import save_pictures, trial_pictures
 
 __all__ = [
     "CHECKPOINT_FILE",
     "HISTORY_FILE",
     "NonFiniteLossError",
-    "Reporter",
     "build_model",
     "evaluate",
     "load_checkpoint",
     "read_history",
+    "restore_model",
     "train_segmentation",
 ]
 
@@ -50,34 +57,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 #: crashes it holds each epoch that led to the final model exactly once. (Ray's own ``result.json``
 #: cannot promise that: on a retry Ray copies back the last *synced* copy, which may lack epochs.)
 HISTORY_FILE = "history.json"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf; the trial cannot continue."""
-
-
-class Reporter:
-    """Receives per-epoch results. Subclass and override what you need; the base does nothing.
-
-    ``wants_checkpoints``: when True, every epoch's checkpoint folder is passed to ``report``
-    (it is deleted after the call returns, so copy what you keep).
-    """
-
-    wants_checkpoints = False
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        """Called once per epoch with flat scalar metrics."""
-
-    def progress(self, stage: str, epoch: int, batch: int, num_batches: int, loss: float) -> None:
-        """Called after each training batch."""
-
-    def resume_checkpoint(self) -> Path | None:
-        """A checkpoint folder to resume from (Ray Tune's restored checkpoint), or None."""
-        return None
-
-    def trial_id(self) -> str | None:
-        """The scheduler's id for this trial (Ray's trial id), or None in-process."""
-        return None
 
 
 def seed_everything(seed: int) -> None:
@@ -97,14 +76,7 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: TrialConfig, num_classes: int) -> RefinedSegmenter:
     """Coarse network + refiner from a validated config."""
     coarse = build_coarse(cfg.model.arch, cfg.model.encoder, cfg.model.encoder_weights, num_classes, **cfg.model.kwargs)
-    r = cfg.refiner
-    kwargs: dict[str, Any] = {}
-    if r.kind == "cspn":
-        kwargs = dict(kernel_size=r.kernel_size, iterations=r.iterations, channels=r.channels,
-                      centre=r.centre, propagate=r.propagate, affinity_norm=r.affinity_norm)  # fmt: skip
-    elif r.kind == "dyspn":
-        kwargs = dict(kernel_size=r.kernel_size, iterations=r.iterations, channels=r.channels, propagate=r.propagate)
-    refiner = REFINERS[r.kind](num_classes=num_classes, **kwargs)
+    refiner = REFINERS[cfg.refiner.kind](num_classes=num_classes, **cfg.refiner.model_dump(exclude={"kind"}))
     return RefinedSegmenter(coarse, refiner)
 
 
@@ -168,10 +140,6 @@ def _loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: int) 
     )
 
 
-def _sanitize(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]+", "_", name).strip("_") or "class"
-
-
 @torch.no_grad()
 def evaluate(
     model: RefinedSegmenter,
@@ -229,7 +197,7 @@ def flat_metrics(results: dict[str, Any], class_names: list[str]) -> dict[str, f
         for key in ("miou", "pixel_acc", "mean_dice", "boundary_iou"):
             out[f"{stream}_{key}"] = r[key]
         for name, iou in zip(class_names, r["per_class_iou"], strict=True):
-            out[f"{stream}_iou_{_sanitize(name)}"] = iou
+            out[f"{stream}_iou_{class_key(name)}"] = iou
     out["refined_miou_gain"] = out["refined_miou"] - out["coarse_miou"]
     for t, miou in enumerate(results["steps_miou"]):
         out[f"refined_miou_t{t}"] = miou
@@ -276,13 +244,51 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file (or a folder holding ``checkpoint.pt``) safely."""
+    """Load a checkpoint file (or a folder holding ``checkpoint.pt``) safely: ``weights_only=True``
+    never executes a pickle's code.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        CheckpointError: not a spntune checkpoint (truncated, another kind of file, an arbitrary pickle).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle weights_only refuses, not a torch file at all
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable spntune checkpoint ({reason[:200]})") from None
+    missing = [k for k in ("model", "config", "epoch", "extra") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a spntune checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
+def restore_model(state: dict[str, Any], source: str | Path) -> tuple[TrialConfig, RefinedSegmenter]:
+    """The config and model a checkpoint holds, its weights loaded.
+
+    Raises:
+        CheckpointError: its config is not valid for this version, or the weights do not fit it.
+    """
+    try:
+        cfg = TrialConfig.from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {source} holds a config this version cannot use: {exc}") from None
+    model = build_model(cfg, len(state["extra"].get("class_names", [])))
+    load_weights(model, state, source)
+    return cfg, model
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], source: str | Path) -> None:
+    """Load a checkpoint's weights into ``model``; a checkpoint of another architecture is refused."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {source}: its weights do not fit this model ({first[:300]})") from None
 
 
 def read_history(text: str) -> list[dict[str, Any]]:
@@ -303,73 +309,87 @@ def train_segmentation(
 
     Args:
         config: nested or dotted-flat trial config (validated into ``TrialConfig``).
-        reporter: receives metrics (and checkpoints) once per epoch; None = silent.
+        reporter: told everything the trial has to say (see ``reporting.Reporter``); None = silent.
+            With ``tracking.uri`` set, an MLflow reporter is called before it.
         resume_from: checkpoint file or folder to continue from (overrides the reporter's).
 
     Raises:
         ConfigError: invalid config (names the key).
         DatasetError: bad dataset files (names the file).
         NonFiniteLossError: the loss became NaN/inf.
+        TrialStopped: a reporter stopped the trial (Ray's scheduler).
     """
     cfg = TrialConfig.from_dict(config)
-    reporter = reporter or Reporter()
-    tracker = _start_tracker(cfg, reporter)  # before data and model: their failures are tracked too
+    caller = reporter or Reporter()
+    reporters = Reporters(MLflowReporter(), caller) if cfg.tracking.uri else Reporters(caller)
+    reporters.start(cfg, reporters.trial_id())  # before data and model: their failures are reported too
     try:
-        result = _run_trial(cfg, reporter, resume_from, tracker)
-    except (KeyboardInterrupt, SystemExit) as exc:  # Ray stops a trial (ASHA) with SystemExit
-        if tracker is not None:
-            tracker.end("KILLED", "stopped by the scheduler" if isinstance(exc, SystemExit) else "interrupted")
+        result = _run_trial(cfg, reporters, resume_from)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        reporters.end(TrialStatus.STOPPED, str(exc) if isinstance(exc, TrialStopped) else "interrupted")
         raise
     except BaseException as exc:
-        if tracker is not None:
-            tracker.end("FAILED", f"{type(exc).__name__}: {exc}")
+        reporters.end(TrialStatus.ERROR, f"{type(exc).__name__}: {exc}")
         raise
-    if tracker is not None:
-        tracker.end("FINISHED")
+    reporters.end(TrialStatus.COMPLETED)
     return result
 
 
-def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | None, tracker: Any) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """Everything built from a trial's config that its epochs use."""
+
+    cfg: TrialConfig
+    model: RefinedSegmenter
+    loss_fn: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_ds: Dataset
+    class_names: list[str]
+    device: torch.device
+    amp: bool
+    scaler: Any
+    output_dir: Path | None
+
+
+def _build_run(cfg: TrialConfig) -> _Run:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     amp = cfg.train.amp and device.type == "cuda"
-
     train_ds, val_ds, class_names = build_datasets(cfg.data, cfg.train.seed)
-    num_classes = len(class_names)
-    model = build_model(cfg, num_classes).to(device)
-    loss_fn = build_loss(cfg.train.loss)
-    train_loader = _loader(train_ds, cfg.train.batch_size, True, cfg.data.num_workers, cfg.train.seed)
-    val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.data.num_workers, cfg.train.seed)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    model = build_model(cfg, len(class_names)).to(device)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    return _Run(
+        cfg, model, build_loss(cfg.train.loss),
+        _loader(train_ds, cfg.train.batch_size, True, cfg.data.num_workers, cfg.train.seed),
+        _loader(val_ds, cfg.train.batch_size, False, cfg.data.num_workers, cfg.train.seed),
+        val_ds, class_names, device, amp, torch.amp.GradScaler("cuda", enabled=amp), output_dir,
+    )  # fmt: skip
 
-    start_epoch, state = 0, None
+
+def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | None) -> dict[str, Any]:
+    run = _build_run(cfg)
+    state = None
     resume_path = Path(resume_from) if resume_from else reporter.resume_checkpoint()
     if resume_path is not None:
         state = load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        start_epoch = int(state["epoch"]) + 1
-
-    output_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    metrics = _train_loop(cfg, reporter, model, loss_fn, train_loader, val_loader, val_ds, class_names,
-                          device, amp, scaler, start_epoch, state, output_dir, tracker)  # fmt: skip
-    if output_dir is not None and cfg.train.viz_samples > 0:
-        from spntune.viz import save_pictures, trial_pictures
-
-        save_pictures(
-            trial_pictures(model, val_ds, class_names, cfg.train.viz_samples, device, gradcam=False), output_dir
-        )
-    return {"metrics": metrics, "class_names": class_names, "output_dir": str(output_dir) if output_dir else None}
+        load_weights(run.model, state, resume_path)
+    if run.output_dir is not None:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = _train_loop(run, reporter, state)
+    if run.output_dir is not None and cfg.train.viz_samples > 0:
+        _write_pictures(run, run.output_dir, gradcam=False)
+    return {"metrics": metrics, "class_names": run.class_names,
+            "output_dir": str(run.output_dir) if run.output_dir else None}  # fmt: skip
 
 
 def _maybe_inject_crash(epoch: int, point: str) -> None:
     """Fault injection for recovery tests: ``SPNTUNE_CRASH_ONCE=<marker file>:<epoch>[:<point>]`` makes
     the first trial that reaches that (1-based) epoch raise once, creating the marker so retries run
     normally. ``point``: ``start`` (default; right after the previous epoch's report) or ``report``
-    (the epoch is trained, checkpointed and logged to MLflow, but not yet reported)."""
+    (the epoch is trained and evaluated, and checkpointed in ``output_dir`` if set, but no reporter
+    has heard of it)."""
     spec = os.environ.get("SPNTUNE_CRASH_ONCE")
     if not spec:
         return
@@ -384,27 +404,15 @@ def _maybe_inject_crash(epoch: int, point: str) -> None:
     raise RuntimeError(f"injected crash at the {point} of epoch {epoch + 1} (SPNTUNE_CRASH_ONCE)")
 
 
-def _start_tracker(cfg: TrialConfig, reporter: Reporter) -> Any:
-    if not cfg.tracking.uri:
-        return None
-    from spntune.config import flatten
-    from spntune.tracking import TrialTracker, dump_config
-
-    params = {k: v for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.")}
-    return TrialTracker(cfg.tracking.model_dump(), reporter.trial_id(), params, dump_config(cfg.to_dict()))
-
-
-def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, loss_fn: nn.Module,
-                train_loader: DataLoader, val_loader: DataLoader, val_ds: Dataset, class_names: list[str],
-                device: torch.device, amp: bool, scaler: Any, start_epoch: int, state: dict[str, Any] | None,
-                output_dir: Path | None, tracker: Any) -> dict[str, Any]:  # fmt: skip
-    """The epochs of every phase; returns the last epoch's metrics."""
-    num_classes = len(class_names)
-    metrics: dict[str, Any] = {}
-    resumed_extra = state.get("extra", {}) if state is not None else {}
-    best = float(resumed_extra.get("metrics", {}).get("best_refined_miou", -math.inf))
+def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> dict[str, Any]:
+    """The epochs of every phase, from the resume point on; returns the last epoch's metrics."""
+    cfg, model = run.cfg, run.model
+    start_epoch = int(state["epoch"]) + 1 if state is not None else 0
+    resumed = state.get("extra", {}) if state is not None else {}
+    best = float(resumed.get("metrics", {}).get("best_refined_miou", -math.inf))
     # Epochs before the resume point, as recorded by the checkpoint we resume from.
-    history = [row for row in resumed_extra.get("history", []) if row.get("epoch", 0) <= start_epoch]
+    history = [row for row in resumed.get("history", []) if row.get("epoch", 0) <= start_epoch]
+    metrics: dict[str, Any] = {}
     for phase in _phases(cfg, model):
         if start_epoch >= phase.first_epoch + phase.epochs:
             continue  # finished before the resume point
@@ -412,117 +420,106 @@ def _train_loop(cfg: TrialConfig, reporter: Reporter, model: RefinedSegmenter, l
             p.requires_grad_(False)
         for p in phase.params:
             p.requires_grad_(True)
-        optimiser, scheduler = _optimiser(cfg, phase.params, phase.epochs, len(train_loader))
+        optimiser, scheduler = _optimiser(cfg, phase.params, phase.epochs, len(run.train_loader))
         if state is not None and state.get("phase") == phase.name and state.get("optimizer"):
             optimiser.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
             _maybe_inject_crash(epoch, "start")
-            # Re-seed per epoch so a resumed trial sees the same batches as an uninterrupted one.
-            seed_everything(cfg.train.seed + epoch)
-            train_loader.generator.manual_seed(cfg.train.seed + epoch)  # type: ignore[union-attr]  # sampler's too
-            model.train()
-            if phase.name == "refine":
-                model.coarse.eval()  # frozen: BatchNorm statistics stay as trained
+            train = _train_epoch(run, phase, optimiser, scheduler, epoch, reporter)
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "coarse": 0.0, "refined": 0.0}
-            seen = 0
-            for i, (image, target) in enumerate(_batches(train_loader, device)):
-                with torch.autocast(device_type=device.type, enabled=amp):
-                    out = model(image)
-                coarse_loss = (
-                    loss_fn(out.coarse_logits.float(), target)
-                    if phase.coarse_weight
-                    else torch.zeros((), device=device)
-                )
-                refined_loss = (
-                    loss_fn(out.refined_logits.float(), target)
-                    if phase.refined_weight
-                    else torch.zeros((), device=device)
-                )
-                loss = phase.coarse_weight * coarse_loss + phase.refined_weight * refined_loss
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
-                        f"(phase {phase.name}, loss {cfg.train.loss!r}, optim.lr={cfg.optim.lr}); "
-                        "try a lower optim.lr or set optim.grad_clip"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip is not None:
-                    scaler.unscale_(optimiser)
-                    torch.nn.utils.clip_grad_norm_(phase.params, cfg.optim.grad_clip)
-                scaler.step(optimiser)
-                scaler.update()
-                scheduler.step()
-                n = image.shape[0]
-                seen += n
-                loss_value = loss.item()
-                sums["loss"] += loss_value * n
-                sums["coarse"] += coarse_loss.item() * n
-                sums["refined"] += refined_loss.item() * n
-                reporter.progress(phase.name, epoch + 1, i + 1, len(train_loader), loss_value)
-            train_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            results = evaluate(model, val_loader, num_classes, device, loss_fn, amp)
-            val_seconds = time.perf_counter() - t1
-            metrics = {
-                "epoch": epoch + 1,
-                "phase": phase.name,
-                "train_loss": sums["loss"] / max(seen, 1),
-                "train_loss_coarse": sums["coarse"] / max(seen, 1),
-                "train_loss_refined": sums["refined"] / max(seen, 1),
-                **flat_metrics(results, class_names),
-                "epoch_seconds": train_seconds + val_seconds,
-                "train_images_per_s": seen / max(train_seconds, 1e-9),
-                "val_seconds": val_seconds,
-                "lr": optimiser.param_groups[0]["lr"],
-            }
-            current = metrics["refined_miou"]
-            is_best = not math.isnan(current) and current > best
-            best = current if is_best else best
+            results = evaluate(model, run.val_loader, len(run.class_names), run.device, run.loss_fn, run.amp)
+            metrics = {"epoch": epoch + 1, "phase": phase.name, **train, **flat_metrics(results, run.class_names),
+                       "val_seconds": time.perf_counter() - t0, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
+            metrics["epoch_seconds"] = metrics["train_seconds"] + metrics["val_seconds"]
+            is_best = not math.isnan(metrics["refined_miou"]) and metrics["refined_miou"] > best
+            best = metrics["refined_miou"] if is_best else best
             metrics["best_refined_miou"] = best
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-            extra = {
-                "class_names": class_names,
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                "history": history,
-            }
+            checkpoint = _Checkpointer(run, epoch, phase.name, optimiser, scheduler, {
+                "class_names": run.class_names, "history": list(history),
+                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})  # fmt: skip
             # Persist before reporting: a reporter may stop the trial (ASHA, interruption).
-            if output_dir is not None:
-                save_checkpoint(
-                    output_dir / CHECKPOINT_FILE, model, cfg, epoch, phase.name, optimiser, scheduler, extra
-                )
-            # MLflow first too: Ray stops a trial by raising inside its report call.
-            if tracker is not None:
-                _track_epoch(tracker, cfg, metrics, results, is_best, model, epoch + 1,
-                             phase.name, extra, val_ds, class_names, device)  # fmt: skip
+            if run.output_dir is not None:
+                checkpoint(run.output_dir, True)
             _maybe_inject_crash(epoch, "report")
-            if reporter.wants_checkpoints:
-                with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
-                    save_checkpoint(
-                        Path(tmp) / CHECKPOINT_FILE, model, cfg, epoch, phase.name, optimiser, scheduler, extra
-                    )
-                    reporter.report(metrics, Path(tmp))
-            else:
-                reporter.report(metrics, None)
+            pictures = functools.partial(_write_pictures, run)
+            reporter.report(EpochReport(metrics, is_best, results["steps_miou"], checkpoint, pictures))
     return metrics
 
 
-def _track_epoch(tracker: Any, cfg: TrialConfig, metrics: dict[str, Any], results: dict[str, Any], is_best: bool,
-                 model: RefinedSegmenter, epoch: int, phase: str, extra: dict[str, Any], val_ds: Dataset,
-                 class_names: list[str], device: torch.device) -> None:  # fmt: skip
-    """Per-epoch metrics; at a new best epoch also the checkpoint, step curve and pictures."""
-    tracker.log_epoch(metrics, epoch)
-    if not is_best:
-        return
-    tracker.best_steps_miou = results["steps_miou"]
-    pictures: dict[str, Any] = {}
-    if cfg.tracking.viz and cfg.train.viz_samples > 0:
-        from spntune.viz import trial_pictures
+@dataclass
+class _Checkpointer:
+    """``EpochReport.write_checkpoint`` of one epoch: ``(folder, with_optimiser) -> checkpoint file``."""
 
-        pictures = trial_pictures(model, val_ds, class_names, cfg.train.viz_samples, device, cfg.tracking.gradcam)
-    with tempfile.TemporaryDirectory(prefix="spntune-best-") as tmp:
-        path = Path(tmp) / CHECKPOINT_FILE
-        save_checkpoint(path, model, cfg, epoch - 1, phase, None, None, extra)  # weights only: for predict
-        tracker.log_best(epoch, path, pictures)
+    run: _Run
+    epoch: int
+    phase: str
+    optimiser: torch.optim.Optimizer
+    scheduler: Any
+    extra: dict[str, Any]
+
+    def __call__(self, folder: Path, with_optimiser: bool) -> Path:
+        path = folder / CHECKPOINT_FILE
+        optimiser, scheduler = (self.optimiser, self.scheduler) if with_optimiser else (None, None)
+        save_checkpoint(path, self.run.model, self.run.cfg, self.epoch, self.phase, optimiser, scheduler, self.extra)
+        return path
+
+
+def _train_epoch(run: _Run, phase: _Phase, optimiser: torch.optim.Optimizer, scheduler: Any, epoch: int,
+                 reporter: Reporter) -> dict[str, float]:  # fmt: skip
+    """One epoch of training; returns mean losses, seconds and throughput."""
+    cfg, model, device = run.cfg, run.model, run.device
+    # Re-seed per epoch so a resumed trial sees the same batches as an uninterrupted one.
+    seed_everything(cfg.train.seed + epoch)
+    run.train_loader.generator.manual_seed(cfg.train.seed + epoch)  # type: ignore[union-attr]  # sampler's too
+    model.train()
+    if phase.name == "refine":
+        model.coarse.eval()  # frozen: BatchNorm statistics stay as trained
+    t0 = time.perf_counter()
+    sums = {"loss": 0.0, "coarse": 0.0, "refined": 0.0}
+    seen = 0
+    zero = torch.zeros((), device=device)
+    for i, (image, target) in enumerate(_batches(run.train_loader, device)):
+        with torch.autocast(device_type=device.type, enabled=run.amp):
+            out = model(image)
+        coarse_loss = run.loss_fn(out.coarse_logits.float(), target) if phase.coarse_weight else zero
+        refined_loss = run.loss_fn(out.refined_logits.float(), target) if phase.refined_weight else zero
+        loss = phase.coarse_weight * coarse_loss + phase.refined_weight * refined_loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
+                f"(phase {phase.name}, loss {cfg.train.loss!r}, optim.lr={cfg.optim.lr}); "
+                "try a lower optim.lr or set optim.grad_clip"
+            )
+        optimiser.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip is not None:
+            run.scaler.unscale_(optimiser)
+            torch.nn.utils.clip_grad_norm_(phase.params, cfg.optim.grad_clip)
+        run.scaler.step(optimiser)
+        run.scaler.update()
+        scheduler.step()
+        n = image.shape[0]
+        seen += n
+        loss_value = loss.item()
+        sums["loss"] += loss_value * n
+        sums["coarse"] += coarse_loss.item() * n
+        sums["refined"] += refined_loss.item() * n
+        reporter.progress(phase.name, epoch + 1, i + 1, len(run.train_loader), loss_value)
+    seconds = time.perf_counter() - t0
+    return {
+        "train_loss": sums["loss"] / max(seen, 1),
+        "train_loss_coarse": sums["coarse"] / max(seen, 1),
+        "train_loss_refined": sums["refined"] / max(seen, 1),
+        "train_seconds": seconds,
+        "train_images_per_s": seen / max(seconds, 1e-9),
+    }
+
+
+def _write_pictures(run: _Run, folder: Path, gradcam: bool) -> list[Path]:
+    """Mask panels, h^0..h^T strips (and Grad-CAM) of the first ``train.viz_samples`` validation images."""
+    if run.cfg.train.viz_samples <= 0:
+        return []
+    pictures = trial_pictures(run.model, run.val_ds, run.class_names, run.cfg.train.viz_samples, run.device, gradcam)
+    return save_pictures(pictures, folder)

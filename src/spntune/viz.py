@@ -17,6 +17,7 @@ from spntune.data.base import IGNORE_INDEX, denormalise
 from spntune.data.voc import voc_palette
 
 __all__ = [
+    "PALETTE",
     "cam_overlay",
     "colourise",
     "error_map",
@@ -27,13 +28,13 @@ __all__ = [
     "trial_pictures",
 ]
 
-_PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-_PALETTE[IGNORE_INDEX] = (224, 224, 192)  # VOC's void colour
+PALETTE = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+PALETTE[IGNORE_INDEX] = (224, 224, 192)  # VOC's void colour
 
 
 def colourise(mask: np.ndarray) -> np.ndarray:
     """Class ids ``[H, W]`` -> RGB ``[H, W, 3]`` with the VOC palette (void cream)."""
-    return _PALETTE[mask.astype(np.uint8)]
+    return PALETTE[mask.astype(np.uint8)]
 
 
 def error_map(coarse: np.ndarray, refined: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -189,6 +190,6 @@ def trial_pictures(
             )
     model.train(was_training)
     out["panels/legend.txt"] = (
-        "\n".join(f"{i}: {n} rgb{tuple(int(v) for v in _PALETTE[i])}" for i, n in enumerate(class_names)) + "\n"
+        "\n".join(f"{i}: {n} rgb{tuple(int(v) for v in PALETTE[i])}" for i, n in enumerate(class_names)) + "\n"
     )
     return out

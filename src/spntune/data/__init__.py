@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING
 from torch.utils.data import Dataset, Subset
 
 from spntune.data.base import IGNORE_INDEX, DatasetError, PairTransform
+from spntune.data.folder import load_folder
+from spntune.data.pets import load_pets
+from spntune.data.synthetic import SyntheticShapes
+from spntune.data.transforms import build_transform
+from spntune.data.voc import load_voc
 
 if TYPE_CHECKING:
     from spntune.config import DataConfig
@@ -33,26 +38,18 @@ class DatasetSpec:
 
 
 def _pets(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    from spntune.data.pets import load_pets
-
     return load_pets(Path(cfg.root or ""), split, cfg.target, transform)
 
 
 def _voc(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    from spntune.data.voc import load_voc
-
     return load_voc(Path(cfg.root or ""), split, transform)
 
 
 def _folder(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    from spntune.data.folder import load_folder
-
     return load_folder(Path(cfg.root or ""), split, transform)
 
 
 def _synthetic(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    from spntune.data.synthetic import SyntheticShapes
-
     if split == "train":
         return SyntheticShapes(cfg.train_size, cfg.image_size, seed, transform)
     return SyntheticShapes(cfg.val_size, cfg.image_size, seed + _SYNTHETIC_VAL_SEED_OFFSET, transform)
@@ -69,8 +66,6 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
     """``(train, val, class_names)``; train gets augmentation, val a plain resize."""
-    from spntune.data.transforms import build_transform
-
     spec = DATASETS[cfg.name]
     train = spec.build(
         cfg, cfg.train_split or spec.train_split, build_transform(cfg.image_size, True, cfg.augment), seed

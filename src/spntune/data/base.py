@@ -15,6 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from spntune.errors import DatasetError
+
 __all__ = [
     "IGNORE_INDEX",
     "DatasetError",
@@ -29,10 +31,6 @@ IGNORE_INDEX = 255
 
 #: ``(image HxWx3 uint8, mask HxW uint8) -> (image, mask)`` paired transform.
 PairTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-class DatasetError(ValueError):
-    """Bad or missing dataset files; the message names the file and what was expected."""
 
 
 def require_dir(path: Path, what: str) -> Path:

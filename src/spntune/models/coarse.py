@@ -13,11 +13,9 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
+from spntune.errors import WeightsUnavailableError
+
 __all__ = ["COARSE", "FCN", "WeightsUnavailableError", "build_coarse"]
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained encoder weights could not be downloaded or found in the local cache."""
 
 
 class FCN(nn.Module):

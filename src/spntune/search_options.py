@@ -1,0 +1,133 @@
+"""The options of a search, and every check that can refuse them before Ray starts or anything is
+written (``check_search``). Light on purpose: ``spntune search`` refuses bad flags, spaces and data
+roots in well under a second, before it imports torch, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spntune.config import ConfigError, TrialConfig
+from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
+from spntune.space import SearchSpace
+
+__all__ = ["OBJECTIVES", "SearchOptions", "check_search"]
+
+#: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "miou": ("refined_miou", "max"),
+    "latency": ("infer_ms_per_image", "min"),
+}
+
+
+@dataclass
+class SearchOptions:
+    space: SearchSpace
+    trials: int = 8
+    concurrency: int = 2
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    metric: str | None = None  # default: the space's metric
+    objectives: list[str] = field(default_factory=lambda: ["miou"])
+    address: str | None = None
+    name: str = "search"
+    storage: Path = Path("runs/ray")
+    resume: bool = False
+    max_failures: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    top: int = 10
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI or ./mlflow_runs; "none": no MLflow
+    experiment: str = "spntune"
+    viz: bool = True
+    space_file: Path | None = None
+
+    @property
+    def experiment_path(self) -> Path:
+        return self.storage.resolve() / self.name
+
+    def objective_list(self) -> list[tuple[str, str]]:
+        """``(metric, mode)`` per objective; ``miou`` follows ``--metric`` and the space's mode."""
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise ConfigError(
+                f"--objective takes {', '.join(OBJECTIVES)} joined by ',', got {','.join(self.objectives)}"
+            )
+        metric = self.metric or self.space.metric
+        if not is_trial_metric(metric):
+            raise ConfigError(
+                f"--metric {metric!r} is not a metric trials report; valid: {', '.join(TRIAL_METRICS)}, "
+                "coarse_iou_<class>, refined_iou_<class>, refined_miou_t<step>"
+            )
+        mode = self.space.mode if metric == self.space.metric else metric_mode(metric)
+        return [(metric, mode) if o == "miou" else OBJECTIVES[o] for o in self.objectives]
+
+
+def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
+    """Everything that can be refused before Ray starts or anything is written; returns the objectives."""
+    ranges = [("--trials", opts.trials, opts.trials >= 1, "an integer >= 1"),
+              ("--concurrency", opts.concurrency, opts.concurrency >= 1, "an integer >= 1"),
+              ("--cpus-per-trial", opts.cpus_per_trial, opts.cpus_per_trial > 0, "a number > 0"),
+              ("--gpus-per-trial", opts.gpus_per_trial, opts.gpus_per_trial >= 0, "a number >= 0 (0.5 = half a GPU)"),
+              ("--grace-period", opts.grace_period, opts.grace_period >= 1, "an integer >= 1 (epochs)"),
+              ("--reduction-factor", opts.reduction_factor, opts.reduction_factor > 1, "a number > 1"),
+              ("--max-failures", opts.max_failures, opts.max_failures >= 0, "an integer >= 0"),
+              ("--top", opts.top, opts.top >= 1, "an integer >= 1")]  # fmt: skip
+    bad = [f"{flag} must be {expected}, got {value}" for flag, value, ok, expected in ranges if not ok]
+    if bad:
+        raise ConfigError("; ".join(bad))
+    objectives = opts.objective_list()
+    _check_resources(opts)
+    cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
+    if cfg.data.root and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")
+    experiment = opts.experiment_path
+    existing = next(p for p in (experiment, *experiment.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--storage {opts.storage}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--storage {opts.storage}: cannot write under {existing} (no permission)")
+    if opts.resume and not experiment.is_dir():
+        raise ConfigError(f"nothing to resume: no search at {experiment}")
+    if not opts.resume and experiment.exists():
+        raise ConfigError(
+            f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
+        )
+    return objectives
+
+
+def _check_resources(opts: SearchOptions) -> None:
+    """A trial that asks for more than this machine has would wait forever: refuse it. On a cluster
+    (``--address HOST:PORT``) the head must be listening (Ray itself retries for minutes)."""
+    if opts.address and opts.address != "auto":
+        host, _, port = opts.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--address takes auto or HOST:PORT (e.g. 10.0.0.5:6379), got {opts.address!r}")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"--address {opts.address}: no Ray head answers there ({exc.strerror or exc}); "
+                "start one with `ray start --head` or check the address"
+            ) from None
+        return  # a cluster's GPUs may still be on their way (autoscaling)
+    cpus = os.cpu_count() or 1
+    if opts.cpus_per_trial > cpus:
+        raise ConfigError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus} CPUs")
+    if opts.gpus_per_trial <= 0:
+        return
+    import torch  # only a search that asks for GPUs pays for counting them
+
+    gpus = torch.cuda.device_count()
+    if opts.gpus_per_trial > gpus:
+        raise ConfigError(
+            f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus} GPU{'s' * (gpus != 1)}, so no "
+            "trial could ever start; use 0 here, or --address to run on a cluster with GPUs"
+        )

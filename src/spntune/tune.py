@@ -1,0 +1,326 @@
+"""``spntune search``: the Ray Tune + Optuna driver.
+
+One trial = ``train_segmentation`` behind a ``RayReporter``. The driver checks the options, opens
+the search's MLflow parent run, starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` (TPE)
+and ASHA, and turns Ray's results into leaderboard rows (``leaderboard.py``). ``--resume``
+continues an interrupted search from its storage folder (the Optuna study included).
+
+Two Ray callbacks watch the trials from the driver. ``TrackingCallback`` gives each trial's MLflow
+run its final status as the trial ends; it pickles with its settings, so it keeps working after
+``--resume`` (Ray restores callbacks from the pickled run config). ``ListenerCallback`` forwards
+trial events to whatever listens in this process (the live terminal table), found by the search's
+path, so a resumed search gets its table too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+from ray import tune
+
+from spntune.config import ConfigError, describe_pipeline
+from spntune.leaderboard import (
+    SearchSummary,
+    TrialRow,
+    best_of,
+    expected_epochs,
+    pareto,
+    rank,
+    search_plots,
+    write_history,
+    write_leaderboard,
+    write_leaderboard_html,
+)
+from spntune.reporting import EpochReport, Reporter, TrialStopped
+from spntune.search_options import OBJECTIVES, SearchOptions, check_search
+from spntune.space import SearchSpace
+from spntune.status import TrialStatus
+from spntune.tracking import SearchRun, default_tracking_uri, finish_trial_run
+from spntune.trainables import HISTORY_FILE, read_history, train_segmentation
+
+__all__ = [
+    "OBJECTIVES",
+    "ListenerCallback",
+    "RayReporter",
+    "SearchOptions",
+    "TrackingCallback",
+    "TrialListener",
+    "run_search",
+    "run_trial",
+]
+
+log = logging.getLogger("spntune.tune")
+
+
+class RayReporter(Reporter):
+    """Reports to Ray Tune with a checkpoint every epoch; resumes from Ray's checkpoint.
+
+    Ray stops a trial (ASHA) by calling ``sys.exit`` inside ``tune.report``; that becomes
+    ``TrialStopped`` here, so the trial ends its other reporters with status ``stopped``.
+    """
+
+    def __init__(self) -> None:
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._restored: tempfile.TemporaryDirectory[str] | None = None
+
+    def trial_id(self) -> str | None:
+        return tune.get_context().get_trial_id()
+
+    def resume_checkpoint(self) -> Path | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="spntune-restore-")
+        return Path(checkpoint.to_directory(self._restored.name))
+
+    def report(self, epoch: EpochReport) -> None:
+        with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
+            epoch.write_checkpoint(Path(tmp), True)
+            try:  # tune.report copies the folder to the search's storage
+                tune.report({**epoch.metrics, "node_id": self._node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            except SystemExit as exc:
+                raise TrialStopped("stopped early by the scheduler") from exc
+
+
+def run_trial(config: dict[str, Any], space: SearchSpace, overrides: dict[str, Any]) -> None:
+    """Ray Tune function trainable: Optuna's suggestions -> trial config -> train."""
+    train_segmentation(trial_config(space, config, overrides, tracking=True), RayReporter())
+
+
+def trial_config(space: SearchSpace, suggested: dict[str, Any], overrides: dict[str, Any],
+                 tracking: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The flat config a trial runs with; ``tracking=False`` leaves the ``tracking.*`` keys out."""
+    kept = overrides if tracking else {k: v for k, v in overrides.items() if not k.startswith("tracking.")}
+    return {**space.to_trial_config(suggested), **kept}
+
+
+class TrialListener(Protocol):
+    """Something in the driver process that follows the trials (the live terminal table)."""
+
+    def trial_event(self, trial_id: str, config: dict[str, Any], status: TrialStatus,
+                    result: dict[str, Any] | None) -> None: ...  # fmt: skip
+
+
+#: Listeners of the searches running in this process, by search path (see ``ListenerCallback``).
+_LISTENERS: dict[str, TrialListener] = {}
+
+
+class ListenerCallback(tune.Callback):
+    """Forwards trial events to the listener registered for its search in this process. It holds
+    only the search's path, so the copy Ray restores on ``--resume`` finds the new process's listener."""
+
+    def __init__(self, key: str, space: SearchSpace, overrides: dict[str, Any]) -> None:
+        self.key, self.space, self.overrides = key, space, overrides
+
+    def _send(self, trial: Any, status: TrialStatus, result: dict | None = None) -> None:
+        listener = _LISTENERS.get(self.key)
+        if listener is not None:
+            try:
+                config = trial_config(self.space, trial.config, self.overrides)
+            except ConfigError:  # not this space's parameters: show them as they are
+                config = dict(trial.config)
+            listener.trial_event(trial.trial_id, config, status, result)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._send(trial, TrialStatus.RUNNING)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._send(trial, TrialStatus.RUNNING, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._send(trial, _ended(trial, self.space, self.overrides, errored=False))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._send(trial, TrialStatus.ERROR)
+
+
+class TrackingCallback(tune.Callback):
+    """Closes each trial's MLflow run with its final status as the trial ends (pickles whole)."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, space: SearchSpace,
+                 overrides: dict[str, Any]) -> None:  # fmt: skip
+        self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
+        self.space, self.overrides = space, overrides
+
+    def _close(self, trial: Any, errored: bool) -> None:
+        epochs = int((trial.last_result or {}).get("epoch", 0) or 0)
+        status = _ended(trial, self.space, self.overrides, errored)
+        finish_trial_run(self.uri, self.experiment, self.parent_run_id, trial.trial_id, status, status.reason(epochs))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, errored=True)
+
+
+def _ended(trial: Any, space: SearchSpace, overrides: dict[str, Any], errored: bool) -> TrialStatus:
+    epochs = int((trial.last_result or {}).get("epoch", 0) or 0)
+    try:
+        expected = expected_epochs(trial_config(space, trial.config, overrides))
+    except ConfigError:
+        expected = -1
+    return TrialStatus.of(errored, epochs, expected)
+
+
+def _drop_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _init_ray(address: str | None) -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy engine: verbose=0 is silent, our table shows progress
+    if ray.is_initialized():
+        return
+    if not address:
+        # A Ray started here uses token authentication (Ray's default for local clusters since 2.60;
+        # the token lives in ~/.ray/auth_token). Ray says so in a warning on every start that the user
+        # cannot act on, so that one message is dropped; the README explains it once.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_notice)
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+
+
+def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> SearchSummary:
+    """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials."""
+    objectives = check_search(opts)
+    metric, mode = objectives[0]
+    start = time.perf_counter()
+    experiment = opts.experiment_path
+    uri = None if (opts.tracking_uri or "").lower() == "none" else (opts.tracking_uri or default_tracking_uri())
+    parent = _open_parent_run(opts, uri, metric) if uri else None
+    overrides = dict(opts.overrides)
+    callbacks: list[tune.Callback] = [ListenerCallback(str(experiment), opts.space, overrides)]
+    if parent is not None and uri is not None:  # the URI travels in the config: workers do not inherit the env
+        overrides |= {"tracking.uri": uri, "tracking.experiment": opts.experiment, "tracking.parent_run_id": parent.run_id,
+                      "tracking.search_name": opts.name, "tracking.viz": opts.viz}  # fmt: skip
+        callbacks.append(TrackingCallback(uri, opts.experiment, parent.run_id, opts.space, overrides))
+    _init_ray(opts.address)
+    if listener is not None:
+        _LISTENERS[str(experiment)] = listener
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
+            results = _tuner(opts, overrides, objectives, callbacks).fit()
+    finally:
+        _LISTENERS.pop(str(experiment), None)
+    rows = rank([_row(r, opts.space, metric, mode, overrides) for r in results], mode)
+    summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
+    summary.pareto = pareto(rows, objectives) if len(objectives) > 1 else []
+    write_leaderboard(summary, experiment / "leaderboard.csv")
+    write_history(rows, experiment / "history.csv")
+    if parent is not None and uri is not None:
+        _finish_parent_run(parent, uri, opts, summary, mode)
+    if not opts.address:
+        ray.shutdown()
+    return summary
+
+
+def _open_parent_run(opts: SearchOptions, uri: str, metric: str) -> SearchRun | None:
+    params = {"space": opts.space.name, "trials": opts.trials, "concurrency": opts.concurrency,
+              "scheduler": opts.scheduler, "metric": metric, "objectives": ",".join(opts.objectives),
+              "gpus_per_trial": opts.gpus_per_trial, "cpus_per_trial": opts.cpus_per_trial,
+              "overrides": opts.overrides}  # fmt: skip
+    return SearchRun.open(uri, opts.experiment, opts.name, opts.experiment_path, params, opts.space_file, opts.resume)
+
+
+def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tuple[str, str]],
+           callbacks: list[tune.Callback]) -> tune.Tuner:  # fmt: skip
+    """A new Tuner, or on ``--resume`` the stored one (its searcher, scheduler and callbacks restored)."""
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, space=opts.space, overrides=overrides),
+        {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+    )
+    if opts.resume:  # finished trials are not re-run
+        return tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)  # fmt: skip
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
+    sampler = optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=opts.seed,
+                                         n_startup_trials=min(10, opts.trials))  # fmt: skip
+    searcher = OptunaSearch(space=opts.space.define_by_run, metric=metrics if len(metrics) > 1 else metric,
+                            mode=modes if len(modes) > 1 else mode, sampler=sampler,
+                            points_to_evaluate=opts.space.points_to_evaluate or None)  # fmt: skip
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=1000,
+                      grace_period=opts.grace_period, reduction_factor=opts.reduction_factor)
+        if opts.scheduler == "asha" else FIFOScheduler()
+    )  # fmt: skip
+    # A fresh actor re-imports torch + smp (~5 s here); the trainable is a pure function of its
+    # config (it reseeds itself), so actors can be reused safely.
+    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=opts.trials,
+                                  max_concurrent_trials=opts.concurrency, reuse_actors=True)  # fmt: skip
+    run_config = tune.RunConfig(name=opts.name, storage_path=str(opts.storage.resolve()), verbose=0,
+                                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks)  # fmt: skip
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
+    """The per-epoch history stored beside a trial's latest checkpoint (local or remote storage)."""
+    if checkpoint is None:
+        return []
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{HISTORY_FILE}") as fh:
+            return read_history(fh.read().decode())
+    except OSError:  # a checkpoint from before histories existed
+        return []
+
+
+def _row(result: Any, space: SearchSpace, metric: str, mode: str, overrides: dict[str, Any]) -> TrialRow:
+    """A leaderboard row from one Ray result. Epochs, best and last metrics come from the history that
+    travels with the trial's latest checkpoint (every report carries one), not from Ray's
+    ``result.json``, which can lose epochs when a trial is retried."""
+    config = trial_config(space, result.config or {}, overrides)
+    reported = dict(result.metrics or {})
+    history = _checkpoint_history(result.checkpoint)
+    last = dict(history[-1]) if history else reported
+    epochs = int(last.get("epoch", 0) or 0)
+    error = _first_line(result.error) if result.error is not None else ""
+    return TrialRow(
+        trial_id=str(reported.get("trial_id") or Path(result.path).name),
+        status=TrialStatus.of(result.error is not None, epochs, expected_epochs(config)),
+        summary=describe_pipeline(config), epochs=epochs, best=best_of([h.get(metric) for h in history], mode),
+        last=last, path=str(result.path), error=error, config=config, params=dict(result.config or {}),
+        history=history,
+    )  # fmt: skip
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    # Ray wraps the trial's exception; keep its last "Error: message" line.
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0]:
+            return line[:500]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary: SearchSummary, mode: str) -> None:
+    """Final sweep (every child run gets its final status, also for trials of a resumed search), then
+    the parent run's leaderboard, history, plots and best-trial tag."""
+    for row in summary.rows:
+        finish_trial_run(uri, opts.experiment, parent.run_id, row.trial_id, row.status,
+                         row.status.reason(row.epochs, row.error))  # fmt: skip
+    experiment = summary.experiment_path
+    files = {"leaderboard": write_leaderboard_html(summary, experiment / "leaderboard.html"),
+             "leaderboard/history": experiment / "history.csv"}  # fmt: skip
+    files |= {f"plots/{p.stem}": p for p in search_plots(opts.space, summary.rows, mode, experiment / "plots")}
+    best = next((r for r in summary.rows if r.status is not TrialStatus.ERROR and not math.isnan(r.best)), None)
+    parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None)
+    summary.parent_run_id, summary.tracking_uri = parent.run_id, uri
