@@ -124,3 +124,41 @@ def test_help_and_refusals_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "2 []", out.stdout + out.stderr
     assert "--trials must be an integer >= 1, got 0" in out.stderr
+
+
+@pytest.mark.parametrize("arch", ["unet", "deeplabv3plus", "fcn"])
+@pytest.mark.parametrize("net", ["light", "unet", "shared"])
+def test_every_affinity_network_starts_as_the_identity(arch, net):
+    from spntune.config import TrialConfig
+    from spntune.trainables import build_model
+
+    torch.manual_seed(0)
+    for kind in ("cspn", "dyspn"):
+        cfg = TrialConfig.from_dict({"model.arch": arch, "refiner.kind": kind, "refiner.affinity_net": net,
+                                     "refiner.channels": 8, "refiner.kernel_size": 3, "refiner.iterations": 2})  # fmt: skip
+        model = build_model(cfg, 4).eval()
+        out = model(torch.randn(2, 3, 64, 64), return_steps=True)
+        torch.testing.assert_close(out.refined_logits.softmax(1), out.coarse_logits.softmax(1), atol=1e-6, rtol=1e-5)
+        assert type(model.refiner.affinity_net).__name__ == {
+            "light": "AffinityNet", "unet": "UNetAffinityNet", "shared": "SharedAffinityNet"}[net]  # fmt: skip
+
+
+def test_unet_affinity_network_has_the_bottleneck_width():
+    refiner = REFINERS["cspn"](num_classes=3, channels=24, affinity_net="unet")
+    assert refiner.affinity_net.head.in_channels == 24 and refiner.affinity_net.head.out_channels == 8
+
+
+def test_shared_affinity_network_reads_the_coarse_decoder_features():
+    """Joint training: the refined loss reaches the coarse decoder through the shared guidance; the
+    guidance head learns from step one."""
+    torch.manual_seed(0)
+    coarse = build_coarse("unet", "resnet18", None, 3)
+    refiner = REFINERS["cspn"](num_classes=3, channels=8, affinity_net="shared", feature_channels=16)
+    model = RefinedSegmenter(coarse, refiner)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    out = model(x)
+    torch.nn.functional.cross_entropy(out.refined_logits, y).backward()
+    assert refiner.affinity_net.head.weight.grad.abs().sum() > 0
+    assert refiner.affinity_net.body[0].in_channels == 16 + 3  # decoder features + probabilities
+    with pytest.raises(ValueError, match="needs the coarse network's features"):
+        refiner(x, out.coarse_logits.detach())

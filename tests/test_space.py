@@ -97,7 +97,7 @@ def test_define_by_run_only_suggests_the_active_branch(tmp_path):
     [
         (
             {"params": {"refiner.kernal_size": {"choice": [3]}}},
-            r"refiner.kernal_size: value 3 is invalid: refiner.kernal_size: not a setting of refiner.kind=cspn \(its settings: affinity_norm, centre, channels",
+            r"refiner.kernal_size: value 3 is invalid: refiner.kernal_size: not a setting of refiner.kind=cspn \(its settings: affinity_encoder, affinity_net, affinity_norm",
         ),
         (
             {"params": {"refiner.kernel_size": {"choice": [3, 4]}}},

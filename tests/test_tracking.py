@@ -156,3 +156,43 @@ def test_printed_tracking_uris_hide_passwords():
     assert masked("postgresql://u:p%40ss@db/mlflow") == "postgresql://u:***@db/mlflow"
     assert masked("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert masked("http://host:5000") == "http://host:5000"
+
+
+def test_evaluate_scores_at_original_size_exactly_what_predict_writes(tmp_path, capsys):
+    """`spntune evaluate` and `spntune predict` share one upsampling (logits, bilinear, to each image's
+    size): the refined mIoU evaluate reports equals the mIoU of predict's mask files against the truth."""
+    import json
+
+    from fixtures import make_folder
+
+    from spntune.data.base import read_mask
+
+    data = make_folder(tmp_path / "data")  # 40x50 images; the model runs at 64x64
+    train_segmentation({**TINY, "train.epochs": 1, "data.name": "folder", "data.root": str(data),
+                        "train.batch_size": 2, "output_dir": str(tmp_path / "run")})  # fmt: skip
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--json", str(report)]) == 0
+    assert "at their" in capsys.readouterr().out
+    scores = json.loads(report.read_text())
+    assert scores["images"] == 2 and scores["class_names"] == ["road", "car", "sky"]
+
+    images = sorted((data / "images" / "val").iterdir())
+    assert (
+        main(["predict", "--checkpoint", str(tmp_path / "run"), *map(str, images), "--out", str(tmp_path / "p")]) == 0
+    )
+    confusion = np.zeros((3, 3), np.int64)
+    for image in images:
+        pred = np.asarray(Image.open(tmp_path / "p" / f"{image.stem}_mask.png"))
+        truth = read_mask(data / "masks" / "val" / f"{image.stem}.png")
+        assert pred.shape == truth.shape == (40, 50)
+        valid = truth != 255
+        np.add.at(confusion, (truth[valid], pred[valid]), 1)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = union > 0
+    assert scores["refined_miou"] == pytest.approx(float((tp[present] / union[present]).mean()), abs=1e-9)
+    assert scores["refined_miou_t0"] == pytest.approx(scores["coarse_miou"])
+    # another split and bad input
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "train"]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err

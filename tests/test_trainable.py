@@ -226,3 +226,38 @@ def test_reporters_are_called_in_order():
     train_segmentation({**TINY, "train.epochs": 1}, both)
     assert calls == [("mlflow", "start", "t1"), ("ray", "start", "t1"), ("mlflow", "report", 1),
                      ("ray", "report", 1), ("mlflow", "end", "completed"), ("ray", "end", "completed")]  # fmt: skip
+
+
+def test_two_stage_with_shared_features_keeps_the_coarse_network_frozen():
+    rep = Collect()
+    cfg = {**TINY, "refiner.affinity_net": "shared", "train.stage": "two_stage", "train.coarse_epochs": 1,
+           "train.refine_epochs": 2}  # fmt: skip
+    train_segmentation(cfg, rep)
+    assert [r["phase"] for r in rep.rows] == ["coarse", "refine", "refine"]
+    assert rep.rows[1]["coarse_miou"] == rep.rows[2]["coarse_miou"]  # frozen features, frozen predictions
+    assert rep.rows[0]["refined_miou"] == pytest.approx(rep.rows[0]["coarse_miou"])  # identity before refining
+
+
+def test_the_last_epoch_reports_the_best_epoch_scored_at_original_size(tmp_path):
+    """final_* = the best epoch's weights on the validation images at their own size (40x50 here,
+    trained at 64x64); equal to what spntune evaluate reports for the best checkpoint."""
+    from fixtures import make_folder
+
+    from spntune.predict import evaluate_split, load_pipeline
+
+    data = make_folder(tmp_path / "data")
+    rep = Collect()
+    # constant lr: the best epoch's weights do not depend on how many epochs follow it
+    cfg = {**TINY, "data.name": "folder", "data.root": str(data), "train.batch_size": 2, "train.epochs": 2,
+           "optim.schedule": "constant"}  # fmt: skip
+    train_segmentation(cfg, rep)
+    first, last = rep.rows
+    assert not any(k.startswith("final_") for k in first)
+    assert last["final_images"] == 2 and last["final_epoch"] in (1, 2)
+    assert all(is_trial_metric(k) for k in last if k.startswith("final_"))
+    # the same weights through `evaluate` give the same numbers
+    best = max(rep.rows, key=lambda r: r["refined_miou"])
+    train_segmentation({**cfg, "train.epochs": best["epoch"], "output_dir": str(tmp_path / "best")}, Collect())
+    scores = evaluate_split(load_pipeline(tmp_path / "best"), load_pipeline(tmp_path / "best").cfg.data)
+    assert last["final_refined_miou"] == pytest.approx(scores["refined_miou"], abs=1e-6)
+    assert last["final_coarse_boundary_iou"] == pytest.approx(scores["coarse_boundary_iou"], abs=1e-6)

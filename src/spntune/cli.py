@@ -108,6 +108,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from spntune.config import parse_set_args
+
+    sets = parse_set_args(args.set or [])  # refuse bad syntax before importing torch
+    import json
+
+    from spntune.config import TrialConfig, flatten
+    from spntune.console import make_console, print_results
+    from spntune.predict import evaluate_split, load_pipeline
+    from spntune.tracking import default_tracking_uri
+
+    pipeline = load_pipeline(args.checkpoint, args.run, args.tracking_uri or default_tracking_uri())
+    data = TrialConfig.from_dict({**flatten(pipeline.cfg.to_dict()), **sets}).data
+    metrics = evaluate_split(pipeline, data, args.split)
+    class_names = metrics.pop("class_names")
+    split = args.split or data.val_split or "validation"
+    print_results(make_console(), metrics, class_names,
+                  title=f"{data.name} {split}: {metrics['images']} images at their original size")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"split": split, "class_names": class_names, **metrics}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spntune", description="Search refined segmentation pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
     predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="score a trained pipeline on a split at each image's original size")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="MLflow run id of a trial (its best checkpoint)")
+    source.add_argument("--checkpoint", help="a checkpoint.pt (or its folder) from spntune train")
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a data key, e.g. data.root")
+    evaluate.add_argument("--split", help="split to score (default: the dataset's validation split)")
+    evaluate.add_argument("--json", help="also write the numbers to this JSON file")
+    evaluate.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

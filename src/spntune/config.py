@@ -122,6 +122,11 @@ class _PropagationConfig(_Strict):
     iterations: int = Field(6, ge=1, le=32)
     channels: int = Field(32, ge=4, le=512)  # affinity-network bottleneck
     propagate: Literal["probs", "logits"] = "probs"
+    # Where the affinities come from: a small CNN over [image, probs] (light), a U-Net over the same
+    # (unet, the original report's design; its last decoder width is `channels`), or the coarse
+    # network's own decoder features plus probs (shared, the papers' design).
+    affinity_net: Literal["light", "unet", "shared"] = "light"
+    affinity_encoder: str = "resnet18"  # unet: its encoder; weights follow model.encoder_weights
 
     @field_validator("kernel_size")
     @classmethod
@@ -175,6 +180,9 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # cuda only
     viz_samples: int = Field(4, ge=0)  # validation images drawn into panels
+    # After the last epoch, score the best epoch's weights on the validation images at their original
+    # sizes (final_* metrics: what published results report); costs one pass over the validation set.
+    final_eval: bool = True
 
     @field_validator("loss")
     @classmethod

@@ -72,9 +72,10 @@ class ConsoleReporter(Reporter):
             self.task = None
 
 
-def print_results(console: Console, metrics: dict[str, Any], class_names: list[str]) -> None:
-    """Final table of `spntune train`: coarse vs refined, per class, and mIoU after each propagation step."""
-    table = Table(title=f"final metrics (epoch {metrics['epoch']})")
+def print_results(console: Console, metrics: dict[str, Any], class_names: list[str], title: str = "") -> None:
+    """Coarse vs refined, per class, and mIoU after each propagation step (`spntune train`'s final
+    table, `spntune evaluate`'s report)."""
+    table = Table(title=title or f"final metrics (epoch {metrics['epoch']})")
     table.add_column("metric")
     table.add_column("coarse", justify="right")
     table.add_column("refined", justify="right")
@@ -91,7 +92,8 @@ def print_results(console: Console, metrics: dict[str, Any], class_names: list[s
     ]
     if len(steps) > 1:
         console.print("refined mIoU by propagation step: " + "  ".join(f"t{t}={_fmt(v)}" for t, v in enumerate(steps)))
-    console.print(f"{metrics['train_images_per_s']:.1f} train images/s, {metrics['epoch_seconds']:.1f} s/epoch")
+    if "train_images_per_s" in metrics:
+        console.print(f"{metrics['train_images_per_s']:.1f} train images/s, {metrics['epoch_seconds']:.1f} s/epoch")
 
 
 class LiveTable:

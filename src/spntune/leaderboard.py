@@ -45,6 +45,9 @@ log = logging.getLogger("spntune.leaderboard")
 
 #: Last-epoch metrics every leaderboard shows besides the best value of the search's metric.
 LEADERBOARD_METRICS = (
+    "final_coarse_miou",
+    "final_refined_miou",
+    "final_refined_boundary_iou",
     "coarse_miou",
     "refined_miou",
     "refined_miou_gain",
@@ -66,7 +69,11 @@ _LOWER_IS_BETTER = re.compile(r".*(loss.*|_seconds|_ms_per_image)")
 
 
 def is_trial_metric(name: str) -> bool:
-    """Whether trials report a metric of this name (what a search can optimise)."""
+    """Whether trials report a metric of this name (what a search can optimise). ``final_<metric>``:
+    the best epoch scored at original size, reported with the last epoch (``final_epoch``, ``final_images``)."""
+    if name in ("final_epoch", "final_images"):
+        return True
+    name = name.removeprefix("final_")
     return name in TRIAL_METRICS or _PER_CLASS_OR_STEP.fullmatch(name) is not None
 
 
@@ -178,11 +185,12 @@ def leaderboard_table(metric: str, rows: list[TrialRow]) -> tuple[list[str], lis
     """Header and rows shared by the terminal tables (search and best) and the HTML artifact."""
     with_runs = any(r.run_id for r in rows)
     header = ["#", *(["run id"] if with_runs else []), "trial", "pipeline", "epochs", f"best {metric}",
-              "coarse mIoU", "gain", "boundary IoU", "status"]  # fmt: skip
+              "coarse mIoU", "gain", "boundary IoU", "final mIoU", "status"]  # fmt: skip
     body = [
         [str(i), *([r.run_id] if with_runs else []), r.trial_id, r.summary, str(r.epochs), format_metric(r.best),
          format_metric(r.last.get("coarse_miou")), format_metric(r.last.get("refined_miou_gain")),
-         format_metric(r.last.get("refined_boundary_iou")), r.status.value]
+         format_metric(r.last.get("refined_boundary_iou")), format_metric(r.last.get("final_refined_miou")),
+         r.status.value]
         for i, r in enumerate(rows, 1)
     ]  # fmt: skip
     return header, body

@@ -64,7 +64,7 @@ class SearchOptions:
         if not is_trial_metric(metric):
             raise ConfigError(
                 f"--metric {metric!r} is not a metric trials report; valid: {', '.join(TRIAL_METRICS)}, "
-                "coarse_iou_<class>, refined_iou_<class>, refined_miou_t<step>"
+                "coarse_iou_<class>, refined_iou_<class>, refined_miou_t<step>, and final_<any of these> (original size)"
             )
         mode = self.space.mode if metric == self.space.metric else metric_mode(metric)
         return [(metric, mode) if o == "miou" else OBJECTIVES[o] for o in self.objectives]

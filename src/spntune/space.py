@@ -189,7 +189,12 @@ class SearchSpace(BaseModel):
         except ConfigError as exc:
             errors.append(f"base: {exc}")
         base_flat = flatten(unflatten(dict(self.base)))
-        for key, param, contexts in self._params_in_context(base_flat):
+        # Each parameter alone first; then in combination with the others that are valid alone (so
+        # one bad key is reported once, not again as the context of every other parameter).
+        alone = {key: _first_invalid(key, param, [{}], base_flat) for key, param in self.params.items()}
+        errors += [error for error in alone.values() if error]
+        valid = {key for key, error in alone.items() if not error} | set(self.when)
+        for key, param, contexts in self._params_in_context(base_flat, valid):
             error = _first_invalid(key, param, contexts, base_flat)
             if error:
                 errors.append(error)
@@ -224,12 +229,14 @@ class SearchSpace(BaseModel):
             raise ValueError("\n".join(errors))
         return self
 
-    def _params_in_context(self, base_flat: dict[str, Any]) -> list[tuple[str, Param, list[dict[str, Any]]]]:
+    def _params_in_context(
+        self, base_flat: dict[str, Any], valid: set[str]
+    ) -> list[tuple[str, Param, list[dict[str, Any]]]]:
         """Every parameter with the conditions it must hold under. A branch parameter: its branch's
         value. A top-level parameter: none, then every value of every other choice and conditional key,
         so that a ``refiner.channels`` searched for all trials is refused when ``refiner.kind`` can be
         ``none``, which takes no settings."""
-        selectors: dict[str, list[Any]] = {k: p.candidates() for k, p in self.params.items() if p.kind == "choice"}
+        selectors = {k: p.candidates() for k, p in self.params.items() if p.kind == "choice" and k in valid}
         out: list[tuple[str, Param, list[dict[str, Any]]]] = []
         for cond_key, branches in self.when.items():
             values = selectors.get(cond_key) or [base_flat.get(cond_key)]
@@ -237,8 +244,9 @@ class SearchSpace(BaseModel):
                 typed = next((v for v in values if str(v) == value), value)
                 out += [(key, param, [{cond_key: typed}]) for key, param in params.items()]
         top = [
-            (key, param, [{}] + [{k: v} for k, vs in selectors.items() if k != key for v in vs])
+            (key, param, [{k: v} for k, vs in selectors.items() if k != key for v in vs])
             for key, param in self.params.items()
+            if key in valid
         ]
         return top + out
 

@@ -29,12 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from spntune.config import TrialConfig
 from spntune.data import build_datasets
+from spntune.data.transforms import build_transform
 from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError
-from spntune.leaderboard import class_key
 from spntune.losses import build_loss
 from spntune.metrics import SegmentationMeter
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
+from spntune.models.coarse import feature_channels
 from spntune.reporting import EpochReport, Reporter, Reporters, TrialStopped
+from spntune.scoring import flat_metrics, score_at_original_size
 from spntune.status import TrialStatus
 from spntune.tracking import MLflowReporter
 from spntune.viz import save_pictures, trial_pictures
@@ -76,7 +78,14 @@ def resolve_device(name: str) -> torch.device:
 def build_model(cfg: TrialConfig, num_classes: int) -> RefinedSegmenter:
     """Coarse network + refiner from a validated config."""
     coarse = build_coarse(cfg.model.arch, cfg.model.encoder, cfg.model.encoder_weights, num_classes, **cfg.model.kwargs)
-    refiner = REFINERS[cfg.refiner.kind](num_classes=num_classes, **cfg.refiner.model_dump(exclude={"kind"}))
+    # The refiner's settings, plus what only the model knows: the coarse weights' source (for a U-Net
+    # affinity network) and the coarse decoder's width (for the shared one).
+    shared = getattr(cfg.refiner, "affinity_net", "") == "shared"
+    context = {
+        "encoder_weights": cfg.model.encoder_weights,
+        "feature_channels": feature_channels(coarse) if shared else None,
+    }
+    refiner = REFINERS[cfg.refiner.kind](num_classes=num_classes, **cfg.refiner.model_dump(exclude={"kind"}), **context)
     return RefinedSegmenter(coarse, refiner)
 
 
@@ -187,23 +196,6 @@ def evaluate(
         "val_loss": loss_sum / max(loss_n, 1),
         "infer_ms_per_image": 1000 * forward_seconds / max(images, 1),
     }
-
-
-def flat_metrics(results: dict[str, Any], class_names: list[str]) -> dict[str, float]:
-    """Flatten ``evaluate`` results to scalar metric names (what Ray and MLflow store)."""
-    out: dict[str, float] = {}
-    for stream in ("coarse", "refined"):
-        r = results[stream]
-        for key in ("miou", "pixel_acc", "mean_dice", "boundary_iou"):
-            out[f"{stream}_{key}"] = r[key]
-        for name, iou in zip(class_names, r["per_class_iou"], strict=True):
-            out[f"{stream}_iou_{class_key(name)}"] = iou
-    out["refined_miou_gain"] = out["refined_miou"] - out["coarse_miou"]
-    for t, miou in enumerate(results["steps_miou"]):
-        out[f"refined_miou_t{t}"] = miou
-    out["val_loss"] = results["val_loss"]
-    out["infer_ms_per_image"] = results["infer_ms_per_image"]
-    return out
 
 
 def _batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
@@ -413,6 +405,9 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
     # Epochs before the resume point, as recorded by the checkpoint we resume from.
     history = [row for row in resumed.get("history", []) if row.get("epoch", 0) <= start_epoch]
     metrics: dict[str, Any] = {}
+    # The weights final_* scores: the best epoch's; after a resume, the resume point's until a new best
+    # (a checkpoint holds its own epoch's weights only), and final_epoch says which epoch was scored.
+    best_weights, best_epoch = (state["model"], start_epoch) if state is not None else (None, 0)
     for phase in _phases(cfg, model):
         if start_epoch >= phase.first_epoch + phase.epochs:
             continue  # finished before the resume point
@@ -435,6 +430,11 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
             is_best = not math.isnan(metrics["refined_miou"]) and metrics["refined_miou"] > best
             best = metrics["refined_miou"] if is_best else best
             metrics["best_refined_miou"] = best
+            if is_best and cfg.train.final_eval:
+                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_epoch = epoch + 1
+            if epoch + 1 == cfg.total_epochs and cfg.train.final_eval:
+                metrics |= {**_final_scores(run, best_weights), "final_epoch": best_epoch}
             history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
             checkpoint = _Checkpointer(run, epoch, phase.name, optimiser, scheduler, {
                 "class_names": run.class_names, "history": list(history),
@@ -446,6 +446,20 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
             pictures = functools.partial(_write_pictures, run)
             reporter.report(EpochReport(metrics, is_best, results["steps_miou"], checkpoint, pictures))
     return metrics
+
+
+def _final_scores(run: _Run, best_weights: dict[str, Tensor] | None) -> dict[str, float]:
+    """The best epoch's weights scored on the validation images at their original sizes: ``final_*``
+    metrics (the numbers published results use), reported with the last epoch."""
+    current = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    if best_weights is not None:
+        run.model.load_state_dict(best_weights)
+    transform = build_transform(run.cfg.data.image_size, train=False)
+    try:
+        scores = score_at_original_size(run.model, transform, run.val_ds, run.class_names, run.device)
+    finally:
+        run.model.load_state_dict(current)
+    return {f"final_{k}": v for k, v in scores.items() if k != "infer_ms_per_image"}
 
 
 @dataclass

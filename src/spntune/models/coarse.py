@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from spntune.errors import WeightsUnavailableError
 
-__all__ = ["COARSE", "FCN", "WeightsUnavailableError", "build_coarse"]
+__all__ = ["COARSE", "FCN", "WeightsUnavailableError", "build_coarse", "feature_channels", "feature_layer"]
 
 
 class FCN(nn.Module):
@@ -61,6 +61,11 @@ class FCN(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
+    @property
+    def feature_layer(self) -> nn.Module:
+        """The layer whose input is this FCN's finest fused features (for ``affinity_net: shared``)."""
+        return {"8s": self.score8, "16s": self.score16, "32s": self.head32}[self.variant]
+
     def forward(self, x: Tensor) -> Tensor:
         f8, f16, f32 = self.encoder(x)[-3:]
         score = self.head32(f32)
@@ -87,6 +92,23 @@ COARSE: dict[str, Callable[..., nn.Module]] = {
     **{name: _smp_factory(name) for name in smp.MODEL_ARCHITECTURES_MAPPING},
     "fcn": FCN,
 }
+
+
+def feature_layer(coarse: nn.Module) -> nn.Module:
+    """The module whose *input* is the coarse network's last decoder features: smp's segmentation head,
+    or our FCN's finest scoring layer."""
+    layer = getattr(coarse, "segmentation_head", None) or getattr(coarse, "feature_layer", None)
+    if layer is None:
+        raise ValueError(f"no decoder-feature layer known for {type(coarse).__name__}")
+    return layer
+
+
+def feature_channels(coarse: nn.Module) -> int:
+    """Channels of ``feature_layer``'s input (its first convolution's input width)."""
+    conv = next((m for m in feature_layer(coarse).modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError(f"no convolution in the feature layer of {type(coarse).__name__}")
+    return conv.in_channels
 
 
 def encoder_names() -> list[str]:

@@ -8,10 +8,13 @@ unchanged (its argmax is identical) and can only help from step one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spntune.models.coarse import build_coarse
 from spntune.models.propagation import (
     cspn_weights,
     dyspn_weights,
@@ -20,7 +23,17 @@ from spntune.models.propagation import (
     propagate,
 )
 
-__all__ = ["REFINERS", "AffinityNet", "CSPNRefiner", "DySPNRefiner", "IdentityRefiner", "RefinerOutput"]
+__all__ = [
+    "AFFINITY_NETS",
+    "REFINERS",
+    "AffinityNet",
+    "CSPNRefiner",
+    "DySPNRefiner",
+    "IdentityRefiner",
+    "RefinerOutput",
+    "SharedAffinityNet",
+    "UNetAffinityNet",
+]
 
 #: What a propagation refiner propagates: class probabilities (softmax of the coarse logits)
 #: or the logits themselves.
@@ -37,11 +50,19 @@ class RefinerOutput:
     steps: list[Tensor] = field(default_factory=list)
 
 
+def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """The guidance head: zero-initialised, so the refiner starts as the identity."""
+    head = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class AffinityNet(nn.Module):
-    """Small full-resolution CNN: ``[image, coarse probabilities] -> guidance maps``.
+    """``affinity_net: light``: a small full-resolution CNN over ``[image, coarse probabilities]``.
 
     Two 3x3 conv blocks (the second dilated, for a wider view at no extra cost) and a
-    zero-initialised 3x3 head.
+    zero-initialised 3x3 head. It sees about 11 px of raw pixels and no semantic context.
 
     Args:
         in_channels: image channels + classes.
@@ -49,7 +70,7 @@ class AffinityNet(nn.Module):
         out_channels: guidance channels the refiner needs.
 
     Shape:
-        ``[B, in_channels, H, W] -> [B, out_channels, H, W]``
+        ``image [B, 3, H, W]``, ``probs [B, C, H, W]`` -> ``[B, out_channels, H, W]``
     """
 
     def __init__(self, in_channels: int, channels: int, out_channels: int) -> None:
@@ -62,24 +83,77 @@ class AffinityNet(nn.Module):
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
-        self.head = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.head = _zero_conv(channels, out_channels)
+
+    def forward(self, image: Tensor, probs: Tensor, features: Tensor | None = None) -> Tensor:
+        return self.head(self.body(torch.cat([image, probs], dim=1)))
+
+
+class UNetAffinityNet(nn.Module):
+    """``affinity_net: unet``: a segmentation_models.pytorch U-Net over ``[image, coarse probabilities]``
+    (the original report's design) whose last decoder width is ``channels`` (the report's bottleneck),
+    then the zero-initialised guidance head (the U-Net's own segmentation head, zeroed).
+
+    Shape:
+        ``image [B, 3, H, W]``, ``probs [B, C, H, W]`` -> ``[B, out_channels, H, W]``; H, W divisible by 32.
+    """
+
+    def __init__(self, in_channels: int, channels: int, out_channels: int, encoder: str = "resnet18",
+                 encoder_weights: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        # Through the coarse registry: an offline `encoder_weights: imagenet` gives its clear error.
+        self.unet = build_coarse("unet", encoder, encoder_weights, out_channels, in_channels=in_channels,
+                                 decoder_channels=(256, 128, 64, 32, channels))  # fmt: skip
+        self.head = self.unet.segmentation_head[0]
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
+    def forward(self, image: Tensor, probs: Tensor, features: Tensor | None = None) -> Tensor:
+        return self.unet(torch.cat([image, probs], dim=1))
+
+
+class SharedAffinityNet(nn.Module):
+    """``affinity_net: shared``: guidance from the coarse network's own decoder features (the input of its
+    segmentation head, upsampled to full resolution) plus the coarse probabilities -- the CSPN / NLSPN /
+    DySPN design, nearly free. In two-stage training the features are frozen with the coarse network.
+
+    Shape:
+        ``features [B, F, h, w]``, ``probs [B, C, H, W]`` -> ``[B, out_channels, H, W]``
+    """
+
+    def __init__(self, feature_channels: int, num_classes: int, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(feature_channels + num_classes, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.head = _zero_conv(channels, out_channels)
+
+    def forward(self, image: Tensor, probs: Tensor, features: Tensor | None = None) -> Tensor:
+        if features is None:
+            raise ValueError("affinity_net 'shared' needs the coarse network's features (use RefinedSegmenter)")
+        features = F.interpolate(features.float(), size=probs.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(self.body(torch.cat([features, probs], dim=1)))
+
+
+#: Where a propagation refiner's guidance comes from, by ``refiner.affinity_net``.
+AFFINITY_NETS = ("light", "unet", "shared")
 
 
 class IdentityRefiner(nn.Module):
     """``kind: none`` -- the refined prediction is the coarse prediction."""
 
     iterations = 0
+    wants_features = False
 
     def __init__(self, num_classes: int, **_: object) -> None:
         super().__init__()
         self.num_classes = num_classes
 
-    def forward(self, image: Tensor, coarse_logits: Tensor, return_steps: bool = False) -> RefinerOutput:
+    def forward(
+        self, image: Tensor, coarse_logits: Tensor, return_steps: bool = False, features: Tensor | None = None
+    ) -> RefinerOutput:
         return RefinerOutput(coarse_logits, [coarse_logits] if return_steps else [])
 
 
@@ -94,6 +168,10 @@ class _PropagationRefiner(nn.Module):
         iterations: int,
         channels: int,
         propagate: str,
+        affinity_net: str = "light",
+        affinity_encoder: str = "resnet18",
+        encoder_weights: str | None = None,
+        feature_channels: int | None = None,
         image_channels: int = 3,
     ) -> None:
         super().__init__()
@@ -105,7 +183,18 @@ class _PropagationRefiner(nn.Module):
         self.kernel_size = kernel_size
         self.iterations = iterations
         self.propagated = propagate
-        self.affinity_net = AffinityNet(image_channels + num_classes, channels, guidance_channels)
+        self.wants_features = affinity_net == "shared"
+        inputs = image_channels + num_classes
+        if affinity_net == "light":
+            self.affinity_net: nn.Module = AffinityNet(inputs, channels, guidance_channels)
+        elif affinity_net == "unet":
+            self.affinity_net = UNetAffinityNet(inputs, channels, guidance_channels, affinity_encoder, encoder_weights)
+        elif affinity_net == "shared":
+            if not feature_channels:
+                raise ValueError("affinity_net 'shared' needs feature_channels (the coarse network's decoder width)")
+            self.affinity_net = SharedAffinityNet(feature_channels, num_classes, channels, guidance_channels)
+        else:
+            raise ValueError(f"unknown affinity_net {affinity_net!r}; valid: {list(AFFINITY_NETS)}")
 
     def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
         raise NotImplementedError
@@ -113,13 +202,16 @@ class _PropagationRefiner(nn.Module):
     def _to_logits(self, h: Tensor) -> Tensor:
         return h.clamp_min(_PROB_FLOOR).log() if self.propagated == "probs" else h
 
-    def forward(self, image: Tensor, coarse_logits: Tensor, return_steps: bool = False) -> RefinerOutput:
-        """Shape: image ``[B, 3, H, W]``, coarse_logits ``[B, C, H, W]`` -> ``[B, C, H, W]``."""
+    def forward(
+        self, image: Tensor, coarse_logits: Tensor, return_steps: bool = False, features: Tensor | None = None
+    ) -> RefinerOutput:
+        """Shape: image ``[B, 3, H, W]``, coarse_logits ``[B, C, H, W]`` (features: the coarse network's
+        decoder output, for ``affinity_net: shared``) -> ``[B, C, H, W]``."""
         # Propagation in fp32 even under AMP: T chained steps amplify fp16 rounding.
         with torch.autocast(device_type=coarse_logits.device.type, enabled=False):
             coarse_logits = coarse_logits.float()
             probs = coarse_logits.softmax(dim=1)
-            guidance = self.affinity_net(torch.cat([image.float(), probs], dim=1))
+            guidance = self.affinity_net(image.float(), probs, features)
             h0 = probs if self.propagated == "probs" else coarse_logits
             h, steps = propagate(h0, self.step_weights(guidance), self.kernel_size, return_steps)
             return RefinerOutput(self._to_logits(h), [self._to_logits(s) for s in steps])
@@ -136,6 +228,8 @@ class CSPNRefiner(_PropagationRefiner):
         centre: ``"h0"`` (official) or ``"ht"``: where the centre weight goes.
         propagate: ``"probs"`` or ``"logits"``.
         affinity_norm: ``"abs_sum"`` (paper) or ``"clamped"``; see ``propagation.AFFINITY_NORMS``.
+        guidance: where the affinities come from: ``affinity_net`` (``light``, ``unet``, ``shared``),
+            ``affinity_encoder`` (unet), ``encoder_weights`` (unet), ``feature_channels`` (shared).
     """
 
     def __init__(
@@ -147,8 +241,10 @@ class CSPNRefiner(_PropagationRefiner):
         centre: str = "h0",
         propagate: str = "probs",
         affinity_norm: str = "abs_sum",
+        **guidance: Any,
     ) -> None:
-        super().__init__(num_classes, num_neighbours(kernel_size), kernel_size, iterations, channels, propagate)
+        super().__init__(num_classes, num_neighbours(kernel_size), kernel_size, iterations, channels, propagate,
+                         **guidance)  # fmt: skip
         self.centre = centre
         self.affinity_norm = affinity_norm
 
@@ -169,6 +265,7 @@ class DySPNRefiner(_PropagationRefiner):
         iterations: T (paper: 6).
         channels: affinity-network bottleneck.
         propagate: ``"probs"`` or ``"logits"``.
+        guidance: as for ``CSPNRefiner``.
     """
 
     def __init__(
@@ -178,10 +275,11 @@ class DySPNRefiner(_PropagationRefiner):
         iterations: int = 6,
         channels: int = 32,
         propagate: str = "probs",
+        **guidance: Any,
     ) -> None:
         self.n_rings = num_rings(kernel_size)
         guidance_channels = num_neighbours(kernel_size) + (self.n_rings + 1) * iterations
-        super().__init__(num_classes, guidance_channels, kernel_size, iterations, channels, propagate)
+        super().__init__(num_classes, guidance_channels, kernel_size, iterations, channels, propagate, **guidance)
 
     def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
         n = num_neighbours(self.kernel_size)

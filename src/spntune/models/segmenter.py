@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from spntune.models.coarse import feature_layer
+
 __all__ = ["RefinedSegmenter", "SegmenterOutput"]
 
 
@@ -19,7 +21,8 @@ class SegmenterOutput:
 
 
 class RefinedSegmenter(nn.Module):
-    """``image -> coarse -> refiner``; the refiner sees the image and the coarse logits.
+    """``image -> coarse -> refiner``; the refiner sees the image and the coarse logits, and for
+    ``affinity_net: shared`` also the coarse network's decoder features (captured on the way through).
 
     Shape:
         ``[B, 3, H, W] -> SegmenterOutput`` with ``[B, C, H, W]`` logits.
@@ -29,8 +32,15 @@ class RefinedSegmenter(nn.Module):
         super().__init__()
         self.coarse = coarse
         self.refiner = refiner
+        self._features: list[Tensor] = []
+        if getattr(refiner, "wants_features", False):
+            feature_layer(coarse).register_forward_pre_hook(self._keep_features)
+
+    def _keep_features(self, _module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        self._features = [inputs[0]]
 
     def forward(self, image: Tensor, return_steps: bool = False) -> SegmenterOutput:
         coarse_logits = self.coarse(image)
-        refined = self.refiner(image, coarse_logits, return_steps=return_steps)
+        features = self._features.pop() if self._features else None
+        refined = self.refiner(image, coarse_logits, return_steps=return_steps, features=features)
         return SegmenterOutput(coarse_logits, refined.logits, refined.steps)
