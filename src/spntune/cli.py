@@ -28,18 +28,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.mlflow or args.tracking_uri:
         raw.setdefault("tracking", {})["uri"] = args.tracking_uri or default_tracking_uri()
     cfg = TrialConfig.from_dict(raw)  # refuse bad input before importing torch
-    from spntune.console import ConsoleReporter, make_console, print_results
+    from spntune.console import ConsoleReporter, make_console, print_results, print_written
     from spntune.trainables import train_segmentation
 
     console = make_console()
-    console.print(
-        f"[bold]spntune train[/bold]: {cfg.data.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
-        f"{cfg.model.arch}/{cfg.model.encoder} + {cfg.refiner.kind}, {cfg.train.stage}, "
-        f"{cfg.total_epochs} epochs -> {cfg.output_dir}"
-    )
-    result = train_segmentation(cfg.to_dict(), ConsoleReporter(console, cfg.total_epochs), resume_from=args.resume)
+    reporter = ConsoleReporter(console, cfg.total_epochs)
+    reporter.announce(cfg)
+    result = train_segmentation(cfg.to_dict(), reporter, resume_from=args.resume)
     print_results(console, result["metrics"], result["class_names"])
-    console.print(f"wrote {cfg.output_dir}/config.yaml, checkpoint.pt and panels/")
+    print_written([f"wrote {cfg.output_dir}/config.yaml, checkpoint.pt and panels/"], console)
     return 0
 
 
@@ -84,9 +81,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from spntune.console import print_ui_banner
     from spntune.tracking import default_tracking_uri, serve_ui
 
-    return serve_ui(args.tracking_uri or default_tracking_uri(), args.port, args.host)
+    uri = args.tracking_uri or default_tracking_uri()
+    print_ui_banner(uri, args.host, args.port)
+    return serve_ui(uri, args.port, args.host)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -99,12 +99,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from spntune.console import print_written
     from spntune.predict import load_pipeline, predict_images
     from spntune.tracking import default_tracking_uri
 
     pipeline = load_pipeline(args.checkpoint, args.run, args.tracking_uri or default_tracking_uri())
-    for image, mask, overlay in predict_images(pipeline, [Path(p) for p in args.images], Path(args.out)):
-        print(f"{image} -> {mask}, {overlay.name}")
+    written = predict_images(pipeline, [Path(p) for p in args.images], Path(args.out))
+    print_written([f"{image} -> {mask}, {overlay.name}" for image, mask, overlay in written])
     return 0
 
 
@@ -115,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from spntune.config import TrialConfig, flatten
-    from spntune.console import make_console, print_results
+    from spntune.console import make_console, print_results, print_written
     from spntune.predict import evaluate_split, load_pipeline
     from spntune.tracking import default_tracking_uri
 
@@ -128,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   title=f"{data.name} {split}: {metrics['images']} images at their original size")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"split": split, "class_names": class_names, **metrics}, indent=2))
-        print(f"wrote {args.json}")
+        print_written([f"wrote {args.json}"])
     return 0
 
 

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spntune.config import describe_pipeline
+from spntune.config import TrialConfig, describe_pipeline
 from spntune.leaderboard import SearchSummary, TrialRow, class_key, format_metric, leaderboard_table
 from spntune.reporting import EpochReport, Reporter
 from spntune.status import TrialStatus
@@ -24,6 +24,8 @@ __all__ = [
     "print_best",
     "print_results",
     "print_search_summary",
+    "print_ui_banner",
+    "print_written",
 ]
 
 _fmt = format_metric
@@ -46,6 +48,14 @@ class ConsoleReporter(Reporter):
             TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=console, transient=True,
         )  # fmt: skip
         self.task: Any = None
+
+    def announce(self, cfg: TrialConfig) -> None:
+        """One line on what is about to train and where it goes."""
+        self.console.print(
+            f"[bold]spntune train[/bold]: {cfg.data.name} {cfg.data.image_size[0]}x{cfg.data.image_size[1]}, "
+            f"{cfg.model.arch}/{cfg.model.encoder} + {cfg.refiner.kind}, {cfg.train.stage}, "
+            f"{cfg.total_epochs} epochs -> {cfg.output_dir}"
+        )
 
     def progress(self, stage: str, epoch: int, batch: int, num_batches: int, loss: float) -> None:
         desc = f"epoch {epoch}/{self.total_epochs} \\[{stage}]"
@@ -183,3 +193,20 @@ def print_best(search: dict[str, str], rows: list[TrialRow], top: int, console: 
     title = f"search {search.get('spntune.search', '?')} (run {search['run_id']}): best {search['metric']} per trial"
     _print_leaderboard(console, title, search["metric"], rows[:top])
     console.print(f"{len(rows)} trial runs; best: {search.get('best_trial_run_id', '-')}")
+
+
+def print_ui_banner(uri: str, host: str, port: int, console: Console | None = None) -> None:
+    """Where `spntune ui` serves, what it shows, and who can reach it."""
+    reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"anyone who can reach {host}"
+    (console or make_console()).print(
+        f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning  (tracking {masked(uri)}; "
+        f"listening on {host}: {reach}); Ctrl-C stops it",
+        soft_wrap=True,
+    )
+
+
+def print_written(lines: list[str], console: Console | None = None) -> None:
+    """One line per file (or group of files) a command wrote."""
+    console = console or make_console()
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)

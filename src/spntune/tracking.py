@@ -384,12 +384,6 @@ def serve_ui(uri: str, port: int, host: str = "127.0.0.1") -> int:
     if root:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         cmd += ["--default-artifact-root", root]
-    reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"anyone who can reach {host}"
-    print(
-        f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning  (tracking {masked(uri)}; "
-        f"listening on {host}: {reach}); Ctrl-C stops it",
-        flush=True,
-    )
     try:
         return subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:

@@ -23,8 +23,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+import optuna
 import ray
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from spntune.config import ConfigError, describe_pipeline
 from spntune.leaderboard import (
@@ -56,8 +59,6 @@ __all__ = [
     "run_search",
     "run_trial",
 ]
-
-log = logging.getLogger("spntune.tune")
 
 
 class RayReporter(Reporter):
@@ -114,8 +115,8 @@ _LISTENERS: dict[str, TrialListener] = {}
 
 
 class ListenerCallback(tune.Callback):
-    """Forwards trial events to the listener registered for its search in this process. It holds
-    only the search's path, so the copy Ray restores on ``--resume`` finds the new process's listener."""
+    """Forwards trial events to the listener registered for its search in this process. It holds the
+    search's path, not the listener, so the copy Ray restores on ``--resume`` finds the new process's."""
 
     def __init__(self, key: str, space: SearchSpace, overrides: dict[str, Any]) -> None:
         self.key, self.space, self.overrides = key, space, overrides
@@ -245,10 +246,6 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
     if opts.resume:  # finished trials are not re-run
         return tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)  # fmt: skip
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
     sampler = optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=opts.seed,

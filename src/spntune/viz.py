@@ -153,7 +153,7 @@ def grad_cam(
 
 def cam_overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
     """Jet-coloured CAM blended 50/50 over the RGB image."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # only Grad-CAM pictures need matplotlib (slow to import)
 
     heat = (colormaps["jet"](cam)[..., :3] * 255).astype(np.float32)
     return (0.5 * image.astype(np.float32) + 0.5 * heat).clip(0, 255).astype(np.uint8)
