@@ -193,7 +193,7 @@ class SearchSpace(BaseModel):
         # one bad key is reported once, not again as the context of every other parameter).
         alone = {key: _first_invalid(key, param, [{}], base_flat) for key, param in self.params.items()}
         errors += [error for error in alone.values() if error]
-        valid = {key for key, error in alone.items() if not error} | set(self.when)
+        valid = {key for key, error in alone.items() if not error}
         for key, param, contexts in self._params_in_context(base_flat, valid):
             error = _first_invalid(key, param, contexts, base_flat)
             if error:
@@ -233,7 +233,7 @@ class SearchSpace(BaseModel):
         self, base_flat: dict[str, Any], valid: set[str]
     ) -> list[tuple[str, Param, list[dict[str, Any]]]]:
         """Every parameter with the conditions it must hold under. A branch parameter: its branch's
-        value. A top-level parameter: none, then every value of every other choice and conditional key,
+        value. A top-level parameter that is ``valid`` alone: every value of every other (valid) choice,
         so that a ``refiner.channels`` searched for all trials is refused when ``refiner.kind`` can be
         ``none``, which takes no settings."""
         selectors = {k: p.candidates() for k, p in self.params.items() if p.kind == "choice" and k in valid}
