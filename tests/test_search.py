@@ -128,30 +128,44 @@ def test_make_demo_logs_pictures_for_every_trial(tmp_path):
         assert child.data.tags["best_epoch"] in {"1", "2"}
 
 
-def test_errored_trial_does_not_stop_the_search(tmp_path, capsys):
+def test_failing_trials_do_not_stop_the_search(tmp_path, capsys):
+    """Three trials fail in three ways (a missing split, a loss that turns NaN, out of memory under
+    ``train.memory_limit_gb``); each is errored with a readable reason and its MLflow run FAILED, and the
+    fourth trial completes."""
     data = make_folder(tmp_path / "data")
     space = {
         "name": "err",
-        "base": {"data.name": "folder", "data.root": str(data), "data.image_size": [64, 64], "train.epochs": 1,
-                 "train.batch_size": 2, "train.viz_samples": 0, "refiner.kind": "none"},
-        "params": {"data.val_split": {"choice": ["val", "nosuchsplit"]}},
-        "points_to_evaluate": [{"data.val_split": "nosuchsplit"}, {"data.val_split": "val"}],
+        "base": {"data.name": "folder", "data.root": str(data), "data.image_size": [128, 128], "train.epochs": 1,
+                 "train.viz_samples": 0, "refiner.kind": "none", "optim.name": "sgd", "optim.lr": 0.01,
+                 "optim.grad_clip": None, "train.memory_limit_gb": 0.5, "train.final_eval": False},
+        "params": {"data.val_split": {"choice": ["val", "nosuchsplit"]},
+                   "train.loss": {"choice": ["ce", "1e30*ce"]},  # weights blow up after one SGD step: NaN
+                   "train.batch_size": {"choice": [1, 2, 64]}},  # 64 images of 128x128 need more than 0.5 GB
+        "points_to_evaluate": [{"data.val_split": "nosuchsplit", "train.loss": "ce", "train.batch_size": 2},
+                               {"data.val_split": "val", "train.loss": "1e30*ce", "train.batch_size": 1},
+                               {"data.val_split": "val", "train.loss": "ce", "train.batch_size": 64},
+                               {"data.val_split": "val", "train.loss": "ce", "train.batch_size": 2}],
     }  # fmt: skip
     path = tmp_path / "err.yaml"
     path.write_text(yaml.safe_dump(space))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["search", "--space", str(path), "--trials", "2", "--storage", str(tmp_path / "ray"), "--max-failures", "0",
+    args = ["search", "--space", str(path), "--trials", "4", "--storage", str(tmp_path / "ray"), "--max-failures", "0",
             "--scheduler", "none", "--tracking-uri", uri]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "1 errored" in out and "split 'nosuchsplit' not found" in out
+    assert "3 errored" in out and "split 'nosuchsplit' not found" in out
     rows = leaderboard(tmp_path / "ray" / "err")
-    assert sorted(r["status"] for r in rows) == ["completed", "error"]
-    assert "nosuchsplit" in next(r["error"] for r in rows if r["status"] == "error")
+    assert sorted(r["status"] for r in rows) == ["completed", "error", "error", "error"]
+    expected = {"2": "nosuchsplit", "1": "training loss became nan at epoch 1, batch 2",
+                "64": "out of memory (train.batch_size=64, data.image_size=[128, 128], train.memory_limit_gb=0.5)"}  # fmt: skip
     _, _, children = mlflow_runs(uri)
-    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]  # never left RUNNING
-    failed = next(c for c in children if c.info.status == "FAILED")
-    assert "nosuchsplit" in failed.data.tags["spntune.reason"]
+    assert sorted(c.info.status for c in children) == ["FAILED", "FAILED", "FAILED", "FINISHED"]  # never RUNNING
+    for run in children:
+        if run.info.status == "FAILED":
+            batch, reason = run.data.params["train.batch_size"], run.data.tags["spntune.reason"]
+            assert expected[batch] in reason, reason
+            assert "Traceback" not in reason
+            assert any(expected[batch] in r["error"] for r in rows)  # the leaderboard says the same
 
 
 def test_asha_stopped_trial_run_is_killed(tmp_path):
@@ -405,6 +419,51 @@ def test_driver_callbacks_work_after_the_pickle_ray_restores_them_from(tmp_path)
         _LISTENERS.pop("this-search")
     assert [(e[0], e[2]) for e in events] == [("t1", TrialStatus.RUNNING), ("t1", TrialStatus.ERROR)]
     assert events[0][1]["refiner.kind"] == "none" and events[0][3]["epoch"] == 1
+
+
+def test_a_running_search_holds_its_name(tmp_path, capsys):
+    """While a search runs, a second one with the same --name and --storage (or a --resume of it) is
+    refused and writes nothing; the lock goes with the process that held it."""
+    from spntune.search_options import SearchOptions, search_lock
+    from spntune.space import load_space
+
+    storage = tmp_path / "ray"
+    opts = SearchOptions(space=load_space("smoke"), name="busy", storage=storage)
+    args = ["search", "--smoke-test", "--storage", str(storage), "--name", "busy", "--no-mlflow", *TINY]
+    with search_lock(opts):  # as a running search holds it
+        for extra in ([], ["--resume"]):
+            if extra:
+                (storage / "busy").mkdir()  # the running search's folder
+            assert main([*args, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"the search 'busy' in {storage} is running now (pid {os.getpid()} on" in err, err
+            assert "Traceback" not in err
+        assert sorted(p.name for p in storage.iterdir()) == [".busy.lock", "busy"]
+        assert list((storage / "busy").iterdir()) == []  # nothing written into the running search
+    with search_lock(opts):  # released with the holder
+        pass
+
+
+def test_two_searches_started_at_once_with_one_name(tmp_path):
+    """Two real searches race for one name: exactly one runs, the other is refused (exit 2, no
+    traceback), and the one that ran is whole."""
+    args = [*SPNTUNE, "search", "--smoke-test", "--trials", "1", "--scheduler", "none", "--storage", str(tmp_path),
+            "--name", "race", "--no-mlflow", *TINY]  # fmt: skip
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=400), *p.communicate()) for p in procs]
+    assert sorted(rc for rc, _, _ in outs) == [0, 2], outs
+    _, _, refused = next(o for o in outs if o[0] == 2)
+    assert "Traceback" not in refused
+    assert "is running now" in refused or "already exists" in refused, refused
+    (row,) = leaderboard(tmp_path / "race")
+    assert row["status"] == "completed"
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", "with space"])
+def test_search_names_must_be_folder_names(tmp_path, capsys, name):
+    assert main(["search", "--smoke-test", "--storage", str(tmp_path), "--name", name, "--no-mlflow"]) == 2
+    assert "--name must be a folder name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_storage_under_a_file_is_refused(tmp_path, capsys):

@@ -180,6 +180,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # cuda only
     viz_samples: int = Field(4, ge=0)  # validation images drawn into panels
+    memory_limit_gb: float | None = Field(None, gt=0)  # host memory a trial may allocate (Linux RLIMIT_DATA)
     # After the last epoch, score the best epoch's weights on the validation images at their original
     # sizes (final_* metrics: what published results report); costs one pass over the validation set.
     final_eval: bool = True
@@ -274,7 +275,10 @@ def format_validation_error(exc: ValidationError) -> str:
             msg = "unknown key"
         got = (
             f" (got {err['input']!r})"
-            if err["type"] != "extra_forbidden" and not isinstance(err.get("input"), dict) and "got " not in msg
+            if err["type"] != "extra_forbidden"
+            and not isinstance(err.get("input"), dict)
+            and "got " not in msg
+            and repr(err.get("input")) not in msg
             else ""
         )
         lines.append(f"  {key}: {msg}{got}")

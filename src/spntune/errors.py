@@ -12,6 +12,7 @@ __all__ = [
     "DatasetError",
     "NonFiniteLossError",
     "SpntuneError",
+    "TrialOutOfMemoryError",
     "WeightsUnavailableError",
 ]
 
@@ -38,3 +39,7 @@ class NonFiniteLossError(SpntuneError, FloatingPointError):
 
 class CheckpointError(SpntuneError, ValueError):
     """A file that is not a spntune checkpoint, is truncated, or does not match its own config."""
+
+
+class TrialOutOfMemoryError(SpntuneError, MemoryError):
+    """A trial ran out of (GPU or host) memory; the message names the settings that size it."""

@@ -8,6 +8,8 @@ refused at once. Each registry holds the implementations under exactly these nam
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["ARCHITECTURES", "DATASET_NAMES", "LOSS_NAMES", "parse_loss_spec"]
 
 #: Coarse networks: every segmentation_models.pytorch architecture, plus our FCN.
@@ -32,7 +34,7 @@ def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
             raise ValueError(f"bad weight {weight_text!r} in loss spec {spec!r}") from None
-        if weight <= 0:
-            raise ValueError(f"loss weights must be > 0, got {weight} in {spec!r}")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"loss weights must be finite numbers > 0, got {weight_text} in {spec!r}")
         terms.append((weight, name))
     return terms

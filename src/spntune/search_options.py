@@ -5,8 +5,12 @@ roots in well under a second, before it imports torch, Ray or MLflow.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from spntune.config import ConfigError, TrialConfig
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.space import SearchSpace
 
-__all__ = ["OBJECTIVES", "SearchOptions", "check_search"]
+__all__ = ["OBJECTIVES", "SearchOptions", "check_search", "search_lock"]
 
 #: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -81,6 +85,8 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
               ("--max-failures", opts.max_failures, opts.max_failures >= 0, "an integer >= 0"),
               ("--top", opts.top, opts.top >= 1, "an integer >= 1")]  # fmt: skip
     bad = [f"{flag} must be {expected}, got {value}" for flag, value, ok, expected in ranges if not ok]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.name):
+        bad.append(f"--name must be a folder name (letters, digits, '.', '_', '-'), got {opts.name!r}")
     if bad:
         raise ConfigError("; ".join(bad))
     objectives = opts.objective_list()
@@ -101,6 +107,31 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
             f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
         )
     return objectives
+
+
+@contextmanager
+def search_lock(opts: SearchOptions) -> Iterator[None]:
+    """Holds ``STORAGE/.NAME.lock`` (an exclusive ``flock``) while a search runs, so a second search of
+    the same name in the same storage (or a ``--resume`` of a running one) is refused instead of
+    writing into the first one's folder. The kernel drops the lock when the holder dies, even by
+    SIGKILL, so a crashed search never leaves a stale lock behind."""
+    storage = opts.storage.resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    with (storage / f".{opts.name}.lock").open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ConfigError(
+                f"the search {opts.name!r} in {opts.storage} is running now ({holder}); "
+                "wait for it to end (then --resume it if it was interrupted), or use another --name"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield  # the lock goes with the file's close
 
 
 def _check_resources(opts: SearchOptions) -> None:

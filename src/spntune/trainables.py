@@ -15,8 +15,10 @@ import json
 import math
 import os
 import random
+import resource
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from spntune.config import TrialConfig
 from spntune.data import build_datasets
 from spntune.data.transforms import build_transform
-from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError
+from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError, TrialOutOfMemoryError
 from spntune.losses import build_loss
 from spntune.metrics import SegmentationMeter
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
@@ -87,6 +89,56 @@ def build_model(cfg: TrialConfig, num_classes: int) -> RefinedSegmenter:
     }
     refiner = REFINERS[cfg.refiner.kind](num_classes=num_classes, **cfg.refiner.model_dump(exclude={"kind"}), **context)
     return RefinedSegmenter(coarse, refiner)
+
+
+def _is_out_of_memory(exc: BaseException, limited: bool) -> bool:
+    """CUDA's ``OutOfMemoryError``, Python's ``MemoryError`` and the CPU allocator's failure (a
+    ``RuntimeError`` saying it "can't allocate memory"); under ``train.memory_limit_gb`` also oneDNN's
+    "could not create a primitive", which is how it reports that its own allocation failed."""
+    text = str(exc)
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text:
+        return True
+    return limited and "could not create a primitive" in text
+
+
+def _out_of_memory(cfg: TrialConfig, exc: BaseException) -> TrialOutOfMemoryError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    limit = f", train.memory_limit_gb={cfg.train.memory_limit_gb:g}" if cfg.train.memory_limit_gb else ""
+    return TrialOutOfMemoryError(
+        f"out of memory (train.batch_size={cfg.train.batch_size}, data.image_size={list(cfg.data.image_size)}"
+        f"{limit}): {first}; lower train.batch_size or data.image_size, or give each trial more memory"
+    )
+
+
+@contextmanager
+def _memory_limit(gigabytes: float | None) -> Iterator[None]:
+    """``train.memory_limit_gb``: the host memory a trial may allocate on top of what its process holds
+    when the trial starts (the imported libraries). Enforced with Linux ``RLIMIT_DATA`` (heap and
+    private mappings) while the trial runs, so a runaway trial fails with a readable out-of-memory
+    error instead of the kernel's OOM killer taking the node's other trials with it."""
+    used = _data_segment_bytes() if gigabytes else None
+    if used is None:  # no limit asked for, or no /proc (not Linux): nothing to enforce
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = used + int(gigabytes * 2**30)  # type: ignore[operator]
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))  # a reused Ray actor runs other trials
+
+
+def _data_segment_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @dataclass
@@ -309,6 +361,7 @@ def train_segmentation(
         ConfigError: invalid config (names the key).
         DatasetError: bad dataset files (names the file).
         NonFiniteLossError: the loss became NaN/inf.
+        TrialOutOfMemoryError: the trial ran out of memory (names the sizes to lower).
         TrialStopped: a reporter stopped the trial (Ray's scheduler).
     """
     cfg = TrialConfig.from_dict(config)
@@ -316,7 +369,13 @@ def train_segmentation(
     reporters = Reporters(MLflowReporter(), caller) if cfg.tracking.uri else Reporters(caller)
     reporters.start(cfg, reporters.trial_id())  # before data and model: their failures are reported too
     try:
-        result = _run_trial(cfg, reporters, resume_from)
+        try:
+            with _memory_limit(cfg.train.memory_limit_gb):
+                result = _run_trial(cfg, reporters, resume_from)
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, TrialOutOfMemoryError) or not _is_out_of_memory(exc, bool(cfg.train.memory_limit_gb)):
+                raise
+            raise _out_of_memory(cfg, exc) from exc
     except (SystemExit, KeyboardInterrupt) as exc:
         reporters.end(TrialStatus.STOPPED, str(exc) if isinstance(exc, TrialStopped) else "interrupted")
         raise

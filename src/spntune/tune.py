@@ -43,7 +43,7 @@ from spntune.leaderboard import (
     write_leaderboard_html,
 )
 from spntune.reporting import EpochReport, Reporter, TrialStopped
-from spntune.search_options import OBJECTIVES, SearchOptions, check_search
+from spntune.search_options import OBJECTIVES, SearchOptions, check_search, search_lock
 from spntune.space import SearchSpace
 from spntune.status import TrialStatus
 from spntune.tracking import SearchRun, default_tracking_uri, finish_trial_run
@@ -194,8 +194,16 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> SearchSummary:
-    """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials."""
-    objectives = check_search(opts)
+    """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials. The search's
+    lock is held throughout (a second search of the same name is refused), and every check that can
+    refuse the search runs again under it."""
+    with search_lock(opts):
+        return _run_search(opts, check_search(opts), listener)
+
+
+def _run_search(
+    opts: SearchOptions, objectives: list[tuple[str, str]], listener: TrialListener | None
+) -> SearchSummary:
     metric, mode = objectives[0]
     start = time.perf_counter()
     experiment = opts.experiment_path
