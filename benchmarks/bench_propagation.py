@@ -3,7 +3,9 @@
 Prints, for CSPN 3x3 and DySPN 7x7 steps on a [B, C, H, W] map:
 - fast/unfold speed-up and peak allocation ratio (measured in this run),
 - the fast path's effective bandwidth as a fraction of a plain copy's (``clone``) bandwidth, where
-  "effective" counts the minimum traffic of one step: read h, h0 and the weights, write the output.
+  "effective" counts the minimum traffic of one step: read h, h0 and the weights, write the output,
+- one step's forward, forward+backward (every input requiring grad) and their ratio (target <= 3),
+- T chained steps forward+backward for the custom backward, autograd through the loop and unfold.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int) -> None:  #
     h.sum().backward()
 
 
+def _step_fwd_bwd(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[type-arg]
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, x0, *weights)]
+    out = propagate_step(*leaves, k)
+    out.backward(x0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 11, 192, 256], metavar=("B", "C", "H", "W"))
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
         weights = _weights(name, k, aff, att)
+        n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weight maps
+        min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
         fast_s = timeit(partial(propagate_step, x, x0, *weights, k), args.repeats)
         ref_s = timeit(partial(propagate_step_reference, x, x0, *weights, k), max(1, args.repeats // 2))
         peaks = []
@@ -91,8 +101,13 @@ def main(argv: list[str] | None = None) -> None:
             with mode:
                 fn(x, x0, *weights, k)
             peaks.append(mode.peak)
-        min_bytes = (3 * x.numel() + (k * k + 1) * b * h * w) * 4  # h, h0, out + weights
         eff = min_bytes / fast_s / copy_bw
+        step_s = timeit(partial(_step_fwd_bwd, x, x0, weights, k), args.repeats)
+        print(
+            f"{name} {k}x{k} one step: forward {1000 * fast_s:.1f} ms, forward+backward {1000 * step_s:.1f} ms, "
+            f"ratio {step_s / fast_s:.1f}x (target <= 3); forward at {min_bytes / fast_s / copy_bw:.2f} of clone "
+            f"bandwidth (target >= 0.5)"
+        )
         print(
             f"{name} {k}x{k} forward: fast {1000 * fast_s:.1f} ms, unfold {1000 * ref_s:.1f} ms -> "
             f"speed-up {ref_s / fast_s:.1f}x; largest allocation unfold/fast {peaks[1] / peaks[0]:.1f}x; "

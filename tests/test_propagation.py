@@ -178,3 +178,48 @@ def test_custom_backward_matches_autograd_through_the_reference(k, variant):
             assert fast is None
         else:
             torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cspn", "dyspn"])
+@pytest.mark.parametrize("return_steps", [False, True])
+def test_checkpoint_steps_gives_equal_gradients(kind, return_steps):
+    from spntune.models.refiners import REFINERS
+
+    grads = []
+    for checkpoint_steps in (False, True):
+        torch.manual_seed(0)
+        refiner = REFINERS[kind](num_classes=3, kernel_size=5, iterations=3, channels=8,
+                                 checkpoint_steps=checkpoint_steps)  # fmt: skip
+        torch.nn.init.normal_(refiner.affinity_net.head.weight, std=0.1)  # not the identity
+        # float32: the refiner propagates in float32 whatever comes in
+        image = torch.randn(2, 3, 12, 14, generator=torch.Generator().manual_seed(1))
+        coarse = torch.randn(2, 3, 12, 14, generator=torch.Generator().manual_seed(2))
+        coarse.requires_grad_()
+        out = refiner(image, coarse, return_steps=return_steps)
+        loss = out.logits.square().sum() + sum(s.sum() for s in out.steps)
+        loss.backward()
+        grads.append([coarse.grad] + [p.grad for p in refiner.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        # CSPN sums its shared weights' gradient in another order: float32 rounding only
+        assert (recomputed - plain).norm() <= 1e-5 * plain.norm() + 1e-12
+
+
+def test_saved_memory_grows_by_one_map_per_step():
+    k = 7
+    _, h0, aff, _att = _inputs(k, b=1, c=4, h=16, w=16, dtype=torch.float32)
+    aff.requires_grad_()
+    weights = cspn_weights(aff, "h0")
+
+    def saved_numel(iterations: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            propagate(h0.clone().requires_grad_(), [weights] * iterations, k)
+        return sum(storages.values())
+
+    per_step = (saved_numel(6) - saved_numel(2)) / 4
+    assert per_step <= h0.numel()  # h^t of each step, never k*k-sized

@@ -77,7 +77,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     with LiveTable(args.metric or space.metric) as table:
         summary = run_search(opts, table)
     print_search_summary(summary, opts.top)
-    return 0
+    return 130 if summary.interrupted else 0  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

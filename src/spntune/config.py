@@ -127,6 +127,9 @@ class _PropagationConfig(_Strict):
     # network's own decoder features plus probs (shared, the papers' design).
     affinity_net: Literal["light", "unet", "shared"] = "light"
     affinity_encoder: str = "resnet18"  # unet: its encoder; weights follow model.encoder_weights
+    # Recompute each step (its weights and propagation) in backward: saved memory for T steps is
+    # then T x [B, C, H, W] plus the guidance, instead of every step's k*k-1 weight maps (DySPN).
+    checkpoint_steps: bool = False
 
     @field_validator("kernel_size")
     @classmethod

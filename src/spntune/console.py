@@ -4,7 +4,9 @@ and the leaderboards of `spntune search` and `spntune best`."""
 from __future__ import annotations
 
 import math
+import shlex
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.live import Live
@@ -15,11 +17,12 @@ from spntune.config import TrialConfig, describe_pipeline
 from spntune.leaderboard import SearchSummary, TrialRow, class_key, format_metric, leaderboard_table
 from spntune.reporting import EpochReport, Reporter
 from spntune.status import TrialStatus
-from spntune.tracking import masked
+from spntune.tracking import default_tracking_uri, masked
 
 __all__ = [
     "ConsoleReporter",
     "LiveTable",
+    "how_to_browse",
     "make_console",
     "print_best",
     "print_results",
@@ -171,9 +174,18 @@ def print_search_summary(summary: SearchSummary, top: int, console: Console | No
     console.print(
         f"{len(summary.rows)} trials in {summary.seconds:.0f} s: {counts[TrialStatus.COMPLETED]} completed, "
         f"{counts[TrialStatus.STOPPED]} stopped early (ASHA), {counts[TrialStatus.ERROR]} errored"
+        + (f", {counts[TrialStatus.INTERRUPTED]} interrupted" if counts[TrialStatus.INTERRUPTED] else "")
     )
+    if summary.interrupted:
+        console.print(
+            f"[yellow]interrupted[/yellow]: {len(summary.rows)} of {summary.trials_asked} trials started; run the "
+            "same command with --resume to finish the search (finished trials are not run again)",
+            soft_wrap=True,
+        )
     for r in summary.errored:
         console.print(f"  [red]errored[/red] {r.trial_id} ({r.summary}): {r.error}")
+    for note in summary.tracking_notes:
+        console.print(f"  [yellow]MLflow[/yellow] {note}", soft_wrap=True, highlight=False)
     if summary.pareto:
         console.print("Pareto set (refined mIoU vs latency): " + ", ".join(
             f"{r.trial_id} ({_fmt(r.last.get('refined_miou'))}, {r.last.get('infer_ms_per_image', math.nan):.1f} ms)" for r in summary.pareto
@@ -183,8 +195,30 @@ def print_search_summary(summary: SearchSummary, top: int, console: Console | No
         "each trial's folder holds its checkpoints)"
     )
     if summary.parent_run_id:
-        console.print(f"MLflow: search run {summary.parent_run_id} at {masked(summary.tracking_uri or '')}")
-        console.print("browse it: spntune ui   (then open http://127.0.0.1:5000, view 'Model training')")
+        uri = summary.tracking_uri or ""
+        console.print(f"MLflow: search run {summary.parent_run_id} at {masked(uri)}", soft_wrap=True, highlight=False)
+        console.print(f"browse it: {how_to_browse(uri)}", soft_wrap=True, highlight=False)
+
+
+def how_to_browse(uri: str) -> str:
+    """How to open the MLflow UI of the store a search logged to: ``spntune ui`` serves only a local
+    store; a tracking server has its own UI (behind its login)."""
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("databricks") else "file"
+    if scheme in ("sqlite", "file"):
+        flag = "" if uri == default_tracking_uri() else f" --tracking-uri {shlex.quote(masked(uri))}"
+        return f"spntune ui{flag}   (then open http://127.0.0.1:5000, view 'Model training')"
+    if scheme in ("http", "https"):
+        parts = urlsplit(uri)
+        host = parts.hostname or ""
+        base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")  # no login in a link
+        reach = "" if host in ("127.0.0.1", "localhost", "::1") else (
+            f"; from another machine through an SSH port-forward: ssh -L 5000:{host}:{parts.port or (443 if scheme == 'https' else 80)} <head>, "
+            f"then {scheme}://127.0.0.1:5000"
+        )  # fmt: skip
+        return f"open {base} in a browser (the tracking server's own UI{reach})"
+    if scheme == "databricks":
+        return "open the experiment in your Databricks workspace"
+    return f"spntune ui --tracking-uri '{masked(uri)}'   (with the database password in place of ***)"
 
 
 def print_best(search: dict[str, str], rows: list[TrialRow], top: int, console: Console | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CheckpointError",
+    "ClusterError",
     "ConfigError",
     "DatasetError",
     "NonFiniteLossError",
@@ -43,3 +44,7 @@ class CheckpointError(SpntuneError, ValueError):
 
 class TrialOutOfMemoryError(SpntuneError, MemoryError):
     """A trial ran out of (GPU or host) memory; the message names the settings that size it."""
+
+
+class ClusterError(SpntuneError, RuntimeError):
+    """Ray could not be started here, or the cluster at ``--address`` could not be joined."""

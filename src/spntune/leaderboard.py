@@ -107,6 +107,9 @@ class SearchSummary:
     pareto: list[TrialRow] = field(default_factory=list)
     parent_run_id: str | None = None
     tracking_uri: str | None = None
+    tracking_notes: list[str] = field(default_factory=list)  # what MLflow got late, or lacks
+    interrupted: bool = False  # Ctrl-C: `--resume` continues the search
+    trials_asked: int = 0
 
     @property
     def errored(self) -> list[TrialRow]:

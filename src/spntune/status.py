@@ -13,7 +13,8 @@ class TrialStatus(str, Enum):
 
     RUNNING = "running"
     COMPLETED = "completed"  # ran every epoch
-    STOPPED = "stopped"  # stopped early by the scheduler (ASHA) or interrupted
+    STOPPED = "stopped"  # stopped early by the scheduler (ASHA)
+    INTERRUPTED = "interrupted"  # the search was interrupted (Ctrl-C) before it ended; --resume continues it
     ERROR = "error"  # raised
 
     @property
@@ -21,11 +22,14 @@ class TrialStatus(str, Enum):
         return _MLFLOW[self]
 
     @classmethod
-    def of(cls, errored: bool, epochs: int, expected_epochs: int) -> TrialStatus:
-        """A trial that ended: ``error`` if it raised, else ``completed`` when every epoch ran."""
+    def of(cls, errored: bool, epochs: int, expected_epochs: int, interrupted: bool = False) -> TrialStatus:
+        """A trial that ended: ``error`` if it raised, else ``completed`` when every epoch ran, else
+        ``interrupted`` when the search was, else ``stopped`` (by the scheduler)."""
         if errored:
             return cls.ERROR
-        return cls.COMPLETED if epochs >= expected_epochs else cls.STOPPED
+        if epochs >= expected_epochs:
+            return cls.COMPLETED
+        return cls.INTERRUPTED if interrupted else cls.STOPPED
 
     def reason(self, epochs: int, error: str = "") -> str:
         """The ``spntune.reason`` tag of an ended trial's run ('' when there is nothing to explain)."""
@@ -33,6 +37,8 @@ class TrialStatus(str, Enum):
             return error or "trial raised; see the Ray error file in the trial folder"
         if self is TrialStatus.STOPPED:
             return f"stopped early by the scheduler after epoch {epochs}"
+        if self is TrialStatus.INTERRUPTED:
+            return f"the search was interrupted after epoch {epochs}; `spntune search ... --resume` continues it"
         return ""
 
 
@@ -40,5 +46,6 @@ _MLFLOW = {
     TrialStatus.RUNNING: "RUNNING",
     TrialStatus.COMPLETED: "FINISHED",
     TrialStatus.STOPPED: "KILLED",
+    TrialStatus.INTERRUPTED: "KILLED",
     TrialStatus.ERROR: "FAILED",
 }

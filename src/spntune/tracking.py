@@ -159,6 +159,8 @@ class MLflowReporter(Reporter):
         self.client: Any = None
         self.viz = self.gradcam = True
         self.best_steps_miou: list[float] = []  # refined mIoU per step t at the best epoch
+        self.logged_steps: set[int] = set()  # epochs the run already holds (a retried trial's earlier try)
+        self.pending: list[Any] = []  # metrics MLflow did not take yet (server down): sent with the next report
 
     def start(self, cfg: TrialConfig, trial_id: str | None) -> None:
         tracking = cfg.tracking
@@ -177,6 +179,7 @@ class MLflowReporter(Reporter):
         existing = find_child_run(self.client, experiment_id, parent, trial_id) if parent and trial_id else None
         if existing is not None:  # a resumed or retried trial continues its run
             self.run_id = existing.info.run_id
+            self.logged_steps = logged_epochs(self.client, self.run_id)
             self.client.update_run(self.run_id, status=TrialStatus.RUNNING.mlflow_status)
             self.client.set_tag(self.run_id, TAG_STATUS, TrialStatus.RUNNING.value)
             return self.run_id
@@ -204,13 +207,25 @@ class MLflowReporter(Reporter):
 
         step = int(epoch.metrics["epoch"])
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in _numeric(epoch.metrics).items() if k != "epoch"]
-        for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
-            chunk = batch[i : i + 900]
-            self.safe("log metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
+        if step not in self.logged_steps:  # each epoch once, also when a retry runs it again
+            self.pending += [Metric(k, v, now, step) for k, v in _numeric(epoch.metrics).items() if k != "epoch"]
+            self.logged_steps.add(step)
+        self._flush()
         if epoch.is_best:
             self.best_steps_miou = epoch.steps_miou
             self._log_best(step, epoch)
+
+    def _flush(self) -> None:
+        """Sends the pending metrics; what MLflow does not take stays pending for the next try (and
+        the driver's final sweep logs whatever a trial could not, from the trial's history)."""
+        while self.pending:
+            chunk = self.pending[:900]  # MLflow caps a batch at 1000 metrics
+            sent = self.safe(
+                "log metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk) or True
+            )
+            if not sent:
+                return
+            del self.pending[: len(chunk)]
 
     def _log_best(self, step: int, epoch: EpochReport) -> None:
         """Best epoch so far: weights-only checkpoint and pictures, overwriting the previous best's."""
@@ -236,11 +251,70 @@ class MLflowReporter(Reporter):
     def end(self, status: TrialStatus, reason: str = "") -> None:
         if not self.active:
             return
+        self._flush()
         self._log_steps_curve()
         if reason:
             self.safe("tag reason", lambda: self.client.set_tag(self.run_id, TAG_REASON, reason[:5000]))
         self.safe("tag status", lambda: self.client.set_tag(self.run_id, TAG_STATUS, status.value))
         self.safe("end run", lambda: self.client.set_terminated(self.run_id, status.mlflow_status))
+
+
+def logged_epochs(client: Any, run_id: str) -> set[int]:
+    """The epochs a trial's run holds metrics of (every epoch logs ``epoch_seconds``)."""
+    return {int(m.step) for m in client.get_metric_history(run_id, "epoch_seconds")}
+
+
+def wait_for_tracking(uri: str, seconds: float) -> bool:
+    """Driver side, before the final sweep: a tracking server that is down (restarting) gets up to
+    ``seconds`` to come back. Local stores answer at once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            _client(uri).search_experiments(max_results=1)
+            return True
+        except Exception:
+            if time.monotonic() >= deadline:
+                return False
+            log.warning("MLflow at %s does not answer; waiting for it (up to %.0f s more)", masked(uri),
+                        deadline - time.monotonic())  # fmt: skip
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+
+
+def backfill_trial_run(uri: str, experiment: str, parent_run_id: str, search_name: str, row: TrialRow) -> list[str]:
+    """Driver side, at the end of a search: a trial's run gets what the trial could not log while the
+    tracking server was unreachable: the run itself (if it could not be created), and every epoch of
+    the trial's history that the run lacks. Returns notes on what is still missing (a best epoch's
+    checkpoint and pictures exist only where the trial logged them)."""
+    from mlflow.entities import Metric, Param
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp is not None else _experiment_id(client, uri, experiment)
+    run = find_child_run(client, experiment_id, parent_run_id, row.trial_id)
+    notes = []
+    if run is None:
+        tags = {TAG_PARENT: parent_run_id, TAG_TRIAL: row.trial_id, TAG_SEARCH: search_name,
+                TAG_STATUS: TrialStatus.RUNNING.value}  # fmt: skip
+        run = client.create_run(experiment_id, tags=tags, run_name=row.trial_id)
+        params = {k: v for k, v in row.config.items() if not k.startswith("tracking.")}
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        notes.append(
+            f"trial {row.trial_id}: its MLflow run was created at the end (MLflow was unreachable when it started)"
+        )
+    run_id = run.info.run_id
+    logged = logged_epochs(client, run_id)
+    missing = [h for h in row.history if int(h.get("epoch", 0)) not in logged]
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, int(h["epoch"])) for h in missing for k, v in _numeric(h).items() if k != "epoch"]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+    if missing:
+        epochs = ", ".join(str(h["epoch"]) for h in missing)
+        notes.append(f"trial {row.trial_id}: metrics of epoch {epochs} logged at the end (MLflow was unreachable)")
+    if row.epochs > 0 and not client.list_artifacts(run_id, "checkpoint"):
+        notes.append(f"trial {row.trial_id}: no best checkpoint or pictures in MLflow (unreachable when they were "
+                     f"logged); its checkpoints are in {row.path}")  # fmt: skip
+    return notes
 
 
 def finish_trial_run(

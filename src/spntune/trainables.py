@@ -377,7 +377,10 @@ def train_segmentation(
                 raise
             raise _out_of_memory(cfg, exc) from exc
     except (SystemExit, KeyboardInterrupt) as exc:
-        reporters.end(TrialStatus.STOPPED, str(exc) if isinstance(exc, TrialStopped) else "interrupted")
+        if isinstance(exc, TrialStopped):
+            reporters.end(TrialStatus.STOPPED, str(exc))
+        else:
+            reporters.end(TrialStatus.INTERRUPTED, "interrupted")
         raise
     except BaseException as exc:
         reporters.end(TrialStatus.ERROR, f"{type(exc).__name__}: {exc}")

@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from spntune.config import ConfigError, describe_pipeline
+from spntune.errors import ClusterError
 from spntune.leaderboard import (
     SearchSummary,
     TrialRow,
@@ -46,7 +47,14 @@ from spntune.reporting import EpochReport, Reporter, TrialStopped
 from spntune.search_options import OBJECTIVES, SearchOptions, check_search, search_lock
 from spntune.space import SearchSpace
 from spntune.status import TrialStatus
-from spntune.tracking import SearchRun, default_tracking_uri, finish_trial_run
+from spntune.tracking import (
+    SearchRun,
+    backfill_trial_run,
+    default_tracking_uri,
+    finish_trial_run,
+    masked,
+    wait_for_tracking,
+)
 from spntune.trainables import HISTORY_FILE, read_history, train_segmentation
 
 __all__ = [
@@ -187,10 +195,15 @@ def _init_ray(address: str | None) -> None:
         # cannot act on, so that one message is dropped; the README explains it once.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_notice)
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:  # "local": a Ray of its own, even where a `ray start` cluster runs on this machine
+            ray.init(address="local", include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]
+        raise ClusterError(f"could not start or reach {where}: {first}") from None
 
 
 def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> SearchSummary:
@@ -218,14 +231,19 @@ def _run_search(
     _init_ray(opts.address)
     if listener is not None:
         _LISTENERS[str(experiment)] = listener
+    watch = _InterruptWatch()
+    ray_tune_log = logging.getLogger("ray.tune.tune")
+    ray_tune_log.addFilter(watch)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
             results = _tuner(opts, overrides, objectives, callbacks).fit()
     finally:
         _LISTENERS.pop(str(experiment), None)
-    rows = rank([_row(r, opts.space, metric, mode, overrides) for r in results], mode)
+        ray_tune_log.removeFilter(watch)
+    rows = rank([_row(r, opts.space, metric, mode, overrides, watch.interrupted) for r in results], mode)
     summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
+    summary.interrupted, summary.trials_asked = watch.interrupted, opts.trials
     summary.pareto = pareto(rows, objectives) if len(objectives) > 1 else []
     write_leaderboard(summary, experiment / "leaderboard.csv")
     write_history(rows, experiment / "history.csv")
@@ -234,6 +252,21 @@ def _run_search(
     if not opts.address:
         ray.shutdown()
     return summary
+
+
+class _InterruptWatch(logging.Filter):
+    """Notices that Ray Tune stopped the search on Ctrl-C (SIGINT; it then saves the search's state and
+    returns) and drops Ray's hint to call ``Tuner.restore``: the summary says to ``--resume`` instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "has been interrupted" in record.getMessage():
+            self.interrupted = True
+            return False
+        return True
 
 
 def _open_parent_run(opts: SearchOptions, uri: str, metric: str) -> SearchRun | None:
@@ -287,7 +320,8 @@ def _checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
         return []
 
 
-def _row(result: Any, space: SearchSpace, metric: str, mode: str, overrides: dict[str, Any]) -> TrialRow:
+def _row(result: Any, space: SearchSpace, metric: str, mode: str, overrides: dict[str, Any],
+         interrupted: bool = False) -> TrialRow:  # fmt: skip
     """A leaderboard row from one Ray result. Epochs, best and last metrics come from the history that
     travels with the trial's latest checkpoint (every report carries one), not from Ray's
     ``result.json``, which can lose epochs when a trial is retried."""
@@ -299,7 +333,7 @@ def _row(result: Any, space: SearchSpace, metric: str, mode: str, overrides: dic
     error = _first_line(result.error) if result.error is not None else ""
     return TrialRow(
         trial_id=str(reported.get("trial_id") or Path(result.path).name),
-        status=TrialStatus.of(result.error is not None, epochs, expected_epochs(config)),
+        status=TrialStatus.of(result.error is not None, epochs, expected_epochs(config), interrupted),
         summary=describe_pipeline(config), epochs=epochs, best=best_of([h.get(metric) for h in history], mode),
         last=last, path=str(result.path), error=error, config=config, params=dict(result.config or {}),
         history=history,
@@ -317,9 +351,23 @@ def _first_line(error: BaseException) -> str:
 
 
 def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary: SearchSummary, mode: str) -> None:
-    """Final sweep (every child run gets its final status, also for trials of a resumed search), then
-    the parent run's leaderboard, history, plots and best-trial tag."""
+    """Final sweep: every child run gets what its trial could not log while MLflow was unreachable
+    (from the trial's history) and its final status, also for trials of a resumed search; then the
+    parent run's leaderboard, history, plots and best-trial tag. A tracking server that is down gets
+    ``SPNTUNE_MLFLOW_WAIT_S`` seconds (default 120) to come back; what is still missing is listed in
+    the summary."""
+    wait_s = float(os.environ.get("SPNTUNE_MLFLOW_WAIT_S", "120"))
+    if not wait_for_tracking(uri, wait_s):
+        summary.tracking_notes.append(
+            f"MLflow at {masked(uri)} did not answer for {wait_s:.0f} s: the trials' runs were not completed or "
+            f"closed there; every result is in {summary.experiment_path} (leaderboard.csv, history.csv)"
+        )
+        return
     for row in summary.rows:
+        try:
+            summary.tracking_notes += backfill_trial_run(uri, opts.experiment, parent.run_id, opts.name, row)
+        except Exception as exc:  # the server went away again: say so, keep the search's own results
+            summary.tracking_notes.append(f"trial {row.trial_id}: MLflow backfill failed ({type(exc).__name__}: {exc})")
         finish_trial_run(uri, opts.experiment, parent.run_id, row.trial_id, row.status,
                          row.status.reason(row.epochs, row.error))  # fmt: skip
     experiment = summary.experiment_path
@@ -327,5 +375,6 @@ def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary
              "leaderboard/history": experiment / "history.csv"}  # fmt: skip
     files |= {f"plots/{p.stem}": p for p in search_plots(opts.space, summary.rows, mode, experiment / "plots")}
     best = next((r for r in summary.rows if r.status is not TrialStatus.ERROR and not math.isnan(r.best)), None)
-    parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None)
+    parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None,
+                  "KILLED" if summary.interrupted else "FINISHED")  # fmt: skip
     summary.parent_run_id, summary.tracking_uri = parent.run_id, uri

@@ -15,11 +15,21 @@ never materialises the ``k*k`` copies of ``[B, C, H, W]`` that an ``unfold`` doe
 
 Image borders: ``h`` is padded by replication, so a neighbour outside the image reads the
 nearest border pixel. Together with weights that sum to one this keeps a constant map constant.
+
+Backends: on CUDA, when ``triton`` imports, ``propagate_step`` runs the fused Triton kernels of
+``triton_propagation.py`` (imported lazily, on the first CUDA step); elsewhere it runs the
+shifted-slice path. ``set_propagation_backend`` (or the environment variable
+``SPNTUNE_PROPAGATION``, read at each call) chooses: ``"auto"`` (default, as above), ``"torch"``
+(always the shifted-slice path) or ``"triton"`` (always Triton, an error if it does not import;
+on CPU tensors this needs ``TRITON_INTERPRET=1``, which is how the tests check the kernels).
+The function's setting wins over the variable.
 """
 
 from __future__ import annotations
 
+import os
 from functools import cache
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -39,6 +49,7 @@ __all__ = [
     "propagate_step",
     "propagate_step_reference",
     "ring_index",
+    "set_propagation_backend",
 ]
 
 #: Where CSPN puts the centre weight ``1 - sum_j kappa_hat_j``: on ``h^0`` (official code,
@@ -51,6 +62,46 @@ CENTRE_PLACEMENTS = ("h0", "ht")
 AFFINITY_NORMS = ("abs_sum", "clamped")
 
 _EPS = 1e-6
+
+#: Values of ``set_propagation_backend`` and ``SPNTUNE_PROPAGATION``.
+PROPAGATION_BACKENDS = ("auto", "torch", "triton")
+_backend: str | None = None  # set_propagation_backend's choice; None defers to the environment
+
+
+def set_propagation_backend(backend: str | None) -> None:
+    """Choose how ``propagate_step`` runs: ``"auto"``, ``"torch"``, ``"triton"``, or None to
+    follow ``SPNTUNE_PROPAGATION`` (default ``"auto"``). See the module docstring."""
+    global _backend
+    if backend is not None and backend not in PROPAGATION_BACKENDS:
+        raise ValueError(f"propagation backend must be one of {PROPAGATION_BACKENDS}, got {backend!r}")
+    _backend = backend
+
+
+def _chosen_backend() -> str:
+    backend = _backend or os.environ.get("SPNTUNE_PROPAGATION", "auto") or "auto"
+    if backend not in PROPAGATION_BACKENDS:
+        raise ValueError(f"SPNTUNE_PROPAGATION must be one of {PROPAGATION_BACKENDS}, got {backend!r}")
+    return backend
+
+
+@cache
+def _triton_module() -> ModuleType | None:
+    """``triton_propagation``, imported on first use; None where triton is missing or broken."""
+    try:
+        from spntune.models import triton_propagation
+    except Exception:  # ImportError, or a triton that fails on this platform at import
+        return None
+    return triton_propagation
+
+
+def _use_triton(h: Tensor) -> ModuleType | None:
+    backend = _chosen_backend()
+    if backend == "torch" or (backend == "auto" and not h.is_cuda):
+        return None
+    module = _triton_module()
+    if module is None and backend == "triton":
+        raise RuntimeError("SPNTUNE_PROPAGATION=triton, but triton does not import here")
+    return module
 
 
 def _check_kernel(kernel_size: int) -> None:
@@ -160,8 +211,10 @@ class _PropagateStep(torch.autograd.Function):
         if need_nw:
             padded = F.pad(h, (r, r, r, r), mode="replicate")
             grad_nw = torch.empty_like(neighbour_weight)
+            product = torch.empty_like(grad_out)  # one buffer for all neighbours: no allocation per j
             for j, (rows, cols) in enumerate(windows):
-                grad_nw[:, j] = (grad_out * padded[:, :, rows, cols]).sum(dim=1)
+                torch.mul(grad_out, padded[:, :, rows, cols], out=product)
+                torch.sum(product, dim=1, out=grad_nw[:, j])
         if need_h:
             grad_padded = grad_out.new_zeros(*h.shape[:2], height + 2 * r, width + 2 * r)
             for j, (rows, cols) in enumerate(windows):
@@ -186,7 +239,9 @@ def propagate_step(
     anchor_weight: Tensor | None,
     kernel_size: int,
 ) -> Tensor:
-    """One propagation step, by shifted-slice accumulation (forward and backward).
+    """One propagation step: fused Triton kernels on CUDA, else shifted-slice accumulation.
+
+    The backend follows ``set_propagation_backend`` / ``SPNTUNE_PROPAGATION`` (module docstring).
 
     Args:
         h: current map ``h^t``.
@@ -206,6 +261,9 @@ def propagate_step(
             raise ValueError(f"{name} must be {(h.shape[0], 1, *h.shape[-2:])}, got {tuple(w.shape)}")
     if h0.shape != h.shape:
         raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
+    triton_module = _use_triton(h)
+    if triton_module is not None:
+        return triton_module.propagate_step_triton(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)

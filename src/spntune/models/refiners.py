@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from spntune.models.coarse import build_coarse
 from spntune.models.propagation import (
@@ -21,6 +22,7 @@ from spntune.models.propagation import (
     num_neighbours,
     num_rings,
     propagate,
+    propagate_step,
 )
 
 __all__ = [
@@ -173,6 +175,7 @@ class _PropagationRefiner(nn.Module):
         encoder_weights: str | None = None,
         feature_channels: int | None = None,
         image_channels: int = 3,
+        checkpoint_steps: bool = False,
     ) -> None:
         super().__init__()
         if propagate not in PROPAGATED:
@@ -183,6 +186,7 @@ class _PropagationRefiner(nn.Module):
         self.kernel_size = kernel_size
         self.iterations = iterations
         self.propagated = propagate
+        self.checkpoint_steps = checkpoint_steps
         self.wants_features = affinity_net == "shared"
         inputs = image_channels + num_classes
         if affinity_net == "light":
@@ -196,8 +200,24 @@ class _PropagationRefiner(nn.Module):
         else:
             raise ValueError(f"unknown affinity_net {affinity_net!r}; valid: {list(AFFINITY_NETS)}")
 
-    def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(neighbour, self, anchor)`` weights of step t (0-based) from the guidance."""
         raise NotImplementedError
+
+    def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        return [self.step_weight(guidance, t) for t in range(self.iterations)]
+
+    def _step(self, h: Tensor, h0: Tensor, guidance: Tensor, t: int) -> Tensor:
+        return propagate_step(h, h0, *self.step_weight(guidance, t), self.kernel_size)
+
+    def _propagate_checkpointed(self, h0: Tensor, guidance: Tensor, return_steps: bool) -> tuple[Tensor, list[Tensor]]:
+        """``propagate`` with each step (weights + propagation) recomputed in backward."""
+        h, steps = h0, [h0] if return_steps else []
+        for t in range(self.iterations):
+            h = checkpoint(self._step, h, h0, guidance, t, use_reentrant=False)
+            if return_steps:
+                steps.append(h)
+        return h, steps
 
     def _to_logits(self, h: Tensor) -> Tensor:
         return h.clamp_min(_PROB_FLOOR).log() if self.propagated == "probs" else h
@@ -213,7 +233,10 @@ class _PropagationRefiner(nn.Module):
             probs = coarse_logits.softmax(dim=1)
             guidance = self.affinity_net(image.float(), probs, features)
             h0 = probs if self.propagated == "probs" else coarse_logits
-            h, steps = propagate(h0, self.step_weights(guidance), self.kernel_size, return_steps)
+            if self.checkpoint_steps and torch.is_grad_enabled():
+                h, steps = self._propagate_checkpointed(h0, guidance, return_steps)
+            else:
+                h, steps = propagate(h0, self.step_weights(guidance), self.kernel_size, return_steps)
             return RefinerOutput(self._to_logits(h), [self._to_logits(s) for s in steps])
 
 
@@ -248,9 +271,11 @@ class CSPNRefiner(_PropagationRefiner):
         self.centre = centre
         self.affinity_norm = affinity_norm
 
+    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return cspn_weights(guidance, self.centre, self.affinity_norm)
+
     def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
-        weights = cspn_weights(guidance, self.centre, self.affinity_norm)
-        return [weights] * self.iterations
+        return [self.step_weight(guidance, 0)] * self.iterations  # one affinity map for all steps
 
 
 class DySPNRefiner(_PropagationRefiner):
@@ -281,11 +306,11 @@ class DySPNRefiner(_PropagationRefiner):
         guidance_channels = num_neighbours(kernel_size) + (self.n_rings + 1) * iterations
         super().__init__(num_classes, guidance_channels, kernel_size, iterations, channels, propagate, **guidance)
 
-    def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
         n = num_neighbours(self.kernel_size)
-        affinity = guidance[:, :n]
-        attention = guidance[:, n:].sigmoid().split(self.n_rings + 1, dim=1)
-        return [dyspn_weights(affinity, pi, self.kernel_size) for pi in attention]
+        start = n + (self.n_rings + 1) * t
+        attention = guidance[:, start : start + self.n_rings + 1].sigmoid()
+        return dyspn_weights(guidance[:, :n], attention, self.kernel_size)
 
 
 #: Refiners by the names used in configs and search spaces.

@@ -1,0 +1,123 @@
+"""GPU propagation speed: the fused Triton step vs the shifted-slice path, and vs HBM bandwidth.
+
+For CSPN 3x3, CSPN 7x7 and DySPN 7x7 at each shape, prints one row with:
+- forward time of both backends and the Triton speed-up,
+- forward + backward time of T chained steps (weights computed once, as in the refiners) and the
+  speed-up,
+- the Triton forward's achieved bandwidth, counting the minimum bytes one step must move (read h,
+  h0 and the weights once, write the output once), in GB/s and as a fraction of a measured
+  ``clone`` bandwidth (the practical HBM floor).
+
+Timings are wall-clock between ``torch.cuda.synchronize()`` calls. Without a GPU (or without
+triton) it prints why and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from importlib.util import find_spec
+
+import torch
+
+from spntune.models.propagation import (
+    cspn_weights,
+    dyspn_weights,
+    num_rings,
+    propagate_step,
+    set_propagation_backend,
+)
+
+SHAPES = ([4, 11, 192, 256], [8, 21, 512, 512])
+CASES = (("cspn", 3), ("cspn", 7), ("dyspn", 7))
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds per call: one warm-up (compiles the kernels), then ``repeats`` calls between synchronizes."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]
+    return cspn_weights(aff) if name == "cspn" else dyspn_weights(aff, att, k)
+
+
+def _forward(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[type-arg]
+    with torch.no_grad():
+        propagate_step(x, x0, *weights, k)
+
+
+def _train(x0: torch.Tensor, aff: torch.Tensor, att: torch.Tensor, name: str, k: int, iterations: int) -> None:
+    aff = aff.detach().requires_grad_()
+    weights = _weights(name, k, aff, att)
+    h = x0
+    for _ in range(iterations):
+        h = propagate_step(h, x0, *weights, k)
+    h.sum().backward()
+
+
+def _backends(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    times = {}
+    for backend in ("torch", "triton"):
+        set_propagation_backend(backend)
+        times[backend] = timeit(fn, repeats)
+    set_propagation_backend(None)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_triton_gpu: no CUDA device here; nothing to measure.")
+        return 0
+    if find_spec("triton") is None:
+        print("bench_triton_gpu: triton is not installed; nothing to measure.")
+        return 0
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    print(f"device {torch.cuda.get_device_name(dev)}, fp32, T={args.iterations}")
+    header = (
+        f"{'shape':>18} {'step':>9} | {'fwd torch':>9} {'fwd triton':>10} {'speed-up':>8} | "
+        f"{'T fwd+bwd torch':>15} {'triton':>8} {'speed-up':>8} | {'GB/s':>6} {'of clone':>8}"
+    )
+    for shape in SHAPES:
+        b, c, h, w = shape
+        x = torch.randn(b, c, h, w, device=dev)
+        x0 = torch.randn_like(x)
+        big = torch.randn(64 * 2**20, device=dev)  # 256 MiB: beyond L2, a true HBM copy
+        copy_s = timeit(big.clone, args.repeats)
+        copy_bw = 2 * big.numel() * 4 / copy_s
+        del big
+        print(f"\nshape {shape}: clone bandwidth {copy_bw / 1e9:.0f} GB/s")
+        print(header)
+        for name, k in CASES:
+            aff = torch.randn(b, k * k - 1, h, w, device=dev)
+            att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
+            weights = _weights(name, k, aff, att)
+            fwd = _backends(partial(_forward, x, x0, weights, k), args.repeats)
+            train = _backends(partial(_train, x0, aff, att, name, k, args.iterations), max(1, args.repeats // 4))
+            n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weights
+            min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4
+            bw = min_bytes / fwd["triton"]
+            print(
+                f"{shape!s:>18} {f'{name} {k}x{k}':>9} | {1e3 * fwd['torch']:7.2f}ms {1e3 * fwd['triton']:8.2f}ms "
+                f"{fwd['torch'] / fwd['triton']:7.1f}x | {1e3 * train['torch']:13.1f}ms {1e3 * train['triton']:6.1f}ms "
+                f"{train['torch'] / train['triton']:7.1f}x | {bw / 1e9:6.0f} {bw / copy_bw:8.2f}"
+            )
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Fused Triton kernels for one propagation step (forward and backward).
+
+``propagation.propagate_step`` dispatches here on CUDA when ``triton`` imports; this module is
+imported lazily, so ``spntune`` never imports triton unless a step actually runs on the GPU
+(or the Triton path is forced, see ``propagation.set_propagation_backend``).
+
+One step is ``out = sum_j a_j * shift_j(h) + b * h + c * h0`` with replicate padding (a
+neighbour outside the image reads the nearest border pixel), weights ``[B, *, H, W]`` shared by
+all C channels. Every kernel works on a ``BLOCK_H x BLOCK_W`` pixel tile and a block of channels:
+
+- ``_forward_kernel``: per channel block, the accumulator stays in registers while the k*k-1
+  shifted reads of the tile and its halo (clamped indices) hit L1/L2, so HBM sees h, h0 and the
+  weights once and the output is written once.
+- ``_grad_weights_kernel``: ``d a_j = sum_c g * shift_j(h)`` (and ``d b``, ``d c``), reduced over
+  channels in registers and written once per weight map.
+- ``_grad_h_kernel``: the adjoint of the clamped gather is a gather over the padded domain:
+  position P of the padded map receives ``sum_j a_j(P - o_j) g(P - o_j)`` from in-image sources;
+  interior pixels are stored, while the padding frame and the border pixels it folds onto (the
+  adjoint of replicate padding) are accumulated with ``atomic_add`` into a border zeroed first.
+  Border sums are therefore order-nondeterministic at the last bit; the interior is exact.
+
+Accumulation is in float32 (float64 for float64 inputs), so the kernels can be checked in float64
+under ``TRITON_INTERPRET=1`` on a CPU (see ``tests/test_triton_propagation.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["TritonPropagateStep", "propagate_step_triton"]
+
+# 8 x 32 pixels: rows of 32 floats keep the loads coalesced; a channel block of at most 16 keeps
+# the accumulator at 4096 values per program.
+_BLOCK_H = 8
+_BLOCK_W = 32
+_MAX_BLOCK_C = 16
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _forward_kernel(
+    h_ptr, h0_ptr, nw_ptr, sw_ptr, aw_ptr, out_ptr,
+    C, H, W, tiles_w,
+    K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_ANCHOR: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    R: tl.constexpr = K // 2
+    CENTRE: tl.constexpr = (K * K) // 2
+    pid_tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hw = H * W
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W
+    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W
+    inside = (y < H) & (x < W)
+    pix = y * W + x
+    map_base = b * hw  # one [H, W] map of a [B, 1, H, W] weight
+    nw_base = nw_ptr + b * (K * K - 1) * hw
+    h_base = h_ptr + b * C * hw
+    h0_base = h0_ptr + b * C * hw
+    out_base = out_ptr + b * C * hw
+    for c0 in range(0, C, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        chan_off = chans[:, None] * hw
+        mask = (chans[:, None] < C) & inside[None, :]
+        acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
+        if HAS_ANCHOR:
+            a = tl.load(aw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
+            acc += a[None, :] * tl.load(h0_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+        if HAS_SELF:
+            s = tl.load(sw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
+            acc += s[None, :] * tl.load(h_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+        for jj in tl.static_range(K * K):
+            if jj != CENTRE:
+                yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
+                xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
+                wj = tl.load(nw_base + (jj - (jj > CENTRE)) * hw + pix, mask=inside, other=0.0).to(ACC)
+                hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
+                acc += wj[None, :] * hv
+        tl.store(out_base + chan_off + pix[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_weights_kernel(
+    g_ptr, h_ptr, h0_ptr, gnw_ptr, gsw_ptr, gaw_ptr,
+    C, H, W, tiles_w,
+    K: tl.constexpr, NEED_NW: tl.constexpr, NEED_SELF: tl.constexpr, NEED_ANCHOR: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    R: tl.constexpr = K // 2
+    CENTRE: tl.constexpr = (K * K) // 2
+    pid_tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hw = H * W
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W
+    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W
+    inside = (y < H) & (x < W)
+    pix = y * W + x
+    map_base = b * hw
+    g_base = g_ptr + b * C * hw
+    h_base = h_ptr + b * C * hw
+    h0_base = h0_ptr + b * C * hw
+    if NEED_NW:
+        gnw_base = gnw_ptr + b * (K * K - 1) * hw
+        for jj in tl.static_range(K * K):
+            if jj != CENTRE:
+                yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
+                xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
+                acc = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
+                for c0 in range(0, C, BLOCK_C):
+                    chans = c0 + tl.arange(0, BLOCK_C)
+                    chan_off = chans[:, None] * hw
+                    mask = (chans[:, None] < C) & inside[None, :]
+                    g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+                    hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
+                    acc += tl.sum(g * hv, axis=0)
+                tl.store(gnw_base + (jj - (jj > CENTRE)) * hw + pix, acc.to(gnw_ptr.dtype.element_ty), mask=inside)
+    if NEED_SELF or NEED_ANCHOR:
+        acc_s = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
+        acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            chans = c0 + tl.arange(0, BLOCK_C)
+            chan_off = chans[:, None] * hw
+            mask = (chans[:, None] < C) & inside[None, :]
+            g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+            if NEED_SELF:
+                hv = tl.load(h_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+                acc_s += tl.sum(g * hv, axis=0)
+            if NEED_ANCHOR:
+                h0v = tl.load(h0_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+                acc_a += tl.sum(g * h0v, axis=0)
+        if NEED_SELF:
+            tl.store(gsw_ptr + map_base + pix, acc_s.to(gsw_ptr.dtype.element_ty), mask=inside)
+        if NEED_ANCHOR:
+            tl.store(gaw_ptr + map_base + pix, acc_a.to(gaw_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _grad_h_kernel(
+    g_ptr, nw_ptr, sw_ptr, aw_ptr, gh_ptr, gh0_ptr,
+    C, H, W, tiles_w,
+    K: tl.constexpr, HAS_SELF: tl.constexpr, NEED_H: tl.constexpr, NEED_H0: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    # Tiles cover the padded domain [-R, H+R) x [-R, W+R); (y, x) are image coordinates.
+    R: tl.constexpr = K // 2
+    CENTRE: tl.constexpr = (K * K) // 2
+    pid_tile = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    hw = H * W
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W - R
+    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W - R
+    in_padded = (y < H + R) & (x < W + R)
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    interior = (y > 0) & (y < H - 1) & (x > 0) & (x < W - 1)  # pixels no padding folds onto
+    yc = tl.minimum(tl.maximum(y, 0), H - 1)
+    xc = tl.minimum(tl.maximum(x, 0), W - 1)
+    target = yc * W + xc  # where replicate padding folds position (y, x) back to
+    map_base = b * hw
+    nw_base = nw_ptr + b * (K * K - 1) * hw
+    g_base = g_ptr + b * C * hw
+    for c0 in range(0, C, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        chan_off = chans[:, None] * hw
+        cmask = chans[:, None] < C
+        own = cmask & inside[None, :]
+        g_own = tl.load(g_base + chan_off + target[None, :], mask=own, other=0.0).to(ACC)
+        if NEED_H0:
+            a = tl.load(aw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
+            gh0 = (a[None, :] * g_own).to(gh0_ptr.dtype.element_ty)
+            tl.store(gh0_ptr + b * C * hw + chan_off + target[None, :], gh0, mask=own)
+        if NEED_H:
+            acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
+            if HAS_SELF:
+                s = tl.load(sw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
+                acc += s[None, :] * g_own
+            for jj in tl.static_range(K * K):
+                if jj != CENTRE:
+                    # the source pixel p whose neighbour j is this position: p = P - o_j
+                    py = y - (jj // K - R)
+                    px = x - (jj % K - R)
+                    src_ok = (py >= 0) & (py < H) & (px >= 0) & (px < W) & in_padded
+                    src = py * W + px
+                    wj = tl.load(nw_base + (jj - (jj > CENTRE)) * hw + src, mask=src_ok, other=0.0).to(ACC)
+                    gv = tl.load(g_base + chan_off + src[None, :], mask=cmask & src_ok[None, :], other=0.0).to(ACC)
+                    acc += wj[None, :] * gv
+            gh_ptrs = gh_ptr + b * C * hw + chan_off + target[None, :]
+            acc = acc.to(gh_ptr.dtype.element_ty)
+            tl.store(gh_ptrs, acc, mask=cmask & interior[None, :])
+            tl.atomic_add(gh_ptrs, acc, mask=cmask & (in_padded & ~interior)[None, :])
+
+
+def _launch_config(c: int, height: int, width: int, pad: int = 0) -> tuple[int, int, int]:
+    """``(channel block, tiles across, tiles in total)`` for a map padded by ``pad`` on each side."""
+    block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
+    tiles_w = triton.cdiv(width + 2 * pad, _BLOCK_W)
+    tiles_h = triton.cdiv(height + 2 * pad, _BLOCK_H)
+    return block_c, tiles_w, tiles_w * tiles_h
+
+
+def _acc_dtype(t: Tensor) -> Any:
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def _forward(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, k: int) -> Tensor:
+    b, c, height, width = h.shape
+    out = torch.empty_like(h)
+    block_c, tiles_w, tiles = _launch_config(c, height, width)
+    _forward_kernel[(tiles, b)](
+        h, h0, nw, sw if sw is not None else h, aw if aw is not None else h, out,
+        c, height, width, tiles_w,
+        K=k, HAS_SELF=sw is not None, HAS_ANCHOR=aw is not None, ACC=_acc_dtype(h),
+        BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+class TritonPropagateStep(torch.autograd.Function):
+    """``propagate_step`` as three fused kernels: forward, weight gradients, ``h``/``h0`` gradients.
+
+    Takes contiguous tensors of one floating dtype on one device; ``propagate_step`` checks shapes
+    and makes them contiguous before calling ``apply``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, h0: Tensor, neighbour_weight: Tensor, self_weight: Tensor | None,
+                anchor_weight: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
+        ctx.kernel_size = kernel_size
+        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight)
+        return _forward(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        h, h0, nw, sw, aw = ctx.saved_tensors
+        k = ctx.kernel_size
+        need_h, need_h0, need_nw, need_sw, need_aw, _ = ctx.needs_input_grad
+        need_h0 = need_h0 and aw is not None
+        need_sw = need_sw and sw is not None
+        need_aw = need_aw and aw is not None
+        g = grad_out.contiguous()
+        b, c, height, width = h.shape
+        acc = _acc_dtype(h)
+        grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = None
+        if need_nw or need_sw or need_aw:
+            grad_nw = torch.empty_like(nw) if need_nw else None
+            grad_sw = torch.empty_like(sw) if need_sw else None
+            grad_aw = torch.empty_like(aw) if need_aw else None
+            block_c, tiles_w, tiles = _launch_config(c, height, width)
+            _grad_weights_kernel[(tiles, b)](
+                g, h, h0, grad_nw if need_nw else g, grad_sw if need_sw else g, grad_aw if need_aw else g,
+                c, height, width, tiles_w,
+                K=k, NEED_NW=need_nw, NEED_SELF=need_sw, NEED_ANCHOR=need_aw, ACC=acc,
+                BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+        if need_h or need_h0:
+            if need_h:
+                grad_h = torch.empty_like(h)
+                # The border receives the folded padding by atomic_add: start it at zero.
+                for border in (grad_h[:, :, 0], grad_h[:, :, -1], grad_h[:, :, :, 0], grad_h[:, :, :, -1]):
+                    border.zero_()
+            grad_h0 = torch.empty_like(h0) if need_h0 else None
+            block_c, tiles_w, tiles = _launch_config(c, height, width, pad=k // 2)
+            _grad_h_kernel[(tiles, b)](
+                g, nw, sw if sw is not None else nw, aw if aw is not None else nw,
+                grad_h if need_h else g, grad_h0 if need_h0 else g,
+                c, height, width, tiles_w,
+                K=k, HAS_SELF=sw is not None, NEED_H=need_h, NEED_H0=need_h0, ACC=acc,
+                BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, None
+
+
+def propagate_step_triton(
+    h: Tensor,
+    h0: Tensor,
+    neighbour_weight: Tensor,
+    self_weight: Tensor | None,
+    anchor_weight: Tensor | None,
+    kernel_size: int,
+) -> Tensor:
+    """One step through the fused kernels; same arguments and shapes as ``propagate_step``.
+
+    Shapes are not checked here (``propagate_step`` does); tensors are made contiguous.
+    """
+    tensors = [t.contiguous() if t is not None else None for t in (h, h0, neighbour_weight, self_weight, anchor_weight)]
+    return TritonPropagateStep.apply(*tensors, kernel_size)

@@ -1,0 +1,122 @@
+"""The fused Triton step, checked on CPU with Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton's ``@triton.jit`` decorators run, so every check
+runs in one subprocess (nothing leaks into other test modules in this pytest process) that prints
+one JSON line per case; the tests below read them. Float64 throughout (the interpreter runs the
+kernels in numpy), against the unfold reference and autograd through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.util import find_spec
+
+import pytest
+
+pytestmark = pytest.mark.skipif(find_spec("triton") is None, reason="triton is not installed")
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from spntune.models import propagation as P
+
+    def emit(case, **fields):
+        print(json.dumps({"case": case, **fields}), flush=True)
+
+    # auto on CPU tensors never imports the Triton module
+    x = torch.zeros(1, 1, 4, 4)
+    P.propagate_step(x, x, torch.zeros(1, 8, 4, 4), None, x[:, :1], 3)
+    emit("lazy", imported="spntune.models.triton_propagation" in sys.modules)
+
+    P.set_propagation_backend("triton")
+
+    def inputs(k, shape, dtype, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        b, c, h, w = shape
+        return [
+            torch.randn(b, c, h, w, generator=g, dtype=dtype),
+            torch.randn(b, c, h, w, generator=g, dtype=dtype),
+            torch.randn(b, k * k - 1, h, w, generator=g, dtype=dtype),
+            torch.rand(b, P.num_rings(k) + 1, h, w, generator=g, dtype=dtype),
+        ]
+
+    def weights(variant, k, aff, att):
+        if variant == "dyspn":
+            return P.dyspn_weights(aff, att, k)
+        return P.cspn_weights(aff, variant.split("-")[1])
+
+    def compare(case, k, variant, shape, dtype=torch.float64):
+        leaves = [t.requires_grad_() for t in inputs(k, shape, dtype)]
+        h, h0, aff, att = leaves
+        w = weights(variant, k, aff, att)
+        out = P.propagate_step(h, h0, *w, k)
+        ref = P.propagate_step_reference(h, h0, *w, k)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        got = torch.autograd.grad(out, leaves, grad_out, allow_unused=True, retain_graph=True)
+        want = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
+        errors = {"forward": (out - ref).abs().max().item()}
+        for name, a, b in zip(("h", "h0", "affinity", "attention"), got, want):
+            if b is None:
+                errors[name] = 0.0 if a is None else float("inf")
+            else:
+                errors[name] = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+        emit(case, errors=errors)
+
+    for k in (3, 5, 7):
+        for variant in ("cspn-h0", "cspn-ht", "dyspn"):
+            compare(f"k{k}-{variant}", k, variant, (2 if k == 3 else 1, 3, 11, 13))
+    # several tiles each way, a partial last tile, and more channels than one channel block
+    compare("tiles-channels", 3, "dyspn", (1, 17, 19, 37))
+    compare("float32", 5, "dyspn", (1, 3, 11, 13), dtype=torch.float32)
+
+    # gradcheck of two chained steps (random projections: the interpreter is slow)
+    k = 3
+    _, h0, aff, att = inputs(k, (1, 2, 5, 6), torch.float64)
+    h0.requires_grad_(); aff.requires_grad_(); att.requires_grad_()
+    def dyspn(h0, aff, att):
+        w = P.dyspn_weights(aff, att, k)
+        return P.propagate(h0, [w, w], k)[0]
+    emit("gradcheck", ok=bool(torch.autograd.gradcheck(dyspn, (h0, aff, att), fast_mode=True)))
+    """
+)
+
+CASES = [f"k{k}-{v}" for k in (3, 5, 7) for v in ("cspn-h0", "cspn-ht", "dyspn")] + ["tiles-channels", "float32"]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SPNTUNE_PROPAGATION": "auto"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return {line["case"]: line for line in lines}
+
+
+def test_cpu_auto_backend_does_not_import_triton(results):
+    assert results["lazy"]["imported"] is False
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference_forward_and_backward(results, case):
+    tol = 1e-5 if case == "float32" else 1e-12
+    errors = results[case]["errors"]
+    assert max(errors.values()) <= tol, errors
+
+
+def test_gradcheck_two_steps(results):
+    assert results["gradcheck"]["ok"]
+
+
+def test_forcing_an_unknown_backend_is_refused():
+    from spntune.models.propagation import set_propagation_backend
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        set_propagation_backend("cuda")
