@@ -1,20 +1,36 @@
 # Everything starts from a machine with only Python: each target creates .venv if missing.
+# Installs come from requirements.lock (every version pinned, Linux x86_64, CPython 3.11), so this
+# machine, CI and every node of a Ray cluster (cluster.yaml) run identical versions.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install lock demo test test-slow bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[dev]'
+# The lock's versions, nothing resolved at install time (--no-deps), then spntune itself (editable).
+# --no-compile: Python writes the .pyc of what it imports on first use, not of every module up front.
+$(STAMP): $(BIN)/python $(LOCK) pyproject.toml
+	@$(BIN)/python -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "$(LOCK) is for CPython 3.11; this venv has Python %d.%d: make PYTHON=python3.11 (after rm -rf $(VENV))" % sys.version_info[:2])'
+	$(BIN)/python -m pip install -q --no-deps --no-compile -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate the lock from pyproject.toml's ranges (+ the dev extra). Versions already in the lock are
+# kept unless they no longer fit; `make lock UPGRADE=1` moves everything to the newest releases.
+lock: $(BIN)/python
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 $(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 # A small search (6 trials) on the built-in synthetic data with Ray on this machine.
 demo: $(STAMP)

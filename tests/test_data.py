@@ -195,3 +195,58 @@ def test_shared_voc(shared_data):
         assert len(ds) == 2
         _, mask = ds.load_raw(0)
         assert 15 in np.unique(mask) and set(np.unique(mask)) <= set(range(21)) | {255}
+
+
+# ---------------------------------------------------------------- bad data, one family
+
+
+def _read_all(root, split="train"):
+    ds = load_folder(root, split)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _colour_mask(root):
+    Image.new("RGB", (50, 40), (255, 0, 0)).save(root / "masks" / "train" / "img0.png")
+
+
+def _truncated(root):
+    path = root / "images" / "train" / "img1.png"
+    path.write_bytes(path.read_bytes()[:60])
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [(lambda r: __import__("shutil").rmtree(r), r"not found: expected a directory at .*mine"),
+     (lambda r: (r / "classes.txt").unlink(), r"classes\.txt"),
+     (lambda r: (r / "classes.txt").write_text(""), r"classes\.txt must list 1\.\.255 class names, found 0"),
+     (lambda r: (r / "classes.txt").write_text("a\na\n"), r"classes\.txt lists a class name twice"),
+     (lambda r: __import__("shutil").rmtree(r / "images" / "train"), r"images folder for split 'train' not found"),
+     (lambda r: [p.unlink() for p in (r / "images" / "train").iterdir()], r"no images .* in .*images/train"),
+     (lambda r: (r / "masks" / "train" / "img1.png").unlink(), r"img1\.png has no mask: expected .*masks/train/img1\.png"),
+     (lambda r: (r / "images" / "train" / "img0.png").write_bytes(b"not an image"), r"cannot read image .*img0\.png"),
+     (_truncated, r"cannot read image .*img1\.png"),
+     (_colour_mask, r"mask .*img0\.png"),
+     (lambda r: write_png(r / "masks" / "train" / "img0.png", np.full((40, 50), 7, np.uint8)),
+      r"img0\.png has values \[7\].*0\.\.2 \(classes\.txt\) or 255"),
+     (lambda r: write_jpg(r / "images" / "train" / "img1.png", h=41), r"size mismatch: image .*img1\.png is 50x41"),
+     (lambda r: write_png(r / "masks" / "train" / "img9.png", np.zeros((40, 50), np.uint8)),
+      r"mask .*img9\.png has no image in .*images/train")],
+    ids=["no-root", "no-classes", "empty-classes", "duplicate-class", "no-split", "empty-split", "no-mask",
+         "not-an-image", "truncated-image", "colour-mask", "value-outside-classes", "size-mismatch", "orphan-mask"],
+)  # fmt: skip
+def test_bad_folder_data_is_refused_naming_the_file(tmp_path, damage, expected):
+    root = make_folder(tmp_path / "mine")
+    damage(root)
+    with pytest.raises(DatasetError, match=expected):
+        _read_all(root)
+
+
+def test_a_split_smaller_than_one_batch_still_trains_full_batches(tmp_path):
+    """Documented, not refused: a split with fewer samples than train.batch_size (tiny debug sets) is
+    drawn with replacement to one full batch per epoch, so BatchNorm layers pooling to 1x1 can train."""
+    from spntune.trainables import _loader
+
+    root = make_folder(tmp_path / "mine")
+    ds = load_folder(root, "train", transform=build_transform((32, 32), True))
+    (image, mask), *rest = list(_loader(ds, batch_size=8, train=True, workers=0, seed=0))
+    assert not rest and image.shape[0] == 8 and mask.shape[0] == 8

@@ -160,3 +160,26 @@ def test_branch_parameters_are_checked_under_their_branch():
              "when": {"refiner.kind": {"dyspn": {"refiner.centre": {"choice": ["h0", "ht"]}}}}}  # fmt: skip
     with pytest.raises(ValidationError, match="refiner.centre: value 'h0' is invalid when refiner.kind=dyspn"):
         SearchSpace.model_validate(space)
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [("name: x\nparams:\n  optim.lr: {float: [1e-4, 1e-2]\n  refiner.kind: {choice: [none]}\n", ":4:3:",
+      "expected ',' or '}'"),
+     ("name: x\nparams:\n  optim.lr: {float: [1e-4, 1e-2]}\n   refiner.kind: x\n", ":4:4:", "expected <block end>"),
+     ("params: [1, 2\n", ":2:1:", "expected ',' or ']'"),
+     ("name: x\n\tparams: {}\n", ":2:1:", "'\\t' that cannot start any token")],
+    ids=["unclosed-brace", "bad-indent", "unclosed-list", "tab"],
+)  # fmt: skip
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, text, where, problem):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert message.startswith(f"search space {path}{where} not valid YAML: ") and problem in message, message
+    (tmp_path / "config.yaml").write_text(text)  # trial configs (spntune train --config) say it the same way
+    from spntune.config import load_yaml
+
+    with pytest.raises(ConfigError, match=f"config.yaml{where} not valid YAML"):
+        load_yaml(tmp_path / "config.yaml")

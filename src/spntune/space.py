@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from spntune.config import ConfigError, TrialConfig, flatten, unflatten
+from spntune.config import ConfigError, TrialConfig, flatten, unflatten, yaml_error
 
 __all__ = ["BUILTIN_SPACES", "Param", "SearchSpace", "builtin_space_path", "load_space"]
 
@@ -287,7 +287,7 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"search space {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"search space {yaml_error(path, exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"search space {path} must be a mapping")
     try:
