@@ -466,6 +466,18 @@ def test_search_names_must_be_folder_names(tmp_path, capsys, name):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_data_is_refused_before_ray_starts(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    (data / "masks" / "val" / "img1.png").unlink()
+    storage = tmp_path / "ray"
+    args = ["search", "--smoke-test", "--storage", str(storage), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+            "--set", "data.name=folder", "--set", f"data.root={data}"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "img1.png has no mask: expected" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no storage, no MLflow store
+
+
 def test_storage_under_a_file_is_refused(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

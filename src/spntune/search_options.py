@@ -19,7 +19,7 @@ from spntune.config import ConfigError, TrialConfig
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.space import SearchSpace
 
-__all__ = ["OBJECTIVES", "SearchOptions", "check_search", "search_lock"]
+__all__ = ["OBJECTIVES", "SearchOptions", "check_data", "check_search", "search_lock"]
 
 #: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -107,6 +107,17 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
             f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
         )
     return objectives
+
+
+def check_data(opts: SearchOptions) -> None:
+    """The dataset of the space's base config (with ``--set``) is listed as every trial will list it:
+    a missing split, an image without a mask or a bad ``classes.txt`` is refused before Ray starts,
+    naming the file. (Images are decoded only by the trials, which name a file that cannot be read.)"""
+    from spntune.data import build_datasets  # torch: only a search that passed check_search pays for it
+
+    cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
+    if cfg.data.name != "synthetic":
+        build_datasets(cfg.data, cfg.train.seed)
 
 
 @contextmanager

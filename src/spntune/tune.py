@@ -44,7 +44,7 @@ from spntune.leaderboard import (
     write_leaderboard_html,
 )
 from spntune.reporting import EpochReport, Reporter, TrialStopped
-from spntune.search_options import OBJECTIVES, SearchOptions, check_search, search_lock
+from spntune.search_options import OBJECTIVES, SearchOptions, check_data, check_search, search_lock
 from spntune.space import SearchSpace
 from spntune.status import TrialStatus
 from spntune.tracking import (
@@ -207,9 +207,11 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> SearchSummary:
-    """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials. The search's
-    lock is held throughout (a second search of the same name is refused), and every check that can
-    refuse the search runs again under it."""
+    """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials. Bad options and
+    data are refused before anything is written; the search's lock is held throughout (a second search
+    of the same name is refused), and the checks run again under it."""
+    check_search(opts)
+    check_data(opts)
     with search_lock(opts):
         return _run_search(opts, check_search(opts), listener)
 
