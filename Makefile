@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/spntune search --space smoke --trials 6 --concurrency 2 --name demo --storage runs/ray
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -284,6 +284,13 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     for d in (tmp_path / "cluster").glob("run_trial_*"):
         node_ids |= {r["node_id"] for r in _results(d)}
     assert len(node_ids) == 2  # one trial on each node
+    # a local search (no --address) on this machine starts a Ray of its own, not the cluster's
+    local = [*SPNTUNE, *args[: args.index("--address")], *args[args.index("--storage") :]]
+    local[local.index("cluster")] = "local"
+    out = subprocess.run(local, capture_output=True, text=True, env=env, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    local_nodes = {r["node_id"] for d in (tmp_path / "local").glob("run_trial_*") for r in _results(d)}
+    assert local_nodes and not local_nodes & node_ids
 
 
 def test_multi_objective_reports_a_pareto_set(tmp_path):

@@ -187,6 +187,12 @@ class TrainConfig(_Strict):
     # After the last epoch, score the best epoch's weights on the validation images at their original
     # sizes (final_* metrics: what published results report); costs one pass over the validation set.
     final_eval: bool = True
+    # Two-stage: trials whose coarse phase is the same (data, image size, coarse model, loss, optimiser,
+    # batch size, coarse epochs, seed, device type) train it once and reuse it from coarse_cache_dir
+    # (coarse_cache.py). A search sets the folder to <storage>/coarse_cache; None (spntune train's
+    # default) keeps no cache.
+    coarse_cache: bool = True
+    coarse_cache_dir: str | None = None
 
     @field_validator("loss")
     @classmethod

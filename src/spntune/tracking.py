@@ -253,6 +253,12 @@ class MLflowReporter(Reporter):
             return
         self._flush()
         self._log_steps_curve()
+        # The driver has the last word: when it already closed this run (a search that was interrupted
+        # closes its runs as soon as Ray returns, while a worker may still be finishing an epoch), the
+        # trial's own view ("stopped") must not overwrite it.
+        current = self.safe("read run status", lambda: self.client.get_run(self.run_id).info.status)
+        if current is not None and current != TrialStatus.RUNNING.mlflow_status:
+            return
         if reason:
             self.safe("tag reason", lambda: self.client.set_tag(self.run_id, TAG_REASON, reason[:5000]))
         self.safe("tag status", lambda: self.client.set_tag(self.run_id, TAG_STATUS, status.value))

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,14 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from spntune.coarse_cache import (
+    CoarseCache,
+    CoarseClaim,
+    CoarseEntry,
+    coarse_key_fields,
+    data_fingerprint,
+    replay_row,
+)
 from spntune.config import TrialConfig
 from spntune.data import build_datasets
 from spntune.data.transforms import build_transform
@@ -481,33 +490,138 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
         if state is not None and state.get("phase") == phase.name and state.get("optimizer"):
             optimiser.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
-            _maybe_inject_crash(epoch, "start")
-            train = _train_epoch(run, phase, optimiser, scheduler, epoch, reporter)
-            t0 = time.perf_counter()
-            results = evaluate(model, run.val_loader, len(run.class_names), run.device, run.loss_fn, run.amp)
-            metrics = {"epoch": epoch + 1, "phase": phase.name, **train, **flat_metrics(results, run.class_names),
-                       "val_seconds": time.perf_counter() - t0, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
-            metrics["epoch_seconds"] = metrics["train_seconds"] + metrics["val_seconds"]
-            is_best = not math.isnan(metrics["refined_miou"]) and metrics["refined_miou"] > best
-            best = metrics["refined_miou"] if is_best else best
-            metrics["best_refined_miou"] = best
-            if is_best and cfg.train.final_eval:
-                best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best_epoch = epoch + 1
-            if epoch + 1 == cfg.total_epochs and cfg.train.final_eval:
-                metrics |= {**_final_scores(run, best_weights), "final_epoch": best_epoch}
-            history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-            checkpoint = _Checkpointer(run, epoch, phase.name, optimiser, scheduler, {
-                "class_names": run.class_names, "history": list(history),
-                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})  # fmt: skip
-            # Persist before reporting: a reporter may stop the trial (ASHA, interruption).
-            if run.output_dir is not None:
-                checkpoint(run.output_dir, True)
-            _maybe_inject_crash(epoch, "report")
-            pictures = functools.partial(_write_pictures, run)
-            reporter.report(EpochReport(metrics, is_best, results["steps_miou"], checkpoint, pictures))
+        with _coarse_reuse(run, phase, start_epoch, resumed) as reuse:
+            for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
+                _maybe_inject_crash(epoch, "start")
+                if reuse.hit:  # a coarse epoch another trial trained: its metrics, nothing to train
+                    metrics, steps_miou = reuse.replay(epoch)
+                else:
+                    train = _train_epoch(run, phase, optimiser, scheduler, epoch, reporter)
+                    t0 = time.perf_counter()
+                    results = evaluate(model, run.val_loader, len(run.class_names), run.device, run.loss_fn, run.amp)
+                    metrics = {"epoch": epoch + 1, "phase": phase.name, **train, **flat_metrics(results, run.class_names),
+                               "val_seconds": time.perf_counter() - t0, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
+                    metrics["epoch_seconds"] = metrics["train_seconds"] + metrics["val_seconds"]
+                    steps_miou = results["steps_miou"]
+                is_best = not math.isnan(metrics["refined_miou"]) and metrics["refined_miou"] > best
+                best = metrics["refined_miou"] if is_best else best
+                metrics["best_refined_miou"] = best
+                if is_best and cfg.train.final_eval:
+                    best_weights = reuse.weights(epoch)
+                    best_epoch = epoch + 1
+                if epoch + 1 == cfg.total_epochs and cfg.train.final_eval:
+                    metrics |= {**_final_scores(run, best_weights), "final_epoch": best_epoch}
+                history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+                reuse.record(history[-1])
+                checkpoint = _Checkpointer(run, epoch, phase.name, optimiser, scheduler, {
+                    "class_names": run.class_names, "history": list(history), **reuse.checkpoint_extra(),
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})  # fmt: skip
+                # Persist before reporting: a reporter may stop the trial (ASHA, interruption).
+                if run.output_dir is not None:
+                    checkpoint(run.output_dir, True)
+                _maybe_inject_crash(epoch, "report")
+                pictures = functools.partial(_write_pictures, run)
+                reporter.report(EpochReport(metrics, is_best, steps_miou, checkpoint, pictures))
     return metrics
+
+
+#: In a checkpoint written while replaying cached coarse epochs: the cached rows, so a trial resumed
+#: from it replays the rest of the coarse phase from the checkpoint alone (its weights are the cached ones).
+_CACHED_ROWS = "coarse_cache_rows"
+
+
+@dataclass
+class _CoarseReuse:
+    """The coarse cache as one phase of ``_train_loop`` sees it (``coarse_cache.py``).
+
+    ``hit``: the phase's epochs are replayed from ``entry`` (nothing trained). Otherwise the phase
+    trains; with ``claim`` set (a fresh two-stage coarse phase that missed, its key's lock held) its
+    rows and best weights are recorded and stored as the key's entry when the phase completes.
+    """
+
+    run: _Run
+    entry: CoarseEntry | None = None
+    claim: CoarseClaim | None = None
+    rows: list[dict[str, Any]] = dataclass_field(default_factory=list)
+    best_miou: float = -math.inf
+    best_state: dict[str, Tensor] | None = None
+    best_epoch: int = 0
+
+    @property
+    def hit(self) -> bool:
+        return self.entry is not None
+
+    def replay(self, epoch: int) -> tuple[dict[str, Any], list[float]]:
+        assert self.entry is not None
+        steps = getattr(self.run.model.refiner, "iterations", 0) + 1  # h^0..h^T of *this* trial's refiner
+        return replay_row(self.entry.rows[epoch], steps)
+
+    def weights(self, epoch: int) -> dict[str, Tensor]:
+        """The whole model's weights after ``epoch`` (0-based), on the CPU, for final_* scores."""
+        state = _cpu_copy(self.run.model)
+        if self.entry is not None:
+            state |= {f"coarse.{k}": v for k, v in self.entry.weights_of(epoch + 1).items()}
+        return state
+
+    def record(self, row: dict[str, Any]) -> None:
+        if self.claim is None:
+            return
+        # plain Python scalars: the entry loads with torch.load(weights_only=True)
+        self.rows.append({k: v if type(v) in (int, float, str) else float(v)
+                          for k, v in row.items() if not k.startswith("final_")})  # fmt: skip
+        if row["coarse_miou"] > self.best_miou:
+            self.best_miou, self.best_epoch = row["coarse_miou"], int(row["epoch"])
+            self.best_state = _cpu_copy(self.run.model.coarse)
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {_CACHED_ROWS: self.entry.rows} if self.entry is not None else {}
+
+    def store(self) -> None:
+        if self.claim is None:
+            return
+        final = _cpu_copy(self.run.model.coarse)
+        best = self.best_state if self.best_epoch != len(self.rows) else None
+        self.claim.store(CoarseEntry(self.rows, final, self.best_epoch, best, self.run.scaler.state_dict()))
+
+
+def _cpu_copy(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+@contextmanager
+def _coarse_reuse(run: _Run, phase: _Phase, start_epoch: int, resumed: dict[str, Any]) -> Iterator[_CoarseReuse]:
+    """The coarse cache's one hook: for a two-stage coarse phase with ``train.coarse_cache`` on and a
+    ``train.coarse_cache_dir``, a hit loads the cached coarse weights and replays its epochs; a miss
+    trains (holding the key's lock, so concurrent trials wait) and stores. A trial resumed mid-coarse
+    replays from its checkpoint if that was a replay, else trains on without the cache; any other
+    phase, and a trial resumed past the coarse phase, never touch it."""
+    t = run.cfg.train
+    if phase.name != "coarse" or not (t.coarse_cache and t.coarse_cache_dir):
+        yield _CoarseReuse(run)
+        return
+    if start_epoch > 0:  # resumed: the checkpoint holds the coarse weights (cached ones if it has the rows)
+        rows = resumed.get(_CACHED_ROWS)
+        yield _CoarseReuse(run, CoarseEntry(rows, coarse_state={}, best_epoch=0) if rows else None)
+        return
+    fingerprint = data_fingerprint(run.train_loader.dataset, run.val_ds)
+    with CoarseCache(t.coarse_cache_dir).claim(coarse_key_fields(run.cfg, fingerprint, run.device.type)) as claim:
+        entry = claim.entry
+        if entry is not None:
+            initial = _cpu_copy(run.model.coarse)
+            try:
+                run.model.coarse.load_state_dict(entry.coarse_state)
+            except RuntimeError as exc:  # written by a version whose coarse network differs
+                run.model.coarse.load_state_dict(initial)  # a failed load may have copied some tensors
+                claim.cache.discard(claim.key, f"not weights of this coarse network ({str(exc).splitlines()[0][:200]})")
+                entry = None
+        if entry is None:
+            reuse = _CoarseReuse(run, claim=claim)
+            yield reuse
+            reuse.store()
+            return
+        if entry.scaler_state and run.scaler.is_enabled():
+            run.scaler.load_state_dict(entry.scaler_state)
+    yield _CoarseReuse(run, entry)
 
 
 def _final_scores(run: _Run, best_weights: dict[str, Tensor] | None) -> dict[str, float]:
@@ -552,6 +666,10 @@ def _train_epoch(run: _Run, phase: _Phase, optimiser: torch.optim.Optimizer, sch
     model.train()
     if phase.name == "refine":
         model.coarse.eval()  # frozen: BatchNorm statistics stay as trained
+    elif phase.name == "coarse":
+        # The refiner is not trained yet: its BatchNorm statistics stay at their initial values, so
+        # the coarse phase is the same whatever the refiner (what lets trials share it, coarse_cache.py).
+        model.refiner.eval()
     t0 = time.perf_counter()
     sums = {"loss": 0.0, "coarse": 0.0, "refined": 0.0}
     seen = 0

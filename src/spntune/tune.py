@@ -225,6 +225,9 @@ def _run_search(
     uri = None if (opts.tracking_uri or "").lower() == "none" else (opts.tracking_uri or default_tracking_uri())
     parent = _open_parent_run(opts, uri, metric) if uri else None
     overrides = dict(opts.overrides)
+    # Two-stage trials share coarse networks through a cache in the storage (every search there, and on
+    # a cluster every node, when the storage is a shared file system); --set train.coarse_cache_dir wins.
+    overrides.setdefault("train.coarse_cache_dir", str(opts.storage.resolve() / "coarse_cache"))
     callbacks: list[tune.Callback] = [ListenerCallback(str(experiment), opts.space, overrides)]
     if parent is not None and uri is not None:  # the URI travels in the config: workers do not inherit the env
         overrides |= {"tracking.uri": uri, "tracking.experiment": opts.experiment, "tracking.parent_run_id": parent.run_id,
