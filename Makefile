@@ -41,7 +41,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=12
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=12
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_propagation.py

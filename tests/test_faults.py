@@ -50,6 +50,7 @@ def _finish(proc: subprocess.Popen, tmp_path: Path, seconds: float = 400) -> str
     return (tmp_path / "search.log").read_text()
 
 
+@pytest.mark.slow  # 1.5-2 min on 2 cores: make test-slow
 def test_worker_killed_mid_epoch_is_retried_from_its_checkpoint(tmp_path):
     """SIGKILL to the trial's worker process (its pid from the trial's results) while it trains epoch 2:
     Ray retries the trial from its epoch-1 checkpoint in a new worker; the leaderboard, history.csv and
@@ -79,6 +80,7 @@ def test_worker_killed_mid_epoch_is_retried_from_its_checkpoint(tmp_path):
     assert _epochs_in_mlflow(client, child.info.run_id) == [1, 2, 3, 4]  # each epoch exactly once
 
 
+@pytest.mark.slow  # 1.5-2 min on 2 cores: make test-slow
 def test_interrupted_driver_resumes_and_every_trial_completes_once(tmp_path):
     """Ctrl-C (SIGINT to the driver's process group) part-way through a search: the driver exits
     without a traceback and leaves no MLflow run RUNNING; ``--resume`` completes every trial once."""
@@ -152,6 +154,7 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
+@pytest.mark.slow  # 1.5-2 min on 2 cores: make test-slow
 def test_mlflow_server_down_mid_search_loses_nothing(tmp_path):
     """A real ``mlflow server`` stopped after a trial's first epoch and started again later: training
     goes on while it is down; at the end every trial's run holds every epoch exactly once, and whatever

@@ -273,6 +273,7 @@ def two_node_cluster(tmp_path):
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
 
 
+@pytest.mark.slow  # ~1.5 min on 2 cores: make test-slow
 def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     address, env = two_node_cluster
     args = ["search", "--smoke-test", "--trials", "2", "--concurrency", "2", "--cpus-per-trial", "1", "--scheduler", "none",
