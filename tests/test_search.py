@@ -339,7 +339,10 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     # Ray workers get the variable from the runtime environment; run_search reuses this Ray instance.
     # "start": the crash comes right after epoch 1's report (Ray may not have synced its result yet);
     # "report": epoch 2 is trained and evaluated, but neither MLflow nor Ray hears of it.
-    ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2:{point}"}}, include_dashboard=False)
+    node_tmp = tmp_path / "node-tmp"  # the workers' TMPDIR: where trials stage their checkpoints
+    node_tmp.mkdir()
+    ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2:{point}", "TMPDIR": str(node_tmp)}},
+             include_dashboard=False)  # fmt: skip
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = SearchSpace(
         name="retry", base={**SEARCH_SMOKE_OVERRIDES, "train.epochs": 3, "data.train_size": 8, "data.limit_train": 8}
@@ -362,6 +365,8 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     assert main(["best", "--tracking-uri", uri, "--search", "retry"]) == 0
     best_row = next(line for line in capsys.readouterr().out.splitlines() if row.trial_id in line)
     assert "│ 3 " in best_row and "completed" in best_row
+    # the crashed attempt and the retry left no staged checkpoints behind on the node
+    assert list(node_tmp.glob("spntune-trial-*")) == []
 
 
 @pytest.mark.parametrize(
@@ -492,3 +497,19 @@ def test_storage_under_a_file_is_refused(tmp_path, capsys):
     assert main(["search", "--smoke-test", "--storage", str(blocker / "ray"), "--no-mlflow"]) == 2
     assert f"{blocker} is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_staging_folders_of_dead_trial_processes_are_swept(tmp_path):
+    from spntune.tune import STAGING_PREFIX, sweep_stale_staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: a worker killed by SIGKILL leaves such a folder
+    gone = tmp_path / f"{STAGING_PREFIX}{dead_pid}-abc"
+    (gone / "checkpoint").mkdir(parents=True)
+    (gone / "checkpoint" / "checkpoint.pt").write_bytes(b"x" * 1024)
+    alive = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-def"  # a trial still running on this node
+    alive.mkdir()
+    other = tmp_path / "spntune-trial-notapid"
+    other.mkdir()
+    assert sweep_stale_staging(tmp_path) == [gone]
+    assert not gone.exists() and alive.exists() and other.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -69,39 +70,85 @@ __all__ = [
 ]
 
 
+#: Node-local staging folders of trial processes: ``spntune-trial-<pid>-<random>``.
+STAGING_PREFIX = "spntune-trial-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_staging(parent: Path | None = None) -> list[Path]:
+    """Remove the staging folders of trial processes that no longer run on this node (a worker
+    killed by SIGKILL, the OOM killer or a node restart cannot clean up after itself); returns them."""
+    removed = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 class RayReporter(Reporter):
     """Reports to Ray Tune with a checkpoint every epoch; resumes from Ray's checkpoint.
 
     Ray stops a trial (ASHA) by calling ``sys.exit`` inside ``tune.report``; that becomes
     ``TrialStopped`` here, so the trial ends its other reporters with status ``stopped``.
+
+    Checkpoints are staged in one node-local folder per trial process (``tune.report`` copies it to
+    the search's storage), emptied before every epoch's checkpoint and removed when the trial ends;
+    folders left by killed processes are swept by the next trial on the node.
     """
 
     def __init__(self) -> None:
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._restored: tempfile.TemporaryDirectory[str] | None = None
+        sweep_stale_staging()
+        self._staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
 
     def trial_id(self) -> str | None:
         return tune.get_context().get_trial_id()
+
+    def _fresh(self, name: str) -> Path:
+        folder = self._staging / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
 
     def resume_checkpoint(self) -> Path | None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             return None
-        self._restored = tempfile.TemporaryDirectory(prefix="spntune-restore-")
-        return Path(checkpoint.to_directory(self._restored.name))
+        return Path(checkpoint.to_directory(str(self._fresh("restored"))))
 
     def report(self, epoch: EpochReport) -> None:
-        with tempfile.TemporaryDirectory(prefix="spntune-ckpt-") as tmp:
-            epoch.write_checkpoint(Path(tmp), True)
-            try:  # tune.report copies the folder to the search's storage
-                tune.report({**epoch.metrics, "node_id": self._node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
-            except SystemExit as exc:
-                raise TrialStopped("stopped early by the scheduler") from exc
+        staged = self._fresh("checkpoint")
+        epoch.write_checkpoint(staged, True)
+        try:  # tune.report copies the folder to the search's storage
+            tune.report({**epoch.metrics, "node_id": self._node_id}, checkpoint=tune.Checkpoint.from_directory(staged))
+        except SystemExit as exc:
+            raise TrialStopped("stopped early by the scheduler") from exc
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove this trial's staging folder."""
+        shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def run_trial(config: dict[str, Any], space: SearchSpace, overrides: dict[str, Any]) -> None:
     """Ray Tune function trainable: Optuna's suggestions -> trial config -> train."""
-    train_segmentation(trial_config(space, config, overrides, tracking=True), RayReporter())
+    reporter = RayReporter()
+    try:
+        train_segmentation(trial_config(space, config, overrides, tracking=True), reporter)
+    finally:
+        reporter.close()
 
 
 def trial_config(space: SearchSpace, suggested: dict[str, Any], overrides: dict[str, Any],
