@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
 
 from spntune import __version__
 from spntune.config import TrialConfig
+from spntune.data.cache import data_fingerprint
 
 __all__ = [
     "CACHED_MARK",
@@ -68,29 +68,6 @@ _NOT_COARSE_TRAIN = {"stage", "epochs", "refine_epochs", "coarse_loss_weight", "
                      "coarse_cache", "coarse_cache_dir", "device", "amp", "memory_limit_gb"}  # fmt: skip
 
 
-def data_fingerprint(*datasets: Dataset) -> str:
-    """A hash of the files behind datasets (after ``limit_*``): each file's path relative to their
-    common folder, its size and modification time (seconds). Datasets without files (synthetic) hash
-    to their type and length; their content follows from the config, which the key holds as well."""
-    listing: list[Any] = []
-    files: list[Path] = []
-    for ds in datasets:
-        base, indices = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, None)
-        pairs = getattr(base, "pairs", None)
-        if pairs is None:
-            listing.append([type(base).__name__, len(indices if indices is not None else base)])  # type: ignore[arg-type]
-            continue
-        chosen = [pairs[i] for i in indices] if indices is not None else list(pairs)
-        listing.append([type(base).__name__, len(chosen), list(getattr(base, "class_names", []))])
-        files += [Path(p) for pair in chosen for p in pair]
-    if files:
-        common = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
-        for path in files:
-            st = path.stat()
-            listing.append([str(path.resolve().relative_to(common)), st.st_size, int(st.st_mtime)])
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-
-
 def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str) -> dict[str, Any]:
     """What the coarse phase depends on, as a JSON-able dict (the key is its hash)."""
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_COARSE_TRAIN}
@@ -101,7 +78,7 @@ def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str) -> d
         "torch": str(torch.__version__),
         "device": device_type,
         "amp": amp,
-        "data": cfg.data.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json", exclude={"cache_dir"}),  # where, not what: not in the key
         "data_files": fingerprint,
         "model": cfg.model.model_dump(mode="json"),
         "optim": cfg.optim.model_dump(mode="json"),

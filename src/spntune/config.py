@@ -58,7 +58,13 @@ class DataConfig(_Strict):
     limit_train: int | None = Field(None, ge=1)  # first N samples, for quick runs
     limit_val: int | None = Field(None, ge=1)
     augment: bool = True
-    num_workers: int = Field(0, ge=0)
+    # DataLoader worker processes; "auto": from the CPUs the trial may use (trainables.loader_workers)
+    num_workers: int | Literal["auto"] = "auto"
+    # Decode and resize each file image once into a memory-mapped uint8 cache in cache_dir
+    # (data/cache.py); a search sets the folder to <storage>/data_cache, None (spntune train's
+    # default) means no cache. Synthetic data is generated, never cached.
+    cache: bool = True
+    cache_dir: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -66,6 +72,13 @@ class DataConfig(_Strict):
         if v not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {v!r}; valid: {list(DATASET_NAMES)}")
         return v
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"must be an integer >= 0 or auto, got {v!r}")
 
     @field_validator("image_size", mode="before")
     @classmethod

@@ -191,7 +191,28 @@ def _optimiser(
     return opt, sched
 
 
-def _loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: int) -> DataLoader:
+def trial_cpus() -> int:
+    """CPUs this trial may use: the process's CPU affinity, capped by torch's thread count (Ray sets
+    ``OMP_NUM_THREADS`` to a trial's ``cpus_per_trial``)."""
+    return max(1, min(len(os.sched_getaffinity(0)), torch.get_num_threads()))
+
+
+def loader_workers(setting: int | str, device: torch.device, cpus: int | None = None) -> int:
+    """``data.num_workers`` as a number of DataLoader worker processes.
+
+    ``auto``: on CUDA, ``min(8, cpus - 1)`` (the trial's process only feeds the GPU); on the CPU,
+    ``cpus // 4`` capped at 4, so 0 below four CPUs: training's own threads use the cores, and with
+    the image cache a batch is a memory read plus augmentation (``benchmarks/bench_loader.py``).
+    """
+    if setting != "auto":
+        return int(setting)
+    cpus = trial_cpus() if cpus is None else cpus
+    if device.type == "cuda":
+        return max(0, min(8, cpus - 1))
+    return min(4, cpus // 4)
+
+
+def _loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: int, pin: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if train and len(ds) < batch_size:  # type: ignore[arg-type]
@@ -207,6 +228,7 @@ def _loader(ds: Dataset, batch_size: int, train: bool, workers: int, seed: int) 
         num_workers=workers,
         generator=generator,
         persistent_workers=workers > 0,
+        pin_memory=pin,
     )
 
 
@@ -419,13 +441,14 @@ def _build_run(cfg: TrialConfig) -> _Run:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     amp = cfg.train.amp and device.type == "cuda"
-    train_ds, val_ds, class_names = build_datasets(cfg.data, cfg.train.seed)
+    train_ds, val_ds, class_names = build_datasets(cfg.data, cfg.train.seed, cache=True)
     model = build_model(cfg, len(class_names)).to(device)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    workers, pin = loader_workers(cfg.data.num_workers, device), device.type == "cuda"
     return _Run(
         cfg, model, build_loss(cfg.train.loss),
-        _loader(train_ds, cfg.train.batch_size, True, cfg.data.num_workers, cfg.train.seed),
-        _loader(val_ds, cfg.train.batch_size, False, cfg.data.num_workers, cfg.train.seed),
+        _loader(train_ds, cfg.train.batch_size, True, workers, cfg.train.seed, pin),
+        _loader(val_ds, cfg.train.batch_size, False, workers, cfg.train.seed, pin),
         val_ds, class_names, device, amp, torch.amp.GradScaler("cuda", enabled=amp), output_dir,
     )  # fmt: skip
 

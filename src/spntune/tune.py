@@ -275,6 +275,8 @@ def _run_search(
     # Two-stage trials share coarse networks through a cache in the storage (every search there, and on
     # a cluster every node, when the storage is a shared file system); --set train.coarse_cache_dir wins.
     overrides.setdefault("train.coarse_cache_dir", str(opts.storage.resolve() / "coarse_cache"))
+    # Likewise the decoded images of file datasets (data/cache.py): decoded by the first trial, read by all.
+    overrides.setdefault("data.cache_dir", str(opts.storage.resolve() / "data_cache"))
     callbacks: list[tune.Callback] = [ListenerCallback(str(experiment), opts.space, overrides)]
     if parent is not None and uri is not None:  # the URI travels in the config: workers do not inherit the env
         overrides |= {"tracking.uri": uri, "tracking.experiment": opts.experiment, "tracking.parent_run_id": parent.run_id,

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset, Subset
 
-from spntune.data.base import IGNORE_INDEX, DatasetError, PairTransform
+from spntune.data.base import IGNORE_INDEX, DatasetError, PairedFileDataset, PairTransform
+from spntune.data.cache import TRAIN_SCALE, CachedDataset, ImageCache
 from spntune.data.folder import load_folder
 from spntune.data.pets import load_pets
 from spntune.data.synthetic import SyntheticShapes
@@ -64,16 +65,33 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def build_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset, list[str]]:
-    """``(train, val, class_names)``; train gets augmentation, val a plain resize."""
+def _first(ds: Dataset, n: int | None) -> Dataset:
+    """The first ``n`` samples (``data.limit_*``); a file dataset stays one, so only they are cached."""
+    if n is None or n >= len(ds):  # type: ignore[arg-type]
+        return ds
+    if isinstance(ds, PairedFileDataset):
+        return PairedFileDataset(ds.pairs[:n], ds.class_names, ds.value_map, ds.transform, ds.valid_values_hint)
+    return Subset(ds, range(n))
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0, cache: bool = False) -> tuple[Dataset, Dataset, list[str]]:
+    """``(train, val, class_names)``; train gets augmentation, val a plain resize.
+
+    With ``cache`` (and ``cfg.cache`` on, ``cfg.cache_dir`` set), file datasets are read from the
+    decoded-image cache (``data/cache.py``), built here on a miss for the samples ``limit_*`` keeps.
+    """
     spec = DATASETS[cfg.name]
-    train = spec.build(
-        cfg, cfg.train_split or spec.train_split, build_transform(cfg.image_size, True, cfg.augment), seed
-    )
+    train_transform = build_transform(cfg.image_size, True, cfg.augment)
+    train = spec.build(cfg, cfg.train_split or spec.train_split, train_transform, seed)
     val = spec.build(cfg, cfg.val_split or spec.val_split, build_transform(cfg.image_size, False), seed)
     class_names = list(train.class_names)  # type: ignore[attr-defined]
-    if cfg.limit_train is not None and cfg.limit_train < len(train):  # type: ignore[arg-type]
-        train = Subset(train, range(cfg.limit_train))
-    if cfg.limit_val is not None and cfg.limit_val < len(val):  # type: ignore[arg-type]
-        val = Subset(val, range(cfg.limit_val))
+    train, val = _first(train, cfg.limit_train), _first(val, cfg.limit_val)
+    if cache and cfg.cache and cfg.cache_dir:
+        images = ImageCache(cfg.cache_dir)
+        height, width = cfg.image_size
+        if isinstance(train, PairedFileDataset):
+            size = (height * TRAIN_SCALE, width * TRAIN_SCALE)
+            train = CachedDataset(train, *images.arrays(train, size, "train"), train_transform)
+        if isinstance(val, PairedFileDataset):  # stored as the val transform makes it: nothing left to do
+            val = CachedDataset(val, *images.arrays(val, (height, width), "val"), None)
     return train, val, class_names
