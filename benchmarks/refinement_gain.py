@@ -84,6 +84,7 @@ def base_config(args: argparse.Namespace, cache_dir: Path) -> dict[str, Any]:
         "train.final_eval": True,
         "train.coarse_cache": True,
         "train.coarse_cache_dir": str(cache_dir),
+        "data.cache_dir": str(cache_dir / "data"),  # the image cache (decoded once for all rows)
     }
     return cfg
 
