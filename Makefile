@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow --durations=12
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_propagation.py
+	$(BIN)/python benchmarks/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -61,8 +61,8 @@ def run_trial(cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
             **{k: v for k, v in rows.rows[-1].items() if k.startswith("final_")}}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "camvid-mini")
     parser.add_argument("--image-size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"))
     parser.add_argument("--limit-train", type=int, default=96)
@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.data_root / "classes.txt").is_file():
         parser.error(f"--data-root {args.data_root}: no camvid-mini there (classes.txt missing)")
+    return args
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The trials without and with the cache (interleaved); prints a line per pair; the summary dict."""
     configs = trial_configs(args)
     print(f"{len(configs)} two-stage trials, CamVid {args.image_size[0]}x{args.image_size[1]}, "
           f"{args.limit_train}/{args.limit_val} images, coarse {args.coarse_epochs} + refine {args.refine_epochs} "
@@ -99,16 +104,24 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in zip(plain_results, cached_results, strict=True)
     )
     ratio = cached / plain
-    print(f"without cache: {plain:7.1f} s ({plain / len(configs):.1f} s/trial)")
-    print(f"with cache:    {cached:7.1f} s ({cached / len(configs):.1f} s/trial); coarse network trained once, "
-          f"{sum(r['cached_epochs'] for r in cached_results)} coarse epochs replayed")  # fmt: skip
+    return {"settings": {k: str(v) for k, v in vars(args).items()}, "trials": len(configs),
+            "seconds_no_cache": plain, "seconds_cache": cached, "ratio": ratio, "cpu_ratio": cpu_ratio,
+            "final_scores_identical": same, "replayed_epochs": sum(r["cached_epochs"] for r in cached_results),
+            "no_cache": plain_results, "cache": cached_results}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    r = measure(args)
+    plain, cached, n = r["seconds_no_cache"], r["seconds_cache"], r["trials"]
+    ratio, cpu_ratio, same = r["ratio"], r["cpu_ratio"], r["final_scores_identical"]
+    print(f"without cache: {plain:7.1f} s ({plain / n:.1f} s/trial)")
+    print(f"with cache:    {cached:7.1f} s ({cached / n:.1f} s/trial); coarse network trained once, "
+          f"{r['replayed_epochs']} coarse epochs replayed")  # fmt: skip
     print(f"wall-time ratio cache / no cache: {ratio:.2f} (target <= 0.5); CPU-time ratio {cpu_ratio:.2f}; "
           f"final scores identical: {same}")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "seconds_no_cache": plain,
-                                     "seconds_cache": cached, "ratio": ratio, "cpu_ratio": cpu_ratio,
-                                     "final_scores_identical": same,
-                                     "no_cache": plain_results, "cache": cached_results}, indent=1))  # fmt: skip
+    args.json.write_text(json.dumps(r, indent=1))
     return 0
 
 

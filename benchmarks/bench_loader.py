@@ -43,15 +43,18 @@ def images_per_second(cfg: DataConfig, workers: int, epochs: int, batch_size: in
 
 
 def measure(data_root: Path = CAMVID, size: tuple[int, int] = (96, 128), epochs: int = 3,
-            workers: int = 2) -> dict[str, Any]:  # fmt: skip
+            workers: int = 2, limit: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Images/s per setting and speed-ups over reading the files."""
     with tempfile.TemporaryDirectory(prefix="spntune-bench-loader-") as tmp:
-        files = DataConfig(name="folder", root=str(data_root), image_size=size, cache=False)
+        files = DataConfig(name="folder", root=str(data_root), image_size=size, cache=False, limit_train=limit)
         cached = files.model_copy(update={"cache": True, "cache_dir": tmp})
         t0 = time.perf_counter()
         build_datasets(cached, 0, cache=True)  # the one-time decode
         build_seconds = time.perf_counter() - t0
-        out: dict[str, Any] = {"shape": f"camvid-mini train {size[0]}x{size[1]}", "cache_build_s": build_seconds}
+        out: dict[str, Any] = {
+            "shape": f"camvid-mini train{f' (first {limit})' if limit else ''} {size[0]}x{size[1]}",
+            "cache_build_s": build_seconds,
+        }
         out["files_img_s"] = images_per_second(files, 0, epochs)
         out["cache_img_s"] = images_per_second(cached, 0, epochs)
         out["cache_speedup"] = out["cache_img_s"] / out["files_img_s"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 from functools import partial
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,6 +73,50 @@ def _step_fwd_bwd(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> 
     out.backward(x0)
 
 
+def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int = 5, iterations: int = 6,
+            device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+    """Every number this benchmark prints, measured in one run: per case (``cspn_3x3``, ...) the step's
+    forward and forward+backward ms and their ratio, the forward's fraction of ``clone`` bandwidth, the
+    speed-up and allocation ratio over unfold, and T-step forward+backward per implementation."""
+    b, c, h, w = shape
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w, device=dev)
+    x0 = torch.randn_like(x)
+    copy_s = timeit(lambda: x.clone(), repeats * 4)
+    copy_bw = 2 * x.numel() * 4 / copy_s  # read + write
+    out: dict[str, Any] = {"device": str(dev), "shape": list(shape), "threads": torch.get_num_threads(),
+                           "clone_gbps": copy_bw / 1e9, "iterations": iterations, "cases": {}}  # fmt: skip
+    for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
+        aff = torch.randn(b, k * k - 1, h, w, device=dev)
+        att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
+        weights = _weights(name, k, aff, att)
+        n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weight maps
+        min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
+        fast_s = timeit(partial(propagate_step, x, x0, *weights, k), repeats)
+        ref_s = timeit(partial(propagate_step_reference, x, x0, *weights, k), max(1, repeats // 2))
+        peaks = []
+        for fn in (propagate_step, propagate_step_reference):
+            mode = PeakAlloc()
+            with mode:
+                fn(x, x0, *weights, k)
+            peaks.append(mode.peak)
+        step_s = timeit(partial(_step_fwd_bwd, x, x0, weights, k), repeats)
+        steps = {"custom backward": propagate_step, "autograd through loop": _accumulate,
+                 "unfold": propagate_step_reference}  # fmt: skip
+        train = {
+            label: timeit(partial(_fwd_bwd, step, x0, aff, att, name, k, iterations), max(1, repeats // 2))
+            for label, step in steps.items()
+        }
+        out["cases"][f"{name}_{k}x{k}"] = {
+            "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
+            "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "unfold_ms": 1000 * ref_s,
+            "speedup_over_unfold": ref_s / fast_s, "alloc_unfold_over_fast": peaks[1] / peaks[0],
+            "T_fwd_bwd_ms": {label: 1000 * t for label, t in train.items()},
+        }  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 11, 192, 256], metavar=("B", "C", "H", "W"))
@@ -79,54 +124,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    b, c, h, w = args.shape
-    dev = torch.device(args.device)
-    torch.manual_seed(0)
-    x = torch.randn(b, c, h, w, device=dev)
-    x0 = torch.randn_like(x)
-    copy_s = timeit(lambda: x.clone(), args.repeats * 4)
-    copy_bw = 2 * x.numel() * 4 / copy_s  # read + write
-    print(f"device {dev}, map [B,C,H,W] = {args.shape}; clone bandwidth {copy_bw / 1e9:.1f} GB/s")
-    for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
-        aff = torch.randn(b, k * k - 1, h, w, device=dev)
-        att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
-        weights = _weights(name, k, aff, att)
-        n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weight maps
-        min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
-        fast_s = timeit(partial(propagate_step, x, x0, *weights, k), args.repeats)
-        ref_s = timeit(partial(propagate_step_reference, x, x0, *weights, k), max(1, args.repeats // 2))
-        peaks = []
-        for fn in (propagate_step, propagate_step_reference):
-            mode = PeakAlloc()
-            with mode:
-                fn(x, x0, *weights, k)
-            peaks.append(mode.peak)
-        eff = min_bytes / fast_s / copy_bw
-        step_s = timeit(partial(_step_fwd_bwd, x, x0, weights, k), args.repeats)
+    r = measure(tuple(args.shape), args.repeats, args.iterations, args.device)
+    print(f"device {r['device']}, map [B,C,H,W] = {args.shape}; clone bandwidth {r['clone_gbps']:.1f} GB/s")
+    for case, m in r["cases"].items():
         print(
-            f"{name} {k}x{k} one step: forward {1000 * fast_s:.1f} ms, forward+backward {1000 * step_s:.1f} ms, "
-            f"ratio {step_s / fast_s:.1f}x (target <= 3); forward at {min_bytes / fast_s / copy_bw:.2f} of clone "
-            f"bandwidth (target >= 0.5)"
+            f"{case} one step: forward {m['forward_ms']:.1f} ms, forward+backward {m['forward_backward_ms']:.1f} ms, "
+            f"ratio {m['fwd_bwd_over_fwd']:.1f}x (target <= 3); forward at {m['forward_of_clone_bandwidth']:.2f} of "
+            "clone bandwidth (target >= 0.5)"
         )
         print(
-            f"{name} {k}x{k} forward: fast {1000 * fast_s:.1f} ms, unfold {1000 * ref_s:.1f} ms -> "
-            f"speed-up {ref_s / fast_s:.1f}x; largest allocation unfold/fast {peaks[1] / peaks[0]:.1f}x; "
-            f"effective bandwidth {eff:.2f} of clone"
+            f"{case} forward: fast {m['forward_ms']:.1f} ms, unfold {m['unfold_ms']:.1f} ms -> speed-up "
+            f"{m['speedup_over_unfold']:.1f}x; largest allocation unfold/fast {m['alloc_unfold_over_fast']:.1f}x"
         )
-        steps = {
-            "custom backward": propagate_step,
-            "autograd through loop": _accumulate,
-            "unfold": propagate_step_reference,
-        }
-        train = {
-            label: timeit(partial(_fwd_bwd, step, x0, aff, att, name, k, args.iterations), max(1, args.repeats // 2))
-            for label, step in steps.items()
-        }
-        base = train["custom backward"]
-        print(
-            f"{name} {k}x{k} T={args.iterations} forward+backward: "
-            + ", ".join(f"{lbl} {1000 * t:.0f} ms ({t / base:.1f}x)" for lbl, t in train.items())
-        )
+        base = m["T_fwd_bwd_ms"]["custom backward"]
+        print(f"{case} T={args.iterations} forward+backward: "
+              + ", ".join(f"{lbl} {t:.0f} ms ({t / base:.1f}x)" for lbl, t in m["T_fwd_bwd_ms"].items()))  # fmt: skip
 
 
 if __name__ == "__main__":

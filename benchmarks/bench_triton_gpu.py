@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from importlib.util import find_spec
+from typing import Any
 
 import torch
 
@@ -73,49 +74,66 @@ def _backends(fn: Callable[[], object], repeats: int) -> dict[str, float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_triton_gpu: no CUDA device here; nothing to measure.")
-        return 0
-    if find_spec("triton") is None:
-        print("bench_triton_gpu: triton is not installed; nothing to measure.")
-        return 0
+def measure(repeats: int = 20, iterations: int = 6) -> dict[str, Any] | None:
+    """Per shape and case: forward and T-step forward+backward, torch vs triton, and the triton
+    forward's bandwidth (absolute and as a fraction of ``clone``). None without CUDA or triton."""
+    if not torch.cuda.is_available() or find_spec("triton") is None:
+        return None
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    print(f"device {torch.cuda.get_device_name(dev)}, fp32, T={args.iterations}")
-    header = (
-        f"{'shape':>18} {'step':>9} | {'fwd torch':>9} {'fwd triton':>10} {'speed-up':>8} | "
-        f"{'T fwd+bwd torch':>15} {'triton':>8} {'speed-up':>8} | {'GB/s':>6} {'of clone':>8}"
-    )
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "iterations": iterations, "shapes": {}}
     for shape in SHAPES:
         b, c, h, w = shape
         x = torch.randn(b, c, h, w, device=dev)
         x0 = torch.randn_like(x)
         big = torch.randn(64 * 2**20, device=dev)  # 256 MiB: beyond L2, a true HBM copy
-        copy_s = timeit(big.clone, args.repeats)
+        copy_s = timeit(big.clone, repeats)
         copy_bw = 2 * big.numel() * 4 / copy_s
         del big
-        print(f"\nshape {shape}: clone bandwidth {copy_bw / 1e9:.0f} GB/s")
-        print(header)
+        cases: dict[str, Any] = {}
         for name, k in CASES:
             aff = torch.randn(b, k * k - 1, h, w, device=dev)
             att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
             weights = _weights(name, k, aff, att)
-            fwd = _backends(partial(_forward, x, x0, weights, k), args.repeats)
-            train = _backends(partial(_train, x0, aff, att, name, k, args.iterations), max(1, args.repeats // 4))
+            fwd = _backends(partial(_forward, x, x0, weights, k), repeats)
+            train = _backends(partial(_train, x0, aff, att, name, k, iterations), max(1, repeats // 4))
             n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weights
             min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4
             bw = min_bytes / fwd["triton"]
-            print(
-                f"{shape!s:>18} {f'{name} {k}x{k}':>9} | {1e3 * fwd['torch']:7.2f}ms {1e3 * fwd['triton']:8.2f}ms "
-                f"{fwd['torch'] / fwd['triton']:7.1f}x | {1e3 * train['torch']:13.1f}ms {1e3 * train['triton']:6.1f}ms "
-                f"{train['torch'] / train['triton']:7.1f}x | {bw / 1e9:6.0f} {bw / copy_bw:8.2f}"
-            )
+            cases[f"{name}_{k}x{k}"] = {
+                "fwd_torch_ms": 1e3 * fwd["torch"], "fwd_triton_ms": 1e3 * fwd["triton"],
+                "fwd_speedup": fwd["torch"] / fwd["triton"], "train_torch_ms": 1e3 * train["torch"],
+                "train_triton_ms": 1e3 * train["triton"], "train_speedup": train["torch"] / train["triton"],
+                "triton_gbps": bw / 1e9, "triton_of_clone": bw / copy_bw,
+            }  # fmt: skip
+        out["shapes"][str(list(shape))] = {"clone_gbps": copy_bw / 1e9, "cases": cases}
         torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
+    args = parser.parse_args(argv)
+    r = measure(args.repeats, args.iterations)
+    if r is None:
+        print("bench_triton_gpu: no CUDA device or no triton here; nothing to measure.")
+        return 0
+    print(f"device {r['device']}, fp32, T={args.iterations}")
+    header = (
+        f"{'shape':>18} {'step':>9} | {'fwd torch':>9} {'fwd triton':>10} {'speed-up':>8} | "
+        f"{'T fwd+bwd torch':>15} {'triton':>8} {'speed-up':>8} | {'GB/s':>6} {'of clone':>8}"
+    )
+    for shape, per in r["shapes"].items():
+        print(f"\nshape {shape}: clone bandwidth {per['clone_gbps']:.0f} GB/s")
+        print(header)
+        for case, m in per["cases"].items():
+            print(
+                f"{shape:>18} {case:>9} | {m['fwd_torch_ms']:7.2f}ms {m['fwd_triton_ms']:8.2f}ms "
+                f"{m['fwd_speedup']:7.1f}x | {m['train_torch_ms']:13.1f}ms {m['train_triton_ms']:6.1f}ms "
+                f"{m['train_speedup']:7.1f}x | {m['triton_gbps']:6.0f} {m['triton_of_clone']:8.2f}"
+            )
     return 0
 
 

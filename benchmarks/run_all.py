@@ -1,0 +1,142 @@
+"""``make bench``: every benchmark in one run, one table of ratios, the same numbers in ``runs/bench/bench.json``.
+
+Runs, in this process and one after the other (never alongside a test suite: the ratios are only
+meaningful on a machine doing nothing else):
+
+- ``bench_propagation``: propagation step on ``[4, 11, 192, 256]`` (CPU, or CUDA where there is one):
+  speed-up over unfold, allocation ratio, forward+backward / forward, forward as a fraction of ``clone``
+  bandwidth, the custom backward vs autograd through the loop;
+- ``bench_triton_gpu``: the fused Triton kernels vs the shifted-slice path on CUDA (skipped without one);
+- ``bench_loader``: training images/s from the image cache vs from the files;
+- ``bench_coarse_cache``: wall time of a refinement-only search (8 two-stage trials) with / without the
+  coarse cache.
+
+Every ratio is measured in this run; targets are the issue's. ``--quick`` shrinks every benchmark (a
+check that they run, not numbers to quote); ``--skip NAME`` leaves one out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_coarse_cache
+import bench_loader
+import bench_propagation
+import bench_triton_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ("propagation", "triton_gpu", "loader", "coarse_cache")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu} x{len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
+    """``(benchmark, measure, value, target)`` rows of one benchmark's results."""
+    rows: list[tuple[str, str, float, str]] = []
+    if name == "propagation":
+        for case, m in r["cases"].items():
+            t = m["T_fwd_bwd_ms"]
+            rows += [
+                (name, f"{case} forward speed-up over unfold", m["speedup_over_unfold"], ""),
+                (name, f"{case} largest allocation unfold / fast", m["alloc_unfold_over_fast"], ""),
+                (name, f"{case} step forward+backward / forward", m["fwd_bwd_over_fwd"], "<= 3"),
+                (name, f"{case} forward, fraction of clone bandwidth", m["forward_of_clone_bandwidth"], ">= 0.5"),
+                (
+                    name,
+                    f"{case} T={r['iterations']} fwd+bwd: autograd loop / custom",
+                    t["autograd through loop"] / t["custom backward"],
+                    "",
+                ),
+            ]
+    elif name == "triton_gpu":
+        for shape, per in r["shapes"].items():
+            for case, m in per["cases"].items():
+                rows += [
+                    (name, f"{shape} {case} forward speed-up triton / torch", m["fwd_speedup"], ""),
+                    (name, f"{shape} {case} T fwd+bwd speed-up triton / torch", m["train_speedup"], ""),
+                    (name, f"{shape} {case} triton forward, fraction of clone bandwidth", m["triton_of_clone"], ""),
+                ]
+    elif name == "loader":
+        rows.append((name, f"{r['shape']}: img/s image cache / files", r["cache_speedup"], ""))
+        if "cache_workers_speedup" in r:
+            rows.append((name, f"{r['shape']}: img/s cache + workers / files", r["cache_workers_speedup"], ""))
+    elif name == "coarse_cache":
+        rows += [
+            (name, f"{r['trials']} two-stage trials: wall time with / without cache", r["ratio"], "<= 0.5"),
+            (name, "same: CPU time with / without cache", r["cpu_ratio"], ""),
+            (name, "final scores identical with and without (1 = yes)", float(r["final_scores_identical"]), "1"),
+        ]
+    return rows
+
+
+def run(names: list[str], quick: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== {name} ...", flush=True)
+        if name == "propagation":
+            shape = (1, 4, 32, 48) if quick else (4, 11, 192, 256)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            results[name] = bench_propagation.measure(shape, 2 if quick else 5, 2 if quick else 6, device)
+        elif name == "triton_gpu":
+            results[name] = bench_triton_gpu.measure(3 if quick else 20)
+        elif name == "loader":
+            results[name] = bench_loader.measure(epochs=1 if quick else 3, limit=16 if quick else None)
+        elif name == "coarse_cache":
+            small = ["--limit-train", "8", "--limit-val", "4", "--coarse-epochs", "1", "--trials", "2",
+                     "--image-size", "32", "64"] if quick else ["--limit-train", "48", "--limit-val", "16"]  # fmt: skip
+            results[name] = bench_coarse_cache.measure(bench_coarse_cache.parse_args(small))
+        print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny settings: checks that every benchmark runs")
+    p.add_argument("--skip", nargs="*", choices=BENCHMARKS, default=[])
+    p.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "bench.json")
+    args = p.parse_args(argv)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    start = time.perf_counter()
+    results = run([n for n in BENCHMARKS if n not in args.skip], args.quick)
+    rows = [row for name, r in results.items() if r is not None for row in rows_of(name, r)]
+    skipped = [name for name, r in results.items() if r is None]
+    print(f"\nmake bench on {machine()}{' (--quick: not numbers to quote)' if args.quick else ''}")
+    width = max(len(m) for _, m, _, _ in rows) if rows else 10
+    print(f"{'benchmark':<13} {'measure':<{width}} {'value':>8}  target")
+    for bench, measure, value, target in rows:
+        print(f"{bench:<13} {measure:<{width}} {value:8.2f}  {target}")
+    for name in skipped:
+        print(f"{name:<13} skipped: no CUDA device (or no triton) on this machine")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    table = [{"benchmark": b, "measure": m, "value": v, "target": t} for b, m, v, t in rows]
+    args.json.write_text(json.dumps({"machine": machine(), "quick": args.quick, "table": table, "skipped": skipped,
+                                     "results": results}, indent=1, default=str))  # fmt: skip
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""`make bench` keeps working: every benchmark runs (tiny settings) and lands in one table and bench.json.
+The numbers of a --quick run mean nothing; speed targets live in the benchmarks, never in tests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = ROOT.parent / "shared" / "data" / "camvid-mini"
+
+
+@pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid-mini not present")
+def test_make_bench_quick_runs_every_benchmark(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    benches = {row["benchmark"] for row in report["table"]}
+    assert {"propagation", "loader", "coarse_cache"} <= benches
+    measures = {row["measure"] for row in report["table"]}
+    assert "dyspn_7x7 step forward+backward / forward" in measures
+    assert all(isinstance(row["value"], float) for row in report["table"])
+    assert report["results"]["coarse_cache"]["final_scores_identical"] is True
+    assert ("triton_gpu" in report["skipped"]) != ("triton_gpu" in benches)  # skipped exactly when no CUDA
+    assert "make bench on" in proc.stdout and "dyspn_7x7 step forward+backward / forward" in proc.stdout
