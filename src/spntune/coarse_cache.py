@@ -22,13 +22,11 @@ Pure of Ray and MLflow: ``trainables`` uses it, anything can.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -42,6 +40,7 @@ from torch import Tensor
 from spntune import __version__
 from spntune.config import TrialConfig
 from spntune.data.cache import data_fingerprint
+from spntune.filelock import held
 
 __all__ = [
     "CACHED_MARK",
@@ -207,19 +206,8 @@ class CoarseCache:
         stored one (a hit), or None and this process trains the coarse phase and calls ``claim.store``.
         Others asking for the key meanwhile wait."""
         key = key_of(fields)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{key}.lock", "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("coarse cache: another trial is training coarse network %s; waiting", key[:12])
-                t0 = time.perf_counter()
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                log.info("coarse cache: waited %.0f s for coarse network %s", time.perf_counter() - t0, key[:12])
-            try:
-                yield CoarseClaim(self, key, dict(fields), self.load(key))
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with held(self.root / f"{key}.lock", log, f"coarse cache: another trial is training coarse network {key[:12]}"):
+            yield CoarseClaim(self, key, dict(fields), self.load(key))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from spntune.config import ConfigError, TrialConfig
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.space import SearchSpace
 
-__all__ = ["OBJECTIVES", "SearchOptions", "check_data", "check_search", "search_lock"]
+__all__ = ["OBJECTIVES", "SearchOptions", "check_data", "check_search", "check_storage", "search_lock"]
 
 #: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -94,6 +94,14 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
     if cfg.data.root and not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")
+    check_storage(opts)
+    return objectives
+
+
+def check_storage(opts: SearchOptions) -> None:
+    """The storage folder is writable, and the search's folder exists exactly when ``--resume`` says so.
+    ``run_search`` repeats this once it holds the search's lock: another process may have started or
+    removed a search of that name since the first check."""
     experiment = opts.experiment_path
     existing = next(p for p in (experiment, *experiment.parents) if p.exists())
     if not existing.is_dir():
@@ -106,7 +114,6 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
         raise ConfigError(
             f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
         )
-    return objectives
 
 
 def check_data(opts: SearchOptions) -> None:

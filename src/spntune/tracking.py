@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ __all__ = [
     "MLflowReporter",
     "SearchRun",
     "artifact_root",
+    "complete_trial_runs",
     "default_tracking_uri",
     "download_checkpoint",
     "find_child_run",
@@ -56,6 +57,8 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_STATUS = "spntune.status"
 TAG_REASON = "spntune.reason"
 T = TypeVar("T")
+#: Metrics per ``log_batch`` call (MLflow caps a batch at 1000).
+METRIC_BATCH = 900
 
 
 def masked(uri: str) -> str:
@@ -219,7 +222,7 @@ class MLflowReporter(Reporter):
         """Sends the pending metrics; what MLflow does not take stays pending for the next try (and
         the driver's final sweep logs whatever a trial could not, from the trial's history)."""
         while self.pending:
-            chunk = self.pending[:900]  # MLflow caps a batch at 1000 metrics
+            chunk = next(_batches(self.pending))
             sent = self.safe(
                 "log metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk) or True
             )
@@ -286,17 +289,31 @@ def wait_for_tracking(uri: str, seconds: float) -> bool:
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
-def backfill_trial_run(uri: str, experiment: str, parent_run_id: str, search_name: str, row: TrialRow) -> list[str]:
-    """Driver side, at the end of a search: a trial's run gets what the trial could not log while the
-    tracking server was unreachable: the run itself (if it could not be created), and every epoch of
-    the trial's history that the run lacks. Returns notes on what is still missing (a best epoch's
-    checkpoint and pictures exist only where the trial logged them)."""
+def _child_runs(client: Any, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """Every child run of a search by trial id, in one listing (paged by MLflow's 1000 runs a page)."""
+    runs: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)  # fmt: skip
+        for run in page:
+            runs.setdefault(run.data.tags.get(TAG_TRIAL, ""), run)
+        token = getattr(page, "token", None)
+        if not token:
+            return runs
+
+
+def _batches(items: list[T]) -> Iterator[list[T]]:
+    """``items`` in pieces MLflow takes in one ``log_batch`` (it caps a batch at 1000 metrics)."""
+    for i in range(0, len(items), METRIC_BATCH):
+        yield items[i : i + METRIC_BATCH]
+
+
+def _backfill(client: Any, experiment_id: str, run: Any | None, parent_run_id: str, search_name: str,
+              row: TrialRow) -> tuple[Any, list[str]]:  # fmt: skip
+    """One trial's run, created if missing, with every epoch of the trial's history it lacks; notes."""
     from mlflow.entities import Metric, Param
 
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp is not None else _experiment_id(client, uri, experiment)
-    run = find_child_run(client, experiment_id, parent_run_id, row.trial_id)
     notes = []
     if run is None:
         tags = {TAG_PARENT: parent_run_id, TAG_TRIAL: row.trial_id, TAG_SEARCH: search_name,
@@ -311,23 +328,62 @@ def backfill_trial_run(uri: str, experiment: str, parent_run_id: str, search_nam
     logged = logged_epochs(client, run_id)
     missing = [h for h in row.history if int(h.get("epoch", 0)) not in logged]
     now = int(time.time() * 1000)
-    batch = [Metric(k, v, now, int(h["epoch"])) for h in missing for k, v in _numeric(h).items() if k != "epoch"]
-    for i in range(0, len(batch), 900):
-        client.log_batch(run_id, metrics=batch[i : i + 900])
+    for chunk in _batches([Metric(k, v, now, int(h["epoch"])) for h in missing for k, v in _numeric(h).items()
+                           if k != "epoch"]):  # fmt: skip
+        client.log_batch(run_id, metrics=chunk)
     if missing:
         epochs = ", ".join(str(h["epoch"]) for h in missing)
         notes.append(f"trial {row.trial_id}: metrics of epoch {epochs} logged at the end (MLflow was unreachable)")
     if row.epochs > 0 and not client.list_artifacts(run_id, "checkpoint"):
         notes.append(f"trial {row.trial_id}: no best checkpoint or pictures in MLflow (unreachable when they were "
                      f"logged); its checkpoints are in {row.path}")  # fmt: skip
+    return run, notes
+
+
+def _set_final_status(client: Any, run: Any, status: TrialStatus, reason: str) -> None:
+    if run.info.status != status.mlflow_status or run.data.tags.get(TAG_STATUS) != status.value:
+        if reason:
+            client.set_tag(run.info.run_id, TAG_REASON, reason[:5000])
+        client.set_tag(run.info.run_id, TAG_STATUS, status.value)
+        client.set_terminated(run.info.run_id, status.mlflow_status)
+
+
+def complete_trial_runs(uri: str, experiment: str, parent_run_id: str, search_name: str,
+                        rows: list[TrialRow]) -> list[str]:  # fmt: skip
+    """Driver side, at the end of a search: every trial's run gets what the trial could not log while
+    the tracking server was unreachable (the run itself if it could not be created, and every epoch of
+    the trial's history that the run lacks), then its final status. The search's child runs are listed
+    once. Returns notes on what is still missing (a best epoch's checkpoint and pictures exist only
+    where the trial logged them) or could not be done."""
+    safe = _Safe(retries=2)
+    client = _client(uri)
+    try:
+        experiment_id = _experiment_id(client, uri, experiment)
+        runs = _child_runs(client, experiment_id, parent_run_id)
+    except Exception as exc:  # the server went away again: say so, keep the search's own results
+        return [f"MLflow backfill failed ({type(exc).__name__}: {exc}); every result is in the search's folder"]
+    notes: list[str] = []
+    for row in rows:
+        run = runs.get(row.trial_id)
+        try:
+            run, row_notes = _backfill(client, experiment_id, run, parent_run_id, search_name, row)
+            notes += row_notes
+        except Exception as exc:
+            notes.append(f"trial {row.trial_id}: MLflow backfill failed ({type(exc).__name__}: {exc})")
+        if run is not None:
+            reason = row.status.reason(row.epochs, row.error)
+            safe(
+                "close trial run",
+                lambda run=run, row=row, reason=reason: _set_final_status(client, run, row.status, reason),
+            )
     return notes
 
 
 def finish_trial_run(
     uri: str, experiment: str, parent_run_id: str, trial_id: str, status: TrialStatus, reason: str = ""
 ) -> str | None:
-    """Driver side: give a trial's run its final status unless it already has it. The driver is
-    authoritative: ASHA may stop a trial at its last epoch, a dead worker cannot close its run."""
+    """Driver side, as a trial ends: give its run its final status unless it already has it. The driver
+    is authoritative: ASHA may stop a trial at its last epoch, a dead worker cannot close its run."""
     safe = _Safe(retries=2)
 
     def close() -> str | None:
@@ -338,11 +394,7 @@ def finish_trial_run(
         run = find_child_run(client, exp.experiment_id, parent_run_id, trial_id)
         if run is None:
             return None
-        if run.info.status != status.mlflow_status or run.data.tags.get(TAG_STATUS) != status.value:
-            if reason:
-                client.set_tag(run.info.run_id, TAG_REASON, reason[:5000])
-            client.set_tag(run.info.run_id, TAG_STATUS, status.value)
-            client.set_terminated(run.info.run_id, status.mlflow_status)
+        _set_final_status(client, run, status, reason)
         return run.info.run_id
 
     return safe("close trial run", close)

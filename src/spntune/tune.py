@@ -45,12 +45,19 @@ from spntune.leaderboard import (
     write_leaderboard_html,
 )
 from spntune.reporting import EpochReport, Reporter, TrialStopped
-from spntune.search_options import OBJECTIVES, SearchOptions, check_data, check_search, search_lock
+from spntune.search_options import (
+    OBJECTIVES,
+    SearchOptions,
+    check_data,
+    check_search,
+    check_storage,
+    search_lock,
+)
 from spntune.space import SearchSpace
 from spntune.status import TrialStatus
 from spntune.tracking import (
     SearchRun,
-    backfill_trial_run,
+    complete_trial_runs,
     default_tracking_uri,
     finish_trial_run,
     masked,
@@ -256,11 +263,12 @@ def _init_ray(address: str | None) -> None:
 def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> SearchSummary:
     """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials. Bad options and
     data are refused before anything is written; the search's lock is held throughout (a second search
-    of the same name is refused), and the checks run again under it."""
-    check_search(opts)
+    of the same name is refused), and the storage checks run again under it."""
+    objectives = check_search(opts)
     check_data(opts)
     with search_lock(opts):
-        return _run_search(opts, check_search(opts), listener)
+        check_storage(opts)  # what may have changed before the lock was ours
+        return _run_search(opts, objectives, listener)
 
 
 def _run_search(
@@ -417,13 +425,7 @@ def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary
             f"closed there; every result is in {summary.experiment_path} (leaderboard.csv, history.csv)"
         )
         return
-    for row in summary.rows:
-        try:
-            summary.tracking_notes += backfill_trial_run(uri, opts.experiment, parent.run_id, opts.name, row)
-        except Exception as exc:  # the server went away again: say so, keep the search's own results
-            summary.tracking_notes.append(f"trial {row.trial_id}: MLflow backfill failed ({type(exc).__name__}: {exc})")
-        finish_trial_run(uri, opts.experiment, parent.run_id, row.trial_id, row.status,
-                         row.status.reason(row.epochs, row.error))  # fmt: skip
+    summary.tracking_notes += complete_trial_runs(uri, opts.experiment, parent.run_id, opts.name, summary.rows)
     experiment = summary.experiment_path
     files = {"leaderboard": write_leaderboard_html(summary, experiment / "leaderboard.html"),
              "leaderboard/history": experiment / "history.csv"}  # fmt: skip

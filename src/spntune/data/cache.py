@@ -27,15 +27,12 @@ cannot be read or has the wrong shape is rebuilt. Torch-free apart from the Data
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from spntune.data.base import PairedFileDataset, PairTransform, to_tensors
+from spntune.filelock import held
 
 __all__ = ["CACHE_FORMAT", "TRAIN_SCALE", "CachedDataset", "ImageCache", "data_fingerprint"]
 
@@ -118,7 +116,7 @@ class ImageCache:
         """
         key = self.key(dataset, size, role)
         shape = (len(dataset), *size)
-        with self._locked(key):
+        with held(self.root / f"{key}.lock", log, f"image cache: another trial is decoding {key[:12]}"):
             found = self._load(key, shape)
             if found is not None:
                 return found
@@ -179,20 +177,6 @@ class ImageCache:
         fields = {"format": CACHE_FORMAT, "role": role, "size": list(size), "images": n,
                   "first_file": str(dataset.pairs[0][0])}  # fmt: skip
         (self.root / f"{key}.json").write_text(json.dumps(fields, indent=1))
-
-    @contextmanager
-    def _locked(self, key: str) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{key}.lock", "a+") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("image cache: another trial is decoding %s; waiting", key[:12])
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class CachedDataset(Dataset):

@@ -44,6 +44,15 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _tile_pixels(pid_tile, tiles_w, SHIFT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Row and column of every pixel of a program's ``BLOCK_H x BLOCK_W`` tile, minus ``SHIFT``."""
+    offs = tl.arange(0, BLOCK_H * BLOCK_W)
+    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W - SHIFT
+    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W - SHIFT
+    return y, x
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr, h0_ptr, nw_ptr, sw_ptr, aw_ptr, out_ptr,
     C, H, W, tiles_w,
@@ -55,9 +64,7 @@ def _forward_kernel(
     pid_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
-    offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W
-    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W
+    y, x = _tile_pixels(pid_tile, tiles_w, 0, BLOCK_H, BLOCK_W)
     inside = (y < H) & (x < W)
     pix = y * W + x
     map_base = b * hw  # one [H, W] map of a [B, 1, H, W] weight
@@ -98,9 +105,7 @@ def _grad_weights_kernel(
     pid_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
-    offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W
-    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W
+    y, x = _tile_pixels(pid_tile, tiles_w, 0, BLOCK_H, BLOCK_W)
     inside = (y < H) & (x < W)
     pix = y * W + x
     map_base = b * hw
@@ -155,9 +160,7 @@ def _grad_h_kernel(
     pid_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
-    offs = tl.arange(0, BLOCK_H * BLOCK_W)
-    y = (pid_tile // tiles_w) * BLOCK_H + offs // BLOCK_W - R
-    x = (pid_tile % tiles_w) * BLOCK_W + offs % BLOCK_W - R
+    y, x = _tile_pixels(pid_tile, tiles_w, R, BLOCK_H, BLOCK_W)
     in_padded = (y < H + R) & (x < W + R)
     inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
     interior = (y > 0) & (y < H - 1) & (x > 0) & (x < W - 1)  # pixels no padding folds onto
