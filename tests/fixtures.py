@@ -1,5 +1,9 @@
 """Tiny datasets in the original layouts, written to a tmp dir."""
 
+import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +64,44 @@ def make_folder(root: Path, classes=("road", "car", "sky")) -> Path:
             write_jpg(root / "images" / split / f"img{i}.png", seed=i)
             write_png(root / "masks" / split / f"img{i}.png", mask)
     return root
+
+
+#: Environment variable that marks every process a test starts (Ray renames its workers, not their
+#: environment), so teardown ends exactly those: never `ray stop`, which ends every Ray on the machine.
+PROCESS_MARKER = "SPNTUNE_TEST_PROCESSES"
+
+
+def marked_pids(tag: str, marker: str = PROCESS_MARKER) -> list[int]:
+    """Processes whose environment holds ``marker=tag``."""
+    needle = f"{marker}={tag}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return pids
+
+
+def end_processes(tag: str, marker: str = PROCESS_MARKER, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL, the processes marked ``marker=tag``; returns once none is left (or 10 s)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in marked_pids(tag, marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while marked_pids(tag, marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not marked_pids(tag, marker):
+            return
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

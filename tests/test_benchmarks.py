@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "data" / "camvid-mini"
 
 
+@pytest.mark.slow  # ~20 s alone, more on busy cores: make test-slow
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="../shared/data/camvid-mini not present")
 def test_make_bench_quick_runs_every_benchmark(tmp_path):
     out = tmp_path / "bench.json"

@@ -8,8 +8,6 @@ environment; teardown ends exactly those processes (never `ray stop`, which ends
 import csv
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fixtures import end_processes, free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 TINY = ["--set", "data.train_size=8", "--set", "data.val_size=4", "--set", "data.limit_train=8",
@@ -27,40 +26,6 @@ TINY = ["--set", "data.train_size=8", "--set", "data.val_size=4", "--set", "data
 MARKER = "SPNTUNE_LOOPBACK_CLUSTER"
 
 pytestmark = pytest.mark.slow  # 1.5-3 min on 2 busy cores (Ray start, a job, two trials); .ci/run runs it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def marked_pids(tag: str) -> list[int]:
-    """Processes whose environment holds ``MARKER=tag`` (Ray renames its workers, not their environment)."""
-    needle = f"{MARKER}={tag}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if needle in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:  # gone, or not ours to read
-                pass
-    return pids
-
-
-def end_processes(tag: str, grace: float = 5.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        for pid in marked_pids(tag):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while marked_pids(tag) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not marked_pids(tag):
-            return
 
 
 def dashboard_status(url: str, token: str | None) -> int:
@@ -106,7 +71,7 @@ def token_cluster(tmp_path):
             time.sleep(0.5)
         yield url, env, token
     finally:
-        end_processes(tag)
+        end_processes(tag, MARKER)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

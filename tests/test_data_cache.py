@@ -8,20 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import make_folder, write_png
+from fixtures import make_folder, write_jpg, write_png
 
 from spntune.config import DataConfig, TrialConfig
 from spntune.data import build_datasets
 from spntune.data.base import DatasetError, PairedFileDataset
-from spntune.data.cache import TRAIN_SCALE, CachedDataset, data_fingerprint
+from spntune.data.cache import TRAIN_SCALE, CachedDataset, ImageCache, data_fingerprint
 from spntune.trainables import loader_workers
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid-mini"
 
 
 def _cfg(root: Path, cache_dir: Path | None, **extra) -> DataConfig:
-    return DataConfig(name="folder", root=str(root), image_size=(32, 64), cache_dir=str(cache_dir) if cache_dir else None,
-                      **extra)  # fmt: skip
+    """make_folder's images are 40x50 (h x w): 128x160 keeps their aspect, so the training split is cached."""
+    extra = {"image_size": (128, 160), **extra}
+    return DataConfig(name="folder", root=str(root), cache_dir=str(cache_dir) if cache_dir else None, **extra)
 
 
 def _entries(cache_dir: Path) -> list[str]:
@@ -38,10 +39,12 @@ def test_cached_validation_batches_equal_uncached_ones(tmp_path):
     for i in range(len(val)):
         for got, want in zip(val[i], plain_val[i], strict=True):
             assert got.dtype == want.dtype and torch.equal(got, want)
-    # the training copy is TRAIN_SCALE x the size; items come out augmented at the training size
-    assert train.images.shape == (2, 32 * TRAIN_SCALE, 64 * TRAIN_SCALE, 3) and train.masks.dtype == np.uint8
+    # the training copy: the original size here (smaller than TRAIN_SCALE x 128x160); items come out
+    # augmented at the training size
+    assert train.images.shape == (2, 40, 50, 3) and train.masks.dtype == np.uint8
+    assert np.array_equal(train.images[1], train.base.load_raw(1)[0])
     image, mask = train[0]
-    assert image.shape == (3, 32, 64) and mask.shape == (32, 64)
+    assert image.shape == (3, 128, 160) and mask.shape == (128, 160)
     assert set(torch.unique(mask).tolist()) <= {0, 1, 255}
     # originals (scores at original size, pictures) and fingerprints (coarse-cache keys) are the files'
     assert val.load_raw(0)[0].shape == (40, 50, 3)
@@ -66,13 +69,13 @@ def test_an_edited_file_or_another_size_is_a_new_entry(tmp_path):
     cache = tmp_path / "cache"
     build_datasets(_cfg(root, cache), cache=True)
     assert len(list(cache.glob("*.images.npy"))) == 2
-    build_datasets(_cfg(root, cache).model_copy(update={"image_size": (64, 64)}), cache=True)
-    assert len(list(cache.glob("*.images.npy"))) == 4
+    build_datasets(_cfg(root, cache, image_size=(256, 320)), cache=True)
+    assert len(list(cache.glob("*.images.npy"))) == 3  # a new val entry; the train copy (original size) is shared
     mask = np.ones((40, 50), np.uint8)
     write_png(root / "masks" / "val" / "img0.png", mask)
     os.utime(root / "masks" / "val" / "img0.png", (1, 1))  # another mtime for sure
     _, val, _ = build_datasets(_cfg(root, cache), cache=True)
-    assert len(list(cache.glob("*.images.npy"))) == 5  # only the val entry changed
+    assert len(list(cache.glob("*.images.npy"))) == 4  # only the val entry changed
     assert (val.masks[0] == 1).all()
 
 
@@ -165,7 +168,7 @@ def test_a_trial_reads_its_images_from_the_cache(tmp_path):
             self.rows.append(epoch.metrics)
 
     root = make_folder(tmp_path / "data")
-    cfg = {"data.name": "folder", "data.root": str(root), "data.image_size": [64, 64], "data.cache_dir": str(tmp_path / "c"),
+    cfg = {"data.name": "folder", "data.root": str(root), "data.image_size": [128, 160], "data.cache_dir": str(tmp_path / "c"),
            "train.batch_size": 2, "train.epochs": 1, "refiner.channels": 8, "refiner.iterations": 2}  # fmt: skip
     rep = Rows()
     train_segmentation(cfg, rep)
@@ -174,3 +177,61 @@ def test_a_trial_reads_its_images_from_the_cache(tmp_path):
     assert row["final_images"] == 2 and 0.0 <= row["final_refined_miou"] <= 1.0  # scored on the 40x50 originals
     train_segmentation({**cfg, "data.cache": False, "data.cache_dir": str(tmp_path / "off")}, Rows())
     assert not (tmp_path / "off").exists()
+
+
+def test_images_of_many_shapes_or_another_aspect_are_not_squashed_into_a_training_copy(tmp_path):
+    root = make_folder(tmp_path / "data")
+    # 40x50 images trained at 64x64: a training copy would squash them (random crops would see other shapes)
+    train, val, _ = build_datasets(_cfg(root, tmp_path / "cache", image_size=(64, 64)), cache=True)
+    assert isinstance(train, PairedFileDataset) and isinstance(val, CachedDataset)
+    write_jpg(root / "images" / "train" / "img1.png", seed=1, h=60, w=50)  # now two sizes in the split
+    write_png(root / "masks" / "train" / "img1.png", np.zeros((60, 50), np.uint8))
+    train, _, _ = build_datasets(_cfg(root, tmp_path / "cache"), cache=True)
+    assert isinstance(train, PairedFileDataset)
+
+
+def test_large_originals_are_cached_at_twice_the_training_size(tmp_path):
+    root = make_folder(tmp_path / "data")
+    for split in ("train", "val"):
+        for i in range(2):
+            write_jpg(root / "images" / split / f"img{i}.png", seed=i, h=400, w=500)
+            write_png(root / "masks" / split / f"img{i}.png", np.ones((400, 500), np.uint8))
+    train, _, _ = build_datasets(_cfg(root, tmp_path / "cache"), cache=True)  # 400x500 trained at 128x160
+    assert train.images.shape == (2, 128 * TRAIN_SCALE, 160 * TRAIN_SCALE, 3) and (train.masks[:] == 1).all()
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_speed_not_the_trial(tmp_path):
+    root = make_folder(tmp_path / "data")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.warns(
+        RuntimeWarning, match="image cache: cannot write .*a_file/cache.*reading the images from their files"
+    ):
+        train, val, _ = build_datasets(_cfg(root, blocker / "cache"), cache=True)
+    assert isinstance(train, PairedFileDataset) and isinstance(val, PairedFileDataset)
+
+
+def test_temporary_files_of_a_builder_that_died_are_removed(tmp_path):
+    root = make_folder(tmp_path / "data")
+    cfg = _cfg(root, tmp_path / "cache")
+    _, val, _ = build_datasets(cfg, cache=False)
+    key = ImageCache(tmp_path / "cache").key(val, (128, 160), "val")
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "cache" / f".{key}.12345.images.tmp"
+    stale.write_bytes(b"half an entry")
+    _, cached, _ = build_datasets(cfg, cache=True)
+    assert isinstance(cached, CachedDataset) and not stale.exists()
+    assert (tmp_path / "cache" / f"{key}.images.npy").stat().st_mode & 0o044  # others may read a shared cache
+
+
+def test_the_coarse_key_follows_how_images_are_read():
+    from spntune.coarse_cache import coarse_key
+
+    cfg = TrialConfig.model_validate({"data": {"num_workers": "auto"}})
+    keys = {coarse_key(cfg, "files", "cpu", reading) for reading in
+            ({"workers": 0, "train_images": "files"}, {"workers": 2, "train_images": "files"},
+             {"workers": 0, "train_images": "cache [192, 256]"})}  # fmt: skip
+    assert len(keys) == 3
+    # the settings asking for it do not enter the key: what they resolve to does
+    other = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_workers": 0, "cache_dir": "/x"})})
+    assert coarse_key(other, "files", "cpu", {"workers": 0}) == coarse_key(cfg, "files", "cpu", {"workers": 0})

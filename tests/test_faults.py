@@ -110,7 +110,7 @@ def test_interrupted_driver_resumes_and_every_trial_completes_once(tmp_path):
     statuses = {c.data.tags["spntune.ray_trial_id"]: (c.info.status, c.data.tags["spntune.status"]) for c in children}
     assert statuses == {t: ("FINISHED" if s == "completed" else "KILLED", s) for t, s in rows.items()}, statuses
 
-    resumed = subprocess.run([*SPNTUNE, *args, "--resume"], capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run([*SPNTUNE, *args, "--resume"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     rows = leaderboard(experiment)
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows

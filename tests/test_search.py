@@ -5,15 +5,18 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from fixtures import make_folder
+from fixtures import PROCESS_MARKER, end_processes, free_port, make_folder
 
 from spntune.cli import main
 
@@ -113,7 +116,7 @@ def test_make_demo_logs_pictures_for_every_trial(tmp_path):
     holds mask panels, h^0..h^T strips and Grad-CAM pictures."""
     args = _demo_args()
     assert args[:3] == ["search", "--space", "smoke"] and "--smoke-test" not in args
-    out = subprocess.run([*SPNTUNE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    out = subprocess.run([*SPNTUNE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Token authentication" not in out.stdout + out.stderr  # no warning the user cannot act on
     assert "spntune ui" in out.stdout
@@ -212,7 +215,8 @@ def test_resume_after_killing_the_driver(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["search", "--smoke-test", "--trials", "3", "--concurrency", "1", "--scheduler", "none", "--tracking-uri", uri,
             "--storage", str(storage), "--name", name, "--set", "train.epochs=3", *TINY]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tag = uuid.uuid4().hex  # marks the driver and every Ray process it starts
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PROCESS_MARKER: tag}
     proc = subprocess.Popen(
         [*SPNTUNE, *args], start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -229,13 +233,16 @@ def test_resume_after_killing_the_driver(tmp_path):
         else:
             pytest.fail("search did not reach the kill point in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes in its group
         proc.wait()
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
+        end_processes(tag)  # and any Ray process that left the group; other Rays on this machine live on
     finished_before = {d.name: len(_results(d)) for d in experiment.glob("run_trial_*") if len(_results(d)) == 3}
     assert finished_before
 
-    resumed = subprocess.run([*SPNTUNE, *args, "--resume"], capture_output=True, text=True, env=env, timeout=400)
+    try:
+        resumed = subprocess.run([*SPNTUNE, *args, "--resume"], capture_output=True, text=True, env=env, timeout=900)
+    finally:
+        end_processes(tag)  # a Ray left behind by a resume that timed out
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     # the live table follows the resumed search: a line per epoch of every trial that still had epochs to run
     followed = {line.split()[1] for line in resumed.stdout.splitlines() if re.match(r"trial \S+ epoch \d", line)}
@@ -258,19 +265,23 @@ def test_resume_after_killing_the_driver(tmp_path):
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    port = 6391
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ray = RAY
-    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
-    subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
-    subprocess.run([ray, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                    "--include-dashboard", "false", *common], check=True, capture_output=True, env=env)  # fmt: skip
+    """Head and worker on 127.0.0.1 with ports and a --temp-dir of their own; teardown ends exactly their
+    processes, so other Rays on the machine (another suite, a user's) are never touched."""
+    port = free_port()
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", PROCESS_MARKER: tag}
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths have a length limit
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats", "--node-ip-address", "127.0.0.1"]
     try:
-        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1", *common],
-                       check=True, capture_output=True, env=env)  # fmt: skip
+        subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                        f"--temp-dir={temp_dir}", *common], check=True, capture_output=True, env=env)  # fmt: skip
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", f"--dashboard-agent-listen-port={free_port()}",
+                        *common], check=True, capture_output=True, env=env)  # fmt: skip
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env)
+        end_processes(tag)  # this cluster's processes only (`ray stop` would end every Ray here)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow  # ~1.5 min on 2 cores: make test-slow
@@ -279,7 +290,7 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     args = ["search", "--smoke-test", "--trials", "2", "--concurrency", "2", "--cpus-per-trial", "1", "--scheduler", "none",
             "--address", address, "--storage", str(tmp_path), "--name", "cluster",
             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *TINY]  # fmt: skip
-    out = subprocess.run([*SPNTUNE, *args], capture_output=True, text=True, env=env, timeout=400)
+    out = subprocess.run([*SPNTUNE, *args], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     node_ids = set()
     for d in (tmp_path / "cluster").glob("run_trial_*"):
@@ -288,7 +299,7 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     # a local search (no --address) on this machine starts a Ray of its own, not the cluster's
     local = [*SPNTUNE, *args[: args.index("--address")], *args[args.index("--storage") :]]
     local[local.index("cluster")] = "local"
-    out = subprocess.run(local, capture_output=True, text=True, env=env, timeout=400)
+    out = subprocess.run(local, capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     local_nodes = {r["node_id"] for d in (tmp_path / "local").glob("run_trial_*") for r in _results(d)}
     assert local_nodes and not local_nodes & node_ids
@@ -463,7 +474,7 @@ def test_two_searches_started_at_once_with_one_name(tmp_path):
     args = [*SPNTUNE, "search", "--smoke-test", "--trials", "1", "--scheduler", "none", "--storage", str(tmp_path),
             "--name", "race", "--no-mlflow", *TINY]  # fmt: skip
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [(p.wait(timeout=400), *p.communicate()) for p in procs]
+    outs = [(p.wait(timeout=900), *p.communicate()) for p in procs]
     assert sorted(rc for rc, _, _ in outs) == [0, 2], outs
     _, _, refused = next(o for o in outs if o[0] == 2)
     assert "Traceback" not in refused

@@ -196,3 +196,54 @@ def test_evaluate_scores_at_original_size_exactly_what_predict_writes(tmp_path, 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "train"]) == 0
     assert main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_end_of_search_sweep_creates_backfills_and_closes_every_trial_run(tmp_path, monkeypatch):
+    """The driver's sweep: a trial whose run MLflow never got is created with its history, a run that
+    lacks epochs gets them, every run gets its final status; a backfill that fails half-way still
+    closes the run it created (nothing stays RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    import spntune.tracking as tracking
+    from spntune.leaderboard import TrialRow
+    from spntune.status import TrialStatus
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("spntune")
+    parent = client.create_run(exp, tags={"spntune.search": "s"}).info.run_id
+    history = [{"epoch": e, "refined_miou": 0.1 * e, "epoch_seconds": 1.0} for e in (1, 2, 3)]
+    half = client.create_run(exp, tags={tracking.TAG_PARENT: parent, tracking.TAG_TRIAL: "t_half"}).info.run_id
+    client.log_metric(half, "epoch_seconds", 1.0, step=1)
+    client.log_metric(half, "refined_miou", 0.1, step=1)
+
+    def row(trial_id, status):
+        return TrialRow(trial_id, status, "", 3, 0.3, history[-1], config={"train.epochs": 3}, history=history)
+
+    rows = [
+        row("t_half", TrialStatus.COMPLETED),
+        row("t_none", TrialStatus.ERROR),
+        row("t_fails", TrialStatus.COMPLETED),
+    ]
+    real_backfill = tracking._backfill
+
+    def failing_for_one(client, experiment_id, run, parent_run_id, search_name, trial_row):
+        if trial_row.trial_id != "t_fails":
+            return real_backfill(client, experiment_id, run, parent_run_id, search_name, trial_row)
+        client.create_run(experiment_id, tags={tracking.TAG_PARENT: parent_run_id, tracking.TAG_TRIAL: "t_fails"})
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(tracking, "_backfill", failing_for_one)
+    notes = tracking.complete_trial_runs(uri, "spntune", parent, "s", rows)
+    runs = {r.data.tags[tracking.TAG_TRIAL]: r for r in client.search_runs([exp]) if tracking.TAG_TRIAL in r.data.tags}
+    assert set(runs) == {"t_half", "t_none", "t_fails"}
+    for trial_id in ("t_half", "t_none"):  # every epoch, exactly once
+        assert [m.step for m in client.get_metric_history(runs[trial_id].info.run_id, "refined_miou")] == [1, 2, 3]
+    assert {t: r.info.status for t, r in runs.items()} == {
+        "t_half": "FINISHED",
+        "t_none": "FAILED",
+        "t_fails": "FINISHED",
+    }
+    assert any("t_none: its MLflow run was created at the end" in n for n in notes)
+    assert any("t_half: metrics of epoch 2, 3 logged at the end" in n for n in notes)
+    assert any("t_fails: MLflow backfill failed (ConnectionError: server went away)" in n for n in notes)

@@ -67,8 +67,11 @@ _NOT_COARSE_TRAIN = {"stage", "epochs", "refine_epochs", "coarse_loss_weight", "
                      "coarse_cache", "coarse_cache_dir", "device", "amp", "memory_limit_gb"}  # fmt: skip
 
 
-def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str) -> dict[str, Any]:
-    """What the coarse phase depends on, as a JSON-able dict (the key is its hash)."""
+def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str,
+                      reading: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What the coarse phase depends on, as a JSON-able dict (the key is its hash). ``reading``: how the
+    trial actually reads its training images (``trainables``: from the image cache or the files, and the
+    resolved number of loader workers, which seeds augmentation), rather than the settings asking for it."""
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_COARSE_TRAIN}
     amp = cfg.train.amp and device_type == "cuda"  # what the trial actually uses
     return {
@@ -77,7 +80,8 @@ def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str) -> d
         "torch": str(torch.__version__),
         "device": device_type,
         "amp": amp,
-        "data": cfg.data.model_dump(mode="json", exclude={"cache_dir"}),  # where, not what: not in the key
+        "data": cfg.data.model_dump(mode="json", exclude={"cache", "cache_dir", "num_workers"}),
+        "reading": dict(reading or {}),
         "data_files": fingerprint,
         "model": cfg.model.model_dump(mode="json"),
         "optim": cfg.optim.model_dump(mode="json"),
@@ -85,9 +89,9 @@ def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str) -> d
     }
 
 
-def coarse_key(cfg: TrialConfig, fingerprint: str, device_type: str) -> str:
+def coarse_key(cfg: TrialConfig, fingerprint: str, device_type: str, reading: Mapping[str, Any] | None = None) -> str:
     """Content address of a trial's coarse phase: sha256 of ``coarse_key_fields`` (64 hex digits)."""
-    return key_of(coarse_key_fields(cfg, fingerprint, device_type))
+    return key_of(coarse_key_fields(cfg, fingerprint, device_type, reading))
 
 
 def key_of(fields: Mapping[str, Any]) -> str:

@@ -370,6 +370,9 @@ def complete_trial_runs(uri: str, experiment: str, parent_run_id: str, search_na
             notes += row_notes
         except Exception as exc:
             notes.append(f"trial {row.trial_id}: MLflow backfill failed ({type(exc).__name__}: {exc})")
+            # a run the backfill created before failing still gets its final status
+            run = run or safe("find trial run", lambda row=row: find_child_run(client, experiment_id, parent_run_id,
+                                                                              row.trial_id))  # fmt: skip
         if run is not None:
             reason = row.status.reason(row.epochs, row.error)
             safe(

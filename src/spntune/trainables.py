@@ -40,6 +40,7 @@ from spntune.coarse_cache import (
 )
 from spntune.config import TrialConfig
 from spntune.data import build_datasets
+from spntune.data.cache import CachedDataset
 from spntune.data.transforms import build_transform
 from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError, TrialOutOfMemoryError
 from spntune.losses import build_loss
@@ -627,7 +628,11 @@ def _coarse_reuse(run: _Run, phase: _Phase, start_epoch: int, resumed: dict[str,
         yield _CoarseReuse(run, CoarseEntry(rows, coarse_state={}, best_epoch=0) if rows else None)
         return
     fingerprint = data_fingerprint(run.train_loader.dataset, run.val_ds)
-    with CoarseCache(t.coarse_cache_dir).claim(coarse_key_fields(run.cfg, fingerprint, run.device.type)) as claim:
+    train_ds = run.train_loader.dataset
+    reading = {"workers": run.train_loader.num_workers,
+               "train_images": f"cache {list(train_ds.images.shape[1:3])}" if isinstance(train_ds, CachedDataset) else "files"}  # fmt: skip
+    fields = coarse_key_fields(run.cfg, fingerprint, run.device.type, reading)
+    with CoarseCache(t.coarse_cache_dir).claim(fields) as claim:
         entry = claim.entry
         if entry is not None:
             initial = _cpu_copy(run.model.coarse)

@@ -110,19 +110,21 @@ class RayReporter(Reporter):
     ``TrialStopped`` here, so the trial ends its other reporters with status ``stopped``.
 
     Checkpoints are staged in one node-local folder per trial process (``tune.report`` copies it to
-    the search's storage), emptied before every epoch's checkpoint and removed when the trial ends;
-    folders left by killed processes are swept by the next trial on the node.
+    the search's storage), made on first use, emptied before every epoch's checkpoint and removed when
+    the trial ends (``end``); folders left by killed processes are swept by the next trial on the node.
     """
 
     def __init__(self) -> None:
         self._node_id = ray.get_runtime_context().get_node_id()
-        sweep_stale_staging()
-        self._staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+        self._staging: Path | None = None
 
     def trial_id(self) -> str | None:
         return tune.get_context().get_trial_id()
 
     def _fresh(self, name: str) -> Path:
+        if self._staging is None:
+            sweep_stale_staging()
+            self._staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
         folder = self._staging / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -144,18 +146,16 @@ class RayReporter(Reporter):
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
-    def close(self) -> None:
-        """Remove this trial's staging folder."""
-        shutil.rmtree(self._staging, ignore_errors=True)
+    def end(self, status: TrialStatus, reason: str = "") -> None:
+        """The trial ended (Ray learns how from the trial's exception or return): remove its staging folder."""
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
 
 def run_trial(config: dict[str, Any], space: SearchSpace, overrides: dict[str, Any]) -> None:
     """Ray Tune function trainable: Optuna's suggestions -> trial config -> train."""
-    reporter = RayReporter()
-    try:
-        train_segmentation(trial_config(space, config, overrides, tracking=True), reporter)
-    finally:
-        reporter.close()
+    train_segmentation(trial_config(space, config, overrides, tracking=True), RayReporter())
 
 
 def trial_config(space: SearchSpace, suggested: dict[str, Any], overrides: dict[str, Any],

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from torch.utils.data import Dataset, Subset
 
 from spntune.data.base import IGNORE_INDEX, DatasetError, PairedFileDataset, PairTransform
-from spntune.data.cache import TRAIN_SCALE, CachedDataset, ImageCache
+from spntune.data.cache import CachedDataset, ImageCache, train_cache_size
 from spntune.data.folder import load_folder
 from spntune.data.pets import load_pets
 from spntune.data.synthetic import SyntheticShapes
@@ -88,10 +88,9 @@ def build_datasets(cfg: DataConfig, seed: int = 0, cache: bool = False) -> tuple
     train, val = _first(train, cfg.limit_train), _first(val, cfg.limit_val)
     if cache and cfg.cache and cfg.cache_dir:
         images = ImageCache(cfg.cache_dir)
-        height, width = cfg.image_size
-        if isinstance(train, PairedFileDataset):
-            size = (height * TRAIN_SCALE, width * TRAIN_SCALE)
-            train = CachedDataset(train, *images.arrays(train, size, "train"), train_transform)
-        if isinstance(val, PairedFileDataset):  # stored as the val transform makes it: nothing left to do
-            val = CachedDataset(val, *images.arrays(val, (height, width), "val"), None)
+        train_size = train_cache_size(train, cfg.image_size) if isinstance(train, PairedFileDataset) else None
+        if train_size is not None and (found := images.arrays(train, train_size, "train")) is not None:
+            train = CachedDataset(train, *found, train_transform)
+        if isinstance(val, PairedFileDataset) and (found := images.arrays(val, cfg.image_size, "val")) is not None:
+            val = CachedDataset(val, *found, None)  # stored as the val transform makes it: nothing left to do
     return train, val, class_names
