@@ -1,30 +1,38 @@
-"""Propagation speed: shifted-slice fast path vs the unfold reference, and vs memory bandwidth.
+"""Propagation speed on the CPU (or CUDA): the backend ``propagate_step`` picks vs the shifted-slice path
+and the unfold reference, and vs memory bandwidth.
 
-Prints, for CSPN 3x3 and DySPN 7x7 steps on a [B, C, H, W] map:
-- fast/unfold speed-up and peak allocation ratio (measured in this run),
-- the fast path's effective bandwidth as a fraction of a plain copy's (``clone``) bandwidth, where
-  "effective" counts the minimum traffic of one step: read h, h0 and the weights, write the output,
-- one step's forward, forward+backward (every input requiring grad) and their ratio (target <= 3),
-- T chained steps forward+backward for the custom backward, autograd through the loop and unfold.
+Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
+- the picked backend's (``auto``: the fused C++ kernels on CPU, Triton on CUDA) forward, forward+backward
+  (every input requiring grad) and their ratio (target <= 3); its speed-up over the shifted-slice path
+  (``SPNTUNE_PROPAGATION=torch``) and over unfold, and the largest allocation unfold / picked;
+- the forward's effective bandwidth, counting the minimum traffic of one step (read h, h0 and the
+  weights, write the output), as a fraction of two copy bandwidths: ``clone`` of the map itself (the
+  issue's yardstick; 8.6 MB sits in a server CPU's L3, so this is cache bandwidth) and ``copy_`` of a
+  buffer moving the step's own byte count (the memory floor at that size: the step cannot beat it);
+- T chained steps forward+backward: picked backend, shifted slices, autograd through the loop, unfold.
+
+Every time is the fastest of ``repeats`` calls (``timing.timeit``).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 from typing import Any
 
 import torch
+from timing import timeit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spntune.models.propagation import (
     _accumulate,
+    _chosen_backend,
     cspn_weights,
     dyspn_weights,
     num_rings,
     propagate_step,
     propagate_step_reference,
+    set_propagation_backend,
 )
 
 
@@ -42,18 +50,6 @@ class PeakAlloc(TorchDispatchMode):
         return out
 
 
-def timeit(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
-
-
 def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]
     return cspn_weights(aff) if name == "cspn" else dyspn_weights(aff, att, k)
 
@@ -67,17 +63,34 @@ def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int) -> None:  #
     h.sum().backward()
 
 
-def _step_fwd_bwd(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[type-arg]
+def _step_fwd_bwd(step, x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[no-untyped-def, type-arg]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, x0, *weights)]
-    out = propagate_step(*leaves, k)
+    out = step(*leaves, k)
     out.backward(x0)
+
+
+def _shifted_slice(*args: Any) -> torch.Tensor:
+    """``propagate_step`` forced onto the shifted-slice path."""
+    set_propagation_backend("torch")
+    try:
+        return propagate_step(*args)
+    finally:
+        set_propagation_backend(None)
+
+
+def _copy_floor_s(nbytes: int, repeats: int, device: torch.device) -> float:
+    """Seconds a ``copy_`` takes to move ``nbytes`` (read half, write half) between preallocated buffers."""
+    src = torch.empty(max(1, nbytes // 8), device=device)
+    dst = torch.empty_like(src)
+    return timeit(lambda: dst.copy_(src), repeats)
 
 
 def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int = 5, iterations: int = 6,
             device: str = "cpu") -> dict[str, Any]:  # fmt: skip
-    """Every number this benchmark prints, measured in one run: per case (``cspn_3x3``, ...) the step's
-    forward and forward+backward ms and their ratio, the forward's fraction of ``clone`` bandwidth, the
-    speed-up and allocation ratio over unfold, and T-step forward+backward per implementation."""
+    """Every number this benchmark prints, measured in one run: per case (``cspn_3x3``, ...) the picked
+    backend's step forward and forward+backward ms and their ratio, the forward's fraction of the map's
+    ``clone`` bandwidth and of the same-bytes ``copy_`` floor, speed-ups over the shifted-slice path and
+    unfold, the allocation ratio, and T-step forward+backward per implementation."""
     b, c, h, w = shape
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -85,15 +98,20 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
     x0 = torch.randn_like(x)
     copy_s = timeit(lambda: x.clone(), repeats * 4)
     copy_bw = 2 * x.numel() * 4 / copy_s  # read + write
+    backend = _chosen_backend()
+    if backend == "auto":
+        backend = "triton" if dev.type == "cuda" else "cpp"
     out: dict[str, Any] = {"device": str(dev), "shape": list(shape), "threads": torch.get_num_threads(),
-                           "clone_gbps": copy_bw / 1e9, "iterations": iterations, "cases": {}}  # fmt: skip
+                           "backend": backend, "clone_gbps": copy_bw / 1e9, "iterations": iterations, "cases": {}}  # fmt: skip
     for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
         weights = _weights(name, k, aff, att)
         n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weight maps
         min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
-        fast_s = timeit(partial(propagate_step, x, x0, *weights, k), repeats)
+        floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
+        fast_s = timeit(partial(propagate_step, x, x0, *weights, k), repeats * 2)
+        slice_s = timeit(partial(_shifted_slice, x, x0, *weights, k), repeats)
         ref_s = timeit(partial(propagate_step_reference, x, x0, *weights, k), max(1, repeats // 2))
         peaks = []
         for fn in (propagate_step, propagate_step_reference):
@@ -101,8 +119,9 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             with mode:
                 fn(x, x0, *weights, k)
             peaks.append(mode.peak)
-        step_s = timeit(partial(_step_fwd_bwd, x, x0, weights, k), repeats)
-        steps = {"custom backward": propagate_step, "autograd through loop": _accumulate,
+        step_s = timeit(partial(_step_fwd_bwd, propagate_step, x, x0, weights, k), repeats * 2)
+        slice_step_s = timeit(partial(_step_fwd_bwd, _shifted_slice, x, x0, weights, k), repeats)
+        steps = {"picked": propagate_step, "shifted slice": _shifted_slice, "autograd through loop": _accumulate,
                  "unfold": propagate_step_reference}  # fmt: skip
         train = {
             label: timeit(partial(_fwd_bwd, step, x0, aff, att, name, k, iterations), max(1, repeats // 2))
@@ -110,7 +129,10 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         }
         out["cases"][f"{name}_{k}x{k}"] = {
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
-            "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "unfold_ms": 1000 * ref_s,
+            "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "copy_floor_ms": 1000 * floor_s,
+            "forward_of_copy_floor": floor_s / fast_s, "shifted_slice_forward_ms": 1000 * slice_s,
+            "speedup_over_shifted_slice": slice_s / fast_s,
+            "fwd_bwd_speedup_over_shifted_slice": slice_step_s / step_s, "unfold_ms": 1000 * ref_s,
             "speedup_over_unfold": ref_s / fast_s, "alloc_unfold_over_fast": peaks[1] / peaks[0],
             "T_fwd_bwd_ms": {label: 1000 * t for label, t in train.items()},
         }  # fmt: skip
@@ -125,18 +147,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     r = measure(tuple(args.shape), args.repeats, args.iterations, args.device)
-    print(f"device {r['device']}, map [B,C,H,W] = {args.shape}; clone bandwidth {r['clone_gbps']:.1f} GB/s")
+    print(f"device {r['device']} ({r['threads']} threads), backend {r['backend']}, map [B,C,H,W] = {args.shape}; "
+          f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s")  # fmt: skip
     for case, m in r["cases"].items():
         print(
-            f"{case} one step: forward {m['forward_ms']:.1f} ms, forward+backward {m['forward_backward_ms']:.1f} ms, "
+            f"{case} one step: forward {m['forward_ms']:.2f} ms, forward+backward {m['forward_backward_ms']:.2f} ms, "
             f"ratio {m['fwd_bwd_over_fwd']:.1f}x (target <= 3); forward at {m['forward_of_clone_bandwidth']:.2f} of "
-            "clone bandwidth (target >= 0.5)"
+            f"the map's clone bandwidth (target >= 0.5), at {m['forward_of_copy_floor']:.2f} of the same-bytes copy "
+            f"floor ({m['copy_floor_ms']:.2f} ms)"
         )
         print(
-            f"{case} forward: fast {m['forward_ms']:.1f} ms, unfold {m['unfold_ms']:.1f} ms -> speed-up "
-            f"{m['speedup_over_unfold']:.1f}x; largest allocation unfold/fast {m['alloc_unfold_over_fast']:.1f}x"
+            f"{case} forward: {m['forward_ms']:.2f} ms; shifted slices {m['shifted_slice_forward_ms']:.2f} ms "
+            f"({m['speedup_over_shifted_slice']:.1f}x), unfold {m['unfold_ms']:.1f} ms ({m['speedup_over_unfold']:.1f}x); "
+            f"forward+backward {m['fwd_bwd_speedup_over_shifted_slice']:.1f}x faster than shifted slices; "
+            f"largest allocation unfold/picked {m['alloc_unfold_over_fast']:.1f}x"
         )
-        base = m["T_fwd_bwd_ms"]["custom backward"]
+        base = m["T_fwd_bwd_ms"]["picked"]
         print(f"{case} T={args.iterations} forward+backward: "
               + ", ".join(f"{lbl} {t:.0f} ms ({t / base:.1f}x)" for lbl, t in m["T_fwd_bwd_ms"].items()))  # fmt: skip
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from importlib.util import find_spec
 from typing import Any
 
 import torch
+from timing import timeit
 
 from spntune.models.propagation import (
     cspn_weights,
@@ -34,17 +34,6 @@ from spntune.models.propagation import (
 
 SHAPES = ([4, 11, 192, 256], [8, 21, 512, 512])
 CASES = (("cspn", 3), ("cspn", 7), ("dyspn", 7))
-
-
-def timeit(fn: Callable[[], object], repeats: int) -> float:
-    """Seconds per call: one warm-up (compiles the kernels), then ``repeats`` calls between synchronizes."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
 
 
 def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]

@@ -3,9 +3,10 @@
 Runs, in this process and one after the other (never alongside a test suite: the ratios are only
 meaningful on a machine doing nothing else):
 
-- ``bench_propagation``: propagation step on ``[4, 11, 192, 256]`` (CPU, or CUDA where there is one):
-  speed-up over unfold, allocation ratio, forward+backward / forward, forward as a fraction of ``clone``
-  bandwidth, the custom backward vs autograd through the loop;
+- ``bench_propagation``: propagation step on ``[4, 11, 192, 256]`` (CPU, or CUDA where there is one) with the
+  backend ``propagate_step`` picks (the fused C++ kernels on CPU): speed-ups over the shifted-slice path and
+  unfold, allocation ratio, forward+backward / forward, forward as a fraction of the map's ``clone``
+  bandwidth and of the same-bytes ``copy_`` floor, T steps vs shifted slices and autograd through the loop;
 - ``bench_triton_gpu``: the fused Triton kernels vs the shifted-slice path on CUDA (skipped without one);
 - ``bench_loader``: training images/s from the image cache vs from the files;
 - ``bench_coarse_cache``: wall time of a refinement-only search (8 two-stage trials) with / without the
@@ -57,15 +58,35 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
     if name == "propagation":
         for case, m in r["cases"].items():
             t = m["T_fwd_bwd_ms"]
+            picked = r["backend"]
             rows += [
-                (name, f"{case} forward speed-up over unfold", m["speedup_over_unfold"], ""),
-                (name, f"{case} largest allocation unfold / fast", m["alloc_unfold_over_fast"], ""),
-                (name, f"{case} step forward+backward / forward", m["fwd_bwd_over_fwd"], "<= 3"),
-                (name, f"{case} forward, fraction of clone bandwidth", m["forward_of_clone_bandwidth"], ">= 0.5"),
+                (name, f"{case} forward speed-up {picked} / shifted slices", m["speedup_over_shifted_slice"], ""),
                 (
                     name,
-                    f"{case} T={r['iterations']} fwd+bwd: autograd loop / custom",
-                    t["autograd through loop"] / t["custom backward"],
+                    f"{case} fwd+bwd speed-up {picked} / shifted slices",
+                    m["fwd_bwd_speedup_over_shifted_slice"],
+                    "",
+                ),
+                (name, f"{case} forward speed-up {picked} / unfold", m["speedup_over_unfold"], ""),
+                (name, f"{case} largest allocation unfold / {picked}", m["alloc_unfold_over_fast"], ""),
+                (name, f"{case} step forward+backward / forward", m["fwd_bwd_over_fwd"], "<= 3"),
+                (
+                    name,
+                    f"{case} forward, fraction of the map's clone bandwidth",
+                    m["forward_of_clone_bandwidth"],
+                    ">= 0.5",
+                ),
+                (name, f"{case} forward, fraction of the same-bytes copy floor", m["forward_of_copy_floor"], ""),
+                (
+                    name,
+                    f"{case} T={r['iterations']} fwd+bwd: shifted slices / {picked}",
+                    t["shifted slice"] / t["picked"],
+                    "",
+                ),
+                (
+                    name,
+                    f"{case} T={r['iterations']} fwd+bwd: autograd loop / {picked}",
+                    t["autograd through loop"] / t["picked"],
                     "",
                 ),
             ]

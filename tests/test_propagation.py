@@ -11,9 +11,19 @@ from spntune.models.propagation import (
     propagate_step,
     propagate_step_reference,
     ring_index,
+    set_propagation_backend,
 )
 
 KERNELS = [3, 5, 7, 9, 11]
+
+
+@pytest.fixture(autouse=True, params=["torch", "cpp"])
+def backend(request):
+    """Every test twice: the shifted-slice path and the fused C++ kernels (tests/test_cpu_propagation.py
+    checks the kernels' own edge cases)."""
+    set_propagation_backend(request.param)
+    yield request.param
+    set_propagation_backend(None)
 
 
 def _inputs(k, b=2, c=3, h=9, w=10, dtype=torch.float64, seed=0):

@@ -17,12 +17,15 @@ Image borders: ``h`` is padded by replication, so a neighbour outside the image 
 nearest border pixel. Together with weights that sum to one this keeps a constant map constant.
 
 Backends: on CUDA, when ``triton`` imports, ``propagate_step`` runs the fused Triton kernels of
-``triton_propagation.py`` (imported lazily, on the first CUDA step); elsewhere it runs the
-shifted-slice path. ``set_propagation_backend`` (or the environment variable
-``SPNTUNE_PROPAGATION``, read at each call) chooses: ``"auto"`` (default, as above), ``"torch"``
-(always the shifted-slice path) or ``"triton"`` (always Triton, an error if it does not import;
-on CPU tensors this needs ``TRITON_INTERPRET=1``, which is how the tests check the kernels).
-The function's setting wins over the variable.
+``triton_propagation.py`` (imported lazily, on the first CUDA step); on the CPU (float32 / float64)
+it runs the fused C++/OpenMP kernels of ``cpu_propagation.py`` (built with the system's compiler on
+first use); otherwise, or where neither is available, the shifted-slice path.
+``set_propagation_backend`` (or the environment variable ``SPNTUNE_PROPAGATION``, read at each call)
+chooses: ``"auto"`` (default, as above), ``"torch"`` (always the shifted-slice path), ``"cpp"``
+(the fused CPU kernels, an error where they cannot be built or the tensors are not CPU float32 /
+float64) or ``"triton"`` (always Triton, an error if it does not import; on CPU tensors this needs
+``TRITON_INTERPRET=1``, which is how the tests check the kernels). The function's setting wins
+over the variable.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from spntune.models import cpu_propagation
 
 __all__ = [
     "AFFINITY_NORMS",
@@ -64,12 +69,12 @@ AFFINITY_NORMS = ("abs_sum", "clamped")
 _EPS = 1e-6
 
 #: Values of ``set_propagation_backend`` and ``SPNTUNE_PROPAGATION``.
-PROPAGATION_BACKENDS = ("auto", "torch", "triton")
+PROPAGATION_BACKENDS = ("auto", "torch", "cpp", "triton")
 _backend: str | None = None  # set_propagation_backend's choice; None defers to the environment
 
 
 def set_propagation_backend(backend: str | None) -> None:
-    """Choose how ``propagate_step`` runs: ``"auto"``, ``"torch"``, ``"triton"``, or None to
+    """Choose how ``propagate_step`` runs: ``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``, or None to
     follow ``SPNTUNE_PROPAGATION`` (default ``"auto"``). See the module docstring."""
     global _backend
     if backend is not None and backend not in PROPAGATION_BACKENDS:
@@ -94,14 +99,30 @@ def _triton_module() -> ModuleType | None:
     return triton_propagation
 
 
-def _use_triton(h: Tensor) -> ModuleType | None:
-    backend = _chosen_backend()
-    if backend == "torch" or (backend == "auto" and not h.is_cuda):
+def _use_triton(backend: str, h: Tensor) -> ModuleType | None:
+    if backend not in ("auto", "triton") or (backend == "auto" and not h.is_cuda):
         return None
     module = _triton_module()
     if module is None and backend == "triton":
         raise RuntimeError("SPNTUNE_PROPAGATION=triton, but triton does not import here")
     return module
+
+
+def _fused_cpu_step(backend: str, tensors: tuple[Tensor | None, ...], kernel_size: int) -> Tensor | None:
+    """The fused CPU kernels' step, or None where the backend or the tensors do not select them."""
+    if backend not in ("auto", "cpp") or tensors[0].is_cuda:  # type: ignore[union-attr]
+        if backend == "cpp":
+            raise RuntimeError(
+                "SPNTUNE_PROPAGATION=cpp runs CPU tensors only; this step is on " + str(tensors[0].device)
+            )  # type: ignore[union-attr]
+        return None
+    out = cpu_propagation.propagate_step_cpu(*tensors, kernel_size)  # type: ignore[arg-type]
+    if out is None and backend == "cpp":
+        reason = "the kernel library could not be built (see the warning above)"
+        if not cpu_propagation.supports(*tensors):
+            reason = f"it takes CPU float32 / float64 tensors of one dtype, got {[str(t.dtype) for t in tensors if t is not None]}"
+        raise RuntimeError(f"SPNTUNE_PROPAGATION=cpp, but {reason}")
+    return out
 
 
 def _check_kernel(kernel_size: int) -> None:
@@ -249,7 +270,7 @@ def propagate_step(
     anchor_weight: Tensor | None,
     kernel_size: int,
 ) -> Tensor:
-    """One propagation step: fused Triton kernels on CUDA, else shifted-slice accumulation.
+    """One propagation step: fused Triton kernels on CUDA, fused C++ kernels on the CPU, else shifted slices.
 
     The backend follows ``set_propagation_backend`` / ``SPNTUNE_PROPAGATION`` (module docstring).
 
@@ -271,10 +292,14 @@ def propagate_step(
             raise ValueError(f"{name} must be {(h.shape[0], 1, *h.shape[-2:])}, got {tuple(w.shape)}")
     if h0.shape != h.shape:
         raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
-    triton_module = _use_triton(h)
+    backend = _chosen_backend()
+    triton_module = _use_triton(backend, h)
     if triton_module is not None:
         return triton_module.propagate_step_triton(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
+    fused = _fused_cpu_step(backend, tensors, kernel_size)
+    if fused is not None:
+        return fused
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)

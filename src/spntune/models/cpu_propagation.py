@@ -1,0 +1,227 @@
+"""Fused C++/OpenMP kernels for one propagation step on the CPU (forward and backward).
+
+``propagation.propagate_step`` dispatches here for CPU tensors of float32 / float64 (backend
+``"auto"`` or ``"cpp"``). The kernels live in ``propagation_cpu.cpp`` next to this file: plain C++
+with no torch headers, built on first use with the system's C++ compiler (``$CXX``, else ``g++``
+or ``c++``) into a shared library that is loaded with ctypes (a call releases the GIL).
+
+The build takes about a second and is cached: ``$SPNTUNE_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/spntune/kernels``, else ``~/.cache/spntune/kernels`` (a per-user temp folder if
+none of these can be written). The file name holds a hash of the source, the compiler, its flags
+and this CPU's model and instruction-set flags, so nodes of a cluster that share a home folder
+each build their own ``-march=native`` library. Processes that build at the same time each write
+a private temp file and rename it into place: the library a process loads is always whole.
+
+Where no compiler is found or the build fails, ``library()`` returns None once per process with
+a warning naming the reason, and ``propagate_step`` keeps the shifted-slice path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["FusedCPUStep", "build_library", "kernel_cache_dir", "library", "propagate_step_cpu", "supports"]
+
+SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_BUILD_TIMEOUT_S = 300
+_ABI_VERSION = 1
+_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+class KernelBuildError(RuntimeError):
+    """The fused CPU kernel could not be built or loaded (the message says why)."""
+
+
+def kernel_cache_dir() -> Path:
+    """Where built libraries are kept (see the module docstring)."""
+    if os.environ.get("SPNTUNE_KERNEL_CACHE"):
+        return Path(os.environ["SPNTUNE_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spntune" / "kernels"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and (path := shutil.which(name)):
+            return path
+    raise KernelBuildError("no C++ compiler found ($CXX, g++ or c++ on PATH)")
+
+
+def _cpu_signature() -> str:
+    """This CPU's model and instruction-set flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return platform.machine() + "\n".join(sorted(set(keep)))
+
+
+def _library_path(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature()]).encode()
+    ).hexdigest()[:20]
+    return Path(f"spn_propagation-{key}.so")
+
+
+def build_library(cache_dir: Path | None = None) -> Path:
+    """Build (or find already built) the kernel library; returns its path. Raises KernelBuildError."""
+    compiler = _compiler()
+    name = _library_path(compiler)
+    folders = (
+        [cache_dir]
+        if cache_dir is not None
+        else [kernel_cache_dir(), Path(tempfile.gettempdir()) / f"spntune-kernels-{os.getuid()}"]
+    )
+    last_error = ""
+    for folder in folders:
+        target = folder / name
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+        except OSError as exc:
+            last_error = f"cannot write {folder}: {exc}"
+            continue
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+            )
+            if proc.returncode != 0:
+                raise KernelBuildError(
+                    f"{Path(compiler).name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+                )
+            os.replace(tmp, target)  # atomic: a concurrent builder's rename or ours, both whole
+            return target
+        except subprocess.TimeoutExpired as exc:
+            raise KernelBuildError(f"{Path(compiler).name} did not finish in {_BUILD_TIMEOUT_S} s") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise KernelBuildError(last_error)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.spn_abi_version() != _ABI_VERSION:
+        raise KernelBuildError(f"{path} has ABI {lib.spn_abi_version()}, expected {_ABI_VERSION}")
+    ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for suffix in _DTYPES.values():
+        fwd = getattr(lib, f"spn_forward_{suffix}")
+        fwd.argtypes, fwd.restype = [ptr] * 6 + [long_] * 4 + [int_] * 2, None
+        bwd = getattr(lib, f"spn_backward_{suffix}")
+        bwd.argtypes, bwd.restype = [ptr] * 11 + [long_] * 4 + [int_] * 2, None
+    return lib
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None (with one warning) where it cannot be."""
+    try:
+        return _load(build_library())
+    except (KernelBuildError, OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(
+            f"spntune: the fused CPU propagation kernel is unavailable ({exc}); propagation runs the slower "
+            "shifted-slice path. SPNTUNE_PROPAGATION=torch chooses that path without this warning.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def supports(*tensors: Tensor | None) -> bool:
+    """Whether the fused kernel takes these tensors: CPU, one dtype of float32 / float64."""
+    present = [t for t in tensors if t is not None]
+    return all(t.device.type == "cpu" and t.dtype == present[0].dtype for t in present) and present[0].dtype in _DTYPES
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None
+
+
+def _dims(h: Tensor, k: int) -> tuple[int, ...]:
+    return (*h.shape, k, torch.get_num_threads())
+
+
+def _forward(
+    lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, k: int
+) -> Tensor:
+    out = torch.empty_like(h)
+    fn = getattr(lib, f"spn_forward_{_DTYPES[h.dtype]}")
+    fn(_ptr(h), _ptr(h0), _ptr(nw), _ptr(sw), _ptr(aw), _ptr(out), *_dims(h, k))
+    return out
+
+
+class FusedCPUStep(torch.autograd.Function):
+    """One step through the fused CPU kernels; the backward computes only the gradients asked for."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, h0: Tensor, neighbour_weight: Tensor, self_weight: Tensor | None,
+                anchor_weight: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
+        ctx.kernel_size = kernel_size
+        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight)
+        lib = library()
+        assert lib is not None  # propagate_step_cpu checked
+        return _forward(lib, h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        h, h0, nw, sw, aw = ctx.saved_tensors
+        need_h, need_h0, need_nw, need_sw, need_aw, _ = ctx.needs_input_grad
+        g = grad_out.contiguous()
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None
+        grad_nw = torch.empty_like(nw) if need_nw else None
+        grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
+        grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None
+        lib = library()
+        assert lib is not None
+        fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
+        fn(
+            *(_ptr(t) for t in (g, h, h0, nw, sw, aw, grad_h, grad_h0, grad_nw, grad_sw, grad_aw)),
+            *_dims(h, ctx.kernel_size),
+        )
+        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, None
+
+
+def propagate_step_cpu(
+    h: Tensor,
+    h0: Tensor,
+    neighbour_weight: Tensor,
+    self_weight: Tensor | None,
+    anchor_weight: Tensor | None,
+    kernel_size: int,
+) -> Tensor | None:
+    """One step through the fused kernels, or None where they do not apply (no library, dtype, device).
+
+    Same arguments and shapes as ``propagate_step``, which checks them; tensors are made contiguous.
+    """
+    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
+    if not supports(*tensors):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    contiguous = [t.contiguous() if t is not None else None for t in tensors]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return FusedCPUStep.apply(*contiguous, kernel_size)
+    return _forward(lib, *contiguous, kernel_size)

@@ -1,0 +1,400 @@
+// Fused CPU kernels for one spatial-propagation step (CSPN / DySPN), forward and backward.
+//
+//   out[b,c,y,x] = sum_j nw[b,j,y,x] * h[b,c, clamp(y+dy_j), clamp(x+dx_j)]
+//                + sw[b,y,x] * h[b,c,y,x] + aw[b,y,x] * h0[b,c,y,x]
+//
+// with the k*k-1 neighbour offsets (dy_j, dx_j) in row-major window order, centre skipped (the
+// order of propagation.neighbour_offsets), and clamping = replicate padding. All tensors are
+// contiguous NCHW; sw / aw may be null (zero weight).
+//
+// Layout of the work: each OpenMP thread takes a contiguous block of output rows (b, y). It keeps
+// padded copies of the 2r+1 source rows it needs in a small ring (one new row per output row), so
+// every neighbour read is a plain unaligned vector load, borders included. A row is computed in
+// chunks of one vector (64 bytes; the last chunk overlaps the one before instead of masking), and
+// per chunk a block of up to 8 channels accumulates over all k*k-1 neighbours in registers: each
+// weight vector is loaded once per channel block, each output vector is stored once. Every input
+// byte comes from memory about once and every output byte is written once.
+//
+// The backward is a gather by output row too: grad_h of row y collects nw * g from the rows whose
+// neighbours land on y (the replicate padding folded back onto the border), from zero-padded
+// copies of those rows, so no two threads ever write the same element and no atomics are needed.
+//
+// Built on first use by cpu_propagation.py (g++ -O3 -march=native -fopenmp) and called through
+// ctypes, which releases the GIL. float and double entry points (double for gradcheck).
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef SPN_VBYTES
+#define SPN_VBYTES 64  // bytes per vector
+#endif
+#ifndef SPN_CB
+#define SPN_CB 8  // at most this many channels per register block
+#endif
+
+namespace {
+
+// One vector of 64 bytes (GCC/Clang vector extensions: AVX-512, 2x AVX2, 4x NEON...), or one scalar
+// for rows narrower than a vector.
+template <typename T>
+struct Wide {
+    typedef T V __attribute__((vector_size(SPN_VBYTES)));
+    static constexpr long lanes = SPN_VBYTES / sizeof(T);
+};
+template <typename T>
+struct Narrow {
+    using V = T;
+    static constexpr long lanes = 1;
+};
+
+template <class V, class T>
+inline V ld(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+}
+template <class V, class T>
+inline void st(T* p, V v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+// f(t) for chunk starts covering [0, L) (L >= lanes): lanes apart, the last moved back to end at L.
+// Overlapping chunks recompute the same values (every chunk stores, none accumulates into memory).
+template <long lanes, class F>
+inline void for_chunks(long L, F f) {
+    for (long t0 = 0; t0 < L; t0 += lanes) f(t0 + lanes <= L ? t0 : L - lanes);
+}
+
+struct Offsets {
+    int K = 0, r = 0;
+    std::vector<int> dy, dx;
+    explicit Offsets(int k) : r(k / 2) {
+        for (int a = -r; a <= r; ++a)
+            for (int b = -r; b <= r; ++b)
+                if (a != 0 || b != 0) {
+                    dy.push_back(a);
+                    dx.push_back(b);
+                    ++K;
+                }
+    }
+};
+
+inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
+// slots (slot = v mod (2r+1)); a row is copied when first asked for. Replicate mode: row clamp(v),
+// columns padded with the border value (rows outside the image are allowed). Zero mode: columns
+// padded with zeros (rows must be inside the image).
+template <typename T>
+class RowRing {
+   public:
+    RowRing(const T* data, long C, long H, long W, int r, long pad, bool replicate)
+        : data_(data), C_(C), H_(H), W_(W), n_(2 * r + 1), pad_(pad), len_(W + 2 * pad), replicate_(replicate),
+          buf_(C * (2 * r + 1) * (W + 2 * pad)), tag_b_(2 * r + 1, -1), tag_v_(2 * r + 1, LONG_MIN) {}
+
+    long len() const { return len_; }
+
+    // The slot holding row v of batch b, copied there first if needed. Call once per row and output row:
+    // the modulo is not free.
+    long slot(long b, long v) {
+        const long s = ((v % n_) + n_) % n_;
+        if (tag_b_[s] != b || tag_v_[s] != v) fill(b, v, s);
+        return s;
+    }
+
+    // Channel c of a slot's padded row: element x of the row is at [pad + x].
+    const T* at(long s, long c) const { return buf_.data() + (c * n_ + s) * len_; }
+
+    // Distance between channel c and c + 1 of one slot.
+    long channel_stride() const { return n_ * len_; }
+
+   private:
+    void fill(long b, long v, long s) {
+        const long src_row = replicate_ ? clampl(v, 0, H_ - 1) : v;
+        for (long c = 0; c < C_; ++c) {
+            const T* src = data_ + ((b * C_ + c) * H_ + src_row) * W_;
+            T* dst = buf_.data() + (c * n_ + s) * len_;
+            const T left = replicate_ ? src[0] : T(0), right = replicate_ ? src[W_ - 1] : T(0);
+            std::fill(dst, dst + pad_, left);
+            std::memcpy(dst + pad_, src, sizeof(T) * W_);
+            std::fill(dst + pad_ + W_, dst + len_, right);
+        }
+        tag_b_[s] = b;
+        tag_v_[s] = v;
+    }
+
+    const T* data_;
+    long C_, H_, W_, n_, pad_, len_;
+    bool replicate_;
+    std::vector<T> buf_;
+    std::vector<long> tag_b_, tag_v_;
+};
+
+// For one vector chunk at t and channels [c0, c0 + CB), with channel c of neighbour j's source row at
+// src[j] + c * cs:   acc_i = init(c0 + i, t) + sum_{j < K} w[j][t] * (src[j] + (c0 + i) * cs)[t];
+//                    store(c0 + i, t, acc_i)
+// The CB accumulators live in registers; each weight vector is loaded once for the block.
+template <class P, int CB, typename T, class Init, class Store>
+inline void window_block(long t, int c0, int K, long cs, const T* const* w, const T* const* src, Init& init,
+                         Store& store) {
+    using V = typename P::V;
+    V acc[CB];
+#pragma GCC unroll 8
+    for (int i = 0; i < CB; ++i) acc[i] = init(c0 + i, t);
+    for (int j = 0; j < K; ++j) {
+        const V wv = ld<V>(w[j] + t);
+        const T* sj = src[j] + c0 * cs + t;
+#pragma GCC unroll 8
+        for (int i = 0; i < CB; ++i) acc[i] += wv * ld<V>(sj + i * cs);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < CB; ++i) store(c0 + i, t, acc[i]);
+}
+
+// window_block for a block of `size` channels (1 .. SPN_CB), dispatched to its compile-time size.
+template <class P, int CB, typename T, class Init, class Store>
+inline void window_sized(int size, long t, int c0, int K, long cs, const T* const* w, const T* const* src, Init& init,
+                         Store& store) {
+    if constexpr (CB > 0) {
+        if (size == CB) return window_block<P, CB>(t, c0, K, cs, w, src, init, store);
+        window_sized<P, CB - 1>(size, t, c0, K, cs, w, src, init, store);
+    }
+}
+
+// window_block over a whole row of length L and all C channels, in the fewest channel blocks of at
+// most SPN_CB, balanced (11 channels: 6 + 5; 21: 7 + 7 + 7). Chunks outermost: a chunk's weight
+// vectors come from memory once and serve every channel block from L1.
+template <class P, typename T, class Init, class Store>
+inline void window_row(long L, long C, int K, long cs, const T* const* w, const T* const* src, Init init, Store store) {
+    const int blocks = int((C + SPN_CB - 1) / SPN_CB);
+    for_chunks<P::lanes>(L, [&](long t) {
+        for (int i = 0, c0 = 0; i < blocks; ++i) {
+            const int size = int((C - c0) / (blocks - i));  // the remaining channels, spread evenly
+            window_sized<P, SPN_CB>(size, t, c0, K, cs, w, src, init, store);
+            c0 += size;
+        }
+    });
+}
+
+// For one vector chunk at t and neighbours [j0, j0 + JB):  out[j][t] = sum_c g[c][t] * (src[j] + c * cs)[t].
+template <class P, int JB, typename T>
+inline void dot_block(long t, int j0, long C, long cs, const T* const* g, const T* const* src, T* const* out) {
+    using V = typename P::V;
+    V acc[JB];
+#pragma GCC unroll 8
+    for (int i = 0; i < JB; ++i) acc[i] = V{} + T(0);
+    const T* sj[JB];
+#pragma GCC unroll 8
+    for (int i = 0; i < JB; ++i) sj[i] = src[j0 + i] + t;
+    for (long c = 0; c < C; ++c) {
+        const V gv = ld<V>(g[c] + t);
+#pragma GCC unroll 8
+        for (int i = 0; i < JB; ++i) acc[i] += gv * ld<V>(sj[i] + c * cs);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < JB; ++i) st(out[j0 + i] + t, acc[i]);
+}
+
+template <class P, typename T>
+inline void dot_row(long W, long C, int K, long cs, const T* const* g, const T* const* src, T* const* out) {
+    for_chunks<P::lanes>(W, [&](long t) {
+        int j0 = 0;
+        for (; j0 + 4 <= K; j0 += 4) dot_block<P, 4>(t, j0, C, cs, g, src, out);
+        for (; j0 < K; ++j0) dot_block<P, 1>(t, j0, C, cs, g, src, out);
+    });
+}
+
+// Rows [begin, end) of the B * H output rows for this thread.
+inline void thread_rows(long rows, long& begin, long& end) {
+#ifdef _OPENMP
+    const long nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+    const long nt = 1, tid = 0;
+#endif
+    const long per = (rows + nt - 1) / nt;
+    begin = std::min(rows, tid * per);
+    end = std::min(rows, begin + per);
+}
+
+template <typename T, class P>
+void forward_rows(const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* out, long B, long C, long H,
+                  long W, const Offsets& off) {
+    using V = typename P::V;
+    const long HW = H * W;
+    const int K = off.K, r = off.r;
+    long begin, end;
+    thread_rows(B * H, begin, end);
+    RowRing<T> ring(h, C, H, W, r, r, /*replicate=*/true);
+    std::vector<const T*> w(K), src(K);
+    std::vector<T> wrows(K * W);  // the row's K weight rows, copied together: K strided streams -> one block
+    std::vector<long> slots(2 * r + 1);
+    for (long row = begin; row < end; ++row) {
+        const long b = row / H, y = row % H, at = y * W;
+        for (int d = -r; d <= r; ++d) slots[d + r] = ring.slot(b, y + d);
+        for (int j = 0; j < K; ++j) {
+            w[j] = nw + (b * K + j) * HW + at;
+            src[j] = ring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
+        }
+        const T* swr = sw ? sw + b * HW + at : nullptr;
+        const T* awr = aw ? aw + b * HW + at : nullptr;
+        const T* hb = h + b * C * HW + at;
+        const T* h0b = h0 + b * C * HW + at;
+        T* ob = out + b * C * HW + at;
+        auto init = [&](long c, long t) {
+            V v = V{} + T(0);
+            if (awr) v += ld<V>(awr + t) * ld<V>(h0b + c * HW + t);
+            if (swr) v += ld<V>(swr + t) * ld<V>(hb + c * HW + t);
+            return v;
+        };
+        auto store = [&](long c, long t, V v) { st(ob + c * HW + t, v); };
+        window_row<P>(W, C, K, ring.channel_stride(), w.data(), src.data(), init, store);
+    }
+}
+
+template <typename T, class P>
+void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* gh, T* gh0, T* gnw,
+                   T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off) {
+    using V = typename P::V;
+    const long HW = H * W;
+    const int K = off.K, r = off.r;
+    long begin, end;
+    thread_rows(B * H, begin, end);
+    // h, replicate-padded by r (weight gradients); g, zero-padded by 2r (grad_h); nw rows, zero-padded by 2r.
+    RowRing<T> hring(h, C, H, W, r, r, /*replicate=*/true);
+    RowRing<T> gring(g, C, H, W, r, 2 * r, /*replicate=*/false);
+    // grad_h gathers over up to S = K * (r + 1) (target row, neighbour) pairs (border rows: r + 1 target rows).
+    const long wide = W + 4 * r, tlen = W + 2 * r;
+    const int S = K * (r + 1);
+    std::vector<T> nwpad(gh ? S * wide : 0, T(0)), tpad(gh ? C * tlen : 0);
+    std::vector<const T*> grow(C), src(S), w(S);
+    std::vector<T*> outs(K);
+    for (long row = begin; row < end; ++row) {
+        const long b = row / H, y = row % H, at = y * W;
+        const T* gb = g + b * C * HW + at;
+        for (long c = 0; c < C; ++c) grow[c] = gb + c * HW;
+        if (gnw) {  // gnw[j] = sum_c g[c] * shift_j(h[c])
+            for (int j = 0; j < K; ++j) {
+                outs[j] = gnw + (b * K + j) * HW + at;
+                const long slot = hring.slot(b, y + off.dy[j]);  // 2r+1 distinct rows: no refill within a row
+                src[j] = hring.at(slot, 0) + r + off.dx[j];
+            }
+            dot_row<P>(W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data());
+        }
+        for (auto [acc, other] : {std::pair{gsw, h}, std::pair{gaw, h0}}) {  // sum_c g[c] * h[c] (or h0[c])
+            if (!acc) continue;
+            T* __restrict__ o = acc + b * HW + at;
+            std::fill(o, o + W, T(0));
+            for (long c = 0; c < C; ++c) {
+                const T* __restrict__ gc = grow[c];
+                const T* __restrict__ oc = other + (b * C + c) * HW + at;
+                for (long x = 0; x < W; ++x) o[x] += gc[x] * oc[x];
+            }
+        }
+        if (gh0) {
+            const T* __restrict__ awr = aw + b * HW + at;
+            for (long c = 0; c < C; ++c) {
+                const T* __restrict__ gc = grow[c];
+                T* __restrict__ o = gh0 + (b * C + c) * HW + at;
+                for (long x = 0; x < W; ++x) o[x] = gc[x] * awr[x];
+            }
+        }
+        if (!gh) continue;
+        // grad_h of row y: for every unclamped target row v that clamps to y (y itself; also -r..-1 for
+        // y = 0 and H..H-1+r for y = H-1) and every neighbour j whose source row q = v - dy_j is in the
+        // image, target column u receives nw[j][q][u - dx_j] * g[q][u - dx_j]. Targets u in [-r, W+r) are
+        // gathered into tpad[u + r] from the zero-padded rows, then the padding is folded onto columns 0
+        // and W-1 (the adjoint of replicate padding).
+        const long v_lo = y == 0 ? -r : y, v_hi = y == H - 1 ? H - 1 + r : y;
+        int n = 0;  // (v, j) pairs with the source row in the image
+        for (long v = v_lo; v <= v_hi; ++v) {
+            for (int j = 0; j < K; ++j) {
+                const long q = v - off.dy[j];
+                if (q < 0 || q >= H) continue;
+                T* pad = nwpad.data() + n * wide;
+                std::memcpy(pad + 2 * r, nw + (b * K + j) * HW + q * W, sizeof(T) * W);
+                w[n] = pad + r - off.dx[j];
+                const long slot = gring.slot(b, q);
+                src[n] = gring.at(slot, 0) + r - off.dx[j];
+                ++n;
+            }
+        }
+        auto zero = [&](long, long) { return V{} + T(0); };
+        auto store = [&](long c, long t, V a) { st(tpad.data() + c * tlen + t, a); };
+        window_row<P>(tlen, C, n, gring.channel_stride(), w.data(), src.data(), zero, store);
+        const T* swr = sw ? sw + b * HW + at : nullptr;
+        for (long c = 0; c < C; ++c) {
+            const T* tp = tpad.data() + c * tlen;
+            T* o = gh + (b * C + c) * HW + at;
+            for (long x = 0; x < W; ++x) o[x] = tp[x + r] + (swr ? swr[x] * grow[c][x] : T(0));
+            T left = 0, right = 0;
+            for (long u = 0; u < r; ++u) {
+                left += tp[u];
+                right += tp[W + r + u];
+            }
+            o[0] += left;
+            o[W - 1] += right;
+        }
+    }
+}
+
+template <typename T>
+void forward(const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* out, long B, long C, long H, long W,
+             int k, int threads) {
+    const Offsets off(k);
+#pragma omp parallel num_threads(std::max(1, threads))
+    {
+        if (W >= Wide<T>::lanes)
+            forward_rows<T, Wide<T>>(h, h0, nw, sw, aw, out, B, C, H, W, off);
+        else
+            forward_rows<T, Narrow<T>>(h, h0, nw, sw, aw, out, B, C, H, W, off);
+    }
+}
+
+template <typename T>
+void backward(const T* g, const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* gh, T* gh0, T* gnw,
+              T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads) {
+    const Offsets off(k);
+#pragma omp parallel num_threads(std::max(1, threads))
+    {
+        if (W >= Wide<T>::lanes)
+            backward_rows<T, Wide<T>>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, off);
+        else
+            backward_rows<T, Narrow<T>>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, off);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int spn_abi_version() { return 1; }
+
+void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* sw, const float* aw, float* out,
+                     long B, long C, long H, long W, int k, int threads) {
+    forward<float>(h, h0, nw, sw, aw, out, B, C, H, W, k, threads);
+}
+
+void spn_forward_f64(const double* h, const double* h0, const double* nw, const double* sw, const double* aw,
+                     double* out, long B, long C, long H, long W, int k, int threads) {
+    forward<double>(h, h0, nw, sw, aw, out, B, C, H, W, k, threads);
+}
+
+void spn_backward_f32(const float* g, const float* h, const float* h0, const float* nw, const float* sw,
+                      const float* aw, float* gh, float* gh0, float* gnw, float* gsw, float* gaw, long B, long C,
+                      long H, long W, int k, int threads) {
+    backward<float>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, k, threads);
+}
+
+void spn_backward_f64(const double* g, const double* h, const double* h0, const double* nw, const double* sw,
+                      const double* aw, double* gh, double* gh0, double* gnw, double* gsw, double* gaw, long B,
+                      long C, long H, long W, int k, int threads) {
+    backward<double>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, k, threads);
+}
+
+}  // extern "C"

@@ -1,0 +1,241 @@
+"""The fused C++/OpenMP propagation kernels: parity with the unfold reference on the shapes that take
+the kernels' edge paths, determinism across thread counts, dispatch, and building (cache, concurrent
+builders, no compiler, a failing compiler, an unwritable cache folder).
+
+``tests/test_propagation.py`` runs its whole suite on this backend too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from spntune.models import cpu_propagation
+from spntune.models.propagation import (
+    cspn_weights,
+    dyspn_weights,
+    num_rings,
+    propagate,
+    propagate_step,
+    propagate_step_reference,
+    set_propagation_backend,
+)
+
+pytestmark = pytest.mark.skipif(cpu_propagation.library() is None, reason="no C++ compiler to build the kernels")
+
+
+@pytest.fixture(autouse=True)
+def cpp_backend():
+    set_propagation_backend("cpp")
+    yield
+    set_propagation_backend(None)
+
+
+def _leaves(k, shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, c, h, w = shape
+    return [
+        torch.randn(b, c, h, w, generator=g, dtype=dtype).requires_grad_(),
+        torch.randn(b, c, h, w, generator=g, dtype=dtype).requires_grad_(),
+        torch.randn(b, k * k - 1, h, w, generator=g, dtype=dtype).requires_grad_(),
+        torch.rand(b, num_rings(k) + 1, h, w, generator=g, dtype=dtype).requires_grad_(),
+    ]
+
+
+def _weights(variant, k, aff, att):
+    return dyspn_weights(aff, att, k) if variant == "dyspn" else cspn_weights(aff, variant.split("-")[1])
+
+
+def _errors(step, k, variant, shape, dtype):
+    """Relative max errors of the output and every leaf's gradient against the unfold reference."""
+    leaves = _leaves(k, shape, dtype)
+    h, h0, aff, att = leaves
+    w = _weights(variant, k, aff, att)
+    out = step(h, h0, *w, k)
+    ref = propagate_step_reference(h, h0, *w, k)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    got = torch.autograd.grad(out, leaves, grad_out, allow_unused=True, retain_graph=True)
+    want = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
+    errors = {"forward": ((out - ref).abs().max() / ref.abs().max().clamp_min(1)).item()}
+    for name, a, b in zip(("h", "h0", "affinity", "attention"), got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            errors[name] = ((a - b).abs().max() / b.abs().max().clamp_min(1)).item()
+    return errors
+
+
+# Rows narrower than a vector (scalar path), wider with a partial last vector, one row, one column, one
+# channel, channel counts that split into uneven register blocks (11 -> 6 + 5, 21 -> 7 + 7 + 7), a map
+# smaller than the window.
+SHAPES = [(2, 3, 9, 10), (1, 5, 7, 40), (1, 1, 3, 3), (2, 11, 12, 33), (1, 4, 1, 20), (1, 2, 20, 1), (1, 21, 6, 17)]
+
+
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_in_float64(k, shape):
+    for variant in ("cspn-h0", "cspn-ht", "dyspn"):
+        errors = _errors(propagate_step, k, variant, shape, torch.float64)
+        assert max(errors.values()) <= 1e-12, (variant, errors)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_matches_reference_in_float32(k):
+    for shape in ((2, 11, 24, 70), (1, 3, 5, 7)):
+        errors = _errors(propagate_step, k, "dyspn", shape, torch.float32)
+        assert max(errors.values()) <= 2e-5, (shape, errors)
+
+
+def test_gradcheck_of_chained_steps():
+    k = 3
+    _, h0, aff, att = _leaves(k, (1, 2, 5, 19), torch.float64)
+
+    def dyspn(h0, aff, att):
+        return propagate(h0, [dyspn_weights(aff, att, k)] * 2, k)[0]
+
+    def cspn(h0, aff):
+        return propagate(h0, [cspn_weights(aff, "ht")] * 3, k)[0]
+
+    assert torch.autograd.gradcheck(dyspn, (h0, aff, att))
+    assert torch.autograd.gradcheck(cspn, (h0, aff))
+
+
+def test_results_are_bitwise_equal_for_any_thread_count():
+    """Every output element is computed by one thread in a fixed order: no atomics, no reductions."""
+    k = 5
+    results = []
+    before = torch.get_num_threads()
+    h, h0, aff, att = (t.detach() for t in _leaves(k, (2, 6, 13, 37), torch.float32))
+    inputs = (h, h0, *dyspn_weights(aff, att, k))  # once: torch's own ops may sum in another order per thread count
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = propagate_step(*leaves, k)
+            grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view_as(out))
+            results.append([out.detach(), *grads])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert [torch.equal(a, b) for a, b in zip(results[0], other)] == [True] * 6
+
+
+def test_non_contiguous_inputs():
+    k = 3
+    h, h0, aff, att = (t.detach() for t in _leaves(k, (2, 4, 10, 24), torch.float64))
+    h = h.to(memory_format=torch.channels_last)
+    h0 = h0[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3)  # same values, transposed strides
+    aff = torch.cat([aff, aff], dim=3)[..., :24]  # a slice
+    w = dyspn_weights(aff, att, k)
+    torch.testing.assert_close(propagate_step(h, h0, *w, k), propagate_step_reference(h, h0, *w, k))
+
+
+def test_auto_picks_the_kernels_on_cpu_and_falls_back_for_other_dtypes():
+    k = 3
+    h, h0, aff, _ = _leaves(k, (1, 2, 6, 7), torch.float32)
+    set_propagation_backend("auto")
+    assert type(propagate_step(h, h0, *cspn_weights(aff), k).grad_fn).__name__ == "FusedCPUStepBackward"
+    set_propagation_backend("torch")
+    assert type(propagate_step(h, h0, *cspn_weights(aff), k).grad_fn).__name__ == "_PropagateStepBackward"
+    half = [t.detach().bfloat16() for t in (h, h0, aff)]
+    w = cspn_weights(half[2])
+    set_propagation_backend("auto")  # bfloat16: the shifted-slice path, within bfloat16's rounding of float32
+    out = propagate_step(half[0], half[1], *w, k)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), propagate_step(h, h0, *cspn_weights(aff), k), atol=0.05, rtol=0.02)
+    set_propagation_backend("cpp")
+    with pytest.raises(RuntimeError, match=r"SPNTUNE_PROPAGATION=cpp, but it takes CPU float32 / float64.*bfloat16"):
+        propagate_step(half[0], half[1], *w, k)
+
+
+def test_the_environment_variable_chooses_the_backend(monkeypatch):
+    k = 3
+    h, h0, aff, _ = _leaves(k, (1, 2, 6, 7), torch.float32)
+    set_propagation_backend(None)
+    monkeypatch.setenv("SPNTUNE_PROPAGATION", "torch")
+    assert type(propagate_step(h, h0, *cspn_weights(aff), k).grad_fn).__name__ == "_PropagateStepBackward"
+    monkeypatch.setenv("SPNTUNE_PROPAGATION", "cpp")
+    assert type(propagate_step(h, h0, *cspn_weights(aff), k).grad_fn).__name__ == "FusedCPUStepBackward"
+
+
+def test_a_built_library_is_reused(tmp_path):
+    first = cpu_propagation.build_library(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_propagation.build_library(tmp_path) == first
+    assert first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+
+
+_PROBE = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    from spntune.models import cpu_propagation
+    from spntune.models.propagation import cspn_weights, propagate_step, propagate_step_reference
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lib = cpu_propagation.library()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 3, 8, 20, generator=g)
+    w = cspn_weights(torch.randn(1, 8, 8, 20, generator=g))
+    ok = torch.allclose(propagate_step(h, h, *w, 3), propagate_step_reference(h, h, *w, 3), atol=1e-5)
+    print(json.dumps({"built": lib is not None, "ok": ok, "warnings": [str(w.message) for w in caught],
+                      "dir": str(cpu_propagation.kernel_cache_dir())}))
+    """
+)
+
+
+def _probe(env_changes: dict[str, str], tmp_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(tmp_path), "SPNTUNE_PROPAGATION": "auto", **env_changes}
+    return subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_without_a_compiler_propagation_still_runs_with_one_warning(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {"PATH": str(empty), "CXX": "", "SPNTUNE_KERNEL_CACHE": str(tmp_path / "cache")}
+    r = _result(_probe(env, tmp_path))
+    assert not r["built"] and r["ok"]
+    assert len(r["warnings"]) == 1 and "no C++ compiler found" in r["warnings"][0]
+    assert "shifted-slice" in r["warnings"][0]
+
+
+def test_a_failing_compiler_is_reported_and_leaves_nothing_behind(tmp_path):
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'broken-cxx: internal error' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    cache = tmp_path / "cache"
+    r = _result(_probe({"CXX": str(broken), "SPNTUNE_KERNEL_CACHE": str(cache)}, tmp_path))
+    assert not r["built"] and r["ok"]
+    assert "broken-cxx failed (exit 3): broken-cxx: internal error" in r["warnings"][0]
+    assert list(cache.iterdir()) == []
+
+
+def test_concurrent_builders_all_load_one_whole_library(tmp_path):
+    cache = tmp_path / "cache"
+    procs = [_probe({"SPNTUNE_KERNEL_CACHE": str(cache)}, tmp_path) for _ in range(3)]
+    results = [_result(p) for p in procs]
+    assert all(r["built"] and r["ok"] and not r["warnings"] for r in results)
+    assert [p.suffix for p in cache.iterdir()] == [".so"]  # one library, no temp files
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    r = _result(_probe({"SPNTUNE_KERNEL_CACHE": str(blocker / "kernels")}, tmp_path))
+    assert r["built"] and r["ok"] and not r["warnings"]
+    assert list((tmp_path / f"spntune-kernels-{os.getuid()}").glob("*.so"))
