@@ -20,6 +20,8 @@ import torch
 from spntune.models import cpu_propagation
 from spntune.models.propagation import (
     cspn_weights,
+    dyspn_factored_weights,
+    dyspn_ring_sums,
     dyspn_weights,
     num_rings,
     propagate,
@@ -50,7 +52,12 @@ def _leaves(k, shape, dtype, seed=0):
 
 
 def _weights(variant, k, aff, att):
+    if variant == "dyspn-factored":  # (affinity, self, anchor, ring_scale): the kernels form the product
+        return dyspn_factored_weights(aff, att, k)
     return dyspn_weights(aff, att, k) if variant == "dyspn" else cspn_weights(aff, variant.split("-")[1])
+
+
+VARIANTS = ("cspn-h0", "cspn-ht", "dyspn", "dyspn-factored")
 
 
 def _errors(step, k, variant, shape, dtype):
@@ -58,8 +65,8 @@ def _errors(step, k, variant, shape, dtype):
     leaves = _leaves(k, shape, dtype)
     h, h0, aff, att = leaves
     w = _weights(variant, k, aff, att)
-    out = step(h, h0, *w, k)
-    ref = propagate_step_reference(h, h0, *w, k)
+    out = step(h, h0, *w[:3], k, *w[3:])
+    ref = propagate_step_reference(h, h0, *w[:3], k, *w[3:])
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
     got = torch.autograd.grad(out, leaves, grad_out, allow_unused=True, retain_graph=True)
     want = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
@@ -81,7 +88,7 @@ SHAPES = [(2, 3, 9, 10), (1, 5, 7, 40), (1, 1, 3, 3), (2, 11, 12, 33), (1, 4, 1,
 @pytest.mark.parametrize("k", [3, 5, 7, 9])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference_in_float64(k, shape):
-    for variant in ("cspn-h0", "cspn-ht", "dyspn"):
+    for variant in VARIANTS:
         errors = _errors(propagate_step, k, variant, shape, torch.float64)
         assert max(errors.values()) <= 1e-12, (variant, errors)
 
@@ -89,8 +96,9 @@ def test_matches_reference_in_float64(k, shape):
 @pytest.mark.parametrize("k", [3, 7])
 def test_matches_reference_in_float32(k):
     for shape in ((2, 11, 24, 70), (1, 3, 5, 7)):
-        errors = _errors(propagate_step, k, "dyspn", shape, torch.float32)
-        assert max(errors.values()) <= 2e-5, (shape, errors)
+        for variant in ("dyspn", "dyspn-factored"):
+            errors = _errors(propagate_step, k, variant, shape, torch.float32)
+            assert max(errors.values()) <= 2e-5, (shape, variant, errors)
 
 
 def test_gradcheck_of_chained_steps():
@@ -100,10 +108,17 @@ def test_gradcheck_of_chained_steps():
     def dyspn(h0, aff, att):
         return propagate(h0, [dyspn_weights(aff, att, k)] * 2, k)[0]
 
+    def dyspn_factored(h0, aff, att):
+        sums = dyspn_ring_sums(aff, k)
+        return propagate(
+            h0, [dyspn_factored_weights(aff, att, k, sums), dyspn_factored_weights(aff, att * 0.5, k, sums)], k
+        )[0]
+
     def cspn(h0, aff):
         return propagate(h0, [cspn_weights(aff, "ht")] * 3, k)[0]
 
     assert torch.autograd.gradcheck(dyspn, (h0, aff, att))
+    assert torch.autograd.gradcheck(dyspn_factored, (h0, aff, att))
     assert torch.autograd.gradcheck(cspn, (h0, aff))
 
 
@@ -239,3 +254,21 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path):
     r = _result(_probe({"SPNTUNE_KERNEL_CACHE": str(blocker / "kernels")}, tmp_path))
     assert r["built"] and r["ok"] and not r["warnings"]
     assert list((tmp_path / f"spntune-kernels-{os.getuid()}").glob("*.so"))
+
+
+def test_factored_dyspn_weights_equal_the_materialised_ones():
+    k = 7
+    h, h0, aff, att = (t.detach() for t in _leaves(k, (2, 5, 11, 23), torch.float64))
+    factored = propagate_step(h, h0, *dyspn_factored_weights(aff, att, k)[:3], k,
+                              ring_scale=dyspn_factored_weights(aff, att, k)[3])  # fmt: skip
+    set_propagation_backend("torch")
+    materialised = propagate_step(h, h0, *dyspn_weights(aff, att, k), k)
+    torch.testing.assert_close(factored, materialised, rtol=1e-12, atol=1e-12)
+
+
+def test_ring_scale_of_the_wrong_shape_is_refused():
+    k = 5
+    h, h0, aff, att = (t.detach() for t in _leaves(k, (1, 2, 6, 7), torch.float32))
+    nw, sw, aw, rs = dyspn_factored_weights(aff, att, k)
+    with pytest.raises(ValueError, match=r"ring_scale must be \(1, 2, 6, 7\) for kernel_size=5"):
+        propagate_step(h, h0, nw, sw, aw, k, ring_scale=rs[:, :1])

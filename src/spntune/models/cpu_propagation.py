@@ -39,7 +39,7 @@ __all__ = ["FusedCPUStep", "build_library", "kernel_cache_dir", "library", "prop
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -126,9 +126,9 @@ def _load(path: Path) -> ctypes.CDLL:
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for suffix in _DTYPES.values():
         fwd = getattr(lib, f"spn_forward_{suffix}")
-        fwd.argtypes, fwd.restype = [ptr] * 6 + [long_] * 4 + [int_] * 2, None
+        fwd.argtypes, fwd.restype = [ptr] * 7 + [long_] * 4 + [int_] * 2, None
         bwd = getattr(lib, f"spn_backward_{suffix}")
-        bwd.argtypes, bwd.restype = [ptr] * 11 + [long_] * 4 + [int_] * 2, None
+        bwd.argtypes, bwd.restype = [ptr] * 13 + [long_] * 4 + [int_] * 2, None
     return lib
 
 
@@ -161,46 +161,47 @@ def _dims(h: Tensor, k: int) -> tuple[int, ...]:
     return (*h.shape, k, torch.get_num_threads())
 
 
-def _forward(
-    lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, k: int
-) -> Tensor:
+def _forward(lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None,
+             rs: Tensor | None, k: int) -> Tensor:  # fmt: skip
     out = torch.empty_like(h)
     fn = getattr(lib, f"spn_forward_{_DTYPES[h.dtype]}")
-    fn(_ptr(h), _ptr(h0), _ptr(nw), _ptr(sw), _ptr(aw), _ptr(out), *_dims(h, k))
+    fn(*(_ptr(t) for t in (h, h0, nw, rs, sw, aw, out)), *_dims(h, k))
     return out
 
 
 class FusedCPUStep(torch.autograd.Function):
-    """One step through the fused CPU kernels; the backward computes only the gradients asked for."""
+    """One step through the fused CPU kernels; the backward computes only the gradients asked for.
+
+    With ``ring_scale`` the neighbour weights are ``neighbour_weight * ring_scale[:, ring(j)]`` (DySPN's
+    factored form, ``propagation.dyspn_factored_weights``), formed inside the kernels."""
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, h0: Tensor, neighbour_weight: Tensor, self_weight: Tensor | None,
-                anchor_weight: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
+                anchor_weight: Tensor | None, ring_scale: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
         ctx.kernel_size = kernel_size
-        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight)
+        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)
         lib = library()
         assert lib is not None  # propagate_step_cpu checked
-        return _forward(lib, h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+        return _forward(lib, h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale, kernel_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h, h0, nw, sw, aw = ctx.saved_tensors
-        need_h, need_h0, need_nw, need_sw, need_aw, _ = ctx.needs_input_grad
+        h, h0, nw, sw, aw, rs = ctx.saved_tensors
+        need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = ctx.needs_input_grad
         g = grad_out.contiguous()
         grad_h = torch.empty_like(h) if need_h else None
         grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None
         grad_nw = torch.empty_like(nw) if need_nw else None
         grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
         grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None
+        grad_rs = torch.empty_like(rs) if need_rs and rs is not None else None
         lib = library()
         assert lib is not None
         fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
-        fn(
-            *(_ptr(t) for t in (g, h, h0, nw, sw, aw, grad_h, grad_h0, grad_nw, grad_sw, grad_aw)),
-            *_dims(h, ctx.kernel_size),
-        )
-        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, None
+        tensors = (g, h, h0, nw, rs, sw, aw, grad_h, grad_h0, grad_nw, grad_rs, grad_sw, grad_aw)
+        fn(*(_ptr(t) for t in tensors), *_dims(h, ctx.kernel_size))
+        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, grad_rs, None
 
 
 def propagate_step_cpu(
@@ -210,18 +211,19 @@ def propagate_step_cpu(
     self_weight: Tensor | None,
     anchor_weight: Tensor | None,
     kernel_size: int,
+    ring_scale: Tensor | None = None,
 ) -> Tensor | None:
     """One step through the fused kernels, or None where they do not apply (no library, dtype, device).
 
     Same arguments and shapes as ``propagate_step``, which checks them; tensors are made contiguous.
     """
-    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
+    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)
     if not supports(*tensors):
         return None
     lib = library()
     if lib is None:
         return None
-    contiguous = [t.contiguous() if t is not None else None for t in tensors]
+    c = [t.contiguous() if t is not None else None for t in tensors]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return FusedCPUStep.apply(*contiguous, kernel_size)
-    return _forward(lib, *contiguous, kernel_size)
+        return FusedCPUStep.apply(*c, kernel_size)
+    return _forward(lib, c[0], c[1], c[2], c[3], c[4], c[5], kernel_size)

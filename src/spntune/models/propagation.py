@@ -46,6 +46,8 @@ __all__ = [
     "AFFINITY_NORMS",
     "CENTRE_PLACEMENTS",
     "cspn_weights",
+    "dyspn_factored_weights",
+    "dyspn_ring_sums",
     "dyspn_weights",
     "neighbour_offsets",
     "num_neighbours",
@@ -108,7 +110,8 @@ def _use_triton(backend: str, h: Tensor) -> ModuleType | None:
     return module
 
 
-def _fused_cpu_step(backend: str, tensors: tuple[Tensor | None, ...], kernel_size: int) -> Tensor | None:
+def _fused_cpu_step(backend: str, tensors: tuple[Tensor | None, ...], kernel_size: int,
+                    ring_scale: Tensor | None) -> Tensor | None:  # fmt: skip
     """The fused CPU kernels' step, or None where the backend or the tensors do not select them."""
     if backend not in ("auto", "cpp") or tensors[0].is_cuda:  # type: ignore[union-attr]
         if backend == "cpp":
@@ -116,10 +119,10 @@ def _fused_cpu_step(backend: str, tensors: tuple[Tensor | None, ...], kernel_siz
                 "SPNTUNE_PROPAGATION=cpp runs CPU tensors only; this step is on " + str(tensors[0].device)
             )  # type: ignore[union-attr]
         return None
-    out = cpu_propagation.propagate_step_cpu(*tensors, kernel_size)  # type: ignore[arg-type]
+    out = cpu_propagation.propagate_step_cpu(*tensors, kernel_size, ring_scale)  # type: ignore[arg-type]
     if out is None and backend == "cpp":
         reason = "the kernel library could not be built (see the warning above)"
-        if not cpu_propagation.supports(*tensors):
+        if not cpu_propagation.supports(*tensors, ring_scale):
             reason = f"it takes CPU float32 / float64 tensors of one dtype, got {[str(t.dtype) for t in tensors if t is not None]}"
         raise RuntimeError(f"SPNTUNE_PROPAGATION=cpp, but {reason}")
     return out
@@ -269,6 +272,7 @@ def propagate_step(
     self_weight: Tensor | None,
     anchor_weight: Tensor | None,
     kernel_size: int,
+    ring_scale: Tensor | None = None,
 ) -> Tensor:
     """One propagation step: fused Triton kernels on CUDA, fused C++ kernels on the CPU, else shifted slices.
 
@@ -281,10 +285,15 @@ def propagate_step(
         self_weight: weight of ``h^t`` at the pixel itself, or None for zero.
         anchor_weight: weight of ``h^0`` at the pixel, or None for zero.
         kernel_size: odd window size k.
+        ring_scale: None, or per-ring factors: the neighbour weights are then
+            ``neighbour_weight[:, j] * ring_scale[:, ring_index(k)[j]]`` (DySPN's factored form, see
+            ``dyspn_factored_weights``); the fused CPU kernels form the product in registers, the other
+            paths materialise it.
 
     Shape:
         h, h0: ``[B, C, H, W]``; neighbour_weight: ``[B, k*k-1, H, W]``;
-        self_weight, anchor_weight: ``[B, 1, H, W]``. Returns ``[B, C, H, W]``.
+        self_weight, anchor_weight: ``[B, 1, H, W]``; ring_scale: ``[B, (k-1)/2, H, W]``.
+        Returns ``[B, C, H, W]``.
     """
     _check_weights(h, neighbour_weight, kernel_size)
     for name, w in (("self_weight", self_weight), ("anchor_weight", anchor_weight)):
@@ -293,16 +302,33 @@ def propagate_step(
     if h0.shape != h.shape:
         raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
     backend = _chosen_backend()
+    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
+    if ring_scale is not None:
+        expected = (h.shape[0], num_rings(kernel_size), *h.shape[-2:])
+        if tuple(ring_scale.shape) != expected:
+            raise ValueError(
+                f"ring_scale must be {expected} for kernel_size={kernel_size}, got {tuple(ring_scale.shape)}"
+            )
+        fused = _fused_cpu_step(backend, tensors, kernel_size, ring_scale)
+        if fused is not None:
+            return fused
+        neighbour_weight = _scaled(neighbour_weight, ring_scale, kernel_size)
+        tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
     triton_module = _use_triton(backend, h)
     if triton_module is not None:
         return triton_module.propagate_step_triton(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
-    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
-    fused = _fused_cpu_step(backend, tensors, kernel_size)
+    fused = _fused_cpu_step(backend, tensors, kernel_size, None)
     if fused is not None:
         return fused
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+
+
+def _scaled(neighbour_weight: Tensor, ring_scale: Tensor, kernel_size: int) -> Tensor:
+    """``neighbour_weight * ring_scale`` expanded to the neighbours: ``[B, k*k-1, H, W]``."""
+    rings = torch.tensor(ring_index(kernel_size), device=ring_scale.device)
+    return neighbour_weight * ring_scale.index_select(1, rings)
 
 
 def propagate_step_reference(
@@ -312,6 +338,7 @@ def propagate_step_reference(
     self_weight: Tensor | None,
     anchor_weight: Tensor | None,
     kernel_size: int,
+    ring_scale: Tensor | None = None,
 ) -> Tensor:
     """Slow reference for ``propagate_step``: unfold every neighbourhood, weight, sum.
 
@@ -319,6 +346,8 @@ def propagate_step_reference(
     ``propagate_step``.
     """
     _check_weights(h, neighbour_weight, kernel_size)
+    if ring_scale is not None:
+        neighbour_weight = _scaled(neighbour_weight, ring_scale, kernel_size)
     b, c, height, width = h.shape
     k = kernel_size
     r = k // 2
@@ -387,30 +416,64 @@ def dyspn_weights(affinity: Tensor, attention: Tensor, kernel_size: int) -> tupl
         affinity: ``[B, k*k-1, H, W]``; attention: ``[B, R+1, H, W]``.
         Returns ``(neighbour [B, k*k-1, H, W], self [B, 1, H, W], anchor [B, 1, H, W])``.
     """
+    affinity, self_weight, anchor, ring_scale = dyspn_factored_weights(affinity, attention, kernel_size)
+    return _scaled(affinity, ring_scale, kernel_size), self_weight, anchor
+
+
+def dyspn_ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+    """``(S, |S|)``: per ring, the sum of the affinities and of their absolute values (``dyspn_weights``).
+
+    They depend on the affinities only, which DySPN shares across its iterations: compute them once.
+
+    Shape:
+        affinity: ``[B, k*k-1, H, W]``. Returns two ``[B, R, H, W]``.
+    """
+    membership = _ring_membership(kernel_size, affinity)  # [R, K]
+    ring_sum = torch.einsum("rk,bkhw->brhw", membership, affinity)
+    ring_abs_sum = torch.einsum("rk,bkhw->brhw", membership, affinity.abs())
+    return ring_sum, ring_abs_sum
+
+
+def dyspn_factored_weights(
+    affinity: Tensor, attention: Tensor, kernel_size: int, ring_sums: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dyspn_weights`` without the ``[B, k*k-1, H, W]`` product: ``(affinity, self, anchor, ring_scale)``
+    with ``ring_scale = pi_ring / S'``, for ``propagate_step(..., ring_scale=ring_scale)``.
+
+    Per iteration only ``[B, R, H, W]``-sized maps are computed (R = 3 for 7x7, against 48 neighbours);
+    the fused CPU kernels multiply affinity and scale in registers.
+
+    Args:
+        affinity: raw neighbour affinities ``w`` (shared by all iterations).
+        attention: this iteration's attention maps in ``[0, 1]``.
+        kernel_size: odd k.
+        ring_sums: ``dyspn_ring_sums(affinity, kernel_size)``, computed once for all iterations (else here).
+
+    Shape:
+        affinity: ``[B, k*k-1, H, W]``; attention: ``[B, R+1, H, W]``. Returns ``(affinity,
+        self [B, 1, H, W], anchor [B, 1, H, W], ring_scale [B, R, H, W])``.
+    """
     n_rings = num_rings(kernel_size)
     if attention.shape[1] != n_rings + 1:
         raise ValueError(
             f"attention must have {n_rings + 1} channels for kernel_size={kernel_size}, got {attention.shape[1]}"
         )
-    membership = _ring_membership(kernel_size, affinity)  # [R, K]
-    ring_sum = torch.einsum("rk,bkhw->brhw", membership, affinity)  # S_k, [B, R, H, W]
-    ring_abs_sum = torch.einsum("rk,bkhw->brhw", membership, affinity.abs())  # |S|_k
+    ring_sum, ring_abs_sum = ring_sums if ring_sums is not None else dyspn_ring_sums(affinity, kernel_size)
     pi_ring, pi_self = attention[:, :n_rings], attention[:, n_rings:]
     s_prime = (pi_ring * ring_abs_sum).sum(dim=1, keepdim=True) + pi_self + _EPS
-    pi_per_neighbour = torch.einsum("rk,brhw->bkhw", membership, pi_ring)  # [B, K, H, W]
-    neighbour = pi_per_neighbour * affinity / s_prime
     self_weight = pi_self / s_prime
     anchor = (s_prime - (pi_ring * ring_sum).sum(dim=1, keepdim=True) - pi_self) / s_prime
-    return neighbour, self_weight, anchor
+    return affinity, self_weight, anchor, pi_ring / s_prime
 
 
 def propagate(
     h0: Tensor,
-    weights: list[tuple[Tensor, Tensor | None, Tensor | None]],
+    weights: list[tuple[Tensor | None, ...]],
     kernel_size: int,
     return_steps: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Run ``len(weights)`` steps from ``h0``; one ``(neighbour, self, anchor)`` per step.
+    """Run ``len(weights)`` steps from ``h0``; one ``(neighbour, self, anchor)`` per step, or
+    ``(neighbour, self, anchor, ring_scale)`` (``dyspn_factored_weights``).
 
     Shape:
         h0: ``[B, C, H, W]``. Returns ``(h^T, [h^0, h^1, ..., h^T])``; the list is empty
@@ -418,8 +481,8 @@ def propagate(
     """
     h = h0
     steps = [h0] if return_steps else []
-    for neighbour, self_weight, anchor in weights:
-        h = propagate_step(h, h0, neighbour, self_weight, anchor, kernel_size)
+    for neighbour, self_weight, anchor, *scale in weights:
+        h = propagate_step(h, h0, neighbour, self_weight, anchor, kernel_size, *scale)  # type: ignore[arg-type]
         if return_steps:
             steps.append(h)
     return h, steps

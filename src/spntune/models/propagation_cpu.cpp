@@ -7,6 +7,11 @@
 // order of propagation.neighbour_offsets), and clamping = replicate padding. All tensors are
 // contiguous NCHW; sw / aw may be null (zero weight).
 //
+// Optionally the neighbour weights come factored, as DySPN's do: nw_j = a_j * rs[ring(j)] with a
+// [B, k*k-1, H, W] affinity shared by all steps and a per-step [B, R, H, W] ring scale (ring(j) =
+// max(|dy_j|, |dx_j|) - 1). The product is formed in registers, never as a [B, k*k-1, H, W] tensor,
+// and the backward returns the gradients of a and rs.
+//
 // Layout of the work: each OpenMP thread takes a contiguous block of output rows (b, y). It keeps
 // padded copies of the 2r+1 source rows it needs in a small ring (one new row per output row), so
 // every neighbour read is a plain unaligned vector load, borders included. A row is computed in
@@ -73,13 +78,14 @@ inline void for_chunks(long L, F f) {
 
 struct Offsets {
     int K = 0, r = 0;
-    std::vector<int> dy, dx;
+    std::vector<int> dy, dx, ring;
     explicit Offsets(int k) : r(k / 2) {
         for (int a = -r; a <= r; ++a)
             for (int b = -r; b <= r; ++b)
                 if (a != 0 || b != 0) {
                     dy.push_back(a);
                     dx.push_back(b);
+                    ring.push_back(std::max(a < 0 ? -a : a, b < 0 ? -b : b) - 1);
                     ++K;
                 }
     }
@@ -139,16 +145,18 @@ class RowRing {
 // For one vector chunk at t and channels [c0, c0 + CB), with channel c of neighbour j's source row at
 // src[j] + c * cs:   acc_i = init(c0 + i, t) + sum_{j < K} w[j][t] * (src[j] + (c0 + i) * cs)[t];
 //                    store(c0 + i, t, acc_i)
-// The CB accumulators live in registers; each weight vector is loaded once for the block.
-template <class P, int CB, typename T, class Init, class Store>
-inline void window_block(long t, int c0, int K, long cs, const T* const* w, const T* const* src, Init& init,
-                         Store& store) {
+// (w[j][t] * sc[j][t] for the weight where SCALED). The CB accumulators live in registers; each weight
+// vector is loaded once for the block.
+template <class P, int CB, bool SCALED, typename T, class Init, class Store>
+inline void window_block(long t, int c0, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
+                         Init& init, Store& store) {
     using V = typename P::V;
     V acc[CB];
 #pragma GCC unroll 8
     for (int i = 0; i < CB; ++i) acc[i] = init(c0 + i, t);
     for (int j = 0; j < K; ++j) {
-        const V wv = ld<V>(w[j] + t);
+        V wv = ld<V>(w[j] + t);
+        if constexpr (SCALED) wv *= ld<V>(sc[j] + t);
         const T* sj = src[j] + c0 * cs + t;
 #pragma GCC unroll 8
         for (int i = 0; i < CB; ++i) acc[i] += wv * ld<V>(sj + i * cs);
@@ -158,25 +166,26 @@ inline void window_block(long t, int c0, int K, long cs, const T* const* w, cons
 }
 
 // window_block for a block of `size` channels (1 .. SPN_CB), dispatched to its compile-time size.
-template <class P, int CB, typename T, class Init, class Store>
-inline void window_sized(int size, long t, int c0, int K, long cs, const T* const* w, const T* const* src, Init& init,
-                         Store& store) {
+template <class P, int CB, bool SCALED, typename T, class Init, class Store>
+inline void window_sized(int size, long t, int c0, int K, long cs, const T* const* w, const T* const* sc,
+                         const T* const* src, Init& init, Store& store) {
     if constexpr (CB > 0) {
-        if (size == CB) return window_block<P, CB>(t, c0, K, cs, w, src, init, store);
-        window_sized<P, CB - 1>(size, t, c0, K, cs, w, src, init, store);
+        if (size == CB) return window_block<P, CB, SCALED>(t, c0, K, cs, w, sc, src, init, store);
+        window_sized<P, CB - 1, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
     }
 }
 
 // window_block over a whole row of length L and all C channels, in the fewest channel blocks of at
 // most SPN_CB, balanced (11 channels: 6 + 5; 21: 7 + 7 + 7). Chunks outermost: a chunk's weight
 // vectors come from memory once and serve every channel block from L1.
-template <class P, typename T, class Init, class Store>
-inline void window_row(long L, long C, int K, long cs, const T* const* w, const T* const* src, Init init, Store store) {
+template <class P, bool SCALED, typename T, class Init, class Store>
+inline void window_row(long L, long C, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
+                       Init init, Store store) {
     const int blocks = int((C + SPN_CB - 1) / SPN_CB);
     for_chunks<P::lanes>(L, [&](long t) {
         for (int i = 0, c0 = 0; i < blocks; ++i) {
             const int size = int((C - c0) / (blocks - i));  // the remaining channels, spread evenly
-            window_sized<P, SPN_CB>(size, t, c0, K, cs, w, src, init, store);
+            window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
             c0 += size;
         }
     });
@@ -223,22 +232,23 @@ inline void thread_rows(long rows, long& begin, long& end) {
 }
 
 template <typename T, class P>
-void forward_rows(const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* out, long B, long C, long H,
-                  long W, const Offsets& off) {
+void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* out, long B, long C,
+                  long H, long W, const Offsets& off) {
     using V = typename P::V;
     const long HW = H * W;
     const int K = off.K, r = off.r;
     long begin, end;
     thread_rows(B * H, begin, end);
     RowRing<T> ring(h, C, H, W, r, r, /*replicate=*/true);
-    std::vector<const T*> w(K), src(K);
-    std::vector<T> wrows(K * W);  // the row's K weight rows, copied together: K strided streams -> one block
+    const long R = r;  // rings of the ring scale
+    std::vector<const T*> w(K), sc(K), src(K);
     std::vector<long> slots(2 * r + 1);
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         for (int d = -r; d <= r; ++d) slots[d + r] = ring.slot(b, y + d);
         for (int j = 0; j < K; ++j) {
             w[j] = nw + (b * K + j) * HW + at;
+            if (rs) sc[j] = rs + (b * R + off.ring[j]) * HW + at;
             src[j] = ring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
         }
         const T* swr = sw ? sw + b * HW + at : nullptr;
@@ -253,13 +263,16 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* sw, const T* aw
             return v;
         };
         auto store = [&](long c, long t, V v) { st(ob + c * HW + t, v); };
-        window_row<P>(W, C, K, ring.channel_stride(), w.data(), src.data(), init, store);
+        if (rs)
+            window_row<P, true>(W, C, K, ring.channel_stride(), w.data(), sc.data(), src.data(), init, store);
+        else
+            window_row<P, false>(W, C, K, ring.channel_stride(), w.data(), sc.data(), src.data(), init, store);
     }
 }
 
 template <typename T, class P>
-void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* gh, T* gh0, T* gnw,
-                   T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off) {
+void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh,
+                   T* gh0, T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off) {
     using V = typename P::V;
     const long HW = H * W;
     const int K = off.K, r = off.r;
@@ -274,17 +287,40 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* sw
     std::vector<T> nwpad(gh ? S * wide : 0, T(0)), tpad(gh ? C * tlen : 0);
     std::vector<const T*> grow(C), src(S), w(S);
     std::vector<T*> outs(K);
+    const long R = r;
+    // Factored weights: the effective weight gradient of a row goes to a scratch block first, then to
+    // the affinity's (times the scale) and the ring scale's (times the affinity, summed over the ring).
+    const bool want_w = gnw || grs;
+    std::vector<T> scratch(rs && want_w ? K * W : 0);
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
         for (long c = 0; c < C; ++c) grow[c] = gb + c * HW;
-        if (gnw) {  // gnw[j] = sum_c g[c] * shift_j(h[c])
+        if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int j = 0; j < K; ++j) {
-                outs[j] = gnw + (b * K + j) * HW + at;
+                outs[j] = rs ? scratch.data() + j * W : gnw + (b * K + j) * HW + at;
                 const long slot = hring.slot(b, y + off.dy[j]);  // 2r+1 distinct rows: no refill within a row
                 src[j] = hring.at(slot, 0) + r + off.dx[j];
             }
             dot_row<P>(W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data());
+            if (rs) {
+                if (grs)
+                    for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
+                for (int j = 0; j < K; ++j) {
+                    const long ring_row = (b * R + off.ring[j]) * HW + at;
+                    const T* __restrict__ d = outs[j];
+                    if (gnw) {
+                        const T* __restrict__ scale = rs + ring_row;
+                        T* __restrict__ ga = gnw + (b * K + j) * HW + at;
+                        for (long x = 0; x < W; ++x) ga[x] = d[x] * scale[x];
+                    }
+                    if (grs) {
+                        const T* __restrict__ a = nw + (b * K + j) * HW + at;
+                        T* __restrict__ gr = grs + ring_row;
+                        for (long x = 0; x < W; ++x) gr[x] += d[x] * a[x];
+                    }
+                }
+            }
         }
         for (auto [acc, other] : {std::pair{gsw, h}, std::pair{gaw, h0}}) {  // sum_c g[c] * h[c] (or h0[c])
             if (!acc) continue;
@@ -317,7 +353,13 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* sw
                 const long q = v - off.dy[j];
                 if (q < 0 || q >= H) continue;
                 T* pad = nwpad.data() + n * wide;
-                std::memcpy(pad + 2 * r, nw + (b * K + j) * HW + q * W, sizeof(T) * W);
+                const T* a = nw + (b * K + j) * HW + q * W;
+                if (rs) {  // the effective weight row: affinity times its ring's scale
+                    const T* scale = rs + (b * R + off.ring[j]) * HW + q * W;
+                    for (long x = 0; x < W; ++x) pad[2 * r + x] = a[x] * scale[x];
+                } else {
+                    std::memcpy(pad + 2 * r, a, sizeof(T) * W);
+                }
                 w[n] = pad + r - off.dx[j];
                 const long slot = gring.slot(b, q);
                 src[n] = gring.at(slot, 0) + r - off.dx[j];
@@ -326,7 +368,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* sw
         }
         auto zero = [&](long, long) { return V{} + T(0); };
         auto store = [&](long c, long t, V a) { st(tpad.data() + c * tlen + t, a); };
-        window_row<P>(tlen, C, n, gring.channel_stride(), w.data(), src.data(), zero, store);
+        window_row<P, false>(tlen, C, n, gring.channel_stride(), w.data(), w.data(), src.data(), zero, store);
         const T* swr = sw ? sw + b * HW + at : nullptr;
         for (long c = 0; c < C; ++c) {
             const T* tp = tpad.data() + c * tlen;
@@ -344,57 +386,59 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* sw
 }
 
 template <typename T>
-void forward(const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* out, long B, long C, long H, long W,
-             int k, int threads) {
+void forward(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* out, long B, long C,
+             long H, long W, int k, int threads) {
     const Offsets off(k);
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
-            forward_rows<T, Wide<T>>(h, h0, nw, sw, aw, out, B, C, H, W, off);
+            forward_rows<T, Wide<T>>(h, h0, nw, rs, sw, aw, out, B, C, H, W, off);
         else
-            forward_rows<T, Narrow<T>>(h, h0, nw, sw, aw, out, B, C, H, W, off);
+            forward_rows<T, Narrow<T>>(h, h0, nw, rs, sw, aw, out, B, C, H, W, off);
     }
 }
 
 template <typename T>
-void backward(const T* g, const T* h, const T* h0, const T* nw, const T* sw, const T* aw, T* gh, T* gh0, T* gnw,
-              T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads) {
+void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh, T* gh0,
+              T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads) {
     const Offsets off(k);
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
-            backward_rows<T, Wide<T>>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, off);
+            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off);
         else
-            backward_rows<T, Narrow<T>>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, off);
+            backward_rows<T, Narrow<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off);
     }
 }
 
 }  // namespace
 
+// Pointers: nw is the neighbour weight (or the affinity where rs is given); rs, sw, aw may be null; of
+// the gradients, any output may be null (not computed), grs only means something with rs.
 extern "C" {
 
-int spn_abi_version() { return 1; }
+int spn_abi_version() { return 2; }
 
-void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* sw, const float* aw, float* out,
-                     long B, long C, long H, long W, int k, int threads) {
-    forward<float>(h, h0, nw, sw, aw, out, B, C, H, W, k, threads);
+void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* rs, const float* sw,
+                     const float* aw, float* out, long B, long C, long H, long W, int k, int threads) {
+    forward<float>(h, h0, nw, rs, sw, aw, out, B, C, H, W, k, threads);
 }
 
-void spn_forward_f64(const double* h, const double* h0, const double* nw, const double* sw, const double* aw,
-                     double* out, long B, long C, long H, long W, int k, int threads) {
-    forward<double>(h, h0, nw, sw, aw, out, B, C, H, W, k, threads);
+void spn_forward_f64(const double* h, const double* h0, const double* nw, const double* rs, const double* sw,
+                     const double* aw, double* out, long B, long C, long H, long W, int k, int threads) {
+    forward<double>(h, h0, nw, rs, sw, aw, out, B, C, H, W, k, threads);
 }
 
-void spn_backward_f32(const float* g, const float* h, const float* h0, const float* nw, const float* sw,
-                      const float* aw, float* gh, float* gh0, float* gnw, float* gsw, float* gaw, long B, long C,
-                      long H, long W, int k, int threads) {
-    backward<float>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, k, threads);
+void spn_backward_f32(const float* g, const float* h, const float* h0, const float* nw, const float* rs,
+                      const float* sw, const float* aw, float* gh, float* gh0, float* gnw, float* grs, float* gsw,
+                      float* gaw, long B, long C, long H, long W, int k, int threads) {
+    backward<float>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads);
 }
 
-void spn_backward_f64(const double* g, const double* h, const double* h0, const double* nw, const double* sw,
-                      const double* aw, double* gh, double* gh0, double* gnw, double* gsw, double* gaw, long B,
-                      long C, long H, long W, int k, int threads) {
-    backward<double>(g, h, h0, nw, sw, aw, gh, gh0, gnw, gsw, gaw, B, C, H, W, k, threads);
+void spn_backward_f64(const double* g, const double* h, const double* h0, const double* nw, const double* rs,
+                      const double* sw, const double* aw, double* gh, double* gh0, double* gnw, double* grs,
+                      double* gsw, double* gaw, long B, long C, long H, long W, int k, int threads) {
+    backward<double>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads);
 }
 
 }  // extern "C"

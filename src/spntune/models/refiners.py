@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from spntune.models.coarse import build_coarse
 from spntune.models.propagation import (
     cspn_weights,
-    dyspn_weights,
+    dyspn_factored_weights,
+    dyspn_ring_sums,
     num_neighbours,
     num_rings,
     propagate,
@@ -200,15 +201,17 @@ class _PropagationRefiner(nn.Module):
         else:
             raise ValueError(f"unknown affinity_net {affinity_net!r}; valid: {list(AFFINITY_NETS)}")
 
-    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(neighbour, self, anchor)`` weights of step t (0-based) from the guidance."""
+    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor | None, ...]:
+        """Weights of step t (0-based) from the guidance: ``(neighbour, self, anchor)``, or with a fourth,
+        ``ring_scale``, factored neighbour weights (``propagation.propagate_step``)."""
         raise NotImplementedError
 
-    def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+    def step_weights(self, guidance: Tensor) -> list[tuple[Tensor | None, ...]]:
         return [self.step_weight(guidance, t) for t in range(self.iterations)]
 
     def _step(self, h: Tensor, h0: Tensor, guidance: Tensor, t: int) -> Tensor:
-        return propagate_step(h, h0, *self.step_weight(guidance, t), self.kernel_size)
+        neighbour, self_weight, anchor, *ring_scale = self.step_weight(guidance, t)
+        return propagate_step(h, h0, neighbour, self_weight, anchor, self.kernel_size, *ring_scale)  # type: ignore[arg-type]
 
     def _propagate_checkpointed(self, h0: Tensor, guidance: Tensor, return_steps: bool) -> tuple[Tensor, list[Tensor]]:
         """``propagate`` with each step (weights + propagation) recomputed in backward."""
@@ -306,11 +309,25 @@ class DySPNRefiner(_PropagationRefiner):
         guidance_channels = num_neighbours(kernel_size) + (self.n_rings + 1) * iterations
         super().__init__(num_classes, guidance_channels, kernel_size, iterations, channels, propagate, **guidance)
 
-    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def step_weight(
+        self, guidance: Tensor, t: int, ring_sums: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Factored weights ``(affinity, self, anchor, ring_scale)``: per step only ``[B, R+1, H, W]`` maps are
+        computed; the ``[B, k*k-1, H, W]`` neighbour weights are formed by the propagation kernel."""
         n = num_neighbours(self.kernel_size)
         start = n + (self.n_rings + 1) * t
         attention = guidance[:, start : start + self.n_rings + 1].sigmoid()
-        return dyspn_weights(guidance[:, :n], attention, self.kernel_size)
+        return dyspn_factored_weights(guidance[:, :n], attention, self.kernel_size, ring_sums)
+
+    def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        # One split, not a slice per step: autograd then joins the parts' gradients once instead of
+        # zero-filling a guidance-sized gradient per slice.
+        affinity, *attention = guidance.split(
+            [num_neighbours(self.kernel_size)] + [self.n_rings + 1] * self.iterations, dim=1
+        )
+        affinity = affinity.contiguous()  # read by every step: one copy here, none per step
+        ring_sums = dyspn_ring_sums(affinity, self.kernel_size)  # shared by every step: computed once
+        return [dyspn_factored_weights(affinity, a.sigmoid(), self.kernel_size, ring_sums) for a in attention]
 
 
 #: Refiners by the names used in configs and search spaces.
