@@ -11,6 +11,8 @@ Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
   buffer moving the step's own byte count (the memory floor at that size: the step cannot beat it);
 - T chained steps forward+backward: picked backend, shifted slices, autograd through the loop, unfold.
 
+DySPN runs with factored weights (affinity x per-ring scale, ``dyspn_factored_weights``), as the refiner
+does; the weight maps counted as traffic are then the k*k-1 affinities, the R ring scales and self/anchor.
 Every time is the fastest of ``repeats`` calls (``timing.timeit``).
 """
 
@@ -28,6 +30,7 @@ from spntune.models.propagation import (
     _accumulate,
     _chosen_backend,
     cspn_weights,
+    dyspn_factored_weights,
     dyspn_weights,
     num_rings,
     propagate_step,
@@ -50,22 +53,30 @@ class PeakAlloc(TorchDispatchMode):
         return out
 
 
-def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]
-    return cspn_weights(aff) if name == "cspn" else dyspn_weights(aff, att, k)
+def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, factored: bool = True) -> tuple:  # type: ignore[type-arg]
+    """CSPN's weights, or DySPN's: factored (what the refiner runs: ``propagate_step(..., ring_scale)``)
+    or materialised (``[B, k*k-1, H, W]`` neighbour weights, for the paths that take no ring scale)."""
+    if name == "cspn":
+        return cspn_weights(aff)
+    return dyspn_factored_weights(aff, att, k) if factored else dyspn_weights(aff, att, k)
 
 
-def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
+def _call(step, h, x0, weights: tuple, k: int) -> torch.Tensor:  # type: ignore[no-untyped-def, type-arg]
+    return step(h, x0, *weights[:3], k, *weights[3:])
+
+
+def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int, factored: bool) -> None:  # type: ignore[no-untyped-def]
     aff = aff.detach().requires_grad_()
-    weights = _weights(name, k, aff, att)
+    weights = _weights(name, k, aff, att, factored)
     h = x0
     for _ in range(iterations):
-        h = step(h, x0, *weights, k)
+        h = _call(step, h, x0, weights, k)
     h.sum().backward()
 
 
 def _step_fwd_bwd(step, x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[no-untyped-def, type-arg]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, x0, *weights)]
-    out = step(*leaves, k)
+    out = _call(step, leaves[0], leaves[1], tuple(leaves[2:]), k)
     out.backward(x0)
 
 
@@ -107,25 +118,25 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
         weights = _weights(name, k, aff, att)
-        n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weight maps
+        n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ ring scale) + self/anchor
         min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
-        fast_s = timeit(partial(propagate_step, x, x0, *weights, k), repeats * 2)
-        slice_s = timeit(partial(_shifted_slice, x, x0, *weights, k), repeats)
-        ref_s = timeit(partial(propagate_step_reference, x, x0, *weights, k), max(1, repeats // 2))
+        fast_s = timeit(partial(_call, propagate_step, x, x0, weights, k), repeats * 2)
+        slice_s = timeit(partial(_call, _shifted_slice, x, x0, weights, k), repeats)
+        ref_s = timeit(partial(_call, propagate_step_reference, x, x0, weights, k), max(1, repeats // 2))
         peaks = []
         for fn in (propagate_step, propagate_step_reference):
             mode = PeakAlloc()
             with mode:
-                fn(x, x0, *weights, k)
+                _call(fn, x, x0, weights, k)
             peaks.append(mode.peak)
         step_s = timeit(partial(_step_fwd_bwd, propagate_step, x, x0, weights, k), repeats * 2)
         slice_step_s = timeit(partial(_step_fwd_bwd, _shifted_slice, x, x0, weights, k), repeats)
-        steps = {"picked": propagate_step, "shifted slice": _shifted_slice, "autograd through loop": _accumulate,
-                 "unfold": propagate_step_reference}  # fmt: skip
+        steps = {"picked": (propagate_step, True), "shifted slice": (_shifted_slice, True),
+                 "autograd through loop": (_accumulate, False), "unfold": (propagate_step_reference, True)}  # fmt: skip
         train = {
-            label: timeit(partial(_fwd_bwd, step, x0, aff, att, name, k, iterations), max(1, repeats // 2))
-            for label, step in steps.items()
+            label: timeit(partial(_fwd_bwd, step, x0, aff, att, name, k, iterations, factored), max(1, repeats // 2))
+            for label, (step, factored) in steps.items()
         }
         out["cases"][f"{name}_{k}x{k}"] = {
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,

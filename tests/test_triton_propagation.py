@@ -46,6 +46,8 @@ _SCRIPT = textwrap.dedent(
         ]
 
     def weights(variant, k, aff, att):
+        if variant == "dyspn-factored":  # what the DySPN refiner passes: affinity, self, anchor, ring scale
+            return P.dyspn_factored_weights(aff, att, k)
         if variant == "dyspn":
             return P.dyspn_weights(aff, att, k)
         return P.cspn_weights(aff, variant.split("-")[1])
@@ -54,8 +56,8 @@ _SCRIPT = textwrap.dedent(
         leaves = [t.requires_grad_() for t in inputs(k, shape, dtype)]
         h, h0, aff, att = leaves
         w = weights(variant, k, aff, att)
-        out = P.propagate_step(h, h0, *w, k)
-        ref = P.propagate_step_reference(h, h0, *w, k)
+        out = P.propagate_step(h, h0, *w[:3], k, *w[3:])
+        ref = P.propagate_step_reference(h, h0, *w[:3], k, *w[3:])
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
         got = torch.autograd.grad(out, leaves, grad_out, allow_unused=True, retain_graph=True)
         want = torch.autograd.grad(ref, leaves, grad_out, allow_unused=True)
@@ -73,6 +75,7 @@ _SCRIPT = textwrap.dedent(
     # several tiles each way, a partial last tile, and more channels than one channel block
     compare("tiles-channels", 3, "dyspn", (1, 17, 19, 37))
     compare("float32", 5, "dyspn", (1, 3, 11, 13), dtype=torch.float32)
+    compare("factored", 7, "dyspn-factored", (1, 3, 11, 13))
 
     # gradcheck of two chained steps (random projections: the interpreter is slow)
     k = 3
@@ -85,7 +88,8 @@ _SCRIPT = textwrap.dedent(
     """
 )
 
-CASES = [f"k{k}-{v}" for k in (3, 5, 7) for v in ("cspn-h0", "cspn-ht", "dyspn")] + ["tiles-channels", "float32"]
+CASES = [f"k{k}-{v}" for k in (3, 5, 7) for v in ("cspn-h0", "cspn-ht", "dyspn")]
+CASES += ["tiles-channels", "float32", "factored"]
 
 
 @pytest.fixture(scope="module")
