@@ -242,7 +242,7 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing_behind(tmp_path):
 
 def test_concurrent_builders_all_load_one_whole_library(tmp_path):
     cache = tmp_path / "cache"
-    procs = [_probe({"SPNTUNE_KERNEL_CACHE": str(cache)}, tmp_path) for _ in range(3)]
+    procs = [_probe({"SPNTUNE_KERNEL_CACHE": str(cache)}, tmp_path) for _ in range(2)]
     results = [_result(p) for p in procs]
     assert all(r["built"] and r["ok"] and not r["warnings"] for r in results)
     assert [p.suffix for p in cache.iterdir()] == [".so"]  # one library, no temp files
