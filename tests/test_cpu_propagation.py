@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -248,27 +250,22 @@ def test_concurrent_builders_all_load_one_whole_library(tmp_path):
     assert [p.suffix for p in cache.iterdir()] == [".so"]  # one library, no temp files
 
 
-def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path):
+def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monkeypatch):
+    built = cpu_propagation.build_library()  # this session's library, placed where the fallback looks
+    fallback = tmp_path / f"spntune-kernels-{os.getuid()}"
+    fallback.mkdir()
+    shutil.copy2(built, fallback / built.name)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    r = _result(_probe({"SPNTUNE_KERNEL_CACHE": str(blocker / "kernels")}, tmp_path))
-    assert r["built"] and r["ok"] and not r["warnings"]
-    assert list((tmp_path / f"spntune-kernels-{os.getuid()}").glob("*.so"))
+    monkeypatch.setenv("SPNTUNE_KERNEL_CACHE", str(blocker / "kernels"))  # mkdir fails: a file is in the way
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cpu_propagation.build_library() == fallback / built.name
 
 
-def test_factored_dyspn_weights_equal_the_materialised_ones():
-    k = 7
-    h, h0, aff, att = (t.detach() for t in _leaves(k, (2, 5, 11, 23), torch.float64))
-    factored = propagate_step(h, h0, *dyspn_factored_weights(aff, att, k)[:3], k,
-                              ring_scale=dyspn_factored_weights(aff, att, k)[3])  # fmt: skip
-    set_propagation_backend("torch")
-    materialised = propagate_step(h, h0, *dyspn_weights(aff, att, k), k)
-    torch.testing.assert_close(factored, materialised, rtol=1e-12, atol=1e-12)
-
-
-def test_ring_scale_of_the_wrong_shape_is_refused():
-    k = 5
-    h, h0, aff, att = (t.detach() for t in _leaves(k, (1, 2, 6, 7), torch.float32))
-    nw, sw, aw, rs = dyspn_factored_weights(aff, att, k)
-    with pytest.raises(ValueError, match=r"ring_scale must be \(1, 2, 6, 7\) for kernel_size=5"):
-        propagate_step(h, h0, nw, sw, aw, k, ring_scale=rs[:, :1])
+def test_no_writable_folder_at_all_is_one_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("SPNTUNE_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
+    with pytest.raises(cpu_propagation.KernelBuildError, match="cannot write .*not-a-folder/tmp/spntune-kernels"):
+        cpu_propagation.build_library()
