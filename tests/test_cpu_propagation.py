@@ -187,7 +187,7 @@ def test_a_built_library_is_reused(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert cpu_propagation.build_library(tmp_path) == first
     assert first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, f"{first.stem}.lock"])  # no temp files
 
 
 _PROBE = textwrap.dedent(
@@ -239,15 +239,20 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing_behind(tmp_path):
     r = _result(_probe({"CXX": str(broken), "SPNTUNE_KERNEL_CACHE": str(cache)}, tmp_path))
     assert not r["built"] and r["ok"]
     assert "broken-cxx failed (exit 3): broken-cxx: internal error" in r["warnings"][0]
-    assert list(cache.iterdir()) == []
+    assert [p.suffix for p in cache.iterdir()] == [".lock"]  # no library, no temp file
 
 
-def test_concurrent_builders_all_load_one_whole_library(tmp_path):
+def test_concurrent_builders_build_once_and_all_load_the_library(tmp_path):
+    counting = tmp_path / "cxx"  # the system compiler, counting the builds (not the --version probes)
+    counting.write_text(f"#!/bin/sh\ncase \"$*\" in *' -o '*) echo build >> {tmp_path / 'builds'};; esac\n"
+                        f"exec {shutil.which('g++') or shutil.which('c++')} \"$@\"\n")  # fmt: skip
+    counting.chmod(0o755)
     cache = tmp_path / "cache"
-    procs = [_probe({"SPNTUNE_KERNEL_CACHE": str(cache)}, tmp_path) for _ in range(2)]
+    procs = [_probe({"SPNTUNE_KERNEL_CACHE": str(cache), "CXX": str(counting)}, tmp_path) for _ in range(2)]
     results = [_result(p) for p in procs]
     assert all(r["built"] and r["ok"] and not r["warnings"] for r in results)
-    assert [p.suffix for p in cache.iterdir()] == [".so"]  # one library, no temp files
+    assert (tmp_path / "builds").read_text().split() == ["build"]  # one compile; the other process waited
+    assert sorted(p.suffix for p in cache.iterdir()) == [".lock", ".so"]  # one library, no temp files
 
 
 def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path, monkeypatch):

@@ -9,8 +9,9 @@ The build takes about a second and is cached: ``$SPNTUNE_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/spntune/kernels``, else ``~/.cache/spntune/kernels`` (a per-user temp folder if
 none of these can be written). The file name holds a hash of the source, the compiler, its flags
 and this CPU's model and instruction-set flags, so nodes of a cluster that share a home folder
-each build their own ``-march=native`` library. Processes that build at the same time each write
-a private temp file and rename it into place: the library a process loads is always whole.
+each build their own ``-march=native`` library. One process builds (the others wait on a lock file
+next to it, ``filelock.held``), into a temp file renamed into place: the library a process loads is
+always whole.
 
 Where no compiler is found or the build fails, ``library()`` returns None once per process with
 a warning naming the reason, and ``propagate_step`` keeps the shifted-slice path.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -34,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from spntune.filelock import held
+
 __all__ = ["FusedCPUStep", "build_library", "kernel_cache_dir", "library", "propagate_step_cpu", "supports"]
 
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
@@ -41,6 +45,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
 _ABI_VERSION = 2
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+log = logging.getLogger("spntune.kernels")
 
 
 class KernelBuildError(RuntimeError):
@@ -96,27 +102,36 @@ def build_library(cache_dir: Path | None = None) -> Path:
             return target
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+            # One builder per library: the others wait on the lock, then find the file (no N compiles
+            # when N trials start on a node at once). The kernel drops the lock if its holder dies.
+            with held(folder / f"{name.stem}.lock", log, f"CPU kernels: another process is building {name}"):
+                if target.exists():
+                    return target
+                return _compile(compiler, folder, target)
         except OSError as exc:
             last_error = f"cannot write {folder}: {exc}"
-            continue
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
-            )
-            if proc.returncode != 0:
-                raise KernelBuildError(
-                    f"{Path(compiler).name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
-                )
-            os.replace(tmp, target)  # atomic: a concurrent builder's rename or ours, both whole
-            return target
-        except subprocess.TimeoutExpired as exc:
-            raise KernelBuildError(f"{Path(compiler).name} did not finish in {_BUILD_TIMEOUT_S} s") from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     raise KernelBuildError(last_error)
+
+
+def _compile(compiler: str, folder: Path, target: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        log.info("building the fused CPU propagation kernels into %s", target)
+        proc = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+        )
+        if proc.returncode != 0:
+            raise KernelBuildError(
+                f"{Path(compiler).name} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}"
+            )
+        os.replace(tmp, target)  # atomic: a reader sees no file or the whole library
+        return target
+    except subprocess.TimeoutExpired as exc:
+        raise KernelBuildError(f"{Path(compiler).name} did not finish in {_BUILD_TIMEOUT_S} s") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _load(path: Path) -> ctypes.CDLL:
