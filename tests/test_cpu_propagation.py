@@ -274,3 +274,21 @@ def test_no_writable_folder_at_all_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(blocker / "tmp"))
     with pytest.raises(cpu_propagation.KernelBuildError, match="cannot write .*not-a-folder/tmp/spntune-kernels"):
         cpu_propagation.build_library()
+
+
+def test_factored_dyspn_weights_equal_the_materialised_ones():
+    k = 7
+    h, h0, aff, att = (t.detach() for t in _leaves(k, (2, 5, 11, 23), torch.float64))
+    factored = propagate_step(h, h0, *dyspn_factored_weights(aff, att, k)[:3], k,
+                              ring_scale=dyspn_factored_weights(aff, att, k)[3])  # fmt: skip
+    set_propagation_backend("torch")
+    materialised = propagate_step(h, h0, *dyspn_weights(aff, att, k), k)
+    torch.testing.assert_close(factored, materialised, rtol=1e-12, atol=1e-12)
+
+
+def test_ring_scale_of_the_wrong_shape_is_refused():
+    k = 5
+    h, h0, aff, att = (t.detach() for t in _leaves(k, (1, 2, 6, 7), torch.float32))
+    nw, sw, aw, rs = dyspn_factored_weights(aff, att, k)
+    with pytest.raises(ValueError, match=r"ring_scale must be \(1, 2, 6, 7\) for kernel_size=5"):
+        propagate_step(h, h0, nw, sw, aw, k, ring_scale=rs[:, :1])
