@@ -305,6 +305,7 @@ def test_search_on_a_two_node_cluster(two_node_cluster, tmp_path):
     assert local_nodes and not local_nodes & node_ids
 
 
+@pytest.mark.slow  # a real search, 18-24 s: keeps the default suite near 10 min on 2 cores (make test-slow)
 def test_multi_objective_reports_a_pareto_set(tmp_path):
     from spntune.config import SEARCH_SMOKE_OVERRIDES, ConfigError
     from spntune.space import load_space
@@ -468,6 +469,7 @@ def test_a_running_search_holds_its_name(tmp_path, capsys):
         pass
 
 
+@pytest.mark.slow  # two real searches racing, 24-41 s: make test-slow
 def test_two_searches_started_at_once_with_one_name(tmp_path):
     """Two real searches race for one name: exactly one runs, the other is refused (exit 2, no
     traceback), and the one that ran is whole."""
