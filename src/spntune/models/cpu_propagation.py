@@ -5,7 +5,7 @@
 with no torch headers, built on first use with the system's C++ compiler (``$CXX``, else ``g++``
 or ``c++``) into a shared library that is loaded with ctypes (a call releases the GIL).
 
-The build takes about a second and is cached: ``$SPNTUNE_KERNEL_CACHE``, else
+The build takes a few seconds and is cached: ``$SPNTUNE_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/spntune/kernels``, else ``~/.cache/spntune/kernels`` (a per-user temp folder if
 none of these can be written). The file name holds a hash of the source, the compiler, its flags
 and this CPU's model and instruction-set flags, so nodes of a cluster that share a home folder
@@ -241,4 +241,4 @@ def propagate_step_cpu(
     c = [t.contiguous() if t is not None else None for t in tensors]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return FusedCPUStep.apply(*c, kernel_size)
-    return _forward(lib, c[0], c[1], c[2], c[3], c[4], c[5], kernel_size)
+    return _forward(lib, *c, kernel_size)

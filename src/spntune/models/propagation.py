@@ -301,25 +301,23 @@ def propagate_step(
             raise ValueError(f"{name} must be {(h.shape[0], 1, *h.shape[-2:])}, got {tuple(w.shape)}")
     if h0.shape != h.shape:
         raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
-    backend = _chosen_backend()
-    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
     if ring_scale is not None:
         expected = (h.shape[0], num_rings(kernel_size), *h.shape[-2:])
         if tuple(ring_scale.shape) != expected:
             raise ValueError(
                 f"ring_scale must be {expected} for kernel_size={kernel_size}, got {tuple(ring_scale.shape)}"
             )
-        fused = _fused_cpu_step(backend, tensors, kernel_size, ring_scale)
-        if fused is not None:
-            return fused
+    backend = _chosen_backend()
+    tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
+    fused = _fused_cpu_step(backend, tensors, kernel_size, ring_scale)
+    if fused is not None:
+        return fused
+    if ring_scale is not None:  # the other paths take the neighbour weights whole
         neighbour_weight = _scaled(neighbour_weight, ring_scale, kernel_size)
         tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
     triton_module = _use_triton(backend, h)
     if triton_module is not None:
         return triton_module.propagate_step_triton(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
-    fused = _fused_cpu_step(backend, tensors, kernel_size, None)
-    if fused is not None:
-        return fused
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)

@@ -104,8 +104,6 @@ class RowRing {
         : data_(data), C_(C), H_(H), W_(W), n_(2 * r + 1), pad_(pad), len_(W + 2 * pad), replicate_(replicate),
           buf_(C * (2 * r + 1) * (W + 2 * pad)), tag_b_(2 * r + 1, -1), tag_v_(2 * r + 1, LONG_MIN) {}
 
-    long len() const { return len_; }
-
     // The slot holding row v of batch b, copied there first if needed. Call once per row and output row:
     // the modulo is not free.
     long slot(long b, long v) {
@@ -292,15 +290,16 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // the affinity's (times the scale) and the ring scale's (times the affinity, summed over the ring).
     const bool want_w = gnw || grs;
     std::vector<T> scratch(rs && want_w ? K * W : 0);
+    std::vector<long> slots(2 * r + 1);
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
         for (long c = 0; c < C; ++c) grow[c] = gb + c * HW;
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
+            for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
             for (int j = 0; j < K; ++j) {
                 outs[j] = rs ? scratch.data() + j * W : gnw + (b * K + j) * HW + at;
-                const long slot = hring.slot(b, y + off.dy[j]);  // 2r+1 distinct rows: no refill within a row
-                src[j] = hring.at(slot, 0) + r + off.dx[j];
+                src[j] = hring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
             }
             dot_row<P>(W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data());
             if (rs) {

@@ -309,15 +309,14 @@ class DySPNRefiner(_PropagationRefiner):
         guidance_channels = num_neighbours(kernel_size) + (self.n_rings + 1) * iterations
         super().__init__(num_classes, guidance_channels, kernel_size, iterations, channels, propagate, **guidance)
 
-    def step_weight(
-        self, guidance: Tensor, t: int, ring_sums: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Factored weights ``(affinity, self, anchor, ring_scale)``: per step only ``[B, R+1, H, W]`` maps are
-        computed; the ``[B, k*k-1, H, W]`` neighbour weights are formed by the propagation kernel."""
+    def step_weight(self, guidance: Tensor, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Factored weights ``(affinity, self, anchor, ring_scale)`` of step t alone (the recomputation of
+        ``checkpoint_steps``): per step only ``[B, R+1, H, W]`` maps are computed; the ``[B, k*k-1, H, W]``
+        neighbour weights are formed by the propagation kernel."""
         n = num_neighbours(self.kernel_size)
         start = n + (self.n_rings + 1) * t
         attention = guidance[:, start : start + self.n_rings + 1].sigmoid()
-        return dyspn_factored_weights(guidance[:, :n], attention, self.kernel_size, ring_sums)
+        return dyspn_factored_weights(guidance[:, :n], attention, self.kernel_size)
 
     def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         # One split, not a slice per step: autograd then joins the parts' gradients once instead of
