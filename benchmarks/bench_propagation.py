@@ -9,7 +9,9 @@ Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
   weights, write the output), as a fraction of two copy bandwidths: ``clone`` of the map itself (the
   issue's yardstick; 8.6 MB sits in a server CPU's L3, so this is cache bandwidth) and ``copy_`` of a
   buffer moving the step's own byte count (the memory floor at that size: the step cannot beat it);
-- T chained steps forward+backward: picked backend, shifted slices, autograd through the loop, unfold.
+- T chained steps forward+backward: picked backend step by step, shifted slices, autograd through the
+  loop, unfold, and ``propagate`` (what the refiners call: on the fused CPU kernels, one autograd node
+  for all T steps whose backward adds every step's neighbour-weight gradient into one buffer).
 
 DySPN runs with factored weights (affinity x per-ring scale, ``dyspn_factored_weights``), as the refiner
 does; the weight maps counted as traffic are then the k*k-1 affinities, the R ring scales and self/anchor.
@@ -33,6 +35,7 @@ from spntune.models.propagation import (
     dyspn_factored_weights,
     dyspn_weights,
     num_rings,
+    propagate,
     propagate_step,
     propagate_step_reference,
     set_propagation_backend,
@@ -71,6 +74,15 @@ def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int, factored: b
     h = x0
     for _ in range(iterations):
         h = _call(step, h, x0, weights, k)
+    h.sum().backward()
+
+
+def _propagate_fwd_bwd(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
+    """T steps through ``propagate``, as the refiners run them: one autograd node on the fused CPU kernels
+    (the neighbour weights are one tensor for every step), step by step elsewhere."""
+    aff = aff.detach().requires_grad_()
+    weights = _weights(name, k, aff, att)
+    h, _ = propagate(x0, [weights] * iterations, k)
     h.sum().backward()
 
 
@@ -138,6 +150,9 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             label: timeit(partial(_fwd_bwd, step, x0, aff, att, name, k, iterations, factored), max(1, repeats // 2))
             for label, (step, factored) in steps.items()
         }
+        train["propagate"] = timeit(
+            partial(_propagate_fwd_bwd, x0, aff, att, name, k, iterations), max(1, repeats // 2)
+        )
         out["cases"][f"{name}_{k}x{k}"] = {
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
             "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "copy_floor_ms": 1000 * floor_s,

@@ -89,6 +89,12 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                     t["autograd through loop"] / t["picked"],
                     "",
                 ),
+                (
+                    name,
+                    f"{case} T={r['iterations']} fwd+bwd: {picked} step by step / propagate (one node)",
+                    t["picked"] / t["propagate"],
+                    "",
+                ),
             ]
     elif name == "triton_gpu":
         for shape, per in r["shapes"].items():

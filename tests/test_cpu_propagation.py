@@ -119,9 +119,77 @@ def test_gradcheck_of_chained_steps():
     def cspn(h0, aff):
         return propagate(h0, [cspn_weights(aff, "ht")] * 3, k)[0]
 
+    def cspn_h0(h0, aff):  # the anchor on h0: every step adds into h0's gradient
+        return propagate(h0, [cspn_weights(aff, "h0")] * 3, k)[0]
+
     assert torch.autograd.gradcheck(dyspn, (h0, aff, att))
     assert torch.autograd.gradcheck(dyspn_factored, (h0, aff, att))
     assert torch.autograd.gradcheck(cspn, (h0, aff))
+    assert torch.autograd.gradcheck(cspn_h0, (h0, aff))
+
+
+def _step_weights(variant, k, aff, att):
+    """Three steps' weights sharing one neighbour tensor, as the refiners build them."""
+    if variant == "dyspn-factored":
+        sums = dyspn_ring_sums(aff, k)
+        return [dyspn_factored_weights(aff, att * s, k, sums) for s in (1.0, 0.5, 0.25)]
+    return [_weights(variant, k, aff, att)] * 3
+
+
+def _step_by_step(h0, weights, k):
+    hs, h = [], h0
+    for w in weights:
+        h = propagate_step(h, h0, *w[:3], k, *w[3:])
+        hs.append(h)
+    return hs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("k, shape", [(3, (2, 3, 9, 21)), (7, (1, 11, 12, 40))], ids=["3x3", "7x7"])
+def test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, shape):
+    """One FusedCPUPropagation node for the T steps: every output and every leaf gradient equal the
+    step-by-step graph, with gradients reaching an intermediate step as well as the last."""
+    _, h0, aff, att = _leaves(k, shape, torch.float64)
+    leaves = [h0, aff, att]
+    gen = torch.Generator().manual_seed(3)
+    g_last, g_mid = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    h, steps = propagate(h0, _step_weights(variant, k, aff, att), k, return_steps=True)
+    assert type(h.grad_fn).__name__ == "FusedCPUPropagationBackward"
+    want = _step_by_step(h0, _step_weights(variant, k, aff, att), k)
+    assert type(want[-1].grad_fn).__name__ == "FusedCPUStepBackward"
+    for got_h, want_h in zip(steps[1:], want):
+        torch.testing.assert_close(got_h, want_h, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad((h * g_last).sum() + (steps[2] * g_mid).sum(), leaves, allow_unused=True)
+    ref = torch.autograd.grad((want[-1] * g_last).sum() + (want[1] * g_mid).sum(), leaves, allow_unused=True)
+    for name, a, b in zip(("h0", "affinity", "attention"), got, ref):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_a_loss_on_an_early_step_only_skips_the_later_steps():
+    k = 5
+    _, h0, aff, att = _leaves(k, (1, 4, 8, 19), torch.float64)
+    _, steps = propagate(h0, _step_weights("dyspn-factored", k, aff, att), k, return_steps=True)
+    got = torch.autograd.grad(steps[1].sum(), [h0, aff, att])
+    want = torch.autograd.grad(_step_by_step(h0, _step_weights("dyspn-factored", k, aff, att), k)[0].sum(),
+                               [h0, aff, att])  # fmt: skip
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_propagate_steps_one_by_one_when_the_neighbour_weights_differ():
+    k = 3
+    _, h0, aff, _ = _leaves(k, (1, 2, 6, 17), torch.float64)
+    weights = [cspn_weights(aff), cspn_weights(aff * 2.0)]
+    h, _ = propagate(h0, weights, k)
+    assert type(h.grad_fn).__name__ == "FusedCPUStepBackward"
+    torch.testing.assert_close(h, _step_by_step(h0, weights, k)[-1])
+    with torch.no_grad():  # and without autograd, one node or not, the same values
+        shared = _step_weights("cspn-h0", k, aff, aff)
+        torch.testing.assert_close(propagate(h0, shared, k)[0], _step_by_step(h0, shared, k)[-1], rtol=0, atol=0)
 
 
 def test_results_are_bitwise_equal_for_any_thread_count():

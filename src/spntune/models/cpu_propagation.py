@@ -38,12 +38,21 @@ from torch.autograd.function import once_differentiable
 
 from spntune.filelock import held
 
-__all__ = ["FusedCPUStep", "build_library", "kernel_cache_dir", "library", "propagate_step_cpu", "supports"]
+__all__ = [
+    "FusedCPUPropagation",
+    "FusedCPUStep",
+    "build_library",
+    "kernel_cache_dir",
+    "library",
+    "propagate_cpu",
+    "propagate_step_cpu",
+    "supports",
+]
 
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -143,7 +152,7 @@ def _load(path: Path) -> ctypes.CDLL:
         fwd = getattr(lib, f"spn_forward_{suffix}")
         fwd.argtypes, fwd.restype = [ptr] * 7 + [long_] * 4 + [int_] * 2, None
         bwd = getattr(lib, f"spn_backward_{suffix}")
-        bwd.argtypes, bwd.restype = [ptr] * 13 + [long_] * 4 + [int_] * 2, None
+        bwd.argtypes, bwd.restype = [ptr] * 13 + [long_] * 4 + [int_] * 3, None
     return lib
 
 
@@ -184,6 +193,15 @@ def _forward(lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | N
     return out
 
 
+def _backward(lib: ctypes.CDLL, g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int,
+              accumulate: bool) -> None:  # fmt: skip
+    """One step's backward kernel: ``tensors`` are ``h0, nw, rs, sw, aw`` then the gradient buffers
+    ``grad_h, grad_h0, grad_nw, grad_rs, grad_sw, grad_aw`` (None: not computed). With ``accumulate``
+    the kernel adds into ``grad_h0`` and ``grad_nw`` instead of overwriting them."""
+    fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
+    fn(*(_ptr(t) for t in (g, h, *tensors)), *_dims(h, kernel_size), int(accumulate))
+
+
 class FusedCPUStep(torch.autograd.Function):
     """One step through the fused CPU kernels; the backward computes only the gradients asked for.
 
@@ -213,9 +231,8 @@ class FusedCPUStep(torch.autograd.Function):
         grad_rs = torch.empty_like(rs) if need_rs and rs is not None else None
         lib = library()
         assert lib is not None
-        fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
-        tensors = (g, h, h0, nw, rs, sw, aw, grad_h, grad_h0, grad_nw, grad_rs, grad_sw, grad_aw)
-        fn(*(_ptr(t) for t in tensors), *_dims(h, ctx.kernel_size))
+        _backward(lib, g, h, h0, nw, rs, sw, aw, grad_h, grad_h0, grad_nw, grad_rs, grad_sw, grad_aw,
+                  kernel_size=ctx.kernel_size, accumulate=False)  # fmt: skip
         return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, grad_rs, None
 
 
@@ -242,3 +259,98 @@ def propagate_step_cpu(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return FusedCPUStep.apply(*c, kernel_size)
     return _forward(lib, *c, kernel_size)
+
+
+class FusedCPUPropagation(torch.autograd.Function):
+    """T steps from ``h0`` through the fused CPU kernels as one autograd node, for weights whose
+    neighbour part (CSPN's affinity, DySPN's shared affinity) is one tensor for every step.
+
+    Step by step, autograd would hand back one ``[B, k*k-1, H, W]`` gradient per step and add them up
+    (T allocations and T - 1 additions of the largest tensor of the step); here the backward kernel
+    adds every step's share into one buffer, and likewise for ``h0``, which every step reads. Memory
+    is what the step-by-step graph keeps: the T maps ``h^0 .. h^{T-1}`` (never ``k*k`` times a map).
+
+    ``forward(ctx, kernel_size, h0, neighbour_weight, *per_step)`` with ``per_step`` the flattened
+    ``(self_weight, anchor_weight, ring_scale)`` of each step (None where absent); returns
+    ``h^1 .. h^T``. Gradients reaching any of them (a loss on intermediate steps) are taken in.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, kernel_size: int, h0: Tensor, neighbour_weight: Tensor, *per_step: Tensor | None) -> tuple[Tensor, ...]:  # fmt: skip
+        lib = library()
+        assert lib is not None  # propagate_cpu checked
+        ctx.kernel_size = kernel_size
+        ctx.set_materialize_grads(False)  # an unused step's gradient stays None, not a zero map
+        steps = [per_step[i : i + 3] for i in range(0, len(per_step), 3)]
+        hs = [h0]
+        for sw, aw, rs in steps:
+            hs.append(_forward(lib, hs[-1], h0, neighbour_weight, sw, aw, rs, kernel_size))
+        ctx.save_for_backward(h0, neighbour_weight, *hs[1:-1], *per_step)
+        ctx.steps = len(steps)
+        return tuple(hs[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_steps: Tensor | None) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        n = ctx.steps
+        h0, nw = saved[0], saved[1]
+        hs = [h0, *saved[2 : 2 + n - 1]]  # the input of each step
+        per_step = saved[2 + n - 1 :]
+        _, need_h0, need_nw, *need_step = ctx.needs_input_grad
+        lib = library()
+        assert lib is not None
+        grad_nw = torch.empty_like(nw) if need_nw else None
+        grad_h0: Tensor | None = None
+        grads_step: list[Tensor | None] = [None] * len(per_step)
+        nw_written = h0_written = False
+        g: Tensor | None = None  # gradient of the current step's output
+        for t in reversed(range(n)):
+            if grad_steps[t] is not None:
+                g = grad_steps[t].contiguous() if g is None else g + grad_steps[t]
+            if g is None:  # nothing depends on this step's output
+                continue
+            sw, aw, rs = per_step[3 * t : 3 * t + 3]
+            want = need_step[3 * t : 3 * t + 3]
+            grad_h = torch.empty_like(h0) if t > 0 or need_h0 else None
+            # The kernel adds into grad_nw and grad_h0 from the second step it runs on (grad_nw, where
+            # wanted, is passed at every step); a grad_h0 first needed after that starts at zero.
+            accumulate = nw_written or h0_written
+            if need_h0 and aw is not None and grad_h0 is None:
+                grad_h0 = torch.zeros_like(h0) if accumulate else torch.empty_like(h0)
+            gh0 = grad_h0 if need_h0 and aw is not None else None
+            gsw = torch.empty_like(sw) if want[0] and sw is not None else None
+            gaw = torch.empty_like(aw) if want[1] and aw is not None else None
+            grs = torch.empty_like(rs) if want[2] and rs is not None else None
+            _backward(lib, g, hs[t], h0, nw, rs, sw, aw, grad_h, gh0, grad_nw, grs, gsw, gaw,
+                      kernel_size=ctx.kernel_size, accumulate=accumulate)  # fmt: skip
+            nw_written = nw_written or grad_nw is not None
+            h0_written = h0_written or gh0 is not None
+            grads_step[3 * t : 3 * t + 3] = [gsw, gaw, grs]
+            g = grad_h
+        if need_h0 and g is not None:  # h^0 is h0 itself: the gradient reaching it joins the anchor terms'
+            grad_h0 = g if grad_h0 is None else grad_h0.add_(g)
+        return (None, grad_h0, grad_nw if nw_written else None, *grads_step)
+
+
+def propagate_cpu(
+    h0: Tensor, neighbour_weight: Tensor, per_step: list[tuple[Tensor | None, Tensor | None, Tensor | None]],
+    kernel_size: int,
+) -> list[Tensor] | None:  # fmt: skip
+    """``h^1 .. h^T`` through ``FusedCPUPropagation``, or None where the kernels do not apply (no library,
+    dtype, device). ``per_step``: each step's ``(self_weight, anchor_weight, ring_scale)``; the caller
+    (``propagation.propagate``) has checked the shapes. Tensors are made contiguous."""
+    flat = [t for step in per_step for t in step]
+    if not supports(h0, neighbour_weight, *flat):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    c = [t.contiguous() if t is not None else None for t in (h0, neighbour_weight, *flat)]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in c):
+        return list(FusedCPUPropagation.apply(kernel_size, *c))
+    hs = [c[0]]
+    for i in range(0, len(flat), 3):
+        sw, aw, rs = c[2 + i : 5 + i]
+        hs.append(_forward(lib, hs[-1], c[0], c[1], sw, aw, rs, kernel_size))
+    return hs[1:]

@@ -295,18 +295,7 @@ def propagate_step(
         self_weight, anchor_weight: ``[B, 1, H, W]``; ring_scale: ``[B, (k-1)/2, H, W]``.
         Returns ``[B, C, H, W]``.
     """
-    _check_weights(h, neighbour_weight, kernel_size)
-    for name, w in (("self_weight", self_weight), ("anchor_weight", anchor_weight)):
-        if w is not None and tuple(w.shape) != (h.shape[0], 1, *h.shape[-2:]):
-            raise ValueError(f"{name} must be {(h.shape[0], 1, *h.shape[-2:])}, got {tuple(w.shape)}")
-    if h0.shape != h.shape:
-        raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
-    if ring_scale is not None:
-        expected = (h.shape[0], num_rings(kernel_size), *h.shape[-2:])
-        if tuple(ring_scale.shape) != expected:
-            raise ValueError(
-                f"ring_scale must be {expected} for kernel_size={kernel_size}, got {tuple(ring_scale.shape)}"
-            )
+    _check_step(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size, ring_scale)
     backend = _chosen_backend()
     tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
     fused = _fused_cpu_step(backend, tensors, kernel_size, ring_scale)
@@ -321,6 +310,23 @@ def propagate_step(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+
+
+def _check_step(h: Tensor, h0: Tensor, neighbour_weight: Tensor, self_weight: Tensor | None,
+                anchor_weight: Tensor | None, kernel_size: int, ring_scale: Tensor | None) -> None:  # fmt: skip
+    """``propagate_step``'s shape checks (ValueError naming the argument and the expected shape)."""
+    _check_weights(h, neighbour_weight, kernel_size)
+    for name, w in (("self_weight", self_weight), ("anchor_weight", anchor_weight)):
+        if w is not None and tuple(w.shape) != (h.shape[0], 1, *h.shape[-2:]):
+            raise ValueError(f"{name} must be {(h.shape[0], 1, *h.shape[-2:])}, got {tuple(w.shape)}")
+    if h0.shape != h.shape:
+        raise ValueError(f"h0 {tuple(h0.shape)} and h {tuple(h.shape)} differ in shape")
+    if ring_scale is not None:
+        expected = (h.shape[0], num_rings(kernel_size), *h.shape[-2:])
+        if tuple(ring_scale.shape) != expected:
+            raise ValueError(
+                f"ring_scale must be {expected} for kernel_size={kernel_size}, got {tuple(ring_scale.shape)}"
+            )
 
 
 def _scaled(neighbour_weight: Tensor, ring_scale: Tensor, kernel_size: int) -> Tensor:
@@ -473,10 +479,18 @@ def propagate(
     """Run ``len(weights)`` steps from ``h0``; one ``(neighbour, self, anchor)`` per step, or
     ``(neighbour, self, anchor, ring_scale)`` (``dyspn_factored_weights``).
 
+    Where every step has the same neighbour tensor (CSPN's one affinity map, DySPN's shared affinity)
+    and the fused CPU kernels run the steps, all T steps are one autograd node
+    (``cpu_propagation.FusedCPUPropagation``): the backward adds every step's neighbour-weight gradient
+    into one buffer instead of allocating and summing T of them. Otherwise ``propagate_step`` per step.
+
     Shape:
         h0: ``[B, C, H, W]``. Returns ``(h^T, [h^0, h^1, ..., h^T])``; the list is empty
         unless ``return_steps``.
     """
+    fused = _fused_cpu_propagation(h0, weights, kernel_size)
+    if fused is not None:
+        return fused[-1], [h0, *fused] if return_steps else []
     h = h0
     steps = [h0] if return_steps else []
     for neighbour, self_weight, anchor, *scale in weights:
@@ -484,3 +498,20 @@ def propagate(
         if return_steps:
             steps.append(h)
     return h, steps
+
+
+def _fused_cpu_propagation(h0: Tensor, weights: list[tuple[Tensor | None, ...]], kernel_size: int) -> list[Tensor] | None:  # fmt: skip
+    """``h^1 .. h^T`` as one ``FusedCPUPropagation`` node, or None where ``propagate`` steps one by one:
+    another backend, no steps, neighbour weights that differ between steps, or tensors the kernels
+    do not take."""
+    if not weights or _chosen_backend() not in ("auto", "cpp") or h0.is_cuda:
+        return None
+    neighbour = weights[0][0]
+    if neighbour is None or any(step[0] is not neighbour for step in weights):
+        return None
+    per_step = []
+    for _, self_weight, anchor, *scale in weights:
+        ring_scale = scale[0] if scale else None
+        _check_step(h0, h0, neighbour, self_weight, anchor, kernel_size, ring_scale)
+        per_step.append((self_weight, anchor, ring_scale))
+    return cpu_propagation.propagate_cpu(h0, neighbour, per_step, kernel_size)

@@ -274,7 +274,8 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
 
 template <typename T, class P>
 void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh,
-                   T* gh0, T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off) {
+                   T* gh0, T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off,
+                   bool accumulate) {
     using V = typename P::V;
     const long HW = H * W;
     const int K = off.K, r = off.r;
@@ -292,8 +293,10 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     const long R = r;
     // Factored weights: the effective weight gradient of a row goes to a scratch block first, then to
     // the affinity's (times the scale) and the ring scale's (times the affinity, summed over the ring).
-    const bool want_w = gnw || grs;
-    std::vector<T> scratch(rs && want_w ? K * W : 0);
+    // So does an accumulated one (the last chunk of a row overlaps the one before: chunks store, they
+    // cannot add into the output).
+    const bool want_w = gnw || grs, staged = rs || accumulate;
+    std::vector<T> scratch(staged && want_w ? K * W : 0);
     std::vector<long> slots(2 * r + 1);
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
@@ -302,7 +305,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
             for (int j = 0; j < K; ++j) {
-                outs[j] = rs ? scratch.data() + j * W : gnw + (b * K + j) * HW + at;
+                outs[j] = staged ? scratch.data() + j * W : gnw + (b * K + j) * HW + at;
                 src[j] = hring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
             }
             dot_row<P>(W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data());
@@ -315,13 +318,22 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                     if (gnw) {
                         const T* __restrict__ scale = rs + ring_row;
                         T* __restrict__ ga = gnw + (b * K + j) * HW + at;
-                        for (long x = 0; x < W; ++x) ga[x] = d[x] * scale[x];
+                        if (accumulate)
+                            for (long x = 0; x < W; ++x) ga[x] += d[x] * scale[x];
+                        else
+                            for (long x = 0; x < W; ++x) ga[x] = d[x] * scale[x];
                     }
                     if (grs) {
                         const T* __restrict__ a = nw + (b * K + j) * HW + at;
                         T* __restrict__ gr = grs + ring_row;
                         for (long x = 0; x < W; ++x) gr[x] += d[x] * a[x];
                     }
+                }
+            } else if (accumulate && gnw) {
+                for (int j = 0; j < K; ++j) {
+                    const T* __restrict__ d = outs[j];
+                    T* __restrict__ o = gnw + (b * K + j) * HW + at;
+                    for (long x = 0; x < W; ++x) o[x] += d[x];
                 }
             }
         }
@@ -340,7 +352,10 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             for (long c = 0; c < C; ++c) {
                 const T* __restrict__ gc = grow[c];
                 T* __restrict__ o = gh0 + (b * C + c) * HW + at;
-                for (long x = 0; x < W; ++x) o[x] = gc[x] * awr[x];
+                if (accumulate)
+                    for (long x = 0; x < W; ++x) o[x] += gc[x] * awr[x];
+                else
+                    for (long x = 0; x < W; ++x) o[x] = gc[x] * awr[x];
             }
         }
         if (!gh) continue;
@@ -403,24 +418,26 @@ void forward(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, con
 
 template <typename T>
 void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh, T* gh0,
-              T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads) {
+              T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads, bool accumulate) {
     const Offsets off(k);
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
-            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off);
+            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off, accumulate);
         else
-            backward_rows<T, Narrow<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off);
+            backward_rows<T, Narrow<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off, accumulate);
     }
 }
 
 }  // namespace
 
 // Pointers: nw is the neighbour weight (or the affinity where rs is given); rs, sw, aw may be null; of
-// the gradients, any output may be null (not computed), grs only means something with rs.
+// the gradients, any output may be null (not computed), grs only means something with rs. With
+// accumulate != 0 the backward adds gnw and gh0 into what those buffers hold (the steps of one
+// propagation share nw and h0: one buffer for all their gradients); the others are overwritten.
 extern "C" {
 
-int spn_abi_version() { return 2; }
+int spn_abi_version() { return 3; }
 
 void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* rs, const float* sw,
                      const float* aw, float* out, long B, long C, long H, long W, int k, int threads) {
@@ -434,14 +451,16 @@ void spn_forward_f64(const double* h, const double* h0, const double* nw, const 
 
 void spn_backward_f32(const float* g, const float* h, const float* h0, const float* nw, const float* rs,
                       const float* sw, const float* aw, float* gh, float* gh0, float* gnw, float* grs, float* gsw,
-                      float* gaw, long B, long C, long H, long W, int k, int threads) {
-    backward<float>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads);
+                      float* gaw, long B, long C, long H, long W, int k, int threads, int accumulate) {
+    backward<float>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads, accumulate != 0);
 }
 
 void spn_backward_f64(const double* g, const double* h, const double* h0, const double* nw, const double* rs,
                       const double* sw, const double* aw, double* gh, double* gh0, double* gnw, double* grs,
-                      double* gsw, double* gaw, long B, long C, long H, long W, int k, int threads) {
-    backward<double>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads);
+                      double* gsw, double* gaw, long B, long C, long H, long W, int k, int threads,
+                      int accumulate) {
+    backward<double>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads,
+                     accumulate != 0);
 }
 
 }  // extern "C"
