@@ -8,6 +8,10 @@ For CSPN 3x3, CSPN 7x7 and DySPN 7x7 at each shape, prints one row with:
   h0 and the weights once, write the output once), in GB/s and as a fraction of a measured
   ``clone`` bandwidth (the practical HBM floor).
 
+DySPN runs with factored weights (``dyspn_factored_weights``: shared affinity times per-ring scales),
+as the refiner does: Triton multiplies the two inside its kernels, the shifted-slice path builds the
+``[B, k*k-1, H, W]`` product first.
+
 Timings are wall-clock between ``torch.cuda.synchronize()`` calls. Without a GPU (or without
 triton) it prints why and exits with status 0.
 """
@@ -26,7 +30,7 @@ from timing import timeit
 
 from spntune.models.propagation import (
     cspn_weights,
-    dyspn_weights,
+    dyspn_factored_weights,
     num_rings,
     propagate_step,
     set_propagation_backend,
@@ -37,12 +41,12 @@ CASES = (("cspn", 3), ("cspn", 7), ("dyspn", 7))
 
 
 def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]
-    return cspn_weights(aff) if name == "cspn" else dyspn_weights(aff, att, k)
+    return cspn_weights(aff) if name == "cspn" else dyspn_factored_weights(aff, att, k)
 
 
 def _forward(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[type-arg]
     with torch.no_grad():
-        propagate_step(x, x0, *weights, k)
+        propagate_step(x, x0, *weights[:3], k, *weights[3:])
 
 
 def _train(x0: torch.Tensor, aff: torch.Tensor, att: torch.Tensor, name: str, k: int, iterations: int) -> None:
@@ -50,7 +54,7 @@ def _train(x0: torch.Tensor, aff: torch.Tensor, att: torch.Tensor, name: str, k:
     weights = _weights(name, k, aff, att)
     h = x0
     for _ in range(iterations):
-        h = propagate_step(h, x0, *weights, k)
+        h = propagate_step(h, x0, *weights[:3], k, *weights[3:])
     h.sum().backward()
 
 
@@ -86,7 +90,7 @@ def measure(repeats: int = 20, iterations: int = 6) -> dict[str, Any] | None:
             weights = _weights(name, k, aff, att)
             fwd = _backends(partial(_forward, x, x0, weights, k), repeats)
             train = _backends(partial(_train, x0, aff, att, name, k, iterations), max(1, repeats // 4))
-            n_maps = (k * k - 1) + (1 if name == "cspn" else 2)  # neighbour + self/anchor weights
+            n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ rings) + self/anchor
             min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4
             bw = min_bytes / fwd["triton"]
             cases[f"{name}_{k}x{k}"] = {

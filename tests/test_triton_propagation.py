@@ -75,7 +75,23 @@ _SCRIPT = textwrap.dedent(
     # several tiles each way, a partial last tile, and more channels than one channel block
     compare("tiles-channels", 3, "dyspn", (1, 17, 19, 37))
     compare("float32", 5, "dyspn", (1, 3, 11, 13), dtype=torch.float32)
-    compare("factored", 7, "dyspn-factored", (1, 3, 11, 13))
+    # factored DySPN weights (what the refiner passes): the kernels multiply affinity and ring scale
+    for k in (3, 5, 7):
+        compare(f"factored-k{k}", k, "dyspn-factored", (2 if k == 3 else 1, 3, 11, 13))
+    compare("factored-tiles-channels", 5, "dyspn-factored", (1, 17, 19, 37))
+    compare("factored-float32", 7, "dyspn-factored", (1, 3, 11, 13), dtype=torch.float32)
+    # the ring-scale gradient alone (the affinity frozen), and the affinity's alone
+    for frozen in ("affinity", "attention"):
+        leaves = inputs(5, (1, 3, 9, 12), torch.float64)
+        h, h0, aff, att = leaves
+        for t in leaves:
+            t.requires_grad_(t is not (aff if frozen == "affinity" else att))
+        w = P.dyspn_factored_weights(aff, att, 5)
+        out, ref = P.propagate_step(h, h0, *w[:3], 5, w[3]), P.propagate_step_reference(h, h0, *w[:3], 5, w[3])
+        wanted = [t for t in leaves if t.requires_grad]
+        got = torch.autograd.grad(out.sum(), wanted, retain_graph=True)
+        want = torch.autograd.grad(ref.sum(), wanted)
+        emit(f"factored-{frozen}-frozen", errors={str(i): (a - b).abs().max().item() for i, (a, b) in enumerate(zip(got, want))})
 
     # gradcheck of two chained steps (random projections: the interpreter is slow)
     k = 3
@@ -85,11 +101,18 @@ _SCRIPT = textwrap.dedent(
         w = P.dyspn_weights(aff, att, k)
         return P.propagate(h0, [w, w], k)[0]
     emit("gradcheck", ok=bool(torch.autograd.gradcheck(dyspn, (h0, aff, att), fast_mode=True)))
+    def dyspn_factored(h0, aff, att):
+        sums = P.dyspn_ring_sums(aff, k)
+        ws = [P.dyspn_factored_weights(aff, att, k, sums), P.dyspn_factored_weights(aff, att * 0.5, k, sums)]
+        return P.propagate(h0, ws, k)[0]
+    emit("gradcheck-factored", ok=bool(torch.autograd.gradcheck(dyspn_factored, (h0, aff, att), fast_mode=True)))
     """
 )
 
 CASES = [f"k{k}-{v}" for k in (3, 5, 7) for v in ("cspn-h0", "cspn-ht", "dyspn")]
-CASES += ["tiles-channels", "float32", "factored"]
+CASES += ["tiles-channels", "float32"]
+CASES += [f"factored-k{k}" for k in (3, 5, 7)]
+CASES += ["factored-tiles-channels", "factored-float32", "factored-affinity-frozen", "factored-attention-frozen"]
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +133,14 @@ def test_cpu_auto_backend_does_not_import_triton(results):
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference_forward_and_backward(results, case):
-    tol = 1e-5 if case == "float32" else 1e-12
+    tol = 1e-5 if case.endswith("float32") else 1e-12
     errors = results[case]["errors"]
     assert max(errors.values()) <= tol, errors
 
 
 def test_gradcheck_two_steps(results):
     assert results["gradcheck"]["ok"]
+    assert results["gradcheck-factored"]["ok"]
 
 
 def test_forcing_an_unknown_backend_is_refused():

@@ -287,8 +287,8 @@ def propagate_step(
         kernel_size: odd window size k.
         ring_scale: None, or per-ring factors: the neighbour weights are then
             ``neighbour_weight[:, j] * ring_scale[:, ring_index(k)[j]]`` (DySPN's factored form, see
-            ``dyspn_factored_weights``); the fused CPU kernels form the product in registers, the other
-            paths materialise it.
+            ``dyspn_factored_weights``); the fused CPU and Triton kernels form the product in registers,
+            the shifted-slice path materialises it.
 
     Shape:
         h, h0: ``[B, C, H, W]``; neighbour_weight: ``[B, k*k-1, H, W]``;
@@ -301,12 +301,14 @@ def propagate_step(
     fused = _fused_cpu_step(backend, tensors, kernel_size, ring_scale)
     if fused is not None:
         return fused
-    if ring_scale is not None:  # the other paths take the neighbour weights whole
+    triton_module = _use_triton(backend, h)
+    if triton_module is not None:  # the Triton kernels take the factored weights as they are, too
+        return triton_module.propagate_step_triton(
+            h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size, ring_scale
+        )
+    if ring_scale is not None:  # the shifted-slice path takes the neighbour weights whole
         neighbour_weight = _scaled(neighbour_weight, ring_scale, kernel_size)
         tensors = (h, h0, neighbour_weight, self_weight, anchor_weight)
-    triton_module = _use_triton(backend, h)
-    if triton_module is not None:
-        return triton_module.propagate_step_triton(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _PropagateStep.apply(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
     return _accumulate(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)

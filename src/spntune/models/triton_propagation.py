@@ -54,9 +54,9 @@ def _tile_pixels(pid_tile, tiles_w, SHIFT: tl.constexpr, BLOCK_H: tl.constexpr, 
 
 @triton.jit
 def _forward_kernel(
-    h_ptr, h0_ptr, nw_ptr, sw_ptr, aw_ptr, out_ptr,
+    h_ptr, h0_ptr, nw_ptr, sw_ptr, aw_ptr, rs_ptr, ring_ptr, out_ptr,
     C, H, W, tiles_w,
-    K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_ANCHOR: tl.constexpr, ACC: tl.constexpr,
+    K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_ANCHOR: tl.constexpr, HAS_RING: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     R: tl.constexpr = K // 2
@@ -69,6 +69,7 @@ def _forward_kernel(
     pix = y * W + x
     map_base = b * hw  # one [H, W] map of a [B, 1, H, W] weight
     nw_base = nw_ptr + b * (K * K - 1) * hw
+    rs_base = rs_ptr + b * (K // 2) * hw
     h_base = h_ptr + b * C * hw
     h0_base = h0_ptr + b * C * hw
     out_base = out_ptr + b * C * hw
@@ -88,6 +89,9 @@ def _forward_kernel(
                 yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
                 xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
                 wj = tl.load(nw_base + (jj - (jj > CENTRE)) * hw + pix, mask=inside, other=0.0).to(ACC)
+                if HAS_RING:  # factored DySPN weight: the affinity times its ring's scale
+                    ring = tl.load(ring_ptr + (jj - (jj > CENTRE)))
+                    wj *= tl.load(rs_base + ring * hw + pix, mask=inside, other=0.0).to(ACC)
                 hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
                 acc += wj[None, :] * hv
         tl.store(out_base + chan_off + pix[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -95,9 +99,10 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_weights_kernel(
-    g_ptr, h_ptr, h0_ptr, gnw_ptr, gsw_ptr, gaw_ptr,
+    g_ptr, h_ptr, h0_ptr, nw_ptr, rs_ptr, ring_ptr, gnw_ptr, grs_ptr, gsw_ptr, gaw_ptr,
     C, H, W, tiles_w,
-    K: tl.constexpr, NEED_NW: tl.constexpr, NEED_SELF: tl.constexpr, NEED_ANCHOR: tl.constexpr,
+    K: tl.constexpr, NEED_NW: tl.constexpr, NEED_RS: tl.constexpr, HAS_RING: tl.constexpr,
+    NEED_SELF: tl.constexpr, NEED_ANCHOR: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     R: tl.constexpr = K // 2
@@ -112,8 +117,11 @@ def _grad_weights_kernel(
     g_base = g_ptr + b * C * hw
     h_base = h_ptr + b * C * hw
     h0_base = h0_ptr + b * C * hw
-    if NEED_NW:
+    if NEED_NW or NEED_RS:
         gnw_base = gnw_ptr + b * (K * K - 1) * hw
+        nw_base = nw_ptr + b * (K * K - 1) * hw
+        rs_base = rs_ptr + b * (K // 2) * hw
+        grs_base = grs_ptr + b * (K // 2) * hw  # zeroed by the caller: the rings' sums accumulate here
         for jj in tl.static_range(K * K):
             if jj != CENTRE:
                 yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
@@ -126,7 +134,19 @@ def _grad_weights_kernel(
                     g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
                     hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
                     acc += tl.sum(g * hv, axis=0)
-                tl.store(gnw_base + (jj - (jj > CENTRE)) * hw + pix, acc.to(gnw_ptr.dtype.element_ty), mask=inside)
+                j = jj - (jj > CENTRE)
+                if HAS_RING:  # acc is the gradient of the effective weight a_j * s_ring(j)
+                    ring = tl.load(ring_ptr + j)
+                    s_ptrs = rs_base + ring * hw + pix
+                    if NEED_RS:  # this program alone owns these pixels: load, add, store
+                        a = tl.load(nw_base + j * hw + pix, mask=inside, other=0.0).to(ACC)
+                        gs_ptrs = grs_base + ring * hw + pix
+                        gs = tl.load(gs_ptrs, mask=inside, other=0.0).to(ACC)
+                        tl.store(gs_ptrs, (gs + acc * a).to(grs_ptr.dtype.element_ty), mask=inside)
+                    if NEED_NW:
+                        acc *= tl.load(s_ptrs, mask=inside, other=0.0).to(ACC)
+                if NEED_NW:
+                    tl.store(gnw_base + j * hw + pix, acc.to(gnw_ptr.dtype.element_ty), mask=inside)
     if NEED_SELF or NEED_ANCHOR:
         acc_s = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
@@ -149,9 +169,9 @@ def _grad_weights_kernel(
 
 @triton.jit
 def _grad_h_kernel(
-    g_ptr, nw_ptr, sw_ptr, aw_ptr, gh_ptr, gh0_ptr,
+    g_ptr, nw_ptr, sw_ptr, aw_ptr, rs_ptr, ring_ptr, gh_ptr, gh0_ptr,
     C, H, W, tiles_w,
-    K: tl.constexpr, HAS_SELF: tl.constexpr, NEED_H: tl.constexpr, NEED_H0: tl.constexpr,
+    K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_RING: tl.constexpr, NEED_H: tl.constexpr, NEED_H0: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     # Tiles cover the padded domain [-R, H+R) x [-R, W+R); (y, x) are image coordinates.
@@ -169,6 +189,7 @@ def _grad_h_kernel(
     target = yc * W + xc  # where replicate padding folds position (y, x) back to
     map_base = b * hw
     nw_base = nw_ptr + b * (K * K - 1) * hw
+    rs_base = rs_ptr + b * (K // 2) * hw
     g_base = g_ptr + b * C * hw
     for c0 in range(0, C, BLOCK_C):
         chans = c0 + tl.arange(0, BLOCK_C)
@@ -193,6 +214,9 @@ def _grad_h_kernel(
                     src_ok = (py >= 0) & (py < H) & (px >= 0) & (px < W) & in_padded
                     src = py * W + px
                     wj = tl.load(nw_base + (jj - (jj > CENTRE)) * hw + src, mask=src_ok, other=0.0).to(ACC)
+                    if HAS_RING:
+                        ring = tl.load(ring_ptr + (jj - (jj > CENTRE)))
+                        wj *= tl.load(rs_base + ring * hw + src, mask=src_ok, other=0.0).to(ACC)
                     gv = tl.load(g_base + chan_off + src[None, :], mask=cmask & src_ok[None, :], other=0.0).to(ACC)
                     acc += wj[None, :] * gv
             gh_ptrs = gh_ptr + b * C * hw + chan_off + target[None, :]
@@ -213,14 +237,23 @@ def _acc_dtype(t: Tensor) -> Any:
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def _forward(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, k: int) -> Tensor:
+def _rings(k: int, device: torch.device) -> Tensor:
+    """Ring of each neighbour (``propagation.ring_index``) as int32 on the device, for the kernels."""
+    r = k // 2
+    rings = [max(abs(dy), abs(dx)) - 1 for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    return torch.tensor(rings, dtype=torch.int32, device=device)
+
+
+def _forward(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
+             k: int) -> Tensor:  # fmt: skip
     b, c, height, width = h.shape
     out = torch.empty_like(h)
     block_c, tiles_w, tiles = _launch_config(c, height, width)
     _forward_kernel[(tiles, b)](
-        h, h0, nw, sw if sw is not None else h, aw if aw is not None else h, out,
+        h, h0, nw, sw if sw is not None else h, aw if aw is not None else h, rs if rs is not None else h,
+        _rings(k, h.device), out,
         c, height, width, tiles_w,
-        K=k, HAS_SELF=sw is not None, HAS_ANCHOR=aw is not None, ACC=_acc_dtype(h),
+        K=k, HAS_SELF=sw is not None, HAS_ANCHOR=aw is not None, HAS_RING=rs is not None, ACC=_acc_dtype(h),
         BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
     )  # fmt: skip
     return out
@@ -229,39 +262,47 @@ def _forward(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | 
 class TritonPropagateStep(torch.autograd.Function):
     """``propagate_step`` as three fused kernels: forward, weight gradients, ``h``/``h0`` gradients.
 
+    With ``ring_scale`` the neighbour weights are ``neighbour_weight * ring_scale[:, ring(j)]`` (DySPN's
+    factored form), multiplied inside the kernels; the backward returns the gradients of both factors.
     Takes contiguous tensors of one floating dtype on one device; ``propagate_step`` checks shapes
     and makes them contiguous before calling ``apply``.
     """
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, h0: Tensor, neighbour_weight: Tensor, self_weight: Tensor | None,
-                anchor_weight: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
+                anchor_weight: Tensor | None, ring_scale: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
         ctx.kernel_size = kernel_size
-        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight)
-        return _forward(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size)
+        ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)
+        return _forward(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale, kernel_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h, h0, nw, sw, aw = ctx.saved_tensors
+        h, h0, nw, sw, aw, rs = ctx.saved_tensors
         k = ctx.kernel_size
-        need_h, need_h0, need_nw, need_sw, need_aw, _ = ctx.needs_input_grad
+        need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = ctx.needs_input_grad
         need_h0 = need_h0 and aw is not None
         need_sw = need_sw and sw is not None
         need_aw = need_aw and aw is not None
+        need_rs = need_rs and rs is not None
         g = grad_out.contiguous()
         b, c, height, width = h.shape
         acc = _acc_dtype(h)
-        grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = None
-        if need_nw or need_sw or need_aw:
+        rings = _rings(k, h.device)
+        grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = grad_rs = None
+        if need_nw or need_rs or need_sw or need_aw:
             grad_nw = torch.empty_like(nw) if need_nw else None
+            grad_rs = torch.zeros_like(rs) if need_rs else None  # the kernel adds each ring's neighbours in
             grad_sw = torch.empty_like(sw) if need_sw else None
             grad_aw = torch.empty_like(aw) if need_aw else None
             block_c, tiles_w, tiles = _launch_config(c, height, width)
             _grad_weights_kernel[(tiles, b)](
-                g, h, h0, grad_nw if need_nw else g, grad_sw if need_sw else g, grad_aw if need_aw else g,
+                g, h, h0, nw, rs if rs is not None else nw, rings,
+                grad_nw if need_nw else g, grad_rs if need_rs else g,
+                grad_sw if need_sw else g, grad_aw if need_aw else g,
                 c, height, width, tiles_w,
-                K=k, NEED_NW=need_nw, NEED_SELF=need_sw, NEED_ANCHOR=need_aw, ACC=acc,
+                K=k, NEED_NW=need_nw, NEED_RS=need_rs, HAS_RING=rs is not None,
+                NEED_SELF=need_sw, NEED_ANCHOR=need_aw, ACC=acc,
                 BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
             )  # fmt: skip
         if need_h or need_h0:
@@ -273,13 +314,13 @@ class TritonPropagateStep(torch.autograd.Function):
             grad_h0 = torch.empty_like(h0) if need_h0 else None
             block_c, tiles_w, tiles = _launch_config(c, height, width, pad=k // 2)
             _grad_h_kernel[(tiles, b)](
-                g, nw, sw if sw is not None else nw, aw if aw is not None else nw,
-                grad_h if need_h else g, grad_h0 if need_h0 else g,
+                g, nw, sw if sw is not None else nw, aw if aw is not None else nw, rs if rs is not None else nw,
+                rings, grad_h if need_h else g, grad_h0 if need_h0 else g,
                 c, height, width, tiles_w,
-                K=k, HAS_SELF=sw is not None, NEED_H=need_h, NEED_H0=need_h0, ACC=acc,
+                K=k, HAS_SELF=sw is not None, HAS_RING=rs is not None, NEED_H=need_h, NEED_H0=need_h0, ACC=acc,
                 BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
             )  # fmt: skip
-        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, None
+        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, grad_rs, None
 
 
 def propagate_step_triton(
@@ -289,10 +330,12 @@ def propagate_step_triton(
     self_weight: Tensor | None,
     anchor_weight: Tensor | None,
     kernel_size: int,
+    ring_scale: Tensor | None = None,
 ) -> Tensor:
     """One step through the fused kernels; same arguments and shapes as ``propagate_step``.
 
     Shapes are not checked here (``propagate_step`` does); tensors are made contiguous.
     """
-    tensors = [t.contiguous() if t is not None else None for t in (h, h0, neighbour_weight, self_weight, anchor_weight)]
+    tensors = [t.contiguous() if t is not None else None
+               for t in (h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)]  # fmt: skip
     return TritonPropagateStep.apply(*tensors, kernel_size)
