@@ -169,6 +169,26 @@ def test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, 
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("frozen", ["h0", "affinity", "attention"])
+@pytest.mark.parametrize("shape, dtype", [((1, 3, 6, 5), torch.float64), ((2, 5, 9, 23), torch.float32)],
+                         ids=["narrow-rows-float64", "float32"])  # fmt: skip
+def test_one_node_with_frozen_inputs_narrow_rows_and_float32(shape, dtype, frozen):
+    """Rows narrower than a vector (the scalar path) and float32, with one input not requiring grad."""
+    k = 3
+    _, h0, aff, att = _leaves(k, shape, dtype)
+    leaves = {"h0": h0, "affinity": aff, "attention": att}
+    leaves[frozen].requires_grad_(False)
+    wanted = [t for t in leaves.values() if t.requires_grad]
+    h, _ = propagate(h0, _step_weights("dyspn-factored", k, aff, att), k)
+    assert type(h.grad_fn).__name__ == "FusedCPUPropagationBackward"
+    got = torch.autograd.grad(h.pow(2).sum(), wanted)
+    want = torch.autograd.grad(_step_by_step(h0, _step_weights("dyspn-factored", k, aff, att), k)[-1].pow(2).sum(),
+                               wanted)  # fmt: skip
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def test_a_loss_on_an_early_step_only_skips_the_later_steps():
     k = 5
     _, h0, aff, att = _leaves(k, (1, 4, 8, 19), torch.float64)
@@ -180,16 +200,20 @@ def test_a_loss_on_an_early_step_only_skips_the_later_steps():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_propagate_steps_one_by_one_when_the_neighbour_weights_differ():
+def test_propagate_steps_one_by_one_when_the_neighbour_weights_differ(monkeypatch):
     k = 3
     _, h0, aff, _ = _leaves(k, (1, 2, 6, 17), torch.float64)
     weights = [cspn_weights(aff), cspn_weights(aff * 2.0)]
     h, _ = propagate(h0, weights, k)
     assert type(h.grad_fn).__name__ == "FusedCPUStepBackward"
     torch.testing.assert_close(h, _step_by_step(h0, weights, k)[-1])
-    with torch.no_grad():  # and without autograd, one node or not, the same values
+    calls = []
+    real = cpu_propagation.propagate_cpu
+    monkeypatch.setattr(cpu_propagation, "propagate_cpu", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():  # without autograd the steps run through propagate_cpu too: the same values
         shared = _step_weights("cspn-h0", k, aff, aff)
         torch.testing.assert_close(propagate(h0, shared, k)[0], _step_by_step(h0, shared, k)[-1], rtol=0, atol=0)
+    assert calls == [1]
 
 
 def test_results_are_bitwise_equal_for_any_thread_count():

@@ -80,13 +80,16 @@ _SCRIPT = textwrap.dedent(
         compare(f"factored-k{k}", k, "dyspn-factored", (2 if k == 3 else 1, 3, 11, 13))
     compare("factored-tiles-channels", 5, "dyspn-factored", (1, 17, 19, 37))
     compare("factored-float32", 7, "dyspn-factored", (1, 3, 11, 13), dtype=torch.float32)
-    # the ring-scale gradient alone (the affinity frozen), and the affinity's alone
-    for frozen in ("affinity", "attention"):
+    # the ring-scale gradient alone (affinity frozen), the attention frozen (the affinity still reaches
+    # the ring scale through the ring sums), and the affinity's gradient alone (ring scale detached)
+    for frozen in ("affinity", "attention", "scale"):
         leaves = inputs(5, (1, 3, 9, 12), torch.float64)
         h, h0, aff, att = leaves
         for t in leaves:
-            t.requires_grad_(t is not (aff if frozen == "affinity" else att))
+            t.requires_grad_(t is not {"affinity": aff, "attention": att, "scale": None}[frozen])
         w = P.dyspn_factored_weights(aff, att, 5)
+        if frozen == "scale":
+            w = (*w[:3], w[3].detach())
         out, ref = P.propagate_step(h, h0, *w[:3], 5, w[3]), P.propagate_step_reference(h, h0, *w[:3], 5, w[3])
         wanted = [t for t in leaves if t.requires_grad]
         got = torch.autograd.grad(out.sum(), wanted, retain_graph=True)
@@ -112,7 +115,8 @@ _SCRIPT = textwrap.dedent(
 CASES = [f"k{k}-{v}" for k in (3, 5, 7) for v in ("cspn-h0", "cspn-ht", "dyspn")]
 CASES += ["tiles-channels", "float32"]
 CASES += [f"factored-k{k}" for k in (3, 5, 7)]
-CASES += ["factored-tiles-channels", "factored-float32", "factored-affinity-frozen", "factored-attention-frozen"]
+CASES += ["factored-tiles-channels", "factored-float32"]
+CASES += [f"factored-{frozen}-frozen" for frozen in ("affinity", "attention", "scale")]
 
 
 @pytest.fixture(scope="module")

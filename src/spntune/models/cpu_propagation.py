@@ -307,7 +307,7 @@ class FusedCPUPropagation(torch.autograd.Function):
         g: Tensor | None = None  # gradient of the current step's output
         for t in reversed(range(n)):
             if grad_steps[t] is not None:
-                g = grad_steps[t].contiguous() if g is None else g + grad_steps[t]
+                g = (grad_steps[t] if g is None else g + grad_steps[t]).contiguous()
             if g is None:  # nothing depends on this step's output
                 continue
             sw, aw, rs = per_step[3 * t : 3 * t + 3]

@@ -295,7 +295,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // the affinity's (times the scale) and the ring scale's (times the affinity, summed over the ring).
     // So does an accumulated one (the last chunk of a row overlaps the one before: chunks store, they
     // cannot add into the output).
-    const bool want_w = gnw || grs, staged = rs || accumulate;
+    const bool want_w = gnw || grs, staged = rs || accumulate || !gnw;
     std::vector<T> scratch(staged && want_w ? K * W : 0);
     std::vector<long> slots(2 * r + 1);
     for (long row = begin; row < end; ++row) {

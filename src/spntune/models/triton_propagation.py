@@ -12,7 +12,8 @@ all C channels. Every kernel works on a ``BLOCK_H x BLOCK_W`` pixel tile and a b
   shifted reads of the tile and its halo (clamped indices) hit L1/L2, so HBM sees h, h0 and the
   weights once and the output is written once.
 - ``_grad_weights_kernel``: ``d a_j = sum_c g * shift_j(h)`` (and ``d b``, ``d c``), reduced over
-  channels in registers and written once per weight map.
+  channels in registers and written once per weight map; for DySPN's factored weights also the ring
+  scales' gradients, each ring's sum kept in registers and written once.
 - ``_grad_h_kernel``: the adjoint of the clamped gather is a gather over the padded domain:
   position P of the padded map receives ``sum_j a_j(P - o_j) g(P - o_j)`` from in-image sources;
   interior pixels are stored, while the padding frame and the border pixels it folds onto (the
@@ -25,6 +26,7 @@ under ``TRITON_INTERPRET=1`` on a CPU (see ``tests/test_triton_propagation.py``)
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -98,8 +100,23 @@ def _forward_kernel(
 
 
 @triton.jit
+def _dot_channels(g_base, h_base, pix, src, inside, C, hw, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """``sum_c g[c, pix] * h[c, src]`` over all channels, one value per pixel of the tile."""
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        chans = c0 + tl.arange(0, BLOCK_C)
+        chan_off = chans[:, None] * hw
+        mask = (chans[:, None] < C) & inside[None, :]
+        g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+        hv = tl.load(h_base + chan_off + src[None, :], mask=mask, other=0.0).to(ACC)
+        acc += tl.sum(g * hv, axis=0)
+    return acc
+
+
+@triton.jit
 def _grad_weights_kernel(
-    g_ptr, h_ptr, h0_ptr, nw_ptr, rs_ptr, ring_ptr, gnw_ptr, grs_ptr, gsw_ptr, gaw_ptr,
+    g_ptr, h_ptr, h0_ptr, nw_ptr, rs_ptr, gnw_ptr, grs_ptr, gsw_ptr, gaw_ptr,
     C, H, W, tiles_w,
     K: tl.constexpr, NEED_NW: tl.constexpr, NEED_RS: tl.constexpr, HAS_RING: tl.constexpr,
     NEED_SELF: tl.constexpr, NEED_ANCHOR: tl.constexpr,
@@ -107,6 +124,7 @@ def _grad_weights_kernel(
 ):  # fmt: skip
     R: tl.constexpr = K // 2
     CENTRE: tl.constexpr = (K * K) // 2
+    BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
     pid_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
@@ -117,36 +135,41 @@ def _grad_weights_kernel(
     g_base = g_ptr + b * C * hw
     h_base = h_ptr + b * C * hw
     h0_base = h0_ptr + b * C * hw
-    if NEED_NW or NEED_RS:
-        gnw_base = gnw_ptr + b * (K * K - 1) * hw
+    gnw_base = gnw_ptr + b * (K * K - 1) * hw
+    if HAS_RING:
+        # Factored weights a_j * s_ring(j): d = sum_c g * shift_j(h) is the effective weight's gradient;
+        # d a_j = d * s_q and d s_q = sum_{j on ring q} d * a_j. Ring by ring (which neighbours lie on
+        # ring q is decided at compile time), so each ring's sum stays in registers and is stored once.
         nw_base = nw_ptr + b * (K * K - 1) * hw
-        rs_base = rs_ptr + b * (K // 2) * hw
-        grs_base = grs_ptr + b * (K // 2) * hw  # zeroed by the caller: the rings' sums accumulate here
+        rs_base = rs_ptr + b * R * hw
+        grs_base = grs_ptr + b * R * hw
+        for q in tl.static_range(R):
+            scale = tl.load(rs_base + q * hw + pix, mask=inside, other=0.0).to(ACC)
+            ring_acc = tl.zeros([BLOCK], dtype=ACC)
+            for jj in tl.static_range(K * K):
+                dy = jj // K - R
+                dx = jj % K - R
+                # max(|dy|, |dx|) == q + 1: inside the (q+1)-box, outside the q-box
+                on_ring = (dy >= -q - 1) & (dy <= q + 1) & (dx >= -q - 1) & (dx <= q + 1)
+                on_ring = on_ring & ((dy < -q) | (dy > q) | (dx < -q) | (dx > q))
+                if on_ring:
+                    yy = tl.minimum(tl.maximum(y + dy, 0), H - 1)
+                    xx = tl.minimum(tl.maximum(x + dx, 0), W - 1)
+                    d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
+                    j = jj - (jj > CENTRE)
+                    if NEED_NW:
+                        tl.store(gnw_base + j * hw + pix, (d * scale).to(gnw_ptr.dtype.element_ty), mask=inside)
+                    if NEED_RS:
+                        ring_acc += d * tl.load(nw_base + j * hw + pix, mask=inside, other=0.0).to(ACC)
+            if NEED_RS:
+                tl.store(grs_base + q * hw + pix, ring_acc.to(grs_ptr.dtype.element_ty), mask=inside)
+    elif NEED_NW:
         for jj in tl.static_range(K * K):
             if jj != CENTRE:
                 yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
                 xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
-                acc = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
-                for c0 in range(0, C, BLOCK_C):
-                    chans = c0 + tl.arange(0, BLOCK_C)
-                    chan_off = chans[:, None] * hw
-                    mask = (chans[:, None] < C) & inside[None, :]
-                    g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
-                    hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
-                    acc += tl.sum(g * hv, axis=0)
-                j = jj - (jj > CENTRE)
-                if HAS_RING:  # acc is the gradient of the effective weight a_j * s_ring(j)
-                    ring = tl.load(ring_ptr + j)
-                    s_ptrs = rs_base + ring * hw + pix
-                    if NEED_RS:  # this program alone owns these pixels: load, add, store
-                        a = tl.load(nw_base + j * hw + pix, mask=inside, other=0.0).to(ACC)
-                        gs_ptrs = grs_base + ring * hw + pix
-                        gs = tl.load(gs_ptrs, mask=inside, other=0.0).to(ACC)
-                        tl.store(gs_ptrs, (gs + acc * a).to(grs_ptr.dtype.element_ty), mask=inside)
-                    if NEED_NW:
-                        acc *= tl.load(s_ptrs, mask=inside, other=0.0).to(ACC)
-                if NEED_NW:
-                    tl.store(gnw_base + j * hw + pix, acc.to(gnw_ptr.dtype.element_ty), mask=inside)
+                d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
+                tl.store(gnw_base + (jj - (jj > CENTRE)) * hw + pix, d.to(gnw_ptr.dtype.element_ty), mask=inside)
     if NEED_SELF or NEED_ANCHOR:
         acc_s = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
@@ -237,8 +260,10 @@ def _acc_dtype(t: Tensor) -> Any:
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
+@functools.cache
 def _rings(k: int, device: torch.device) -> Tensor:
-    """Ring of each neighbour (``propagation.ring_index``) as int32 on the device, for the kernels."""
+    """Ring of each neighbour (``propagation.ring_index``) as int32 on the device, for the kernels
+    (made once per kernel size and device: no host-to-device copy per step)."""
     r = k // 2
     rings = [max(abs(dy), abs(dx)) - 1 for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
     return torch.tensor(rings, dtype=torch.int32, device=device)
@@ -292,12 +317,12 @@ class TritonPropagateStep(torch.autograd.Function):
         grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = grad_rs = None
         if need_nw or need_rs or need_sw or need_aw:
             grad_nw = torch.empty_like(nw) if need_nw else None
-            grad_rs = torch.zeros_like(rs) if need_rs else None  # the kernel adds each ring's neighbours in
+            grad_rs = torch.empty_like(rs) if need_rs else None
             grad_sw = torch.empty_like(sw) if need_sw else None
             grad_aw = torch.empty_like(aw) if need_aw else None
             block_c, tiles_w, tiles = _launch_config(c, height, width)
             _grad_weights_kernel[(tiles, b)](
-                g, h, h0, nw, rs if rs is not None else nw, rings,
+                g, h, h0, nw, rs if rs is not None else nw,
                 grad_nw if need_nw else g, grad_rs if need_rs else g,
                 grad_sw if need_sw else g, grad_aw if need_aw else g,
                 c, height, width, tiles_w,
