@@ -155,7 +155,7 @@ def test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, 
     g_last, g_mid = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
 
     h, steps = propagate(h0, _step_weights(variant, k, aff, att), k, return_steps=True)
-    assert type(h.grad_fn).__name__ == "FusedCPUPropagationBackward"
+    assert type(h.grad_fn).__name__ == "FusedPropagationBackward"
     want = _step_by_step(h0, _step_weights(variant, k, aff, att), k)
     assert type(want[-1].grad_fn).__name__ == "FusedCPUStepBackward"
     for got_h, want_h in zip(steps[1:], want):
@@ -180,7 +180,7 @@ def test_one_node_with_frozen_inputs_narrow_rows_and_float32(shape, dtype, froze
     leaves[frozen].requires_grad_(False)
     wanted = [t for t in leaves.values() if t.requires_grad]
     h, _ = propagate(h0, _step_weights("dyspn-factored", k, aff, att), k)
-    assert type(h.grad_fn).__name__ == "FusedCPUPropagationBackward"
+    assert type(h.grad_fn).__name__ == "FusedPropagationBackward"
     got = torch.autograd.grad(h.pow(2).sum(), wanted)
     want = torch.autograd.grad(_step_by_step(h0, _step_weights("dyspn-factored", k, aff, att), k)[-1].pow(2).sum(),
                                wanted)  # fmt: skip

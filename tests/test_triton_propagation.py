@@ -96,6 +96,33 @@ _SCRIPT = textwrap.dedent(
         want = torch.autograd.grad(ref.sum(), wanted)
         emit(f"factored-{frozen}-frozen", errors={str(i): (a - b).abs().max().item() for i, (a, b) in enumerate(zip(got, want))})
 
+    # propagate: T steps sharing their neighbour weights run as one FusedPropagation node on the Triton
+    # kernels (neighbour-weight and h0 gradients added up by the kernels): equal to step by step
+    def step_weights(variant, k, aff, att):
+        if variant == "dyspn-factored":
+            sums = P.dyspn_ring_sums(aff, k)
+            return [P.dyspn_factored_weights(aff, att * s, k, sums) for s in (1.0, 0.5, 0.25)]
+        return [weights(variant, k, aff, att)] * 3
+
+    for variant in ("cspn-h0", "cspn-ht", "dyspn-factored"):
+        k = 3 if variant != "dyspn-factored" else 5
+        _, h0, aff, att = [t.requires_grad_() for t in inputs(k, (1, 3, 10, 13), torch.float64)]
+        leaves = [h0, aff, att]
+        h, steps = P.propagate(h0, step_weights(variant, k, aff, att), k, return_steps=True)
+        node = type(h.grad_fn).__name__
+        hs, x = [], h0
+        for w in step_weights(variant, k, aff, att):
+            x = P.propagate_step(x, h0, *w[:3], k, *w[3:])
+            hs.append(x)
+        gen = torch.Generator().manual_seed(5)
+        g1, g2 = (torch.randn(h.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+        got = torch.autograd.grad((h * g1).sum() + (steps[1] * g2).sum(), leaves, allow_unused=True)
+        want = torch.autograd.grad((hs[-1] * g1).sum() + (hs[0] * g2).sum(), leaves, allow_unused=True)
+        errors = {"forward": max((a - b).abs().max().item() for a, b in zip(steps[1:], hs))}
+        for name, a, b in zip(("h0", "affinity", "attention"), got, want):
+            errors[name] = 0.0 if a is None and b is None else (a - b).abs().max().item()
+        emit(f"one-node-{variant}", errors=errors, node=node)
+
     # gradcheck of two chained steps (random projections: the interpreter is slow)
     k = 3
     _, h0, aff, att = inputs(k, (1, 2, 5, 6), torch.float64)
@@ -140,6 +167,13 @@ def test_matches_reference_forward_and_backward(results, case):
     tol = 1e-5 if case.endswith("float32") else 1e-12
     errors = results[case]["errors"]
     assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("variant", ["cspn-h0", "cspn-ht", "dyspn-factored"])
+def test_propagate_runs_one_node_equal_to_step_by_step(results, variant):
+    r = results[f"one-node-{variant}"]
+    assert r["node"] == "FusedPropagationBackward"
+    assert max(r["errors"].values()) <= 1e-12, r["errors"]
 
 
 def test_gradcheck_two_steps(results):

@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from functools import cache
@@ -37,11 +38,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from spntune.filelock import held
+from spntune.models.fused_propagation import run_steps
 
 __all__ = [
-    "FusedCPUPropagation",
     "FusedCPUStep",
+    "backward_step",
     "build_library",
+    "forward_step",
     "kernel_cache_dir",
     "library",
     "propagate_cpu",
@@ -261,96 +264,29 @@ def propagate_step_cpu(
     return _forward(lib, *c, kernel_size)
 
 
-class FusedCPUPropagation(torch.autograd.Function):
-    """T steps from ``h0`` through the fused CPU kernels as one autograd node, for weights whose
-    neighbour part (CSPN's affinity, DySPN's shared affinity) is one tensor for every step.
+def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
+                 kernel_size: int) -> Tensor:  # fmt: skip
+    """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
+    lib = library()
+    assert lib is not None  # propagate_cpu checked
+    return _forward(lib, h, h0, nw, sw, aw, rs, kernel_size)
 
-    Step by step, autograd would hand back one ``[B, k*k-1, H, W]`` gradient per step and add them up
-    (T allocations and T - 1 additions of the largest tensor of the step); here the backward kernel
-    adds every step's share into one buffer, and likewise for ``h0``, which every step reads. Memory
-    is what the step-by-step graph keeps: the T maps ``h^0 .. h^{T-1}`` (never ``k*k`` times a map).
 
-    ``forward(ctx, kernel_size, h0, neighbour_weight, *per_step)`` with ``per_step`` the flattened
-    ``(self_weight, anchor_weight, ring_scale)`` of each step (None where absent); returns
-    ``h^1 .. h^T``. Gradients reaching any of them (a loss on intermediate steps) are taken in.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, kernel_size: int, h0: Tensor, neighbour_weight: Tensor, *per_step: Tensor | None) -> tuple[Tensor, ...]:  # fmt: skip
-        lib = library()
-        assert lib is not None  # propagate_cpu checked
-        ctx.kernel_size = kernel_size
-        ctx.set_materialize_grads(False)  # an unused step's gradient stays None, not a zero map
-        steps = [per_step[i : i + 3] for i in range(0, len(per_step), 3)]
-        hs = [h0]
-        for sw, aw, rs in steps:
-            hs.append(_forward(lib, hs[-1], h0, neighbour_weight, sw, aw, rs, kernel_size))
-        ctx.save_for_backward(h0, neighbour_weight, *hs[1:-1], *per_step)
-        ctx.steps = len(steps)
-        return tuple(hs[1:])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, *grad_steps: Tensor | None) -> tuple[Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        n = ctx.steps
-        h0, nw = saved[0], saved[1]
-        hs = [h0, *saved[2 : 2 + n - 1]]  # the input of each step
-        per_step = saved[2 + n - 1 :]
-        _, need_h0, need_nw, *need_step = ctx.needs_input_grad
-        lib = library()
-        assert lib is not None
-        grad_nw = torch.empty_like(nw) if need_nw else None
-        grad_h0: Tensor | None = None
-        grads_step: list[Tensor | None] = [None] * len(per_step)
-        nw_written = h0_written = False
-        g: Tensor | None = None  # gradient of the current step's output
-        for t in reversed(range(n)):
-            if grad_steps[t] is not None:
-                g = (grad_steps[t] if g is None else g + grad_steps[t]).contiguous()
-            if g is None:  # nothing depends on this step's output
-                continue
-            sw, aw, rs = per_step[3 * t : 3 * t + 3]
-            want = need_step[3 * t : 3 * t + 3]
-            grad_h = torch.empty_like(h0) if t > 0 or need_h0 else None
-            # The kernel adds into grad_nw and grad_h0 from the second step it runs on (grad_nw, where
-            # wanted, is passed at every step); a grad_h0 first needed after that starts at zero.
-            accumulate = nw_written or h0_written
-            if need_h0 and aw is not None and grad_h0 is None:
-                grad_h0 = torch.zeros_like(h0) if accumulate else torch.empty_like(h0)
-            gh0 = grad_h0 if need_h0 and aw is not None else None
-            gsw = torch.empty_like(sw) if want[0] and sw is not None else None
-            gaw = torch.empty_like(aw) if want[1] and aw is not None else None
-            grs = torch.empty_like(rs) if want[2] and rs is not None else None
-            _backward(lib, g, hs[t], h0, nw, rs, sw, aw, grad_h, gh0, grad_nw, grs, gsw, gaw,
-                      kernel_size=ctx.kernel_size, accumulate=accumulate)  # fmt: skip
-            nw_written = nw_written or grad_nw is not None
-            h0_written = h0_written or gh0 is not None
-            grads_step[3 * t : 3 * t + 3] = [gsw, gaw, grs]
-            g = grad_h
-        if need_h0 and g is not None:  # h^0 is h0 itself: the gradient reaching it joins the anchor terms'
-            grad_h0 = g if grad_h0 is None else grad_h0.add_(g)
-        return (None, grad_h0, grad_nw if nw_written else None, *grads_step)
+def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int, accumulate: bool) -> None:
+    """One step's backward kernel (``fused_propagation``'s backend interface; see ``_backward``)."""
+    lib = library()
+    assert lib is not None
+    _backward(lib, g, h, *tensors, kernel_size=kernel_size, accumulate=accumulate)
 
 
 def propagate_cpu(
     h0: Tensor, neighbour_weight: Tensor, per_step: list[tuple[Tensor | None, Tensor | None, Tensor | None]],
     kernel_size: int,
 ) -> list[Tensor] | None:  # fmt: skip
-    """``h^1 .. h^T`` through ``FusedCPUPropagation``, or None where the kernels do not apply (no library,
-    dtype, device). ``per_step``: each step's ``(self_weight, anchor_weight, ring_scale)``; the caller
-    (``propagation.propagate``) has checked the shapes. Tensors are made contiguous."""
-    flat = [t for step in per_step for t in step]
-    if not supports(h0, neighbour_weight, *flat):
+    """``h^1 .. h^T`` through ``fused_propagation.run_steps`` on these kernels (one autograd node), or
+    None where they do not apply (no library, dtype, device). ``per_step``: each step's
+    ``(self_weight, anchor_weight, ring_scale)``; the caller (``propagation.propagate``) has checked the
+    shapes."""
+    if not supports(h0, neighbour_weight, *[t for step in per_step for t in step]) or library() is None:
         return None
-    lib = library()
-    if lib is None:
-        return None
-    c = [t.contiguous() if t is not None else None for t in (h0, neighbour_weight, *flat)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in c):
-        return list(FusedCPUPropagation.apply(kernel_size, *c))
-    hs = [c[0]]
-    for i in range(0, len(flat), 3):
-        sw, aw, rs = c[2 + i : 5 + i]
-        hs.append(_forward(lib, hs[-1], c[0], c[1], sw, aw, rs, kernel_size))
-    return hs[1:]
+    return run_steps(sys.modules[__name__], h0, neighbour_weight, per_step, kernel_size)

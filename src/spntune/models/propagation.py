@@ -482,15 +482,15 @@ def propagate(
     ``(neighbour, self, anchor, ring_scale)`` (``dyspn_factored_weights``).
 
     Where every step has the same neighbour tensor (CSPN's one affinity map, DySPN's shared affinity)
-    and the fused CPU kernels run the steps, all T steps are one autograd node
-    (``cpu_propagation.FusedCPUPropagation``): the backward adds every step's neighbour-weight gradient
+    and fused kernels run the steps (C++ on the CPU, Triton on CUDA), all T steps are one autograd node
+    (``fused_propagation.FusedPropagation``): the backward adds every step's neighbour-weight gradient
     into one buffer instead of allocating and summing T of them. Otherwise ``propagate_step`` per step.
 
     Shape:
         h0: ``[B, C, H, W]``. Returns ``(h^T, [h^0, h^1, ..., h^T])``; the list is empty
         unless ``return_steps``.
     """
-    fused = _fused_cpu_propagation(h0, weights, kernel_size)
+    fused = _fused_propagation(h0, weights, kernel_size)
     if fused is not None:
         return fused[-1], [h0, *fused] if return_steps else []
     h = h0
@@ -502,11 +502,14 @@ def propagate(
     return h, steps
 
 
-def _fused_cpu_propagation(h0: Tensor, weights: list[tuple[Tensor | None, ...]], kernel_size: int) -> list[Tensor] | None:  # fmt: skip
-    """``h^1 .. h^T`` as one ``FusedCPUPropagation`` node, or None where ``propagate`` steps one by one:
-    another backend, no steps, neighbour weights that differ between steps, or tensors the kernels
-    do not take."""
-    if not weights or _chosen_backend() not in ("auto", "cpp") or h0.is_cuda:
+def _fused_propagation(h0: Tensor, weights: list[tuple[Tensor | None, ...]], kernel_size: int) -> list[Tensor] | None:  # fmt: skip
+    """``h^1 .. h^T`` as one ``FusedPropagation`` node, or None where ``propagate`` steps one by one:
+    the shifted-slice backend, no steps, neighbour weights that differ between steps, or tensors the
+    kernels do not take."""
+    backend = _chosen_backend()
+    triton_module = _use_triton(backend, h0)
+    cpu = backend in ("auto", "cpp") and not h0.is_cuda
+    if not weights or (triton_module is None and not cpu):
         return None
     neighbour = weights[0][0]
     if neighbour is None or any(step[0] is not neighbour for step in weights):
@@ -516,4 +519,6 @@ def _fused_cpu_propagation(h0: Tensor, weights: list[tuple[Tensor | None, ...]],
         ring_scale = scale[0] if scale else None
         _check_step(h0, h0, neighbour, self_weight, anchor, kernel_size, ring_scale)
         per_step.append((self_weight, anchor, ring_scale))
+    if triton_module is not None:
+        return triton_module.propagate_triton(h0, neighbour, per_step, kernel_size)
     return cpu_propagation.propagate_cpu(h0, neighbour, per_step, kernel_size)

@@ -27,6 +27,7 @@ under ``TRITON_INTERPRET=1`` on a CPU (see ``tests/test_triton_propagation.py``)
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -35,7 +36,9 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["TritonPropagateStep", "propagate_step_triton"]
+from spntune.models.fused_propagation import run_steps
+
+__all__ = ["TritonPropagateStep", "backward_step", "forward_step", "propagate_step_triton", "propagate_triton"]
 
 # 8 x 32 pixels: rows of 32 floats keep the loads coalesced; a channel block of at most 16 keeps
 # the accumulator at 4096 values per program.
@@ -100,6 +103,15 @@ def _forward_kernel(
 
 
 @triton.jit
+def _store_or_add(ptrs, value, mask, ACCUMULATE: tl.constexpr, ACC: tl.constexpr):
+    """Store ``value``, or add it to what is there (``ACCUMULATE``: the steps of one propagation share the
+    buffer; every element has one writer per launch, and launches run in order)."""
+    if ACCUMULATE:
+        value += tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dot_channels(g_base, h_base, pix, src, inside, C, hw, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK: tl.constexpr):  # fmt: skip
     """``sum_c g[c, pix] * h[c, src]`` over all channels, one value per pixel of the tile."""
@@ -119,7 +131,7 @@ def _grad_weights_kernel(
     g_ptr, h_ptr, h0_ptr, nw_ptr, rs_ptr, gnw_ptr, grs_ptr, gsw_ptr, gaw_ptr,
     C, H, W, tiles_w,
     K: tl.constexpr, NEED_NW: tl.constexpr, NEED_RS: tl.constexpr, HAS_RING: tl.constexpr,
-    NEED_SELF: tl.constexpr, NEED_ANCHOR: tl.constexpr,
+    NEED_SELF: tl.constexpr, NEED_ANCHOR: tl.constexpr, ACCUMULATE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     R: tl.constexpr = K // 2
@@ -158,7 +170,7 @@ def _grad_weights_kernel(
                     d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
                     j = jj - (jj > CENTRE)
                     if NEED_NW:
-                        tl.store(gnw_base + j * hw + pix, (d * scale).to(gnw_ptr.dtype.element_ty), mask=inside)
+                        _store_or_add(gnw_base + j * hw + pix, d * scale, inside, ACCUMULATE, ACC)
                     if NEED_RS:
                         ring_acc += d * tl.load(nw_base + j * hw + pix, mask=inside, other=0.0).to(ACC)
             if NEED_RS:
@@ -169,7 +181,7 @@ def _grad_weights_kernel(
                 yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
                 xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
                 d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
-                tl.store(gnw_base + (jj - (jj > CENTRE)) * hw + pix, d.to(gnw_ptr.dtype.element_ty), mask=inside)
+                _store_or_add(gnw_base + (jj - (jj > CENTRE)) * hw + pix, d, inside, ACCUMULATE, ACC)
     if NEED_SELF or NEED_ANCHOR:
         acc_s = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
@@ -195,7 +207,8 @@ def _grad_h_kernel(
     g_ptr, nw_ptr, sw_ptr, aw_ptr, rs_ptr, ring_ptr, gh_ptr, gh0_ptr,
     C, H, W, tiles_w,
     K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_RING: tl.constexpr, NEED_H: tl.constexpr, NEED_H0: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     # Tiles cover the padded domain [-R, H+R) x [-R, W+R); (y, x) are image coordinates.
     R: tl.constexpr = K // 2
@@ -222,8 +235,7 @@ def _grad_h_kernel(
         g_own = tl.load(g_base + chan_off + target[None, :], mask=own, other=0.0).to(ACC)
         if NEED_H0:
             a = tl.load(aw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
-            gh0 = (a[None, :] * g_own).to(gh0_ptr.dtype.element_ty)
-            tl.store(gh0_ptr + b * C * hw + chan_off + target[None, :], gh0, mask=own)
+            _store_or_add(gh0_ptr + b * C * hw + chan_off + target[None, :], a[None, :] * g_own, own, ACCUMULATE, ACC)
         if NEED_H:
             acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
             if HAS_SELF:
@@ -304,48 +316,70 @@ class TritonPropagateStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         h, h0, nw, sw, aw, rs = ctx.saved_tensors
-        k = ctx.kernel_size
         need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = ctx.needs_input_grad
-        need_h0 = need_h0 and aw is not None
-        need_sw = need_sw and sw is not None
-        need_aw = need_aw and aw is not None
-        need_rs = need_rs and rs is not None
-        g = grad_out.contiguous()
-        b, c, height, width = h.shape
-        acc = _acc_dtype(h)
-        rings = _rings(k, h.device)
-        grad_h = grad_h0 = grad_nw = grad_sw = grad_aw = grad_rs = None
-        if need_nw or need_rs or need_sw or need_aw:
-            grad_nw = torch.empty_like(nw) if need_nw else None
-            grad_rs = torch.empty_like(rs) if need_rs else None
-            grad_sw = torch.empty_like(sw) if need_sw else None
-            grad_aw = torch.empty_like(aw) if need_aw else None
-            block_c, tiles_w, tiles = _launch_config(c, height, width)
-            _grad_weights_kernel[(tiles, b)](
-                g, h, h0, nw, rs if rs is not None else nw,
-                grad_nw if need_nw else g, grad_rs if need_rs else g,
-                grad_sw if need_sw else g, grad_aw if need_aw else g,
-                c, height, width, tiles_w,
-                K=k, NEED_NW=need_nw, NEED_RS=need_rs, HAS_RING=rs is not None,
-                NEED_SELF=need_sw, NEED_ANCHOR=need_aw, ACC=acc,
-                BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
-            )  # fmt: skip
-        if need_h or need_h0:
-            if need_h:
-                grad_h = torch.empty_like(h)
-                # The border receives the folded padding by atomic_add: start it at zero.
-                for border in (grad_h[:, :, 0], grad_h[:, :, -1], grad_h[:, :, :, 0], grad_h[:, :, :, -1]):
-                    border.zero_()
-            grad_h0 = torch.empty_like(h0) if need_h0 else None
-            block_c, tiles_w, tiles = _launch_config(c, height, width, pad=k // 2)
-            _grad_h_kernel[(tiles, b)](
-                g, nw, sw if sw is not None else nw, aw if aw is not None else nw, rs if rs is not None else nw,
-                rings, grad_h if need_h else g, grad_h0 if need_h0 else g,
-                c, height, width, tiles_w,
-                K=k, HAS_SELF=sw is not None, HAS_RING=rs is not None, NEED_H=need_h, NEED_H0=need_h0, ACC=acc,
-                BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
-            )  # fmt: skip
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None
+        grad_nw = torch.empty_like(nw) if need_nw else None
+        grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
+        grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None
+        grad_rs = torch.empty_like(rs) if need_rs and rs is not None else None
+        backward_step(grad_out.contiguous(), h, h0, nw, rs, sw, aw, grad_h, grad_h0, grad_nw, grad_rs, grad_sw,
+                      grad_aw, kernel_size=ctx.kernel_size, accumulate=False)  # fmt: skip
         return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, grad_rs, None
+
+
+def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
+                 kernel_size: int) -> Tensor:  # fmt: skip
+    """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
+    return _forward(h, h0, nw, sw, aw, rs, kernel_size)
+
+
+def backward_step(g: Tensor, h: Tensor, h0: Tensor, nw: Tensor, rs: Tensor | None, sw: Tensor | None,
+                  aw: Tensor | None, grad_h: Tensor | None, grad_h0: Tensor | None, grad_nw: Tensor | None,
+                  grad_rs: Tensor | None, grad_sw: Tensor | None, grad_aw: Tensor | None, *, kernel_size: int,
+                  accumulate: bool) -> None:  # fmt: skip
+    """One step's backward kernels into the given buffers (None: not wanted); with ``accumulate`` they
+    add into ``grad_h0`` and ``grad_nw`` instead of overwriting them (``fused_propagation``'s backend
+    interface). ``grad_h0`` is only written where ``aw`` is given."""
+    k = kernel_size
+    b, c, height, width = h.shape
+    acc = _acc_dtype(h)
+    if grad_nw is not None or grad_rs is not None or grad_sw is not None or grad_aw is not None:
+        block_c, tiles_w, tiles = _launch_config(c, height, width)
+        _grad_weights_kernel[(tiles, b)](
+            g, h, h0, nw, rs if rs is not None else nw,
+            grad_nw if grad_nw is not None else g, grad_rs if grad_rs is not None else g,
+            grad_sw if grad_sw is not None else g, grad_aw if grad_aw is not None else g,
+            c, height, width, tiles_w,
+            K=k, NEED_NW=grad_nw is not None, NEED_RS=grad_rs is not None, HAS_RING=rs is not None,
+            NEED_SELF=grad_sw is not None, NEED_ANCHOR=grad_aw is not None, ACCUMULATE=accumulate, ACC=acc,
+            BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+    need_h0 = grad_h0 is not None and aw is not None
+    if grad_h is not None or need_h0:
+        if grad_h is not None:
+            # The border receives the folded padding by atomic_add: start it at zero.
+            for border in (grad_h[:, :, 0], grad_h[:, :, -1], grad_h[:, :, :, 0], grad_h[:, :, :, -1]):
+                border.zero_()
+        block_c, tiles_w, tiles = _launch_config(c, height, width, pad=k // 2)
+        _grad_h_kernel[(tiles, b)](
+            g, nw, sw if sw is not None else nw, aw if aw is not None else nw, rs if rs is not None else nw,
+            _rings(k, h.device), grad_h if grad_h is not None else g, grad_h0 if need_h0 else g,
+            c, height, width, tiles_w,
+            K=k, HAS_SELF=sw is not None, HAS_RING=rs is not None, NEED_H=grad_h is not None, NEED_H0=need_h0,
+            ACCUMULATE=accumulate, ACC=acc, BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W,
+            num_warps=_NUM_WARPS,
+        )  # fmt: skip
+
+
+def propagate_triton(
+    h0: Tensor, neighbour_weight: Tensor, per_step: list[tuple[Tensor | None, Tensor | None, Tensor | None]],
+    kernel_size: int,
+) -> list[Tensor]:  # fmt: skip
+    """``h^1 .. h^T`` through ``fused_propagation.run_steps`` on these kernels (one autograd node).
+    ``per_step``: each step's ``(self_weight, anchor_weight, ring_scale)``; shapes are checked by the
+    caller (``propagation.propagate``)."""
+    return run_steps(sys.modules[__name__], h0, neighbour_weight, per_step, kernel_size)
 
 
 def propagate_step_triton(

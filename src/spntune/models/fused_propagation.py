@@ -1,0 +1,107 @@
+"""T propagation steps as one autograd node, on any fused step kernels (CPU C++ or Triton).
+
+``propagation.propagate`` uses it where every step has the same neighbour tensor (CSPN's affinity map,
+DySPN's shared affinity) and a fused backend runs the steps. Step by step, autograd would hand back one
+``[B, k*k-1, H, W]`` gradient per step and add them up (T allocations and T - 1 additions of the
+largest tensor of the step); here the backward kernels add every step's share into one buffer, and
+likewise for ``h0``, which every step reads. Memory is what the step-by-step graph keeps: the maps
+``h^0 .. h^{T-1}`` (never ``k*k`` times a map).
+
+A backend is a module with two functions (``cpu_propagation``, ``triton_propagation``)::
+
+    forward_step(h, h0, neighbour, self, anchor, ring_scale, kernel_size) -> h_next
+    backward_step(g, h, h0, neighbour, ring_scale, self, anchor,
+                  grad_h, grad_h0, grad_neighbour, grad_ring_scale, grad_self, grad_anchor,
+                  kernel_size=..., accumulate=...) -> None
+
+``backward_step`` writes the gradients whose buffers it is given (None: not wanted); with
+``accumulate`` it adds into ``grad_h0`` and ``grad_neighbour`` instead of overwriting them.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["FusedPropagation", "run_steps"]
+
+
+class FusedPropagation(torch.autograd.Function):
+    """``forward(ctx, kernels, kernel_size, h0, neighbour_weight, *per_step)`` with ``kernels`` the
+    backend module and ``per_step`` the flattened ``(self_weight, anchor_weight, ring_scale)`` of each
+    step (None where absent); returns ``h^1 .. h^T``. Gradients reaching any of them (a loss on
+    intermediate steps) are taken in."""
+
+    @staticmethod
+    def forward(ctx: Any, kernels: ModuleType, kernel_size: int, h0: Tensor, neighbour_weight: Tensor,
+                *per_step: Tensor | None) -> tuple[Tensor, ...]:  # fmt: skip
+        ctx.kernels, ctx.kernel_size = kernels, kernel_size
+        ctx.set_materialize_grads(False)  # an unused step's gradient stays None, not a zero map
+        hs = [h0]
+        for i in range(0, len(per_step), 3):
+            sw, aw, rs = per_step[i : i + 3]
+            hs.append(kernels.forward_step(hs[-1], h0, neighbour_weight, sw, aw, rs, kernel_size))
+        ctx.save_for_backward(h0, neighbour_weight, *hs[1:-1], *per_step)
+        ctx.steps = len(hs) - 1
+        return tuple(hs[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_steps: Tensor | None) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        n = ctx.steps
+        h0, nw = saved[0], saved[1]
+        hs = [h0, *saved[2 : 2 + n - 1]]  # the input of each step
+        per_step = saved[2 + n - 1 :]
+        _, _, need_h0, need_nw, *need_step = ctx.needs_input_grad
+        grad_nw = torch.empty_like(nw) if need_nw else None
+        grad_h0: Tensor | None = None
+        grads_step: list[Tensor | None] = [None] * len(per_step)
+        nw_written = h0_written = False
+        g: Tensor | None = None  # gradient of the current step's output
+        for t in reversed(range(n)):
+            if grad_steps[t] is not None:
+                g = (grad_steps[t] if g is None else g + grad_steps[t]).contiguous()
+            if g is None:  # nothing depends on this step's output
+                continue
+            sw, aw, rs = per_step[3 * t : 3 * t + 3]
+            want = need_step[3 * t : 3 * t + 3]
+            grad_h = torch.empty_like(h0) if t > 0 or need_h0 else None
+            # The kernels add into grad_nw and grad_h0 from the second step they run on (grad_nw, where
+            # wanted, is passed at every step); a grad_h0 first needed after that starts at zero.
+            accumulate = nw_written or h0_written
+            if need_h0 and aw is not None and grad_h0 is None:
+                grad_h0 = torch.zeros_like(h0) if accumulate else torch.empty_like(h0)
+            gh0 = grad_h0 if need_h0 and aw is not None else None
+            gsw = torch.empty_like(sw) if want[0] and sw is not None else None
+            gaw = torch.empty_like(aw) if want[1] and aw is not None else None
+            grs = torch.empty_like(rs) if want[2] and rs is not None else None
+            ctx.kernels.backward_step(g, hs[t], h0, nw, rs, sw, aw, grad_h, gh0, grad_nw, grs, gsw, gaw,
+                                      kernel_size=ctx.kernel_size, accumulate=accumulate)  # fmt: skip
+            nw_written = nw_written or grad_nw is not None
+            h0_written = h0_written or gh0 is not None
+            grads_step[3 * t : 3 * t + 3] = [gsw, gaw, grs]
+            g = grad_h
+        if need_h0 and g is not None:  # h^0 is h0 itself: the gradient reaching it joins the anchor terms'
+            grad_h0 = g if grad_h0 is None else grad_h0.add_(g)
+        return (None, None, grad_h0, grad_nw if nw_written else None, *grads_step)
+
+
+def run_steps(kernels: ModuleType, h0: Tensor, neighbour_weight: Tensor,
+              per_step: list[tuple[Tensor | None, Tensor | None, Tensor | None]], kernel_size: int) -> list[Tensor]:  # fmt: skip
+    """``h^1 .. h^T`` on ``kernels``: one ``FusedPropagation`` node where autograd needs one, else the
+    plain forward steps. ``per_step``: each step's ``(self_weight, anchor_weight, ring_scale)``; the
+    caller has checked shapes and that ``kernels`` takes these tensors. Tensors are made contiguous."""
+    flat = [t for step in per_step for t in step]
+    c = [t.contiguous() if t is not None else None for t in (h0, neighbour_weight, *flat)]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in c):
+        return list(FusedPropagation.apply(kernels, kernel_size, *c))
+    hs = [c[0]]
+    for i in range(0, len(flat), 3):
+        sw, aw, rs = c[2 + i : 5 + i]
+        hs.append(kernels.forward_step(hs[-1], c[0], c[1], sw, aw, rs, kernel_size))
+    return hs[1:]
