@@ -147,7 +147,7 @@ def _step_by_step(h0, weights, k):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("k, shape", [(3, (2, 3, 9, 21)), (7, (1, 11, 12, 40))], ids=["3x3", "7x7"])
 def test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, shape):
-    """One FusedCPUPropagation node for the T steps: every output and every leaf gradient equal the
+    """One FusedPropagation node for the T steps: every output and every leaf gradient equal the
     step-by-step graph, with gradients reaching an intermediate step as well as the last."""
     _, h0, aff, att = _leaves(k, shape, torch.float64)
     leaves = [h0, aff, att]
@@ -187,6 +187,20 @@ def test_one_node_with_frozen_inputs_narrow_rows_and_float32(shape, dtype, froze
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_one_step_as_one_node_and_no_steps():
+    k = 3
+    _, h0, aff, att = _leaves(k, (2, 3, 7, 20), torch.float64)
+    w = dyspn_factored_weights(aff, att, k)
+    h, steps = propagate(h0, [w], k, return_steps=True)
+    assert type(h.grad_fn).__name__ == "FusedPropagationBackward" and len(steps) == 2
+    want = propagate_step(h0, h0, *w[:3], k, w[3])
+    torch.testing.assert_close(h, want, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(h.sum(), [h0, aff, att], retain_graph=True),
+                    torch.autograd.grad(want.sum(), [h0, aff, att])):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert propagate(h0, [], k)[0] is h0
 
 
 def test_a_loss_on_an_early_step_only_skips_the_later_steps():

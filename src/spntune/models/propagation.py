@@ -506,19 +506,20 @@ def _fused_propagation(h0: Tensor, weights: list[tuple[Tensor | None, ...]], ker
     """``h^1 .. h^T`` as one ``FusedPropagation`` node, or None where ``propagate`` steps one by one:
     the shifted-slice backend, no steps, neighbour weights that differ between steps, or tensors the
     kernels do not take."""
-    backend = _chosen_backend()
-    triton_module = _use_triton(backend, h0)
-    cpu = backend in ("auto", "cpp") and not h0.is_cuda
-    if not weights or (triton_module is None and not cpu):
+    if not weights:
         return None
     neighbour = weights[0][0]
     if neighbour is None or any(step[0] is not neighbour for step in weights):
         return None
     per_step = []
-    for _, self_weight, anchor, *scale in weights:
+    for _, self_weight, anchor, *scale in weights:  # propagate_step's checks, in its order
         ring_scale = scale[0] if scale else None
         _check_step(h0, h0, neighbour, self_weight, anchor, kernel_size, ring_scale)
         per_step.append((self_weight, anchor, ring_scale))
+    backend = _chosen_backend()
+    triton_module = _use_triton(backend, h0)
+    if triton_module is None and (backend not in ("auto", "cpp") or h0.is_cuda):
+        return None
     if triton_module is not None:
         return triton_module.propagate_triton(h0, neighbour, per_step, kernel_size)
     return cpu_propagation.propagate_cpu(h0, neighbour, per_step, kernel_size)
