@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FusedPropagation", "run_steps"]
+__all__ = ["FusedPropagation", "one_step_backward", "run_steps"]
 
 
 class FusedPropagation(torch.autograd.Function):
@@ -105,3 +105,21 @@ def run_steps(kernels: ModuleType, h0: Tensor, neighbour_weight: Tensor,
         sw, aw, rs = c[2 + i : 5 + i]
         hs.append(kernels.forward_step(hs[-1], c[0], c[1], sw, aw, rs, kernel_size))
     return hs[1:]
+
+
+def one_step_backward(kernels: ModuleType, saved: tuple[Tensor | None, ...], needs_input_grad: tuple[bool, ...],
+                      grad_out: Tensor, kernel_size: int) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """The backward of one step (``FusedCPUStep``, ``TritonPropagateStep``): fresh buffers for the
+    gradients asked for, filled by ``kernels.backward_step``. ``saved``: ``(h, h0, neighbour, self,
+    anchor, ring_scale)``; returns their gradients and None for ``kernel_size``."""
+    h, h0, nw, sw, aw, rs = saved
+    need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = needs_input_grad
+    grad_h = torch.empty_like(h) if need_h else None  # type: ignore[arg-type]
+    grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None  # type: ignore[arg-type]
+    grad_nw = torch.empty_like(nw) if need_nw else None  # type: ignore[arg-type]
+    grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
+    grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None
+    grad_rs = torch.empty_like(rs) if need_rs and rs is not None else None
+    kernels.backward_step(grad_out.contiguous(), h, h0, nw, rs, sw, aw, grad_h, grad_h0, grad_nw, grad_rs, grad_sw,
+                          grad_aw, kernel_size=kernel_size, accumulate=False)  # fmt: skip
+    return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, grad_rs, None

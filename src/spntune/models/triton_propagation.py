@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from spntune.models.fused_propagation import run_steps
+from spntune.models.fused_propagation import one_step_backward, run_steps
 
 __all__ = ["TritonPropagateStep", "backward_step", "forward_step", "propagate_step_triton", "propagate_triton"]
 
@@ -315,17 +315,8 @@ class TritonPropagateStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        h, h0, nw, sw, aw, rs = ctx.saved_tensors
-        need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = ctx.needs_input_grad
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None
-        grad_nw = torch.empty_like(nw) if need_nw else None
-        grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
-        grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None
-        grad_rs = torch.empty_like(rs) if need_rs and rs is not None else None
-        backward_step(grad_out.contiguous(), h, h0, nw, rs, sw, aw, grad_h, grad_h0, grad_nw, grad_rs, grad_sw,
-                      grad_aw, kernel_size=ctx.kernel_size, accumulate=False)  # fmt: skip
-        return grad_h, grad_h0, grad_nw, grad_sw, grad_aw, grad_rs, None
+        return one_step_backward(sys.modules[__name__], ctx.saved_tensors, ctx.needs_input_grad, grad_out,
+                                 ctx.kernel_size)  # fmt: skip
 
 
 def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
