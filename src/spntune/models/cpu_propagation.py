@@ -196,15 +196,6 @@ def _forward(lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | N
     return out
 
 
-def _backward(lib: ctypes.CDLL, g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int,
-              accumulate: bool) -> None:  # fmt: skip
-    """One step's backward kernel: ``tensors`` are ``h0, nw, rs, sw, aw`` then the gradient buffers
-    ``grad_h, grad_h0, grad_nw, grad_rs, grad_sw, grad_aw`` (None: not computed). With ``accumulate``
-    the kernel adds into ``grad_h0`` and ``grad_nw`` instead of overwriting them."""
-    fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
-    fn(*(_ptr(t) for t in (g, h, *tensors)), *_dims(h, kernel_size), int(accumulate))
-
-
 class FusedCPUStep(torch.autograd.Function):
     """One step through the fused CPU kernels; the backward computes only the gradients asked for.
 
@@ -216,9 +207,7 @@ class FusedCPUStep(torch.autograd.Function):
                 anchor_weight: Tensor | None, ring_scale: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
         ctx.kernel_size = kernel_size
         ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)
-        lib = library()
-        assert lib is not None  # propagate_step_cpu checked
-        return _forward(lib, h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale, kernel_size)
+        return forward_step(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale, kernel_size)
 
     @staticmethod
     @once_differentiable
@@ -256,15 +245,19 @@ def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tenso
                  kernel_size: int) -> Tensor:  # fmt: skip
     """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
     lib = library()
-    assert lib is not None  # propagate_cpu checked
+    assert lib is not None  # the callers checked
     return _forward(lib, h, h0, nw, sw, aw, rs, kernel_size)
 
 
 def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int, accumulate: bool) -> None:
-    """One step's backward kernel (``fused_propagation``'s backend interface; see ``_backward``)."""
+    """One step's backward kernel (``fused_propagation``'s backend interface): ``tensors`` are ``h0, nw,
+    rs, sw, aw`` then the gradient buffers ``grad_h, grad_h0, grad_nw, grad_rs, grad_sw, grad_aw`` (None:
+    not computed). With ``accumulate`` the kernel adds into ``grad_h0`` and ``grad_nw`` instead of
+    overwriting them."""
     lib = library()
     assert lib is not None
-    _backward(lib, g, h, *tensors, kernel_size=kernel_size, accumulate=accumulate)
+    fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
+    fn(*(_ptr(t) for t in (g, h, *tensors)), *_dims(h, kernel_size), int(accumulate))
 
 
 def propagate_cpu(

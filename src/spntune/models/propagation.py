@@ -110,10 +110,15 @@ def _use_triton(backend: str, h: Tensor) -> ModuleType | None:
     return module
 
 
+def _selects_cpu_kernels(backend: str, h: Tensor) -> bool:
+    """Whether the backend setting sends a step on ``h``'s device to the fused CPU kernels."""
+    return backend in ("auto", "cpp") and not h.is_cuda
+
+
 def _fused_cpu_step(backend: str, tensors: tuple[Tensor | None, ...], kernel_size: int,
                     ring_scale: Tensor | None) -> Tensor | None:  # fmt: skip
     """The fused CPU kernels' step, or None where the backend or the tensors do not select them."""
-    if backend not in ("auto", "cpp") or tensors[0].is_cuda:  # type: ignore[union-attr]
+    if not _selects_cpu_kernels(backend, tensors[0]):  # type: ignore[arg-type]
         if backend == "cpp":
             raise RuntimeError(
                 "SPNTUNE_PROPAGATION=cpp runs CPU tensors only; this step is on " + str(tensors[0].device)
@@ -518,7 +523,7 @@ def _fused_propagation(h0: Tensor, weights: list[tuple[Tensor | None, ...]], ker
         per_step.append((self_weight, anchor, ring_scale))
     backend = _chosen_backend()
     triton_module = _use_triton(backend, h0)
-    if triton_module is None and (backend not in ("auto", "cpp") or h0.is_cuda):
+    if triton_module is None and not _selects_cpu_kernels(backend, h0):
         return None
     if triton_module is not None:
         return triton_module.propagate_triton(h0, neighbour, per_step, kernel_size)

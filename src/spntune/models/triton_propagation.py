@@ -74,7 +74,7 @@ def _forward_kernel(
     pix = y * W + x
     map_base = b * hw  # one [H, W] map of a [B, 1, H, W] weight
     nw_base = nw_ptr + b * (K * K - 1) * hw
-    rs_base = rs_ptr + b * (K // 2) * hw
+    rs_base = rs_ptr + b * R * hw
     h_base = h_ptr + b * C * hw
     h0_base = h0_ptr + b * C * hw
     out_base = out_ptr + b * C * hw
@@ -225,7 +225,7 @@ def _grad_h_kernel(
     target = yc * W + xc  # where replicate padding folds position (y, x) back to
     map_base = b * hw
     nw_base = nw_ptr + b * (K * K - 1) * hw
-    rs_base = rs_ptr + b * (K // 2) * hw
+    rs_base = rs_ptr + b * R * hw
     g_base = g_ptr + b * C * hw
     for c0 in range(0, C, BLOCK_C):
         chans = c0 + tl.arange(0, BLOCK_C)
@@ -281,8 +281,9 @@ def _rings(k: int, device: torch.device) -> Tensor:
     return torch.tensor(rings, dtype=torch.int32, device=device)
 
 
-def _forward(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
-             k: int) -> Tensor:  # fmt: skip
+def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
+                 k: int) -> Tensor:  # fmt: skip
+    """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
     b, c, height, width = h.shape
     out = torch.empty_like(h)
     block_c, tiles_w, tiles = _launch_config(c, height, width)
@@ -310,19 +311,13 @@ class TritonPropagateStep(torch.autograd.Function):
                 anchor_weight: Tensor | None, ring_scale: Tensor | None, kernel_size: int) -> Tensor:  # fmt: skip
         ctx.kernel_size = kernel_size
         ctx.save_for_backward(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)
-        return _forward(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale, kernel_size)
+        return forward_step(h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale, kernel_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         return one_step_backward(sys.modules[__name__], ctx.saved_tensors, ctx.needs_input_grad, grad_out,
                                  ctx.kernel_size)  # fmt: skip
-
-
-def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
-                 kernel_size: int) -> Tensor:  # fmt: skip
-    """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
-    return _forward(h, h0, nw, sw, aw, rs, kernel_size)
 
 
 def backward_step(g: Tensor, h: Tensor, h0: Tensor, nw: Tensor, rs: Tensor | None, sw: Tensor | None,
