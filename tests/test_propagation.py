@@ -236,3 +236,48 @@ def test_saved_memory_grows_by_one_map_per_step():
 
     per_step = (saved_numel(6) - saved_numel(2)) / 4
     assert per_step <= h0.numel()  # h^t of each step, never k*k-sized
+
+
+def _cspn_weights_by_autograd(affinity, centre, norm):
+    """``cspn_weights`` written with autograd's ops (what it was before its backward was hand-written)."""
+    abs_sum = affinity.abs().sum(dim=1, keepdim=True)
+    kappa_hat = affinity / abs_sum.clamp_min(1e-6 if norm == "abs_sum" else 1.0)
+    centre_weight = 1.0 - kappa_hat.sum(dim=1, keepdim=True)
+    return (kappa_hat, None, centre_weight) if centre == "h0" else (kappa_hat, centre_weight, None)
+
+
+@pytest.mark.parametrize("norm", ["abs_sum", "clamped"])
+@pytest.mark.parametrize("centre", ["h0", "ht"])
+@pytest.mark.parametrize("use", ["both", "neighbours", "centre"])
+def test_cspn_weights_backward_equals_autograd_of_the_formula(norm, centre, use):
+    """The hand-written backward of the CSPN normalisation against autograd through the plain formula, in
+    float64, with an all-zero pixel, a zero affinity (abs has gradient 0 there), a pixel whose abs sum is
+    exactly the clamped floor 1 (clamp_min passes the gradient at the tie) and small / large sums; and
+    gradcheck where the function is smooth."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64)
+    a[0, :, 0, 0] = 0.0
+    a[0, 3, 2, 2] = 0.0
+    a[1, :, 1, 1] = 0.1
+    a[1, 0, 1, 1] = -0.3  # |.| sums to 1.0
+    a[1, :, 3, 4] *= 1e-3
+    grads = [
+        torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 1, 5, 6, generator=g, dtype=torch.float64),
+    ]
+    results = []
+    for fn in (cspn_weights, _cspn_weights_by_autograd):
+        leaf = a.clone().requires_grad_()
+        kappa, self_w, anchor = fn(leaf, centre, norm)
+        centre_w = anchor if centre == "h0" else self_w
+        loss = torch.zeros((), dtype=torch.float64)
+        if use in ("both", "neighbours"):
+            loss = loss + (kappa * grads[0]).sum()
+        if use in ("both", "centre"):
+            loss = loss + (centre_w * grads[1]).sum()
+        loss.backward()
+        results.append((kappa.detach(), centre_w.detach(), leaf.grad))
+    for mine, theirs in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    smooth = a[:, :, 2:, 2:].clone().requires_grad_()  # no zero pixel, no tie
+    assert torch.autograd.gradcheck(lambda x: [w for w in cspn_weights(x, centre, norm) if w is not None], (smooth,))

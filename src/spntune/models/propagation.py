@@ -374,6 +374,61 @@ def propagate_step_reference(
     return out
 
 
+class _CSPNNormalise(torch.autograd.Function):
+    """``(kappa_hat, centre)`` with ``kappa_hat = a / max(sum_j |a_j|, floor)`` and ``centre = 1 - sum_j
+    kappa_hat_j``, as one node. Through autograd's ops (abs, sum, clamp, div, sum) the backward of these
+    few lines allocated and passed over about ten ``[B, k*k-1, H, W]`` tensors; this one allocates the
+    gradient and one temporary. With ``n = max(s, floor)``, ``s = sum_j |a_j|``, ``S = sum_j a_j``,
+    ``P = sum_j G_j a_j`` (G, g: the gradients of kappa_hat and centre)::
+
+        d a_i = (G_i - g) / n - sign(a_i) [s >= floor] (P - g S) / n^2
+
+    (``clamp_min`` passes the gradient where ``s >= floor``, ``abs`` has gradient 0 at 0, as in torch)."""
+
+    @staticmethod
+    def forward(ctx: Any, affinity: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+        abs_sum = _channel_sum(affinity, absolute=True)
+        inv = abs_sum.clamp_min(floor).reciprocal_()
+        total = affinity.sum(dim=1, keepdim=True)
+        ctx.save_for_backward(affinity, inv, total, abs_sum >= floor)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
+        return affinity * inv, torch.addcmul(torch.ones_like(inv), inv, total, value=-1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_kappa: Tensor | None, grad_centre: Tensor | None) -> tuple[Tensor | None, None]:
+        affinity, inv, total, passes = ctx.saved_tensors
+        if grad_kappa is None:
+            grad_kappa = torch.zeros_like(affinity)
+        g = grad_centre if grad_centre is not None else torch.zeros_like(inv)
+        p = _channel_sum(grad_kappa, affinity)
+        q = (p - g * total) * inv * inv * passes  # [B, 1, H, W]
+        out = torch.sign(affinity)
+        out.mul_(q.neg_()).addcmul_(grad_kappa, inv).sub_(g * inv)
+        return out, None
+
+
+def _channel_sum(x: Tensor, y: Tensor | None = None, absolute: bool = False) -> Tensor:
+    """``sum_j x_j`` (``|x_j|`` with ``absolute``, ``x_j * y_j`` with ``y``) over dim 1, keepdim, one channel
+    at a time: ``x.abs().sum(1)`` or ``(x * y).sum(1)`` first makes a temporary the size of x, which at
+    ``[4, 48, 192, 256]`` (37.7 MB, above glibc's mmap threshold) is fresh memory, paged in on every call;
+    measured on a 2-core VM: 12.6 ms against 1.6 ms this way (torch.linalg.vector_norm over dim 1: 42 ms).
+    Elsewhere (CUDA's caching allocator keeps memory) one reduction instead of a launch per channel."""
+    if x.device.type != "cpu":
+        return (x * y if y is not None else x.abs() if absolute else x).sum(dim=1, keepdim=True)
+    out = torch.zeros_like(x[:, :1])
+    tmp = torch.empty_like(out)
+    for j in range(x.shape[1]):
+        xj = x[:, j : j + 1]
+        if y is not None:
+            out.addcmul_(xj, y[:, j : j + 1])
+        elif absolute:
+            out += torch.abs(xj, out=tmp)
+        else:
+            out += xj
+    return out
+
+
 def cspn_weights(
     affinity: Tensor, centre: str = "h0", norm: str = "abs_sum"
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -396,10 +451,7 @@ def cspn_weights(
         raise ValueError(f"centre must be one of {CENTRE_PLACEMENTS}, got {centre!r}")
     if norm not in AFFINITY_NORMS:
         raise ValueError(f"norm must be one of {AFFINITY_NORMS}, got {norm!r}")
-    abs_sum = affinity.abs().sum(dim=1, keepdim=True)
-    floor = _EPS if norm == "abs_sum" else 1.0
-    kappa_hat = affinity / abs_sum.clamp_min(floor)
-    centre_weight = 1.0 - kappa_hat.sum(dim=1, keepdim=True)
+    kappa_hat, centre_weight = _CSPNNormalise.apply(affinity, _EPS if norm == "abs_sum" else 1.0)
     if centre == "h0":
         return kappa_hat, None, centre_weight
     return kappa_hat, centre_weight, None
