@@ -5,6 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from spntune.models import cpu_propagation
 from spntune.models.propagation import (
     cspn_weights,
+    dyspn_ring_sums,
     dyspn_weights,
     neighbour_offsets,
     num_rings,
@@ -281,3 +282,29 @@ def test_cspn_weights_backward_equals_autograd_of_the_formula(norm, centre, use)
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
     smooth = a[:, :, 2:, 2:].clone().requires_grad_()  # no zero pixel, no tie
     assert torch.autograd.gradcheck(lambda x: [w for w in cspn_weights(x, centre, norm) if w is not None], (smooth,))
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("use", ["both", "sum", "abs_sum"])
+def test_dyspn_ring_sums_equal_the_membership_einsum_with_gradients(k, use):
+    """``dyspn_ring_sums`` (one neighbour at a time on the CPU, a hand-written backward) against the
+    membership einsums it replaces, forward and gradient, in float64, with zero affinities (abs has
+    gradient 0 at 0) and each output alone."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(2, k * k - 1, 5, 6, generator=g, dtype=torch.float64)
+    a[0, :, 1, 1] = 0.0
+    a[1, 2, 3, 3] = 0.0
+    grads = [torch.randn(2, num_rings(k), 5, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    members = torch.tensor([[float(q == r) for q in ring_index(k)] for r in range(num_rings(k))], dtype=torch.float64)
+    results = []
+    for fn in (
+        lambda x: dyspn_ring_sums(x, k),
+        lambda x: (torch.einsum("rk,bkhw->brhw", members, x), torch.einsum("rk,bkhw->brhw", members, x.abs())),
+    ):
+        leaf = a.clone().requires_grad_()
+        sums = fn(leaf)
+        picked = {"both": (0, 1), "sum": (0,), "abs_sum": (1,)}[use]
+        sum(((sums[i] * grads[i]).sum() for i in picked), torch.zeros((), dtype=torch.float64)).backward()
+        results.append((*[s.detach() for s in sums], leaf.grad))
+    for mine, theirs in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)

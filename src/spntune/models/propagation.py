@@ -483,6 +483,40 @@ def dyspn_weights(affinity: Tensor, attention: Tensor, kernel_size: int) -> tupl
     return _scaled(affinity, ring_scale, kernel_size), self_weight, anchor
 
 
+class _RingSums(torch.autograd.Function):
+    """``dyspn_ring_sums`` on the CPU, one neighbour at a time: no ``[B, k*k-1, H, W]`` temporaries (the
+    einsums' ``affinity.abs()`` and, in their backward, products and copies of that size, each fresh
+    memory above glibc's mmap threshold); the backward allocates the gradient only:
+    ``d a_j = G_sum[ring(j)] + sign(a_j) G_abs[ring(j)]``."""
+
+    @staticmethod
+    def forward(ctx: Any, affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+        rings = ring_index(kernel_size)
+        b, _, h, w = affinity.shape
+        ring_sum = affinity.new_zeros(b, num_rings(kernel_size), h, w)
+        ring_abs_sum = torch.zeros_like(ring_sum)
+        tmp = affinity.new_empty(b, h, w)
+        for j, q in enumerate(rings):
+            ring_sum[:, q] += affinity[:, j]
+            ring_abs_sum[:, q] += torch.abs(affinity[:, j], out=tmp)
+        ctx.save_for_backward(affinity)
+        ctx.rings = rings
+        ctx.set_materialize_grads(False)
+        return ring_sum, ring_abs_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_sum: Tensor | None, grad_abs_sum: Tensor | None) -> tuple[Tensor | None, None]:
+        (affinity,) = ctx.saved_tensors
+        out = torch.sign(affinity) if grad_abs_sum is not None else torch.zeros_like(affinity)
+        for j, q in enumerate(ctx.rings):
+            if grad_abs_sum is not None:
+                out[:, j] *= grad_abs_sum[:, q]
+            if grad_sum is not None:
+                out[:, j] += grad_sum[:, q]
+        return out, None
+
+
 def dyspn_ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
     """``(S, |S|)``: per ring, the sum of the affinities and of their absolute values (``dyspn_weights``).
 
@@ -491,6 +525,8 @@ def dyspn_ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]
     Shape:
         affinity: ``[B, k*k-1, H, W]``. Returns two ``[B, R, H, W]``.
     """
+    if affinity.device.type == "cpu":
+        return _RingSums.apply(affinity, kernel_size)
     membership = _ring_membership(kernel_size, affinity)  # [R, K]
     ring_sum = torch.einsum("rk,bkhw->brhw", membership, affinity)
     ring_abs_sum = torch.einsum("rk,bkhw->brhw", membership, affinity.abs())
