@@ -259,8 +259,8 @@ def test_cspn_weights_backward_equals_autograd_of_the_formula(norm, centre, use)
     a = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64)
     a[0, :, 0, 0] = 0.0
     a[0, 3, 2, 2] = 0.0
-    a[1, :, 1, 1] = 0.1
-    a[1, 0, 1, 1] = -0.3  # |.| sums to 1.0
+    a[1, :, 1, 1] = 0.125
+    a[1, 0, 1, 1] = -0.125  # |.| sums to exactly 1.0 (powers of two)
     a[1, :, 3, 4] *= 1e-3
     grads = [
         torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64),
@@ -280,7 +280,7 @@ def test_cspn_weights_backward_equals_autograd_of_the_formula(norm, centre, use)
         results.append((kappa.detach(), centre_w.detach(), leaf.grad))
     for mine, theirs in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
-    smooth = a[:, :, 2:, 2:].clone().requires_grad_()  # no zero pixel, no tie
+    smooth = a[:, :, 2:, 2:].clone().requires_grad_()  # no all-zero pixel, no tie (one zero affinity)
     assert torch.autograd.gradcheck(lambda x: [w for w in cspn_weights(x, centre, norm) if w is not None], (smooth,))
 
 
@@ -308,3 +308,8 @@ def test_dyspn_ring_sums_equal_the_membership_einsum_with_gradients(k, use):
         results.append((*[s.detach() for s in sums], leaf.grad))
     for mine, theirs in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_dyspn_ring_sums_refuses_an_affinity_of_the_wrong_channel_count():
+    with pytest.raises(ValueError, match=r"affinity must be \[B, 8, H, W\] for kernel_size=3, got \[1, 5, 4, 4\]"):
+        dyspn_ring_sums(torch.zeros(1, 5, 4, 4), 3)

@@ -383,7 +383,8 @@ class _CSPNNormalise(torch.autograd.Function):
 
         d a_i = (G_i - g) / n - sign(a_i) [s >= floor] (P - g S) / n^2
 
-    (``clamp_min`` passes the gradient where ``s >= floor``, ``abs`` has gradient 0 at 0, as in torch)."""
+    (``clamp_min`` passes the gradient where ``s >= floor``, ``abs`` has gradient 0 at 0, as in torch). The
+    backward is not itself differentiable (``create_graph=True`` through it raises)."""
 
     @staticmethod
     def forward(ctx: Any, affinity: Tensor, floor: float) -> tuple[Tensor, Tensor]:
@@ -525,6 +526,11 @@ def dyspn_ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]
     Shape:
         affinity: ``[B, k*k-1, H, W]``. Returns two ``[B, R, H, W]``.
     """
+    if affinity.dim() != 4 or affinity.shape[1] != num_neighbours(kernel_size):
+        raise ValueError(
+            f"affinity must be [B, {num_neighbours(kernel_size)}, H, W] for kernel_size={kernel_size}, "
+            f"got {list(affinity.shape)}"
+        )
     if affinity.device.type == "cpu":
         return _RingSums.apply(affinity, kernel_size)
     membership = _ring_membership(kernel_size, affinity)  # [R, K]

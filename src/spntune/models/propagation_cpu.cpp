@@ -246,6 +246,7 @@ inline void stencil_block(long t, int c0, long cs, const T* const* w, const T* c
                           Init& init, Store& store) {
     using V = typename P::V;
     constexpr int D = 2 * R + 1;
+    static_assert(2 * R < P::lanes, "a shift must stay inside the pair of vectors");
     using Lanes = std::make_integer_sequence<int, int(P::lanes)>;
     V acc[CB];
 #pragma GCC unroll 8
@@ -299,12 +300,16 @@ template <class P, bool SCALED, typename T, class Init, class Store>
 inline void forward_row(int radius, long L, long C, int K, long cs, const T* const* w, const T* const* sc,
                         const T* const* src, const T* const* ws, const T* const* scs, const T* const* rows, Init init,
                         Store store) {
-    if constexpr (P::lanes > 1) {
-        switch (radius) {
-            case 1: return stencil_row<P, 1, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
-            case 2: return stencil_row<P, 2, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
-            case 3: return stencil_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
-        }
+    // A shift of up to 2 * radius lanes must stay inside the pair of vectors (SPN_VBYTES below 64 can
+    // leave too few lanes: window_row then).
+    if constexpr (P::lanes > 2) {
+        if (radius == 1) return stencil_row<P, 1, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
+    }
+    if constexpr (P::lanes > 4) {
+        if (radius == 2) return stencil_row<P, 2, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
+    }
+    if constexpr (P::lanes > 6) {
+        if (radius == 3) return stencil_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
     }
     window_row<P, SCALED>(L, C, K, cs, w, sc, src, init, store);
 }
