@@ -253,7 +253,7 @@ def _cspn_weights_by_autograd(affinity, centre, norm):
 def test_cspn_weights_backward_equals_autograd_of_the_formula(norm, centre, use):
     """The hand-written backward of the CSPN normalisation against autograd through the plain formula, in
     float64, with an all-zero pixel, a zero affinity (abs has gradient 0 there), a pixel whose abs sum is
-    exactly the clamped floor 1 (clamp_min passes the gradient at the tie) and small / large sums; and
+    exactly the clamped floor 1 (clamp_min passes no gradient at the tie) and small / large sums; and
     gradcheck where the function is smooth."""
     g = torch.Generator().manual_seed(3)
     a = torch.randn(2, 8, 5, 6, generator=g, dtype=torch.float64)

@@ -381,9 +381,9 @@ class _CSPNNormalise(torch.autograd.Function):
     gradient and one temporary. With ``n = max(s, floor)``, ``s = sum_j |a_j|``, ``S = sum_j a_j``,
     ``P = sum_j G_j a_j`` (G, g: the gradients of kappa_hat and centre)::
 
-        d a_i = (G_i - g) / n - sign(a_i) [s >= floor] (P - g S) / n^2
+        d a_i = (G_i - g) / n - sign(a_i) [s > floor] (P - g S) / n^2
 
-    (``clamp_min`` passes the gradient where ``s >= floor``, ``abs`` has gradient 0 at 0, as in torch). The
+    (``clamp_min`` passes the gradient where ``s > floor``, not at the tie; ``abs`` has gradient 0 at 0: as torch). The
     backward is not itself differentiable (``create_graph=True`` through it raises)."""
 
     @staticmethod
@@ -391,7 +391,7 @@ class _CSPNNormalise(torch.autograd.Function):
         abs_sum = _channel_sum(affinity, absolute=True)
         inv = abs_sum.clamp_min(floor).reciprocal_()
         total = affinity.sum(dim=1, keepdim=True)
-        ctx.save_for_backward(affinity, inv, total, abs_sum >= floor)
+        ctx.save_for_backward(affinity, inv, total, abs_sum > floor)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
         return affinity * inv, torch.addcmul(torch.ones_like(inv), inv, total, value=-1.0)
 
