@@ -377,8 +377,8 @@ def propagate_step_reference(
 class _CSPNNormalise(torch.autograd.Function):
     """``(kappa_hat, centre)`` with ``kappa_hat = a / max(sum_j |a_j|, floor)`` and ``centre = 1 - sum_j
     kappa_hat_j``, as one node. Through autograd's ops (abs, sum, clamp, div, sum) the backward of these
-    few lines allocated and passed over about ten ``[B, k*k-1, H, W]`` tensors; this one allocates the
-    gradient and one temporary. With ``n = max(s, floor)``, ``s = sum_j |a_j|``, ``S = sum_j a_j``,
+    few lines allocated and passed over about ten ``[B, k*k-1, H, W]`` tensors; this one allocates only
+    the gradient of that size (its channel sums go one channel at a time). With ``n = max(s, floor)``, ``s = sum_j |a_j|``, ``S = sum_j a_j``,
     ``P = sum_j G_j a_j`` (G, g: the gradients of kappa_hat and centre)::
 
         d a_i = (G_i - g) / n - sign(a_i) [s > floor] (P - g S) / n^2
