@@ -295,20 +295,25 @@ inline void stencil_row(long L, long C, int K, long cs, const T* const* w, const
     }
 }
 
-// One forward row: stencil_row for radius 1..3 (0: not available), else window_row.
+// Whether stencil_block serves radius r with vectors P: r = 1..3, and a shift of up to 2r lanes stays
+// inside the pair of vectors (SPN_VBYTES below 64 can leave too few lanes).
+template <class P>
+constexpr bool stencil_fits(int r) {
+    return r >= 1 && r <= 3 && 2 * r < P::lanes;
+}
+
+// One forward row: stencil_row for a radius that stencil_fits (0: not wanted), else window_row.
 template <class P, bool SCALED, typename T, class Init, class Store>
 inline void forward_row(int radius, long L, long C, int K, long cs, const T* const* w, const T* const* sc,
                         const T* const* src, const T* const* ws, const T* const* scs, const T* const* rows, Init init,
                         Store store) {
-    // A shift of up to 2 * radius lanes must stay inside the pair of vectors (SPN_VBYTES below 64 can
-    // leave too few lanes: window_row then).
-    if constexpr (P::lanes > 2) {
+    if constexpr (stencil_fits<P>(1)) {
         if (radius == 1) return stencil_row<P, 1, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
     }
-    if constexpr (P::lanes > 4) {
+    if constexpr (stencil_fits<P>(2)) {
         if (radius == 2) return stencil_row<P, 2, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
     }
-    if constexpr (P::lanes > 6) {
+    if constexpr (stencil_fits<P>(3)) {
         if (radius == 3) return stencil_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
     }
     window_row<P, SCALED>(L, C, K, cs, w, sc, src, init, store);
@@ -366,8 +371,8 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
     const long R = r;  // rings of the ring scale
     std::vector<const T*> w(K), sc(K), src(K);
     std::vector<long> slots(2 * r + 1);
-    // The stencil path (radius 1..3, full vectors): weight rows by window position, the centre at zeros.
-    const bool stencil = P::lanes > 1 && r >= 1 && r <= 3;
+    // The stencil path: weight rows by window position, the centre at zeros.
+    const bool stencil = stencil_fits<P>(r);
     const int D = 2 * r + 1;
     std::vector<T> zeros(stencil ? W : 0, T(0));
     std::vector<const T*> ws(D * D, zeros.data()), scs(D * D, zeros.data()), rows(D);
@@ -395,7 +400,7 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
         auto store = [&](long c, long t, V v) { st(ob + c * HW + t, v); };
         const long cs = ring.channel_stride();
         if (stencil) {
-            for (int d = 0; d < 2 * r + 1; ++d) rows[d] = ring.at(slots[d], 0);
+            for (int d = 0; d < D; ++d) rows[d] = ring.at(slots[d], 0);
             for (int j = 0; j < K; ++j) {
                 ws[window[j]] = w[j];
                 scs[window[j]] = sc[j];
@@ -437,7 +442,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     const bool want_w = gnw || grs, staged = rs || accumulate || !gnw;
     std::vector<T> scratch(staged && want_w ? K * W : 0);
     std::vector<long> slots(2 * r + 1);
-    const bool stencil = gh && P::lanes > 1 && r >= 1 && r <= 3;  // grad_h's gather as forward_rows' stencil
+    const bool stencil = gh && stencil_fits<P>(r);  // grad_h's gather as forward_rows' stencil
     const int D = 2 * r + 1;
     std::vector<T> zeros(stencil ? tlen : 0, T(0));
     std::vector<const T*> ws(D * D, zeros.data()), rows(D);
@@ -533,11 +538,8 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         // row q = y - dy_j is stencil row dy_j + r, read at shift r - dx_j (the centre at zero weight).
         const bool inner = stencil && y >= r && y < H - r;
         if (inner) {
-            for (int j = 0; j < K; ++j) {
-                const int i = (off.dy[j] + r) * D + r - off.dx[j];
-                ws[i] = w[j];
-                rows[off.dy[j] + r] = gring.at(gring.slot(b, y - off.dy[j]), 0);
-            }
+            for (int d = -r; d <= r; ++d) rows[d + r] = gring.at(gring.slot(b, y - d), 0);
+            for (int j = 0; j < K; ++j) ws[(off.dy[j] + r) * D + r - off.dx[j]] = w[j];
         }
         forward_row<P, false>(inner ? r : 0, tlen, C, n, gring.channel_stride(), w.data(), w.data(), src.data(),
                               ws.data(), ws.data(), rows.data(), zero, store);
