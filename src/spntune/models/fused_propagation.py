@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from spntune.models.memory import empty_like
+
 __all__ = ["FusedPropagation", "one_step_backward", "run_steps"]
 
 
@@ -58,7 +60,7 @@ class FusedPropagation(torch.autograd.Function):
         hs = [h0, *saved[2 : 2 + n - 1]]  # the input of each step
         per_step = saved[2 + n - 1 :]
         _, _, need_h0, need_nw, *need_step = ctx.needs_input_grad
-        grad_nw = torch.empty_like(nw) if need_nw else None
+        grad_nw = empty_like(nw) if need_nw else None
         grad_h0: Tensor | None = None
         grads_step: list[Tensor | None] = [None] * len(per_step)
         nw_written = h0_written = False
@@ -116,7 +118,7 @@ def one_step_backward(kernels: ModuleType, saved: tuple[Tensor | None, ...], nee
     need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = needs_input_grad
     grad_h = torch.empty_like(h) if need_h else None  # type: ignore[arg-type]
     grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None  # type: ignore[arg-type]
-    grad_nw = torch.empty_like(nw) if need_nw else None  # type: ignore[arg-type]
+    grad_nw = empty_like(nw) if need_nw else None  # type: ignore[arg-type]
     grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
     grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None
     grad_rs = torch.empty_like(rs) if need_rs and rs is not None else None
