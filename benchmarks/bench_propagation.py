@@ -9,6 +9,8 @@ Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
   weights, write the output), as a fraction of two copy bandwidths: ``clone`` of the map itself (the
   issue's yardstick; 8.6 MB sits in a server CPU's L3, so this is cache bandwidth) and ``copy_`` of a
   buffer moving the step's own byte count (the memory floor at that size: the step cannot beat it);
+- the same ratio for the kernels alone (gradient buffers preallocated: no autograd, no fresh memory)
+  and for T steps through ``propagate`` (forward+backward over forward, what a refiner's training costs);
 - T chained steps forward+backward: picked backend step by step, shifted slices, autograd through the
   loop, unfold, and ``propagate`` (what the refiners call: on the fused CPU kernels, one autograd node
   for all T steps whose backward adds every step's neighbour-weight gradient into one buffer).
@@ -92,6 +94,31 @@ def _step_fwd_bwd(step, x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: in
     out.backward(x0)
 
 
+def _propagate_forward(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
+    """T steps through ``propagate`` without autograd (the weights included, as in ``_propagate_fwd_bwd``)."""
+    with torch.no_grad():
+        propagate(x0, [_weights(name, k, aff, att)] * iterations, k)
+
+
+def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> float | None:  # type: ignore[no-untyped-def, type-arg]
+    """One step's (forward + backward) / forward on the backend's kernels alone, every gradient buffer
+    preallocated: what the step costs without autograd and without paging in fresh gradient memory."""
+    if backend == "cpp":
+        from spntune.models import cpu_propagation as kernels
+    elif backend == "triton":
+        from spntune.models import triton_propagation as kernels
+    else:
+        return None
+    nw, sw, aw = weights[:3]
+    rs = weights[3] if len(weights) > 3 else None
+    nw, sw, aw, rs = (t.contiguous() if t is not None else None for t in (nw, sw, aw, rs))
+    grads = [torch.zeros_like(t) if t is not None else None for t in (x, x0, nw, rs, sw, aw)]
+    fwd = timeit(lambda: kernels.forward_step(x, x0, nw, sw, aw, rs, k), repeats)
+    bwd = timeit(lambda: kernels.backward_step(x0, x, x0, nw, rs, sw, aw, *grads, kernel_size=k, accumulate=False),
+                 repeats)  # fmt: skip
+    return (fwd + bwd) / fwd
+
+
 def _shifted_slice(*args: Any) -> torch.Tensor:
     """``propagate_step`` forced onto the shifted-slice path."""
     set_propagation_backend("torch")
@@ -153,6 +180,8 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         train["propagate"] = timeit(
             partial(_propagate_fwd_bwd, x0, aff, att, name, k, iterations), max(1, repeats // 2)
         )
+        prop_fwd_s = timeit(partial(_propagate_forward, x0, aff, att, name, k, iterations), repeats)
+        kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
         out["cases"][f"{name}_{k}x{k}"] = {
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
             "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "copy_floor_ms": 1000 * floor_s,
@@ -161,6 +190,9 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "fwd_bwd_speedup_over_shifted_slice": slice_step_s / step_s, "unfold_ms": 1000 * ref_s,
             "speedup_over_unfold": ref_s / fast_s, "alloc_unfold_over_fast": peaks[1] / peaks[0],
             "T_fwd_bwd_ms": {label: 1000 * t for label, t in train.items()},
+            "T_propagate_forward_ms": 1000 * prop_fwd_s,
+            "T_propagate_fwd_bwd_over_fwd": train["propagate"] / prop_fwd_s,
+            "kernel_fwd_bwd_over_fwd": kernel_ratio,
         }  # fmt: skip
     return out
 
@@ -188,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
             f"forward+backward {m['fwd_bwd_speedup_over_shifted_slice']:.1f}x faster than shifted slices; "
             f"largest allocation unfold/picked {m['alloc_unfold_over_fast']:.1f}x"
         )
+        kr = m["kernel_fwd_bwd_over_fwd"]
+        print(f"{case} forward+backward / forward: one step {m['fwd_bwd_over_fwd']:.1f}x, its kernels alone "
+              + (f"{kr:.1f}x" if kr is not None else "n/a")
+              + f", T={args.iterations} propagate {m['T_propagate_fwd_bwd_over_fwd']:.1f}x")  # fmt: skip
         base = m["T_fwd_bwd_ms"]["picked"]
         print(f"{case} T={args.iterations} forward+backward: "
               + ", ".join(f"{lbl} {t:.0f} ms ({t / base:.1f}x)" for lbl, t in m["T_fwd_bwd_ms"].items()))  # fmt: skip

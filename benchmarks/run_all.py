@@ -70,6 +70,17 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                 (name, f"{case} forward speed-up {picked} / unfold", m["speedup_over_unfold"], ""),
                 (name, f"{case} largest allocation unfold / {picked}", m["alloc_unfold_over_fast"], ""),
                 (name, f"{case} step forward+backward / forward", m["fwd_bwd_over_fwd"], "<= 3"),
+                *(
+                    [(name, f"{case} same, the kernels alone (buffers preallocated)", m["kernel_fwd_bwd_over_fwd"], "")]
+                    if m["kernel_fwd_bwd_over_fwd"] is not None
+                    else []
+                ),
+                (
+                    name,
+                    f"{case} same, T={r['iterations']} steps through propagate",
+                    m["T_propagate_fwd_bwd_over_fwd"],
+                    "",
+                ),
                 (
                     name,
                     f"{case} forward, fraction of the map's clone bandwidth",
