@@ -103,11 +103,17 @@ def _propagate_forward(x0, aff, att, name: str, k: int, iterations: int) -> None
 def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> float | None:  # type: ignore[no-untyped-def, type-arg]
     """One step's (forward + backward) / forward on the backend's kernels alone, every gradient buffer
     preallocated: what the step costs without autograd and without paging in fresh gradient memory."""
-    if backend == "cpp":
-        from spntune.models import cpu_propagation as kernels
-    elif backend == "triton":
-        from spntune.models import triton_propagation as kernels
-    else:
+    try:
+        if backend == "cpp":
+            from spntune.models import cpu_propagation as kernels
+
+            if kernels.library() is None:  # no compiler: propagate_step fell back to shifted slices
+                return None
+        elif backend == "triton":
+            from spntune.models import triton_propagation as kernels
+        else:
+            return None
+    except ImportError:  # no triton: propagate_step fell back too
         return None
     nw, sw, aw = weights[:3]
     rs = weights[3] if len(weights) > 3 else None

@@ -63,11 +63,13 @@ def test_small_buffers_and_the_off_switch_give_no_advice(monkeypatch):
     assert not memory.advise_huge_pages(large) and _advised_bytes(large) == 0
 
 
-def test_other_devices_and_dtypes_keep_plain_empty_like():
+def test_no_advice_for_empty_or_non_contiguous_tensors_and_dtype_is_kept_or_chosen():
     t = torch.empty(2, 3, dtype=torch.float64)
-    out = memory.empty_like(t)
-    assert out.dtype == torch.float64 and out.shape == t.shape
+    assert memory.empty_like(t).dtype == torch.float64
+    assert memory.empty_like(t, torch.float32).dtype == torch.float32
     assert not memory.advise_huge_pages(torch.empty(0))
+    # an expanded view claims more bytes than it owns: never advised
+    assert not memory.advise_huge_pages(torch.empty(1, 1).expand(4096, 4096))
 
 
 @needs_thp

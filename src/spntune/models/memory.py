@@ -10,7 +10,7 @@ already paged in. A propagation step's forward takes 3-5 ms at that size, so the
 the kernels.
 
 ``empty_like`` asks the kernel for huge pages over the 2 MB-aligned interior of a fresh buffer of at
-least 32 MB, which glibc always maps fresh (nothing outside the buffer is touched, no memory is added; where THP is off or not
+least 32 MB, which glibc maps fresh unless a free block that large waits on its heap (nothing outside the buffer is touched, no memory is added; where THP is off or not
 available the kernel falls back to 4 KB pages). Only the buffers the propagation code allocates itself
 are advised, never a user's tensors or PyTorch's own allocations. ``SPNTUNE_HUGE_PAGES=0`` turns it off
 (for a host whose THP ``defrag`` setting makes huge-page faults stall).
@@ -52,15 +52,15 @@ def advise_huge_pages(t: Tensor) -> bool:
     the advice was given; a refusal by the kernel is not an error (the buffer works either way)."""
     fn = _madvise()
     nbytes = t.numel() * t.element_size()
-    if fn is None or t.device.type != "cpu" or nbytes < _MIN_BYTES:
-        return False
+    if fn is None or t.device.type != "cpu" or nbytes < _MIN_BYTES or not t.is_contiguous():
+        return False  # contiguous: [data_ptr, data_ptr + nbytes) is the tensor's own memory
     start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
     end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
     return end > start and fn(start, end - start, _MADV_HUGEPAGE) == 0
 
 
-def empty_like(t: Tensor) -> Tensor:
-    """``torch.empty_like(t)``, with huge pages advised where it is large (module docstring)."""
-    out = torch.empty_like(t)
+def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.empty_like(t, dtype=dtype)``, with huge pages advised where it is large (module docstring)."""
+    out = torch.empty_like(t, dtype=dtype)
     advise_huge_pages(out)
     return out

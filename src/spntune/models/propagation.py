@@ -395,7 +395,8 @@ class _CSPNNormalise(torch.autograd.Function):
         total = affinity.sum(dim=1, keepdim=True)
         ctx.save_for_backward(affinity, inv, total, abs_sum > floor)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
-        kappa_hat = torch.mul(affinity, inv, out=empty_like(affinity))
+        # The dtype affinity * inv would have (under autocast inv can be float32 with a half affinity).
+        kappa_hat = torch.mul(affinity, inv, out=empty_like(affinity, torch.promote_types(affinity.dtype, inv.dtype)))
         return kappa_hat, torch.addcmul(torch.ones_like(inv), inv, total, value=-1.0)
 
     @staticmethod
