@@ -6,9 +6,10 @@ Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
   (every input requiring grad) and their ratio (target <= 3); its speed-up over the shifted-slice path
   (``SPNTUNE_PROPAGATION=torch``) and over unfold, and the largest allocation unfold / picked;
 - the forward's effective bandwidth, counting the minimum traffic of one step (read h, h0 and the
-  weights, write the output), as a fraction of two copy bandwidths: ``clone`` of the map itself (the
-  issue's yardstick; 8.6 MB sits in a server CPU's L3, so this is cache bandwidth) and ``copy_`` of a
-  buffer moving the step's own byte count (the memory floor at that size: the step cannot beat it);
+  weights, write the output), as a fraction of three copy bandwidths: ``clone`` of the map itself (the
+  issue's yardstick; 8.6 MB sits in a server CPU's L3, so this is cache bandwidth), ``copy_`` of a
+  buffer moving the step's own byte count (the floor at that size: the step cannot beat it), and
+  ``copy_`` of 256 MiB, larger than any cache (the memory's own speed);
 - the same ratio for the kernels alone (gradient buffers preallocated: no autograd, no fresh memory)
   and for T steps through ``propagate`` (forward+backward over forward, what a refiner's training costs);
 - T chained steps forward+backward: picked backend step by step, shifted slices, autograd through the
@@ -141,6 +142,14 @@ def _copy_floor_s(nbytes: int, repeats: int, device: torch.device) -> float:
     return timeit(lambda: dst.copy_(src), repeats)
 
 
+def _memory_copy_bandwidth(repeats: int, device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Bytes/s of a ``copy_`` between two buffers of ``nbytes`` each, too large for a CPU's L3 or a GPU's L2:
+    the memory's own speed (the map's ``clone`` can run in cache, 8.6 MB against a 32 MB L3 here)."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timeit(lambda: dst.copy_(src), repeats)
+
+
 def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int = 5, iterations: int = 6,
             device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """Every number this benchmark prints, measured in one run: per case (``cspn_3x3``, ...) the picked
@@ -154,11 +163,13 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
     x0 = torch.randn_like(x)
     copy_s = timeit(lambda: x.clone(), repeats * 4)
     copy_bw = 2 * x.numel() * 4 / copy_s  # read + write
+    memory_bw = _memory_copy_bandwidth(repeats, dev)
     backend = _chosen_backend()
     if backend == "auto":
         backend = "triton" if dev.type == "cuda" else "cpp"
     out: dict[str, Any] = {"device": str(dev), "shape": list(shape), "threads": torch.get_num_threads(),
-                           "backend": backend, "clone_gbps": copy_bw / 1e9, "iterations": iterations, "cases": {}}  # fmt: skip
+                           "backend": backend, "clone_gbps": copy_bw / 1e9, "memory_copy_gbps": memory_bw / 1e9,
+                           "iterations": iterations, "cases": {}}  # fmt: skip
     for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
@@ -192,6 +203,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
             "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "copy_floor_ms": 1000 * floor_s,
             "forward_of_copy_floor": floor_s / fast_s, "shifted_slice_forward_ms": 1000 * slice_s,
+            "forward_of_memory_copy_bandwidth": min_bytes / fast_s / memory_bw,
             "speedup_over_shifted_slice": slice_s / fast_s,
             "fwd_bwd_speedup_over_shifted_slice": slice_step_s / step_s, "unfold_ms": 1000 * ref_s,
             "speedup_over_unfold": ref_s / fast_s, "alloc_unfold_over_fast": peaks[1] / peaks[0],
@@ -212,13 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     r = measure(tuple(args.shape), args.repeats, args.iterations, args.device)
     print(f"device {r['device']} ({r['threads']} threads), backend {r['backend']}, map [B,C,H,W] = {args.shape}; "
-          f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s")  # fmt: skip
+          f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s, copy of 256 MiB {r['memory_copy_gbps']:.1f} GB/s")  # fmt: skip
     for case, m in r["cases"].items():
         print(
             f"{case} one step: forward {m['forward_ms']:.2f} ms, forward+backward {m['forward_backward_ms']:.2f} ms, "
             f"ratio {m['fwd_bwd_over_fwd']:.1f}x (target <= 3); forward at {m['forward_of_clone_bandwidth']:.2f} of "
             f"the map's clone bandwidth (target >= 0.5), at {m['forward_of_copy_floor']:.2f} of the same-bytes copy "
-            f"floor ({m['copy_floor_ms']:.2f} ms)"
+            f"floor ({m['copy_floor_ms']:.2f} ms), at {m['forward_of_memory_copy_bandwidth']:.2f} of a 256 MiB copy's bandwidth"
         )
         print(
             f"{case} forward: {m['forward_ms']:.2f} ms; shifted slices {m['shifted_slice_forward_ms']:.2f} ms "

@@ -90,6 +90,12 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                 (name, f"{case} forward, fraction of the same-bytes copy floor", m["forward_of_copy_floor"], ""),
                 (
                     name,
+                    f"{case} forward, fraction of a 256 MiB copy's bandwidth (memory)",
+                    m["forward_of_memory_copy_bandwidth"],
+                    "",
+                ),
+                (
+                    name,
                     f"{case} T={r['iterations']} fwd+bwd: shifted slices / {picked}",
                     t["shifted slice"] / t["picked"],
                     "",
