@@ -10,8 +10,9 @@ already paged in. A propagation step's forward takes 3-5 ms at that size, so the
 the kernels.
 
 ``empty_like`` asks the kernel for huge pages over the 2 MB-aligned interior of a fresh buffer of at
-least 32 MB, which glibc maps fresh unless a free block that large waits on its heap (nothing outside the buffer is touched, no memory is added; where THP is off or not
-available the kernel falls back to 4 KB pages). Only the buffers the propagation code allocates itself
+least 32 MB, which glibc maps fresh unless a free block that large waits on its heap (nothing outside
+the buffer is touched, no memory is added; where THP is off or not available the kernel falls back to
+4 KB pages). Only the buffers the propagation code allocates itself
 are advised, never a user's tensors or PyTorch's own allocations. ``SPNTUNE_HUGE_PAGES=0`` turns it off
 (for a host whose THP ``defrag`` setting makes huge-page faults stall).
 """
@@ -30,7 +31,7 @@ __all__ = ["advise_huge_pages", "empty_like"]
 
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 _HUGE = 2 << 20  # x86-64 / arm64 (4 KB base pages) transparent huge page size
-_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: every block this size is a fresh mapping
+_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: blocks this size are (almost always) fresh mappings
 
 
 @cache

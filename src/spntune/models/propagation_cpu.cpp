@@ -80,8 +80,8 @@ inline void st(T* p, V v) {
 
 // st without the read for ownership: a non-temporal store where p is aligned to a whole 64- or 32-byte
 // vector (x86), else st. For the k*k-1 weight-gradient maps written once and not read soon (37.7 MB at
-// [4, 48, 192, 256], more than the L3): the CSPN 7x7 backward 10.1 -> 9.1 ms, alternating in one process
-// on the 2-core EPYC VM. Callers issue fence_streams() before others read what they stored.
+// [4, 48, 192, 256], more than the L3): the CSPN 7x7 backward 10.1-10.2 -> 8.7-9.1 ms, two runs alternating
+// in one process on the 2-core EPYC VM. Callers issue fence_streams() before others read what they stored.
 template <class V, class T>
 inline void st_stream(T* p, V v) {
     [[maybe_unused]] const auto at = reinterpret_cast<std::uintptr_t>(p);
@@ -564,10 +564,10 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 outs[j] = staged ? scratch.data() + j * W : gnw + (b * K + j) * HW + at;
                 src[j] = hring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
             }
-            if (stencil_w)
+            if (stencil_w) {
                 for (int d = 0; d < D; ++d) hrows[d] = hring.at(slots[d], 0);
-            for (int j = 0; j < K; ++j)
-                if (stencil_w) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
+                for (int j = 0; j < K; ++j) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
+            }
             dot_row<P>(stencil_w ? r : 0, W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data(),
                        hrows.data(), wouts.data(), stream_w && !staged);
             if (rs) {
