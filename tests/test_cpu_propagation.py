@@ -21,6 +21,7 @@ import torch
 
 from spntune.models import cpu_propagation
 from spntune.models.propagation import (
+    _CSPNNormalise,
     cspn_weights,
     dyspn_factored_weights,
     dyspn_ring_sums,
@@ -111,6 +112,66 @@ def test_weight_gradients_of_32_mb_and_more_match_the_reference(variant):
     # stores (st_stream), from dot_stencil (CSPN) and from the factored weights' loop (DySPN)
     errors = _errors(propagate_step, 7, variant, (2, 2, 176, 256), torch.float64)
     assert max(errors.values()) <= 1e-12, errors
+
+
+def _normalise(affinity, grad_kappa, grad_centre, floor=1e-6):
+    """``(kappa_hat, centre, d affinity)`` through ``_CSPNNormalise`` on the current backend, the gradient
+    from the given output gradients (None: that output unused)."""
+    leaf = affinity.detach().clone().requires_grad_()
+    kappa, centre = _CSPNNormalise.apply(leaf, floor)
+    pairs = [(t, g) for t, g in ((kappa, grad_kappa), (centre, grad_centre)) if g is not None]
+    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    return kappa.detach(), centre.detach(), leaf.grad
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "tol"),
+    [
+        ((2, 8, 5, 6), torch.float64, 1e-12),  # fewer pixels than one block, rows narrower than a vector
+        ((3, 24, 19, 37), torch.float64, 1e-12),  # 703 pixels: a whole block and a part, an unaligned tail
+        ((2, 48, 176, 256), torch.float64, 1e-12),  # 34.6 MB: kappa and the gradient go out through st_stream
+        ((2, 48, 13, 40), torch.float32, 1e-5),
+    ],
+)
+@pytest.mark.parametrize("use", ["both", "kappa", "centre"])
+def test_fused_cspn_normalisation_matches_the_torch_ops(shape, dtype, tol, use):
+    """``cspn_weights``' normalisation on the C++ kernels (one pass over the affinity, forward and backward)
+    against the same autograd node on torch's ops, with an all-zero pixel, a zero affinity and a tie at the
+    clamped floor; and that the kernels ran."""
+    g = torch.Generator().manual_seed(7)
+    b, k, h, w = shape
+    a = torch.randn(shape, generator=g, dtype=dtype)
+    a[0, :, 0, 0] = 0.0
+    a[0, 3, 1, 2] = 0.0
+    a[1, :, 1, 1] = 1.0 / k
+    a[1, 0, 1, 1] = -1.0 / k if k in (8, 16, 32) else a[1, 0, 1, 1]  # |.| sums to the floor 1 exactly
+    grad_kappa = torch.randn(shape, generator=g, dtype=dtype) if use in ("both", "kappa") else None
+    grad_centre = torch.randn(b, 1, h, w, generator=g, dtype=dtype) if use in ("both", "centre") else None
+    floor = 1.0 if k == 8 else 1e-6
+    calls = []
+    fused, fused_backward = cpu_propagation.cspn_normalise, cpu_propagation.cspn_normalise_backward
+
+    def counted(fn):
+        def inner(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+
+        return inner
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_propagation, "cspn_normalise", counted(fused))
+        mp.setattr(cpu_propagation, "cspn_normalise_backward", counted(fused_backward))
+        mine = _normalise(a, grad_kappa, grad_centre, floor)
+    assert calls == ["cspn_normalise", "cspn_normalise_backward"]
+    set_propagation_backend("torch")
+    theirs = _normalise(a, grad_kappa, grad_centre, floor)
+    for x, y in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+def test_fused_cspn_normalisation_gradcheck():
+    a = torch.randn(2, 8, 4, 21, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: _CSPNNormalise.apply(x, 1e-6), (a.requires_grad_(),))
 
 
 def test_gradcheck_of_chained_steps():

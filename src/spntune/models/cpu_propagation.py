@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from spntune.filelock import held
 from spntune.models.fused_propagation import one_step_backward, run_steps
+from spntune.models.memory import empty_like
 
 __all__ = [
     "FusedCPUStep",
@@ -55,7 +56,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -156,6 +157,10 @@ def _load(path: Path) -> ctypes.CDLL:
         fwd.argtypes, fwd.restype = [ptr] * 7 + [long_] * 4 + [int_] * 2, None
         bwd = getattr(lib, f"spn_backward_{suffix}")
         bwd.argtypes, bwd.restype = [ptr] * 13 + [long_] * 4 + [int_] * 3, None
+        norm = getattr(lib, f"spn_cspn_normalise_{suffix}")
+        norm.argtypes, norm.restype = [ptr] * 5 + [long_] * 3 + [ctypes.c_double, int_], None
+        norm_bwd = getattr(lib, f"spn_cspn_normalise_backward_{suffix}")
+        norm_bwd.argtypes, norm_bwd.restype = [ptr] * 7 + [long_] * 3 + [ctypes.c_double, int_], None
     return lib
 
 
@@ -271,3 +276,39 @@ def propagate_cpu(
     if not supports(h0, neighbour_weight, *[t for step in per_step for t in step]) or library() is None:
         return None
     return run_steps(sys.modules[__name__], h0, neighbour_weight, per_step, kernel_size)
+
+
+def cspn_normalise(affinity: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """CSPN's normalisation in one pass (``propagation._CSPNNormalise``): ``(kappa_hat, abs_sum, inv, total)``
+    with ``kappa_hat = a * inv``, ``inv = 1 / max(abs_sum, floor)``, ``abs_sum = sum_j |a_j|`` and ``total =
+    sum_j a_j`` (the last three ``[B, 1, H, W]``), or None where the kernels do not apply (no library,
+    dtype, device)."""
+    lib = library() if supports(affinity) else None
+    if lib is None:
+        return None
+    a = affinity.contiguous()
+    b, k, h, w = a.shape
+    kappa = empty_like(a)
+    abs_sum, inv, total = (a.new_empty(b, 1, h, w) for _ in range(3))
+    getattr(lib, f"spn_cspn_normalise_{_DTYPES[a.dtype]}")(
+        *(_ptr(t) for t in (a, kappa, abs_sum, inv, total)), b, k, h * w, floor, torch.get_num_threads()
+    )
+    return kappa, abs_sum, inv, total
+
+
+def cspn_normalise_backward(affinity: Tensor, grad_kappa: Tensor | None, grad_centre: Tensor | None,
+                            saved: tuple[Tensor, Tensor, Tensor], floor: float) -> Tensor | None:  # fmt: skip
+    """The gradient of the affinity through ``cspn_normalise`` given those of ``kappa_hat`` and of the centre
+    weight ``1 - inv * total`` (None: zero), ``saved`` = its ``(abs_sum, inv, total)``; or None where the
+    kernels do not apply."""
+    tensors = (affinity, grad_kappa, grad_centre, *saved)
+    lib = library() if supports(*tensors) else None
+    if lib is None:
+        return None
+    a, gk, gc, abs_sum, inv, total = (t.contiguous() if t is not None else None for t in tensors)
+    b, k, h, w = a.shape  # type: ignore[union-attr]
+    out = empty_like(a)  # type: ignore[arg-type]
+    getattr(lib, f"spn_cspn_normalise_backward_{_DTYPES[a.dtype]}")(  # type: ignore[union-attr]
+        *(_ptr(t) for t in (a, gk, gc, abs_sum, inv, total, out)), b, k, h * w, floor, torch.get_num_threads()
+    )
+    return out

@@ -386,15 +386,29 @@ class _CSPNNormalise(torch.autograd.Function):
         d a_i = (G_i - g) / n - sign(a_i) [s > floor] (P - g S) / n^2
 
     (``clamp_min`` passes the gradient where ``s > floor``, not at the tie; ``abs`` has gradient 0 at 0:
-    as torch). The backward is not itself differentiable (``create_graph=True`` through it raises)."""
+    as torch). The backward is not itself differentiable (``create_graph=True`` through it raises).
+
+    Where the backend setting selects the fused CPU kernels (float32 / float64), forward and backward are
+    one C++ pass each (``cpu_propagation.cspn_normalise``): per block of pixels the k*k-1 affinity rows are
+    read from memory once, against three passes over the affinity (abs-sum, sum, multiply) and four over
+    the gradient through torch's ops. [4, 48, 192, 256]: 7.8 -> 6.1 ms forward, 18.5 -> 12.9 ms forward
+    plus backward (2-core EPYC VM, fresh output memory included)."""
 
     @staticmethod
     def forward(ctx: Any, affinity: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+        ctx.floor = floor
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
+        fused = cpu_propagation.cspn_normalise(affinity, floor) if _normalise_on_cpu_kernels(affinity) else None
+        if fused is not None:  # one pass over the affinity instead of three
+            kappa_hat, abs_sum, inv, total = fused
+            ctx.fused = True
+            ctx.save_for_backward(affinity, abs_sum, inv, total)
+            return kappa_hat, torch.addcmul(torch.ones_like(inv), inv, total, value=-1.0)
         abs_sum = _channel_sum(affinity, absolute=True)
         inv = abs_sum.clamp_min(floor).reciprocal_()
         total = affinity.sum(dim=1, keepdim=True)
+        ctx.fused = False
         ctx.save_for_backward(affinity, inv, total, abs_sum > floor)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
         # The dtype affinity * inv would have (under autocast inv can be float32 with a half affinity).
         kappa_hat = torch.mul(affinity, inv, out=empty_like(affinity, torch.promote_types(affinity.dtype, inv.dtype)))
         return kappa_hat, torch.addcmul(torch.ones_like(inv), inv, total, value=-1.0)
@@ -402,7 +416,15 @@ class _CSPNNormalise(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kappa: Tensor | None, grad_centre: Tensor | None) -> tuple[Tensor | None, None]:
-        affinity, inv, total, passes = ctx.saved_tensors
+        if ctx.fused:
+            affinity, abs_sum, inv, total = ctx.saved_tensors
+            out = cpu_propagation.cspn_normalise_backward(affinity, grad_kappa, grad_centre, (abs_sum, inv, total),
+                                                          ctx.floor)  # fmt: skip
+            if out is not None:
+                return out, None
+            passes = abs_sum > ctx.floor  # gradients the kernels do not take: the formula below
+        else:
+            affinity, inv, total, passes = ctx.saved_tensors
         if grad_kappa is None:
             grad_kappa = torch.zeros_like(affinity)
         g = grad_centre if grad_centre is not None else torch.zeros_like(inv)
@@ -411,6 +433,12 @@ class _CSPNNormalise(torch.autograd.Function):
         out = torch.sign(affinity, out=empty_like(affinity))
         out.mul_(q.neg_()).addcmul_(grad_kappa, inv).sub_(g * inv)
         return out, None
+
+
+def _normalise_on_cpu_kernels(affinity: Tensor) -> bool:
+    """Whether the backend setting sends CSPN's normalisation of ``affinity`` to the fused CPU kernels (which
+    still decline tensors they do not take: other dtypes, no library)."""
+    return _selects_cpu_kernels(_chosen_backend(), affinity)
 
 
 def _channel_sum(x: Tensor, y: Tensor | None = None, absolute: bool = False) -> Tensor:
