@@ -56,7 +56,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -161,6 +161,10 @@ def _load(path: Path) -> ctypes.CDLL:
         norm.argtypes, norm.restype = [ptr] * 5 + [long_] * 3 + [ctypes.c_double, int_], None
         norm_bwd = getattr(lib, f"spn_cspn_normalise_backward_{suffix}")
         norm_bwd.argtypes, norm_bwd.restype = [ptr] * 7 + [long_] * 3 + [ctypes.c_double, int_], None
+        rings = getattr(lib, f"spn_ring_sums_{suffix}")
+        rings.argtypes, rings.restype = [ptr] * 3 + [long_, int_, long_, int_], None
+        rings_bwd = getattr(lib, f"spn_ring_sums_backward_{suffix}")
+        rings_bwd.argtypes, rings_bwd.restype = [ptr] * 4 + [long_, int_, long_, int_], None
     return lib
 
 
@@ -310,5 +314,38 @@ def cspn_normalise_backward(affinity: Tensor, grad_kappa: Tensor | None, grad_ce
     out = empty_like(a)  # type: ignore[arg-type]
     getattr(lib, f"spn_cspn_normalise_backward_{_DTYPES[a.dtype]}")(  # type: ignore[union-attr]
         *(_ptr(t) for t in (a, gk, gc, abs_sum, inv, total, out)), b, k, h * w, floor, torch.get_num_threads()
+    )
+    return out
+
+
+def ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor] | None:
+    """DySPN's ring sums in one pass (``propagation._RingSums``): per ring of the window the sum of the
+    affinities and of their absolute values, two ``[B, R, H, W]``; or None where the kernels do not apply."""
+    lib = library() if supports(affinity) else None
+    if lib is None:
+        return None
+    a = affinity.contiguous()
+    b, _, h, w = a.shape
+    sums = a.new_empty(b, kernel_size // 2, h, w)
+    abs_sums = torch.empty_like(sums)
+    getattr(lib, f"spn_ring_sums_{_DTYPES[a.dtype]}")(
+        _ptr(a), _ptr(sums), _ptr(abs_sums), b, kernel_size, h * w, torch.get_num_threads()
+    )
+    return sums, abs_sums
+
+
+def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None,
+                       kernel_size: int) -> Tensor | None:  # fmt: skip
+    """The affinity's gradient through ``ring_sums`` (``d a_j = grad_sum[ring(j)] + sign(a_j)
+    grad_abs_sum[ring(j)]``, None: zero), or None where the kernels do not apply."""
+    tensors = (affinity, grad_sum, grad_abs_sum)
+    lib = library() if supports(*tensors) else None
+    if lib is None:
+        return None
+    a, gs, ga = (t.contiguous() if t is not None else None for t in tensors)
+    b, _, h, w = a.shape  # type: ignore[union-attr]
+    out = empty_like(a)  # type: ignore[arg-type]
+    getattr(lib, f"spn_ring_sums_backward_{_DTYPES[a.dtype]}")(  # type: ignore[union-attr]
+        _ptr(a), _ptr(gs), _ptr(ga), _ptr(out), b, kernel_size, h * w, torch.get_num_threads()
     )
     return out

@@ -398,7 +398,7 @@ class _CSPNNormalise(torch.autograd.Function):
     def forward(ctx: Any, affinity: Tensor, floor: float) -> tuple[Tensor, Tensor]:
         ctx.floor = floor
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
-        fused = cpu_propagation.cspn_normalise(affinity, floor) if _normalise_on_cpu_kernels(affinity) else None
+        fused = cpu_propagation.cspn_normalise(affinity, floor) if _weights_on_cpu_kernels(affinity) else None
         if fused is not None:  # one pass over the affinity instead of three
             kappa_hat, abs_sum, inv, total = fused
             ctx.fused = True
@@ -435,9 +435,10 @@ class _CSPNNormalise(torch.autograd.Function):
         return out, None
 
 
-def _normalise_on_cpu_kernels(affinity: Tensor) -> bool:
-    """Whether the backend setting sends CSPN's normalisation of ``affinity`` to the fused CPU kernels (which
-    still decline tensors they do not take: other dtypes, no library)."""
+def _weights_on_cpu_kernels(affinity: Tensor) -> bool:
+    """Whether the backend setting sends the weights' own nodes (CSPN's normalisation, DySPN's ring sums) on
+    ``affinity`` to the fused CPU kernels (which still decline tensors they do not take: other dtypes, no
+    library)."""
     return _selects_cpu_kernels(_chosen_backend(), affinity)
 
 
@@ -519,10 +520,18 @@ class _RingSums(torch.autograd.Function):
     """``dyspn_ring_sums`` on the CPU, one neighbour at a time: no ``[B, k*k-1, H, W]`` temporaries (the
     einsums' ``affinity.abs()`` and, in their backward, products and copies of that size, each fresh
     memory above glibc's mmap threshold); the backward allocates the gradient only:
-    ``d a_j = G_sum[ring(j)] + sign(a_j) G_abs[ring(j)]``."""
+    ``d a_j = G_sum[ring(j)] + sign(a_j) G_abs[ring(j)]``. On the C++ backend forward and backward are
+    one pass each over the affinity (``cpu_propagation.ring_sums``)."""
 
     @staticmethod
     def forward(ctx: Any, affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(affinity)
+        ctx.kernel_size = kernel_size
+        ctx.set_materialize_grads(False)
+        fused = cpu_propagation.ring_sums(affinity, kernel_size) if _weights_on_cpu_kernels(affinity) else None
+        ctx.fused = fused is not None
+        if fused is not None:  # one pass over the affinity instead of one strided add per neighbour and sum
+            return fused
         rings = ring_index(kernel_size)
         b, _, h, w = affinity.shape
         ring_sum = affinity.new_zeros(b, num_rings(kernel_size), h, w)
@@ -531,21 +540,22 @@ class _RingSums(torch.autograd.Function):
         for j, q in enumerate(rings):
             ring_sum[:, q] += affinity[:, j]
             ring_abs_sum[:, q] += torch.abs(affinity[:, j], out=tmp)
-        ctx.save_for_backward(affinity)
-        ctx.rings = rings
-        ctx.set_materialize_grads(False)
         return ring_sum, ring_abs_sum
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_sum: Tensor | None, grad_abs_sum: Tensor | None) -> tuple[Tensor | None, None]:
         (affinity,) = ctx.saved_tensors
+        if ctx.fused:
+            fused = cpu_propagation.ring_sums_backward(affinity, grad_sum, grad_abs_sum, ctx.kernel_size)
+            if fused is not None:
+                return fused, None
         out = empty_like(affinity)
         if grad_abs_sum is not None:
             torch.sign(affinity, out=out)
         else:
             out.zero_()
-        for j, q in enumerate(ctx.rings):
+        for j, q in enumerate(ring_index(ctx.kernel_size)):
             if grad_abs_sum is not None:
                 out[:, j] *= grad_abs_sum[:, q]
             if grad_sum is not None:

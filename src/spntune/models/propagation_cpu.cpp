@@ -816,6 +816,71 @@ void cspn_normalise_backward(const T* a, const T* G, const T* g, const T* abs_su
     }
 }
 
+// DySPN's ring sums of a [B, K, H, W] affinity (propagation._RingSums): per ring q of the window,
+// sum[q] = sum_{j in q} a_j and abs_sum[q] = sum_{j in q} |a_j| (j in order, as torch's loop), [B, R, HW]
+// each; per block of pixels the affinity is read once.
+template <typename T>
+void ring_sums(const T* a, T* sum, T* abs_sum, long B, int k, long HW, int threads) {
+    const Offsets off(k);
+    const long K = off.K, R = off.r, per = (HW + kNormBlock - 1) / kNormBlock;
+#pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
+    for (long blk = 0; blk < B * per; ++blk) {
+        const long b = blk / per, x0 = blk % per * kNormBlock, n = std::min(kNormBlock, HW - x0);
+        for (long q = 0; q < R; ++q) {
+            std::fill_n(sum + (b * R + q) * HW + x0, n, T(0));
+            std::fill_n(abs_sum + (b * R + q) * HW + x0, n, T(0));
+        }
+        for (long j = 0; j < K; ++j) {
+            const T* __restrict__ aj = a + (b * K + j) * HW + x0;
+            T* __restrict__ s = sum + (b * R + off.ring[j]) * HW + x0;
+            T* __restrict__ m = abs_sum + (b * R + off.ring[j]) * HW + x0;
+            for (long x = 0; x < n; ++x) {
+                s[x] += aj[x];
+                m[x] += aj[x] < T(0) ? -aj[x] : aj[x];
+            }
+        }
+    }
+}
+
+// Its backward: out_j = sign(a_j) * g_abs[ring(j)] + g_sum[ring(j)], either gradient null for zero; out
+// is written once (non-temporal from 32 MB on, as cspn_normalise's).
+template <typename T>
+void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long B, int k, long HW, int threads) {
+    using V = typename Wide<T>::V;
+    constexpr long lanes = Wide<T>::lanes;
+    const Offsets off(k);
+    const long K = off.K, R = off.r, per = (HW + kNormBlock - 1) / kNormBlock;
+    const bool stream = streams(B * K * HW * long(sizeof(T)));
+#pragma omp parallel num_threads(std::max(1, threads))
+    {
+#pragma omp for schedule(static)
+        for (long blk = 0; blk < B * per; ++blk) {
+            const long b = blk / per, x0 = blk % per * kNormBlock, n = std::min(kNormBlock, HW - x0);
+            for (long j = 0; j < K; ++j) {
+                const long ring = (b * R + off.ring[j]) * HW + x0;
+                const T* __restrict__ aj = a + (b * K + j) * HW + x0;
+                const T* __restrict__ gs = g_sum ? g_sum + ring : nullptr;
+                const T* __restrict__ ga = g_abs ? g_abs + ring : nullptr;
+                T* __restrict__ oj = out + (b * K + j) * HW + x0;
+                long x = 0;
+                for (; x + lanes <= n; x += lanes) {
+                    const V av = ld<V>(aj + x), zero = V{} + T(0);
+                    V v = gs ? ld<V>(gs + x) : zero;
+                    if (ga)  // comparisons give -1 for true: sign(a) = (a < 0) - (a > 0) converted
+                        v += (__builtin_convertvector(av < zero, V) - __builtin_convertvector(av > zero, V)) *
+                             ld<V>(ga + x);
+                    put(oj + x, v, stream);
+                }
+                for (; x < n; ++x) {
+                    const T sg = T(aj[x] > T(0)) - T(aj[x] < T(0));
+                    oj[x] = (gs ? gs[x] : T(0)) + (ga ? sg * ga[x] : T(0));
+                }
+            }
+        }
+        fence_streams();
+    }
+}
+
 }  // namespace
 
 // Pointers: nw is the neighbour weight (or the affinity where rs is given); rs, sw, aw may be null; of
@@ -824,7 +889,7 @@ void cspn_normalise_backward(const T* a, const T* G, const T* g, const T* abs_su
 // propagation share nw and h0: one buffer for all their gradients); the others are overwritten.
 extern "C" {
 
-int spn_abi_version() { return 4; }
+int spn_abi_version() { return 5; }
 
 void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* rs, const float* sw,
                      const float* aw, float* out, long B, long C, long H, long W, int k, int threads) {
@@ -870,6 +935,24 @@ void spn_cspn_normalise_backward_f64(const double* a, const double* G, const dou
                                      const double* inv, const double* total, double* out, long B, long K, long HW,
                                      double floor, int threads) {
     cspn_normalise_backward<double>(a, G, g, abs_sum, inv, total, out, B, K, HW, floor, threads);
+}
+
+void spn_ring_sums_f32(const float* a, float* sum, float* abs_sum, long B, int k, long HW, int threads) {
+    ring_sums<float>(a, sum, abs_sum, B, k, HW, threads);
+}
+
+void spn_ring_sums_f64(const double* a, double* sum, double* abs_sum, long B, int k, long HW, int threads) {
+    ring_sums<double>(a, sum, abs_sum, B, k, HW, threads);
+}
+
+void spn_ring_sums_backward_f32(const float* a, const float* g_sum, const float* g_abs, float* out, long B, int k,
+                                long HW, int threads) {
+    ring_sums_backward<float>(a, g_sum, g_abs, out, B, k, HW, threads);
+}
+
+void spn_ring_sums_backward_f64(const double* a, const double* g_sum, const double* g_abs, double* out, long B,
+                                int k, long HW, int threads) {
+    ring_sums_backward<double>(a, g_sum, g_abs, out, B, k, HW, threads);
 }
 
 }  // extern "C"
