@@ -1,81 +1,126 @@
-"""models/memory.py: huge pages advised over the 2 MB-aligned interior of large fresh CPU buffers only, read
-back from the kernel's own record of the mapping (/proc/self/smaps), and the switch that turns it off."""
+"""models/memory.py: the pool of large CPU buffers. A block is handed out again only after the last view
+of its memory is gone, never while one lives; the limit holds; the switch turns it off; other dtypes,
+devices and small tensors go to torch; gradients through the propagation are unchanged by reuse."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import threading
 
 import pytest
 import torch
 
-from spntune.models import memory, propagation
-from spntune.models.propagation import cspn_weights
+from spntune.models import memory
+from spntune.models.propagation import cspn_weights, dyspn_factored_weights, num_rings, propagate
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-needs_thp = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not THP.exists() or "[never]" in THP.read_text(),
-    reason="Linux with transparent huge pages available",
-)
+SMALL = 1 << 16  # the tests lower the 32 MB floor to 64 KB: same code, less memory
 
 
 @pytest.fixture(autouse=True)
-def fresh_switch(monkeypatch):
-    monkeypatch.delenv("SPNTUNE_HUGE_PAGES", raising=False)
-    memory._madvise.cache_clear()
+def fresh_pool(monkeypatch):
+    monkeypatch.delenv("SPNTUNE_BUFFER_POOL_MB", raising=False)
+    monkeypatch.setattr(memory, "_MIN_BYTES", SMALL)
+    monkeypatch.setattr(memory, "_pool", None)
     yield
-    memory._madvise.cache_clear()
 
 
-def _advised_bytes(t: torch.Tensor) -> int:
-    """Bytes of t's memory in mappings the kernel marks ``hg`` (MADV_HUGEPAGE) in /proc/self/smaps."""
-    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    total, span = 0, None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0] if line else ""
-        if "-" in head and ":" not in head:
-            a, b = (int(v, 16) for v in head.split("-"))
-            span = (max(a, lo), min(b, hi))
-        elif line.startswith("VmFlags:") and span and span[1] > span[0] and " hg" in line:
-            total += span[1] - span[0]
-    return total
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
 
-@needs_thp
-def test_a_large_buffer_is_advised_over_its_aligned_interior_only():
-    like = torch.empty(4, 48, 192, 256)  # 37.7 MB
-    out = memory.empty_like(like)
-    assert out.shape == like.shape and out.dtype == like.dtype and out.is_contiguous()
-    start = -(-out.data_ptr() // memory._HUGE) * memory._HUGE
-    end = (out.data_ptr() + out.numel() * 4) // memory._HUGE * memory._HUGE
-    assert _advised_bytes(out) == end - start > 0
-    out.fill_(1.0)  # the memory works as any other
-    assert out.sum().item() == out.numel()
+def test_a_freed_buffer_is_handed_out_again_and_a_live_one_never():
+    like = torch.empty(4, 48, 16, 16)  # 192 KB
+    a = memory.empty_like(like)
+    assert a.shape == like.shape and a.dtype == like.dtype and a.is_contiguous() and a.data_ptr() % 64 == 0
+    first = a.data_ptr()
+    view = a[1:3]  # a view keeps the block in use
+    del a
+    b = memory.empty_like(like)
+    assert b.data_ptr() != first
+    del view
+    c = memory.empty_like(like)
+    assert c.data_ptr() == first  # the block came back when its last view went
+    pool = memory.buffer_pool()
+    assert pool is not None and pool.reused == 1 and pool.allocated == 2
+    c.fill_(2.0)  # the memory works as any other, and b's is apart from it
+    b.fill_(1.0)
+    assert c.sum().item() == 2.0 * c.numel() and b.sum().item() == b.numel()
+    assert _span(b)[1] <= _span(c)[0] or _span(c)[1] <= _span(b)[0]
 
 
-@needs_thp
-def test_small_buffers_and_the_off_switch_give_no_advice(monkeypatch):
-    small = memory.empty_like(torch.empty(1, 48, 96, 128))  # 2.4 MB: glibc reuses heap memory for these
-    assert _advised_bytes(small) == 0
-    monkeypatch.setenv("SPNTUNE_HUGE_PAGES", "0")
-    memory._madvise.cache_clear()
-    large = memory.empty_like(torch.empty(4, 48, 192, 256))
-    assert not memory.advise_huge_pages(large) and _advised_bytes(large) == 0
+def test_the_pool_keeps_no_more_than_its_limit(monkeypatch):
+    monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", str(300 / 1024))  # 300 KB: room for one 192 KB block
+    like = torch.empty(4, 48, 16, 16)
+    a, b = memory.empty_like(like), memory.empty_like(like)
+    pool = memory.buffer_pool()
+    del a, b
+    assert pool.held_bytes == like.numel() * 4  # the second block was freed, not kept
+    pool.clear()
+    assert pool.held_bytes == 0
 
 
-def test_no_advice_for_empty_or_non_contiguous_tensors_and_dtype_is_kept_or_chosen():
-    t = torch.empty(2, 3, dtype=torch.float64)
-    assert memory.empty_like(t).dtype == torch.float64
-    assert memory.empty_like(t, torch.float32).dtype == torch.float32
-    assert not memory.advise_huge_pages(torch.empty(0))
-    # an expanded view claims more bytes than it owns: never advised
-    assert not memory.advise_huge_pages(torch.empty(1, 1).expand(4096, 4096))
+def test_off_switch_small_tensors_other_dtypes_and_devices_go_to_torch(monkeypatch):
+    like = torch.empty(4, 48, 16, 16)
+    small = memory.empty_like(torch.empty(4, 4))
+    assert small.shape == (4, 4)
+    half = memory.empty_like(like, torch.bfloat16)  # numpy has no bfloat16: torch serves it
+    assert half.dtype == torch.bfloat16 and half.shape == like.shape
+    assert memory.empty_like(like.double()).dtype == torch.float64
+    assert memory.empty_like(like, torch.float64).dtype == torch.float64
+    pool = memory.buffer_pool()
+    assert pool.allocated + pool.reused == 2  # the two float64 buffers only (the first freed at once)
+    monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "0")
+    assert memory.buffer_pool() is None
+    assert memory.empty_like(like).shape == like.shape
+    monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "lots")
+    with pytest.raises(ValueError, match="SPNTUNE_BUFFER_POOL_MB must be a number of megabytes, got 'lots'"):
+        memory.empty_like(like)
 
 
-@needs_thp
-def test_cspn_weights_of_the_bench_shape_come_advised_and_unchanged():
-    affinity = torch.randn(4, 48, 192, 256)
-    kappa = cspn_weights(affinity)[0]
-    assert _advised_bytes(kappa) > 0
-    s = affinity.abs().sum(1, keepdim=True).clamp_min(propagation._EPS)
-    torch.testing.assert_close(kappa, affinity / s, rtol=1e-6, atol=0)
+def test_threads_never_share_a_live_block():
+    like = torch.empty(2, 48, 16, 16)
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        for i in range(200):
+            a, b = memory.empty_like(like), memory.empty_like(like)
+            a.fill_(seed)
+            b.fill_(-seed)
+            if not (a == seed).all() or not (b == -seed).all():
+                errors.append(f"thread {seed}, round {i}: a block was shared")
+            del a, b
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2, 3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    pool = memory.buffer_pool()
+    assert pool.reused > 0 and pool.allocated <= 8
+
+
+@pytest.mark.parametrize("kind", ["cspn", "dyspn"])
+def test_propagation_gradients_are_the_same_from_fresh_and_reused_buffers(kind, monkeypatch):
+    k = 7
+    g = torch.Generator().manual_seed(5)
+    h0 = torch.randn(2, 3, 12, 20, generator=g, dtype=torch.float64)
+    affinity = torch.randn(2, k * k - 1, 12, 20, generator=g, dtype=torch.float64)
+    attention = torch.rand(2, num_rings(k) + 1, 12, 20, generator=g, dtype=torch.float64)
+
+    def run() -> list[torch.Tensor]:
+        aff = affinity.clone().requires_grad_()
+        weights = cspn_weights(aff) if kind == "cspn" else dyspn_factored_weights(aff, attention, k)
+        h, _ = propagate(h0, [weights] * 3, k)
+        h.square().sum().backward()
+        return [h.detach(), aff.grad]
+
+    monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "0")
+    fresh = run()
+    monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "64")
+    run()  # fills the pool
+    pool = memory.buffer_pool()
+    before = pool.reused
+    reused = run()
+    assert pool.reused > before
+    for x, y in zip(fresh, reused, strict=True):
+        assert torch.equal(x, y)

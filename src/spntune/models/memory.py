@@ -1,67 +1,122 @@
-"""Fresh CPU buffers for the propagation's largest tensors, backed by transparent huge pages where Linux
-offers them.
+"""Reused CPU buffers for the propagation's largest tensors.
 
 A refiner step's neighbour weights and their gradients are ``[B, k*k-1, H, W]``: 37.7 MB at
 ``[4, 48, 192, 256]``, 75 MB at the CamVid default (batch 8). glibc serves any block over 32 MB with a
-fresh ``mmap``, and PyTorch's CPU allocator caches nothing, so every such tensor is paged in again on
-first write, one 4 KB fault at a time. Measured on the 2-core EPYC VM (``torch.empty(...).fill_(1)`` of
-37.7 MB, best of 15): 12.4 ms fresh, 3.0 ms fresh after ``madvise(MADV_HUGEPAGE)``, 0.8 ms into memory
-already paged in. A propagation step's forward takes 3-5 ms at that size, so the faults cost more than
-the kernels.
+fresh ``mmap`` and unmaps it on free, and PyTorch's CPU allocator caches nothing, so every such tensor
+is paged in again on its first write, in every training step. In training on the 2-core EPYC VM
+(CamVid default, U-Net/ResNet-18, DySPN 7x7, T=6, batch 8; torch profiler, two steps) that paging
+made DySPN's ring-sum backward take 22 ms per step where its kernel takes 6 ms, and it was worse with
+huge pages advised (88 ms, and 254 against 182 ms for the T-step backward), so this module no longer
+advises them.
 
-``empty_like`` asks the kernel for huge pages over the 2 MB-aligned interior of a fresh buffer of at
-least 32 MB, which glibc maps fresh unless a free block that large waits on its heap (nothing outside
-the buffer is touched, no memory is added; where THP is off or not available the kernel falls back to
-4 KB pages). Only the buffers the propagation code allocates itself
-are advised, never a user's tensors or PyTorch's own allocations. ``SPNTUNE_HUGE_PAGES=0`` turns it off
-(for a host whose THP ``defrag`` setting makes huge-page faults stall).
+``empty_like`` hands out CPU float32 / float64 buffers of at least 32 MB from a pool of blocks kept
+across calls: a block comes back to the pool when the last tensor viewing its memory is freed (a
+``weakref.finalize`` on the numpy array the tensor was made from, run by CPython's reference counting
+as the storage goes), and the next request of the same byte size takes it again, already paged in. The
+pool keeps at most ``SPNTUNE_BUFFER_POOL_MB`` of free blocks (default 1024; ``0`` turns the pool off);
+a block beyond that is freed as before. Only the buffers the propagation code allocates itself come
+from the pool, never a user's tensors or PyTorch's own allocations. On other devices and for other
+dtypes ``empty_like`` is ``torch.empty_like``.
 """
 
 from __future__ import annotations
 
-import ctypes
+import math
 import os
-import sys
-from functools import cache
+import threading
+import weakref
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["advise_huge_pages", "empty_like"]
+__all__ = ["BufferPool", "buffer_pool", "empty_like"]
 
-_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-_HUGE = 2 << 20  # x86-64 / arm64 (4 KB base pages) transparent huge page size
-_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: blocks this size are (almost always) fresh mappings
+_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller blocks are reused from its heap anyway
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+_DEFAULT_LIMIT_MB = 1024
 
 
-@cache
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    """libc's ``madvise`` on Linux with huge pages not turned off, else None."""
-    if not sys.platform.startswith("linux") or os.environ.get("SPNTUNE_HUGE_PAGES", "1") == "0":
-        return None
+class BufferPool:
+    """Free CPU blocks by byte size, handed out as contiguous tensors that return to the pool when the
+    last view of their memory dies (module docstring). Thread-safe."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._free: dict[int, list[Tensor]] = {}
+        self._held = 0  # bytes of free blocks kept
+        self._lock = threading.Lock()
+        self.allocated = 0  # blocks made fresh
+        self.reused = 0  # requests served by a kept block
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of free blocks the pool keeps now (blocks handed out are not counted)."""
+        return self._held
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+        """An uninitialised contiguous CPU tensor from the pool, or None for a dtype it does not serve."""
+        np_dtype = _NUMPY.get(dtype)
+        if np_dtype is None:
+            return None
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+        with self._lock:
+            blocks = self._free.get(nbytes)
+            block = blocks.pop() if blocks else None
+            if block is not None:
+                self._held -= nbytes
+                self.reused += 1
+            else:
+                self.allocated += 1
+        if block is None:
+            block = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned, as the kernels' vectors like
+        array = block.numpy().view(np_dtype).reshape(shape)
+        # The tensor's storage holds `array` until its last view is freed; then the block comes back.
+        weakref.finalize(array, self._give_back, block).atexit = False
+        return torch.from_numpy(array)
+
+    def _give_back(self, block: Tensor) -> None:
+        nbytes = block.numel()
+        with self._lock:
+            if self._held + nbytes <= self.limit_bytes:
+                self._free.setdefault(nbytes, []).append(block)
+                self._held += nbytes
+        # else the block is dropped here and freed with its last reference
+
+    def clear(self) -> None:
+        """Drop every free block (their memory goes back to the system)."""
+        with self._lock:
+            self._free.clear()
+            self._held = 0
+
+
+_pool: BufferPool | None = None
+_pool_limit: int | None = None
+
+
+def buffer_pool() -> BufferPool | None:
+    """The process's pool at ``SPNTUNE_BUFFER_POOL_MB`` (read at each call: a changed setting makes a
+    new pool), or None where that is 0."""
+    global _pool, _pool_limit
+    raw = os.environ.get("SPNTUNE_BUFFER_POOL_MB", str(_DEFAULT_LIMIT_MB))
     try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+        limit = int(float(raw) * (1 << 20))
+    except ValueError:
+        raise ValueError(f"SPNTUNE_BUFFER_POOL_MB must be a number of megabytes, got {raw!r}") from None
+    if limit <= 0:
         return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-def advise_huge_pages(t: Tensor) -> bool:
-    """Advise huge pages for the 2 MB-aligned interior of ``t``'s memory (a CPU tensor not yet written:
-    pages already faulted in keep their size until the kernel's background collapse). Returns whether
-    the advice was given; a refusal by the kernel is not an error (the buffer works either way)."""
-    fn = _madvise()
-    nbytes = t.numel() * t.element_size()
-    if fn is None or t.device.type != "cpu" or nbytes < _MIN_BYTES or not t.is_contiguous():
-        return False  # contiguous: [data_ptr, data_ptr + nbytes) is the tensor's own memory
-    start = (t.data_ptr() + _HUGE - 1) // _HUGE * _HUGE
-    end = (t.data_ptr() + nbytes) // _HUGE * _HUGE
-    return end > start and fn(start, end - start, _MADV_HUGEPAGE) == 0
+    if _pool is None or limit != _pool_limit:
+        _pool, _pool_limit = BufferPool(limit), limit
+    return _pool
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.empty_like(t, dtype=dtype)``, with huge pages advised where it is large (module docstring)."""
-    out = torch.empty_like(t, dtype=dtype)
-    advise_huge_pages(out)
-    return out
+    """``torch.empty_like(t, dtype=dtype)``; contiguous and from the pool where it is a CPU float32 /
+    float64 buffer of at least 32 MB (module docstring)."""
+    dtype = dtype or t.dtype
+    if t.device.type == "cpu" and t.numel() * dtype.itemsize >= _MIN_BYTES:
+        pool = buffer_pool()
+        out = pool.empty(tuple(t.shape), dtype) if pool is not None else None
+        if out is not None:
+            return out
+    return torch.empty_like(t, dtype=dtype)
