@@ -71,6 +71,8 @@ def test_key_ignores_the_refiner_and_follows_everything_the_coarse_phase_depends
     cfg = TrialConfig.from_dict(TWO_STAGE)
     assert coarse_key(cfg, "data", "cuda") != coarse_key(cfg, "data", "cpu")
     assert key({}) == key({}) and len(key({})) == 64  # stable, sha256
+    # the memory format the trial uses, not the setting: "auto" is channels-last on the CPU
+    assert key({"train.channels_last": True}) == key({}) != key({"train.channels_last": False})
 
 
 def test_data_fingerprint_follows_the_files(tmp_path):

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import spntune.trainables as trainables
 from spntune import losses
-from spntune.errors import NonFiniteLossError
+from spntune.config import TrialConfig
+from spntune.errors import ConfigError, NonFiniteLossError
 from spntune.leaderboard import is_trial_metric
 from spntune.reporting import Reporter, Reporters, TrialStopped
 from spntune.status import TrialStatus
@@ -261,3 +263,49 @@ def test_the_last_epoch_reports_the_best_epoch_scored_at_original_size(tmp_path)
     scores = evaluate_split(load_pipeline(tmp_path / "best"), load_pipeline(tmp_path / "best").cfg.data)
     assert last["final_refined_miou"] == pytest.approx(scores["refined_miou"], abs=1e-6)
     assert last["final_coarse_boundary_iou"] == pytest.approx(scores["coarse_boundary_iou"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [("auto", "cpu", True), ("auto", "cuda", False),
+                                                              (True, "cuda", True), (False, "cpu", False)])  # fmt: skip
+def test_channels_last_setting_resolves_per_device(setting, device, expected):
+    assert TrialConfig.from_dict({"train.channels_last": setting}).train.uses_channels_last(device) is expected
+
+
+def test_channels_last_is_refused_unless_auto_or_a_boolean():
+    with pytest.raises(ConfigError, match=r"train\.channels_last.*got 'fast'"):
+        TrialConfig.from_dict({"train.channels_last": "fast"})
+
+
+@pytest.mark.parametrize("kind", ["none", "cspn", "dyspn"])
+def test_a_cpu_trial_trains_on_channels_last_memory_and_matches_contiguous(kind, monkeypatch):
+    """train.channels_last: auto (the default) puts a CPU trial's conv weights and batches in channels-last
+    memory; the model computes the same logits from either layout (the propagation kernels take both),
+    and false keeps everything contiguous."""
+    seen = []
+    original = trainables._batches
+
+    def spy(loader, device, memory_format=torch.contiguous_format):
+        for image, target in original(loader, device, memory_format):
+            seen.append(image.is_contiguous(memory_format=torch.channels_last) and image.shape[1] > 1)
+            yield image, target
+
+    monkeypatch.setattr(trainables, "_batches", spy)
+    runs = {}
+    for setting in ("auto", False):
+        cfg = TrialConfig.from_dict(with_refiner(kind, **{"train.channels_last": setting, "train.epochs": 1}))
+        run = trainables._build_run(cfg)
+        weight = run.model.coarse.encoder.conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) is (setting == "auto")
+        runs[setting] = run
+        seen.clear()
+        train_segmentation(cfg.to_dict(), Collect())
+        assert seen and all(seen) is (setting == "auto")
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 64, 64)
+    runs[False].model.load_state_dict(runs["auto"].model.state_dict())
+    outs = []
+    for setting, fmt in (("auto", torch.channels_last), (False, torch.contiguous_format)):
+        runs[setting].model.eval()
+        with torch.no_grad():
+            outs.append(runs[setting].model(image.contiguous(memory_format=fmt)).refined_logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)

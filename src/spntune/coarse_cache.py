@@ -64,7 +64,8 @@ CACHED_MARK = "coarse_cached"
 
 #: ``train.*`` settings that do not affect the coarse phase (everything else in ``train`` does).
 _NOT_COARSE_TRAIN = {"stage", "epochs", "refine_epochs", "coarse_loss_weight", "viz_samples", "final_eval",
-                     "coarse_cache", "coarse_cache_dir", "device", "amp", "memory_limit_gb"}  # fmt: skip
+                     "coarse_cache", "coarse_cache_dir", "device", "amp", "channels_last",
+                     "memory_limit_gb"}  # fmt: skip
 
 
 def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str,
@@ -80,6 +81,7 @@ def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str,
         "torch": str(torch.__version__),
         "device": device_type,
         "amp": amp,
+        "channels_last": cfg.train.uses_channels_last(device_type),  # as amp: what the trial actually uses
         "data": cfg.data.model_dump(mode="json", exclude={"cache", "cache_dir", "num_workers"}),
         "reading": dict(reading or {}),
         "data_files": fingerprint,

@@ -241,6 +241,7 @@ def evaluate(
     device: torch.device,
     loss_fn: nn.Module | None = None,
     amp: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, Any]:
     """Coarse and refined metrics on a loader, plus refined mIoU after every step t = 0..T.
 
@@ -254,7 +255,7 @@ def evaluate(
     loss_sum, loss_n = 0.0, 0
     forward_seconds, images = 0.0, 0
     for image, target in loader:
-        image, target = image.to(device), target.to(device)
+        image, target = image.to(device, memory_format=memory_format), target.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -282,9 +283,10 @@ def evaluate(
     }
 
 
-def _batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+def _batches(loader: DataLoader, device: torch.device,
+             memory_format: torch.memory_format = torch.contiguous_format) -> Iterator[tuple[Tensor, Tensor]]:  # fmt: skip
     for image, target in loader:
-        yield image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        yield image.to(device, non_blocking=True, memory_format=memory_format), target.to(device, non_blocking=True)
 
 
 def save_checkpoint(
@@ -436,6 +438,7 @@ class _Run:
     amp: bool
     scaler: Any
     output_dir: Path | None
+    memory_format: torch.memory_format  # of the model's 4-d weights and the input batches (train.channels_last)
 
 
 def _build_run(cfg: TrialConfig) -> _Run:
@@ -443,14 +446,15 @@ def _build_run(cfg: TrialConfig) -> _Run:
     device = resolve_device(cfg.train.device)
     amp = cfg.train.amp and device.type == "cuda"
     train_ds, val_ds, class_names = build_datasets(cfg.data, cfg.train.seed, cache=True)
-    model = build_model(cfg, len(class_names)).to(device)
+    memory_format = torch.channels_last if cfg.train.uses_channels_last(device.type) else torch.contiguous_format
+    model = build_model(cfg, len(class_names)).to(device, memory_format=memory_format)
     output_dir = Path(cfg.output_dir) if cfg.output_dir else None
     workers, pin = loader_workers(cfg.data.num_workers, device), device.type == "cuda"
     return _Run(
         cfg, model, build_loss(cfg.train.loss),
         _loader(train_ds, cfg.train.batch_size, True, workers, cfg.train.seed, pin),
         _loader(val_ds, cfg.train.batch_size, False, workers, cfg.train.seed, pin),
-        val_ds, class_names, device, amp, torch.amp.GradScaler("cuda", enabled=amp), output_dir,
+        val_ds, class_names, device, amp, torch.amp.GradScaler("cuda", enabled=amp), output_dir, memory_format,
     )  # fmt: skip
 
 
@@ -522,7 +526,8 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
                 else:
                     train = _train_epoch(run, phase, optimiser, scheduler, epoch, reporter)
                     t0 = time.perf_counter()
-                    results = evaluate(model, run.val_loader, len(run.class_names), run.device, run.loss_fn, run.amp)
+                    results = evaluate(model, run.val_loader, len(run.class_names), run.device, run.loss_fn, run.amp,
+                                       run.memory_format)  # fmt: skip
                     metrics = {"epoch": epoch + 1, "phase": phase.name, **train, **flat_metrics(results, run.class_names),
                                "val_seconds": time.perf_counter() - t0, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
                     metrics["epoch_seconds"] = metrics["train_seconds"] + metrics["val_seconds"]
@@ -702,7 +707,7 @@ def _train_epoch(run: _Run, phase: _Phase, optimiser: torch.optim.Optimizer, sch
     sums = {"loss": 0.0, "coarse": 0.0, "refined": 0.0}
     seen = 0
     zero = torch.zeros((), device=device)
-    for i, (image, target) in enumerate(_batches(run.train_loader, device)):
+    for i, (image, target) in enumerate(_batches(run.train_loader, device, run.memory_format)):
         with torch.autocast(device_type=device.type, enabled=run.amp):
             out = model(image)
         coarse_loss = run.loss_fn(out.coarse_logits.float(), target) if phase.coarse_weight else zero
