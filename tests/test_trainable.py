@@ -272,7 +272,9 @@ def test_channels_last_setting_resolves_per_device(setting, device, expected):
 
 
 def test_channels_last_is_refused_unless_auto_or_a_boolean():
-    with pytest.raises(ConfigError, match=r"train\.channels_last.*got 'fast'"):
+    with pytest.raises(
+        ConfigError, match=r"train\.channels_last: Input should be 'auto', True or False \(got 'fast'\)"
+    ):
         TrialConfig.from_dict({"train.channels_last": "fast"})
 
 

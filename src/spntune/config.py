@@ -198,7 +198,7 @@ class TrainConfig(_Strict):
     # Convolutions on NHWC memory (torch.channels_last): "auto" turns it on for CPU trials, where oneDNN's
     # NHWC convolutions measured 14-16 % faster per training step on the 2-core EPYC VM; on CUDA it stays
     # off until measured there. true / false force it.
-    channels_last: bool | Literal["auto"] = "auto"
+    channels_last: Literal["auto", True, False] = "auto"
     viz_samples: int = Field(4, ge=0)  # validation images drawn into panels
     memory_limit_gb: float | None = Field(None, gt=0)  # host memory a trial may allocate (Linux RLIMIT_DATA)
     # After the last epoch, score the best epoch's weights on the validation images at their original
