@@ -58,6 +58,30 @@ def test_the_pool_keeps_no_more_than_its_limit(monkeypatch):
     assert pool.held_bytes == 0
 
 
+def test_a_block_of_a_size_no_longer_asked_for_makes_way(monkeypatch):
+    monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", str(300 / 1024))  # 300 KB
+    big, small = torch.empty(4, 48, 16, 16), torch.empty(2, 64, 16, 16)  # 192 KB and 128 KB
+    a = memory.empty_like(big)
+    pool = memory.buffer_pool()
+    del a
+    b = memory.empty_like(small)
+    del b  # 320 KB would be kept: the older 192 KB block goes
+    assert pool.held_bytes == small.numel() * 4
+    memory.empty_like(small)
+    assert pool.reused == 1
+    memory.release_buffers()
+    assert pool.held_bytes == 0
+
+
+def test_contiguous_copies_a_channels_last_tensor_into_pooled_memory():
+    x = torch.randn(2, 48, 24, 24).contiguous(memory_format=torch.channels_last)  # 216 KB
+    y = memory.contiguous(x)
+    assert y.is_contiguous() and torch.equal(x, y)
+    assert memory.buffer_pool().allocated == 1
+    z = torch.randn(2, 3)
+    assert memory.contiguous(z) is z
+
+
 def test_off_switch_small_tensors_other_dtypes_and_devices_go_to_torch(monkeypatch):
     like = torch.empty(4, 48, 16, 16)
     small = memory.empty_like(torch.empty(4, 4))
@@ -107,8 +131,8 @@ def test_propagation_gradients_are_the_same_from_fresh_and_reused_buffers(kind, 
     affinity = torch.randn(2, k * k - 1, 12, 20, generator=g, dtype=torch.float64)
     attention = torch.rand(2, num_rings(k) + 1, 12, 20, generator=g, dtype=torch.float64)
 
-    def run() -> list[torch.Tensor]:
-        aff = affinity.clone().requires_grad_()
+    def run(scale: float = 1.0) -> list[torch.Tensor]:
+        aff = (affinity * scale).requires_grad_()
         weights = cspn_weights(aff) if kind == "cspn" else dyspn_factored_weights(aff, attention, k)
         h, _ = propagate(h0, [weights] * 3, k)
         h.square().sum().backward()
@@ -117,7 +141,7 @@ def test_propagation_gradients_are_the_same_from_fresh_and_reused_buffers(kind, 
     monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "0")
     fresh = run()
     monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "64")
-    run()  # fills the pool
+    run(scale=-3.0)  # fills the pool with other values: a kernel that skipped elements would show
     pool = memory.buffer_pool()
     before = pool.reused
     reused = run()

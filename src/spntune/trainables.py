@@ -47,6 +47,7 @@ from spntune.losses import build_loss
 from spntune.metrics import SegmentationMeter
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
 from spntune.models.coarse import feature_channels
+from spntune.models.memory import release_buffers
 from spntune.reporting import EpochReport, Reporter, Reporters, TrialStopped
 from spntune.scoring import flat_metrics, score_at_original_size
 from spntune.status import TrialStatus
@@ -405,7 +406,10 @@ def train_segmentation(
     try:
         try:
             with _memory_limit(cfg.train.memory_limit_gb):
-                result = _run_trial(cfg, reporters, resume_from)
+                try:
+                    result = _run_trial(cfg, reporters, resume_from)
+                finally:
+                    release_buffers()  # the propagation's kept buffers go with the trial
         except (MemoryError, RuntimeError) as exc:
             if isinstance(exc, TrialOutOfMemoryError) or not _is_out_of_memory(exc, bool(cfg.train.memory_limit_gb)):
                 raise

@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from spntune.filelock import held
 from spntune.models.fused_propagation import one_step_backward, run_steps
-from spntune.models.memory import empty_like
+from spntune.models.memory import contiguous, empty_like
 
 __all__ = [
     "FusedCPUStep",
@@ -282,22 +282,23 @@ def propagate_cpu(
     return run_steps(sys.modules[__name__], h0, neighbour_weight, per_step, kernel_size)
 
 
-def cspn_normalise(affinity: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """CSPN's normalisation in one pass (``propagation._CSPNNormalise``): ``(kappa_hat, abs_sum, inv, total)``
-    with ``kappa_hat = a * inv``, ``inv = 1 / max(abs_sum, floor)``, ``abs_sum = sum_j |a_j|`` and ``total =
-    sum_j a_j`` (the last three ``[B, 1, H, W]``), or None where the kernels do not apply (no library,
-    dtype, device)."""
+def cspn_normalise(affinity: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """CSPN's normalisation in one pass (``propagation._CSPNNormalise``): ``(kappa_hat, abs_sum, inv, total,
+    a)`` with ``kappa_hat = a * inv``, ``inv = 1 / max(abs_sum, floor)``, ``abs_sum = sum_j |a_j|``, ``total =
+    sum_j a_j`` (those three ``[B, 1, H, W]``) and ``a`` the affinity made contiguous (for the backward: a
+    channels-last affinity is copied once), or None where the kernels do not apply (no library, dtype,
+    device)."""
     lib = library() if supports(affinity) else None
     if lib is None:
         return None
-    a = affinity.contiguous()
+    a = contiguous(affinity)
     b, k, h, w = a.shape
     kappa = empty_like(a)
     abs_sum, inv, total = (a.new_empty(b, 1, h, w) for _ in range(3))
     getattr(lib, f"spn_cspn_normalise_{_DTYPES[a.dtype]}")(
         *(_ptr(t) for t in (a, kappa, abs_sum, inv, total)), b, k, h * w, floor, torch.get_num_threads()
     )
-    return kappa, abs_sum, inv, total
+    return kappa, abs_sum, inv, total, a
 
 
 def cspn_normalise_backward(affinity: Tensor, grad_kappa: Tensor | None, grad_centre: Tensor | None,

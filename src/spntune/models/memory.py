@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BufferPool", "buffer_pool", "empty_like"]
+__all__ = ["BufferPool", "buffer_pool", "contiguous", "empty_like", "release_buffers"]
 
 _MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: smaller blocks are reused from its heap anyway
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
@@ -38,14 +38,17 @@ _DEFAULT_LIMIT_MB = 1024
 
 
 class BufferPool:
-    """Free CPU blocks by byte size, handed out as contiguous tensors that return to the pool when the
-    last view of their memory dies (module docstring). Thread-safe."""
+    """Free CPU blocks, handed out as contiguous tensors that return to the pool when the last view of
+    their memory dies (module docstring). At most ``limit_bytes`` of free blocks are kept: a block coming
+    back when that is full pushes out the longest-kept ones, so sizes no longer asked for (the last,
+    smaller batch of an epoch) do not stay. Thread-safe."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
-        self._free: dict[int, list[Tensor]] = {}
+        self._free: list[Tensor] = []  # longest kept first
         self._held = 0  # bytes of free blocks kept
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer run by a garbage collection inside the locked code gives back on this thread.
+        self._lock = threading.RLock()
         self.allocated = 0  # blocks made fresh
         self.reused = 0  # requests served by a kept block
 
@@ -60,28 +63,37 @@ class BufferPool:
         if np_dtype is None:
             return None
         nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
-        with self._lock:
-            blocks = self._free.get(nbytes)
-            block = blocks.pop() if blocks else None
-            if block is not None:
-                self._held -= nbytes
-                self.reused += 1
-            else:
-                self.allocated += 1
+        block = self._take(nbytes)
         if block is None:
-            block = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned, as the kernels' vectors like
+            try:
+                block = torch.empty(nbytes, dtype=torch.uint8)  # 64-byte aligned, as the kernels' vectors like
+            except RuntimeError:  # out of memory (or a trial's memory limit): the kept blocks first
+                self.clear()
+                block = torch.empty(nbytes, dtype=torch.uint8)
         array = block.numpy().view(np_dtype).reshape(shape)
         # The tensor's storage holds `array` until its last view is freed; then the block comes back.
         weakref.finalize(array, self._give_back, block).atexit = False
         return torch.from_numpy(array)
 
+    def _take(self, nbytes: int) -> Tensor | None:
+        with self._lock:
+            for i in range(len(self._free) - 1, -1, -1):  # the most recently kept of that size
+                if self._free[i].numel() == nbytes:
+                    self._held -= nbytes
+                    self.reused += 1
+                    return self._free.pop(i)
+            self.allocated += 1
+            return None
+
     def _give_back(self, block: Tensor) -> None:
         nbytes = block.numel()
         with self._lock:
-            if self._held + nbytes <= self.limit_bytes:
-                self._free.setdefault(nbytes, []).append(block)
-                self._held += nbytes
-        # else the block is dropped here and freed with its last reference
+            if nbytes > self.limit_bytes:
+                return  # dropped: freed with its last reference
+            while self._held + nbytes > self.limit_bytes:
+                self._held -= self._free.pop(0).numel()
+            self._free.append(block)
+            self._held += nbytes
 
     def clear(self) -> None:
         """Drop every free block (their memory goes back to the system)."""
@@ -111,12 +123,24 @@ def buffer_pool() -> BufferPool | None:
 
 
 def empty_like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.empty_like(t, dtype=dtype)``; contiguous and from the pool where it is a CPU float32 /
-    float64 buffer of at least 32 MB (module docstring)."""
+    """A contiguous ``torch.empty_like(t, dtype=dtype)``, from the pool where it is a CPU float32 / float64
+    buffer of at least 32 MB (module docstring)."""
     dtype = dtype or t.dtype
     if t.device.type == "cpu" and t.numel() * dtype.itemsize >= _MIN_BYTES:
         pool = buffer_pool()
         out = pool.empty(tuple(t.shape), dtype) if pool is not None else None
         if out is not None:
             return out
-    return torch.empty_like(t, dtype=dtype)
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def contiguous(t: Tensor) -> Tensor:
+    """``t.contiguous()``, the copy (where one is needed: a channels-last affinity) made in ``empty_like``'s
+    memory."""
+    return t if t.is_contiguous() else empty_like(t).copy_(t)
+
+
+def release_buffers() -> None:
+    """Give the pool's free blocks back to the system (a trial's end: the next trial's sizes may differ)."""
+    if _pool is not None:
+        _pool.clear()

@@ -400,9 +400,9 @@ class _CSPNNormalise(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zero map
         fused = cpu_propagation.cspn_normalise(affinity, floor) if _weights_on_cpu_kernels(affinity) else None
         if fused is not None:  # one pass over the affinity instead of three
-            kappa_hat, abs_sum, inv, total = fused
+            kappa_hat, abs_sum, inv, total, contiguous_affinity = fused
             ctx.fused = True
-            ctx.save_for_backward(affinity, abs_sum, inv, total)
+            ctx.save_for_backward(contiguous_affinity, abs_sum, inv, total)
             return kappa_hat, torch.addcmul(torch.ones_like(inv), inv, total, value=-1.0)
         abs_sum = _channel_sum(affinity, absolute=True)
         inv = abs_sum.clamp_min(floor).reciprocal_()

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from spntune.models.coarse import build_coarse
+from spntune.models.memory import contiguous
 from spntune.models.propagation import (
     cspn_weights,
     dyspn_factored_weights,
@@ -324,7 +325,7 @@ class DySPNRefiner(_PropagationRefiner):
         affinity, *attention = guidance.split(
             [num_neighbours(self.kernel_size)] + [self.n_rings + 1] * self.iterations, dim=1
         )
-        affinity = affinity.contiguous()  # read by every step: one copy here, none per step
+        affinity = contiguous(affinity)  # read by every step: one copy here (pooled memory), none per step
         ring_sums = dyspn_ring_sums(affinity, self.kernel_size)  # shared by every step: computed once
         return [dyspn_factored_weights(affinity, a.sigmoid(), self.kernel_size, ring_sums) for a in attention]
 
