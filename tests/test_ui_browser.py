@@ -56,6 +56,11 @@ def _wait_http(url: str, timeout: float = 90) -> None:
 def test_mlflow_ui_shows_trials_and_mask_images(tmp_path):
     chromium, driver_path = _ensure_chromium()
     from selenium import webdriver
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        ElementNotInteractableException,
+        NoSuchElementException,
+    )
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -100,11 +105,24 @@ def test_mlflow_ui_shows_trials_and_mask_images(tmp_path):
         # a trial run's artifacts: open panels/panel_000.png as a person would, by clicking
         run = children[0]
         browser.get(f"{base}/runs/{run.info.run_id}/artifacts?workflowType=machine_learning")
+
+        # Click once an entry takes clicks, not as soon as it is in the page: the tree renders an entry
+        # before it is interactable (one run failed "element not interactable" that way), so a click
+        # refused for that reason is tried again until the wait's timeout.
+        def click(text: str) -> None:
+            def clicked(b) -> bool:  # type: ignore[no-untyped-def]
+                try:
+                    b.find_element(By.XPATH, f"//*[normalize-space(text())='{text}']").click()
+                    return True
+                except (NoSuchElementException, ElementNotInteractableException, ElementClickInterceptedException):
+                    return False
+
+            wait.until(clicked)
+
         wait.until(lambda b: b.find_elements(By.XPATH, "//*[normalize-space(text())='panels']"))
         assert run.info.run_name in browser.find_element(By.TAG_NAME, "body").text
-        browser.find_element(By.XPATH, "//*[normalize-space(text())='panels']").click()
-        wait.until(lambda b: b.find_elements(By.XPATH, "//*[normalize-space(text())='panel_000.png']"))
-        browser.find_element(By.XPATH, "//*[normalize-space(text())='panel_000.png']").click()
+        click("panels")
+        click("panel_000.png")
 
         def panel_loaded(b):  # type: ignore[no-untyped-def]
             # The UI shows artifacts through blob: URLs; the panel is 5 tiles of 64 px: 320 x (64 + 14 title) px.

@@ -16,7 +16,8 @@ as the storage goes), and the next request of the same byte size takes it again,
 pool keeps at most ``SPNTUNE_BUFFER_POOL_MB`` of free blocks (default 1024; ``0`` turns the pool off);
 a block beyond that is freed as before. Only the buffers the propagation code allocates itself come
 from the pool, never a user's tensors or PyTorch's own allocations. On other devices and for other
-dtypes ``empty_like`` is ``torch.empty_like``.
+dtypes ``empty_like`` is ``torch.empty_like`` (contiguous). A pooled tensor's storage cannot be resized
+(``resize_``), as a numpy-backed one; nothing in the propagation resizes its buffers.
 """
 
 from __future__ import annotations

@@ -704,7 +704,8 @@ void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, con
 }
 
 // CSPN's normalisation of a [B, K, H, W] affinity (propagation._CSPNNormalise), per block of pixels of one
-// batch item: s = sum_j |a_j| and S = sum_j a_j (j in order, as torch's one-channel-at-a-time sums),
+// batch item: s = sum_j |a_j| and S = sum_j a_j in channel order (s as the torch path's one-channel-at-a-
+// time sum, bit for bit; S rounds differently from its affinity.sum(dim=1), within 1e-6 in float32),
 // inv = 1 / max(s, floor), kappa_j = a_j * inv. The block's K affinity rows (K * 2 KB) are read from memory
 // once and again from L2 for kappa; torch's ops pass over the whole affinity three times (abs-sum, sum,
 // multiply). Outputs kappa [B, K, HW] and abs_sum, inv, total [B, HW].
