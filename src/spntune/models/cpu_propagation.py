@@ -282,22 +282,27 @@ def propagate_cpu(
     return run_steps(sys.modules[__name__], h0, neighbour_weight, per_step, kernel_size)
 
 
+def _entry(name: str, *tensors: Tensor | None) -> Any | None:
+    """The library's ``spn_<name>_<dtype>`` for these tensors (dtype of the first), or None where the kernels
+    do not apply (no library, dtype, device)."""
+    lib = library() if supports(*tensors) else None
+    return None if lib is None else getattr(lib, f"spn_{name}_{_DTYPES[tensors[0].dtype]}")  # type: ignore[union-attr]
+
+
 def cspn_normalise(affinity: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
     """CSPN's normalisation in one pass (``propagation._CSPNNormalise``): ``(kappa_hat, abs_sum, inv, total,
     a)`` with ``kappa_hat = a * inv``, ``inv = 1 / max(abs_sum, floor)``, ``abs_sum = sum_j |a_j|``, ``total =
     sum_j a_j`` (those three ``[B, 1, H, W]``) and ``a`` the affinity made contiguous (for the backward: a
     channels-last affinity is copied once), or None where the kernels do not apply (no library, dtype,
     device)."""
-    lib = library() if supports(affinity) else None
-    if lib is None:
+    fn = _entry("cspn_normalise", affinity)
+    if fn is None:
         return None
     a = contiguous(affinity)
     b, k, h, w = a.shape
     kappa = empty_like(a)
     abs_sum, inv, total = (a.new_empty(b, 1, h, w) for _ in range(3))
-    getattr(lib, f"spn_cspn_normalise_{_DTYPES[a.dtype]}")(
-        *(_ptr(t) for t in (a, kappa, abs_sum, inv, total)), b, k, h * w, floor, torch.get_num_threads()
-    )
+    fn(*(_ptr(t) for t in (a, kappa, abs_sum, inv, total)), b, k, h * w, floor, torch.get_num_threads())
     return kappa, abs_sum, inv, total, a
 
 
@@ -307,32 +312,29 @@ def cspn_normalise_backward(affinity: Tensor, grad_kappa: Tensor | None, grad_ce
     weight ``1 - inv * total`` (None: zero), ``saved`` = its ``(abs_sum, inv, total)``; or None where the
     kernels do not apply."""
     tensors = (affinity, grad_kappa, grad_centre, *saved)
-    lib = library() if supports(*tensors) else None
-    if lib is None:
+    fn = _entry("cspn_normalise_backward", *tensors)
+    if fn is None:
         return None
     a, gk, gc, abs_sum, inv, total = (t.contiguous() if t is not None else None for t in tensors)
     b, k, h, w = a.shape  # type: ignore[union-attr]
     out = empty_like(a)  # type: ignore[arg-type]
-    getattr(lib, f"spn_cspn_normalise_backward_{_DTYPES[a.dtype]}")(  # type: ignore[union-attr]
-        *(_ptr(t) for t in (a, gk, gc, abs_sum, inv, total, out)), b, k, h * w, floor, torch.get_num_threads()
-    )
+    fn(*(_ptr(t) for t in (a, gk, gc, abs_sum, inv, total, out)), b, k, h * w, floor, torch.get_num_threads())
     return out
 
 
-def ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor] | None:
+def ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """DySPN's ring sums in one pass (``propagation._RingSums``): per ring of the window the sum of the
-    affinities and of their absolute values, two ``[B, R, H, W]``; or None where the kernels do not apply."""
-    lib = library() if supports(affinity) else None
-    if lib is None:
+    affinities and of their absolute values, two ``[B, R, H, W]``, and the affinity made contiguous (for
+    the backward, as ``cspn_normalise``'s); or None where the kernels do not apply."""
+    fn = _entry("ring_sums", affinity)
+    if fn is None:
         return None
-    a = affinity.contiguous()
+    a = contiguous(affinity)
     b, _, h, w = a.shape
     sums = a.new_empty(b, kernel_size // 2, h, w)
     abs_sums = torch.empty_like(sums)
-    getattr(lib, f"spn_ring_sums_{_DTYPES[a.dtype]}")(
-        _ptr(a), _ptr(sums), _ptr(abs_sums), b, kernel_size, h * w, torch.get_num_threads()
-    )
-    return sums, abs_sums
+    fn(_ptr(a), _ptr(sums), _ptr(abs_sums), b, kernel_size, h * w, torch.get_num_threads())
+    return sums, abs_sums, a
 
 
 def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None,
@@ -340,13 +342,11 @@ def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: 
     """The affinity's gradient through ``ring_sums`` (``d a_j = grad_sum[ring(j)] + sign(a_j)
     grad_abs_sum[ring(j)]``, None: zero), or None where the kernels do not apply."""
     tensors = (affinity, grad_sum, grad_abs_sum)
-    lib = library() if supports(*tensors) else None
-    if lib is None:
+    fn = _entry("ring_sums_backward", *tensors)
+    if fn is None:
         return None
     a, gs, ga = (t.contiguous() if t is not None else None for t in tensors)
     b, _, h, w = a.shape  # type: ignore[union-attr]
     out = empty_like(a)  # type: ignore[arg-type]
-    getattr(lib, f"spn_ring_sums_backward_{_DTYPES[a.dtype]}")(  # type: ignore[union-attr]
-        _ptr(a), _ptr(gs), _ptr(ga), _ptr(out), b, kernel_size, h * w, torch.get_num_threads()
-    )
+    fn(_ptr(a), _ptr(gs), _ptr(ga), _ptr(out), b, kernel_size, h * w, torch.get_num_threads())
     return out

@@ -525,13 +525,15 @@ class _RingSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(affinity)
         ctx.kernel_size = kernel_size
         ctx.set_materialize_grads(False)
         fused = cpu_propagation.ring_sums(affinity, kernel_size) if _weights_on_cpu_kernels(affinity) else None
         ctx.fused = fused is not None
         if fused is not None:  # one pass over the affinity instead of one strided add per neighbour and sum
-            return fused
+            ring_sum, ring_abs_sum, contiguous_affinity = fused
+            ctx.save_for_backward(contiguous_affinity)
+            return ring_sum, ring_abs_sum
+        ctx.save_for_backward(affinity)
         rings = ring_index(kernel_size)
         b, _, h, w = affinity.shape
         ring_sum = affinity.new_zeros(b, num_rings(kernel_size), h, w)

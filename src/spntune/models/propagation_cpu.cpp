@@ -117,6 +117,29 @@ inline void fence_streams() {
 #endif
 }
 
+// Whether an output of this many bytes, written once, goes out with non-temporal stores: from 32 MB on
+// it is too large to wait in the L3 for its reader (backward_rows' weight gradients, the weights' own
+// nodes). [4, 48, 192, 256] float32, alone on preallocated buffers, 2-core EPYC VM: the normalisation
+// 3.3-3.6 -> 2.7-2.8 ms, its backward 3.6-3.8 -> 2.7-2.9 ms; T=6 CSPN 7x7 propagate forward+backward
+// 85.3 -> 81.5 ms. Smaller outputs (3x3: 6.3 MB) keep plain stores and stay in the L3 for the
+// propagation that reads them next.
+inline bool streams(long bytes) { return bytes >= (32L << 20); }
+
+template <class V, class T>
+inline void put(T* p, V v, bool stream) {
+    if (stream)
+        st_stream(p, v);
+    else
+        st(p, v);
+}
+
+// sign(v) per lane (0 at 0 and NaN, as torch.sign): vector comparisons give -1 for true, so (v < 0) - (v > 0).
+template <class V>
+inline V sign_of(V v) {
+    const V zero{};
+    return __builtin_convertvector(v < zero, V) - __builtin_convertvector(v > zero, V);
+}
+
 // f(t) for chunk starts covering [0, L) (L >= lanes): lanes apart, the last moved back to end at L.
 // Overlapping chunks recompute the same values (every chunk stores, none accumulates into memory).
 template <long lanes, class F>
@@ -409,13 +432,8 @@ inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* con
             shifted_products(acc, gv, a, b, Lanes{}, std::make_integer_sequence<int, D>{});
         }
 #pragma GCC unroll 8
-        for (int s = 0; s < D; ++s) {
-            if (!out[dy * D + s]) continue;
-            if (stream)
-                st_stream(out[dy * D + s] + t, acc[s]);
-            else
-                st(out[dy * D + s] + t, acc[s]);
-        }
+        for (int s = 0; s < D; ++s)
+            if (out[dy * D + s]) put(out[dy * D + s] + t, acc[s], stream);
     }
 }
 
@@ -551,7 +569,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     const bool stencil_w = want_w && r >= 2 && stencil_fits<P>(r);  // weight gradients by dot_stencil
     // Weight gradients written once (not added up, not staged) and too large to stay in cache for their
     // reader bypass the caches (st_stream); a smaller map is better left in L3 for the next step's backward.
-    const bool stream_w = !accumulate && B * K * HW * long(sizeof(T)) >= (32L << 20);
+    const bool stream_w = !accumulate && streams(B * K * HW * long(sizeof(T)));
     std::vector<const T*> hrows(D);
     std::vector<T*> wouts(D * D, nullptr);  // by window position; the centre stays null
     for (long row = begin; row < end; ++row) {
@@ -711,21 +729,6 @@ void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, con
 // multiply). Outputs kappa [B, K, HW] and abs_sum, inv, total [B, HW].
 constexpr long kNormBlock = 512;  // pixels per block (2048 and 8192 measured no different)
 
-// Whether an output of this many bytes, written once, goes out with non-temporal stores: from 32 MB on
-// it is too large to wait in the L3 for its reader (as backward_rows' stream_w). [4, 48, 192, 256]
-// float32, alone on preallocated buffers, 2-core EPYC VM: the normalisation 3.3-3.6 -> 2.7-2.8 ms, its
-// backward 3.6-3.8 -> 2.7-2.9 ms; T=6 CSPN 7x7 propagate forward+backward 85.3 -> 81.5 ms. Smaller
-// outputs (3x3: 6.3 MB) keep plain stores and stay in the L3 for the propagation that reads them next.
-inline bool streams(long bytes) { return bytes >= (32L << 20); }
-
-template <class V, class T>
-inline void put(T* p, V v, bool stream) {
-    if (stream)
-        st_stream(p, v);
-    else
-        st(p, v);
-}
-
 template <typename T>
 void cspn_normalise(const T* a, T* kappa, T* abs_sum, T* inv, T* total, long B, long K, long HW, double floor,
                     int threads) {
@@ -802,10 +805,8 @@ void cspn_normalise_backward(const T* a, const T* G, const T* g, const T* abs_su
                 T* __restrict__ oj = out + (b * K + j) * HW + x0;
                 long x = 0;
                 for (; x + lanes <= n; x += lanes) {
-                    const V av = ld<V>(aj + x), zero = V{} + T(0);
-                    const V sg = __builtin_convertvector(av < zero, V) - __builtin_convertvector(av > zero, V);
-                    const V gk = Gj ? ld<V>(Gj + x) * ld<V>(iv + x) : zero;  // (true: -1, so the order above)
-                    put(oj + x, gk - ld<V>(c + x) - sg * ld<V>(q + x), stream);
+                    const V gk = Gj ? ld<V>(Gj + x) * ld<V>(iv + x) : V{} + T(0);
+                    put(oj + x, gk - ld<V>(c + x) - sign_of(ld<V>(aj + x)) * ld<V>(q + x), stream);
                 }
                 for (; x < n; ++x) {
                     const T sg = T(aj[x] > T(0)) - T(aj[x] < T(0));
@@ -865,11 +866,8 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
                 T* __restrict__ oj = out + (b * K + j) * HW + x0;
                 long x = 0;
                 for (; x + lanes <= n; x += lanes) {
-                    const V av = ld<V>(aj + x), zero = V{} + T(0);
-                    V v = gs ? ld<V>(gs + x) : zero;
-                    if (ga)  // comparisons give -1 for true: sign(a) = (a < 0) - (a > 0) converted
-                        v += (__builtin_convertvector(av < zero, V) - __builtin_convertvector(av > zero, V)) *
-                             ld<V>(ga + x);
+                    V v = gs ? ld<V>(gs + x) : V{} + T(0);
+                    if (ga) v += sign_of(ld<V>(aj + x)) * ld<V>(ga + x);
                     put(oj + x, v, stream);
                 }
                 for (; x < n; ++x) {
