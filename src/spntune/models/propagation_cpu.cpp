@@ -164,6 +164,15 @@ struct Offsets {
 
 inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Asks for the W elements at p (one image row) to be brought into the caches, one request per 64-byte line.
+// The kernels read some 30-80 rows of different tensors per output row (each channel of h, h0 and g, each
+// neighbour weight), more streams than the hardware prefetcher follows, so each row asks for the rows the
+// next one will read first from memory.
+template <typename T>
+inline void prefetch_row(const T* p, long W) {
+    for (long t = 0; t < W; t += 64 / long(sizeof(T))) __builtin_prefetch(p + t, 0, 2);
+}
+
 // Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
 // slots (slot = v mod (2r+1)); a row is copied when first asked for. Replicate mode: row clamp(v),
 // columns padded with the border value (rows outside the image are allowed). Zero mode: columns
@@ -499,11 +508,15 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
             if (rs) sc[j] = rs + (b * R + off.ring[j]) * HW + at;
             src[j] = ring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
         }
-        if (row + 1 < end) {  // the next row's weight rows (prefetching its h0 and h rows too was slower)
-            const long nb = (row + 1) / H, nat = (row + 1) % H * W;
-            for (int j = 0; j < K; ++j) {
-                const T* p = nw + (nb * K + j) * HW + nat;
-                for (long t = 0; t < W; t += 64 / sizeof(T)) __builtin_prefetch(p + t, 0, 2);
+        // The next row's weight rows, its h0 rows and the h rows its ring copies in. [4, 11, 192, 256], 2-core
+        // EPYC VM, alternating in one process: prefetching h and h0 as well took the 3x3 forward from 0.93-1.08
+        // to 0.78-0.93 ms (7x7: no change). Prefetching the output rows for writing made it slower.
+        if (row + 1 < end) {
+            const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
+            for (int j = 0; j < K; ++j) prefetch_row(nw + (nb * K + j) * HW + ny * W, W);
+            for (long c = 0; c < C; ++c) {
+                prefetch_row(h + ((nb * C + c) * H + ahead) * W, W);
+                if (aw) prefetch_row(h0 + ((nb * C + c) * H + ny) * W, W);
             }
         }
         const T* swr = sw ? sw + b * HW + at : nullptr;
@@ -576,6 +589,20 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
         for (long c = 0; c < C; ++c) grow[c] = gb + c * HW;
+        // What the next row reads first from memory (prefetch_row): the g and h rows its rings copy in, its
+        // h0 rows and the weight rows grad_h gathers. The 3x3 backward 3.33 -> 2.93 ms, 7x7 8.9 -> 8.6 ms, on
+        // [4, 11, 192, 256], alternating in one process. Prefetching the gradients' rows for writing was slower.
+        if (row + 1 < end) {
+            const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
+            for (long c = 0; c < C; ++c) {
+                prefetch_row(g + ((nb * C + c) * H + ahead) * W, W);
+                if (want_w) prefetch_row(h + ((nb * C + c) * H + ahead) * W, W);
+                if (gh0 || gaw) prefetch_row(h0 + ((nb * C + c) * H + ny) * W, W);
+            }
+            if (gh)
+                for (int j = 0; j < K; ++j)
+                    if (const long q = ny - off.dy[j]; q >= 0 && q < H) prefetch_row(nw + ((nb * K + j) * H + q) * W, W);
+        }
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
             for (int j = 0; j < K; ++j) {
