@@ -24,6 +24,7 @@ Every time is the fastest of ``repeats`` calls (``timing.timeit``).
 from __future__ import annotations
 
 import argparse
+import os
 from functools import partial
 from typing import Any
 
@@ -142,12 +143,48 @@ def _copy_floor_s(nbytes: int, repeats: int, device: torch.device) -> float:
     return timeit(lambda: dst.copy_(src), repeats)
 
 
+def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: int = 2,
+                 iterations: int = 6) -> dict[str, dict[str, float]]:  # fmt: skip
+    """T steps through ``propagate`` forward+backward on the CPU at a map of over 32 MB (the default:
+    44 MB, a VOC-sized batch), with the buffer pool (``models/memory.py``) and without it
+    (``SPNTUNE_BUFFER_POOL_MB=0``: each step's output, gradient and weight buffers fresh from glibc, which
+    maps blocks of 32 MB and more anew and pages them in on first write), alternating twice in this
+    process; ms per case."""
+    b, c, h, w = shape
+    torch.manual_seed(0)
+    x0 = torch.randn(b, c, h, w)
+    saved = os.environ.get("SPNTUNE_BUFFER_POOL_MB")
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
+            aff = torch.randn(b, k * k - 1, h, w)
+            att = torch.rand(b, num_rings(k) + 1, h, w)
+            best = {"pool_ms": float("inf"), "no_pool_ms": float("inf")}
+            for order in (("0", None), (None, "0")):
+                for setting in order:
+                    if setting is None:
+                        os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)
+                    else:
+                        os.environ["SPNTUNE_BUFFER_POOL_MB"] = setting
+                    s = timeit(partial(_propagate_fwd_bwd, x0, aff, att, name, k, iterations), repeats)
+                    key = "no_pool_ms" if setting else "pool_ms"
+                    best[key] = min(best[key], 1000 * s)
+            out[f"{name}_{k}x{k}"] = best
+    finally:
+        if saved is None:
+            os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)
+        else:
+            os.environ["SPNTUNE_BUFFER_POOL_MB"] = saved
+    return out
+
+
 def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int = 5, iterations: int = 6,
-            device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+            device: str = "cpu", pool_shape: tuple[int, int, int, int] | None = (8, 21, 256, 256)) -> dict[str, Any]:  # fmt: skip
     """Every number this benchmark prints, measured in one run: per case (``cspn_3x3``, ...) the picked
     backend's step forward and forward+backward ms and their ratio, the forward's fraction of the map's
     ``clone`` bandwidth and of the same-bytes ``copy_`` floor, speed-ups over the shifted-slice path and
-    unfold, the allocation ratio, and T-step forward+backward per implementation."""
+    unfold, the allocation ratio, and T-step forward+backward per implementation; on the CPU also
+    ``measure_pool`` at ``pool_shape`` (None: not measured)."""
     b, c, h, w = shape
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -206,6 +243,9 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "T_propagate_fwd_bwd_over_fwd": train["propagate"] / prop_fwd_s,
             "kernel_fwd_bwd_over_fwd": kernel_ratio,
         }  # fmt: skip
+    if dev.type == "cpu" and pool_shape is not None:
+        out["pool_shape"] = list(pool_shape)
+        out["pool"] = measure_pool(pool_shape, max(1, repeats // 2), iterations)
     return out
 
 
@@ -239,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
         base = m["T_fwd_bwd_ms"]["picked"]
         print(f"{case} T={args.iterations} forward+backward: "
               + ", ".join(f"{lbl} {t:.0f} ms ({t / base:.1f}x)" for lbl, t in m["T_fwd_bwd_ms"].items()))  # fmt: skip
+    for case, p in r.get("pool", {}).items():
+        print(
+            f"{case} T={args.iterations} forward+backward at {r['pool_shape']}: with the buffer pool "
+            f"{p['pool_ms']:.0f} ms, without {p['no_pool_ms']:.0f} ms ({p['no_pool_ms'] / p['pool_ms']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

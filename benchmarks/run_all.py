@@ -7,6 +7,7 @@ meaningful on a machine doing nothing else):
   backend ``propagate_step`` picks (the fused C++ kernels on CPU): speed-ups over the shifted-slice path and
   unfold, allocation ratio, forward+backward / forward, forward as a fraction of the map's ``clone``
   bandwidth and of the same-bytes ``copy_`` floor, T steps vs shifted slices and autograd through the loop;
+  on the CPU also T steps at ``[8, 21, 256, 256]`` (44 MB maps) with and without the buffer pool;
 - ``bench_triton_gpu``: the fused Triton kernels vs the shifted-slice path on CUDA (skipped without one);
 - ``bench_loader``: training images/s from the image cache vs from the files;
 - ``bench_coarse_cache``: wall time of a refinement-only search (8 two-stage trials) with / without the
@@ -113,6 +114,9 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                     "",
                 ),
             ]
+        for case, p in r.get("pool", {}).items():
+            rows.append((name, f"{case} T={r['iterations']} fwd+bwd at {r['pool_shape']}: no buffer pool / pool",
+                         p["no_pool_ms"] / p["pool_ms"], ""))  # fmt: skip
     elif name == "triton_gpu":
         for shape, per in r["shapes"].items():
             for case, m in per["cases"].items():
@@ -142,7 +146,8 @@ def run(names: list[str], quick: bool) -> dict[str, Any]:
         if name == "propagation":
             shape = (1, 4, 32, 48) if quick else (4, 11, 192, 256)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            results[name] = bench_propagation.measure(shape, 2 if quick else 5, 2 if quick else 6, device)
+            pool_shape = (1, 4, 32, 48) if quick else (8, 21, 256, 256)
+            results[name] = bench_propagation.measure(shape, 2 if quick else 5, 2 if quick else 6, device, pool_shape)
         elif name == "triton_gpu":
             results[name] = bench_triton_gpu.measure(3 if quick else 20)
         elif name == "loader":

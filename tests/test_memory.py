@@ -127,16 +127,18 @@ def test_threads_never_share_a_live_block():
 def test_propagation_gradients_are_the_same_from_fresh_and_reused_buffers(kind, monkeypatch):
     k = 7
     g = torch.Generator().manual_seed(5)
-    h0 = torch.randn(2, 3, 12, 20, generator=g, dtype=torch.float64)
+    # 30 channels: the maps (each step's output, grad_h, grad_h0: 115 KB) come from the pool too
+    h0 = torch.randn(2, 30, 12, 20, generator=g, dtype=torch.float64)
     affinity = torch.randn(2, k * k - 1, 12, 20, generator=g, dtype=torch.float64)
     attention = torch.rand(2, num_rings(k) + 1, 12, 20, generator=g, dtype=torch.float64)
 
     def run(scale: float = 1.0) -> list[torch.Tensor]:
         aff = (affinity * scale).requires_grad_()
+        x0 = (h0 * scale).requires_grad_()
         weights = cspn_weights(aff) if kind == "cspn" else dyspn_factored_weights(aff, attention, k)
-        h, _ = propagate(h0, [weights] * 3, k)
+        h, _ = propagate(x0, [weights] * 3, k)
         h.square().sum().backward()
-        return [h.detach(), aff.grad]
+        return [h.detach(), aff.grad, x0.grad]
 
     monkeypatch.setenv("SPNTUNE_BUFFER_POOL_MB", "0")
     fresh = run()

@@ -199,7 +199,7 @@ def _dims(h: Tensor, k: int) -> tuple[int, ...]:
 
 def _forward(lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None,
              rs: Tensor | None, k: int) -> Tensor:  # fmt: skip
-    out = torch.empty_like(h)
+    out = empty_like(h)
     fn = getattr(lib, f"spn_forward_{_DTYPES[h.dtype]}")
     fn(*(_ptr(t) for t in (h, h0, nw, rs, sw, aw, out)), *_dims(h, k))
     return out

@@ -72,12 +72,12 @@ class FusedPropagation(torch.autograd.Function):
                 continue
             sw, aw, rs = per_step[3 * t : 3 * t + 3]
             want = need_step[3 * t : 3 * t + 3]
-            grad_h = torch.empty_like(h0) if t > 0 or need_h0 else None
+            grad_h = empty_like(h0) if t > 0 or need_h0 else None
             # The kernels add into grad_nw and grad_h0 from the second step they run on (grad_nw, where
             # wanted, is passed at every step); a grad_h0 first needed after that starts at zero.
             accumulate = nw_written or h0_written
             if need_h0 and aw is not None and grad_h0 is None:
-                grad_h0 = torch.zeros_like(h0) if accumulate else torch.empty_like(h0)
+                grad_h0 = empty_like(h0).zero_() if accumulate else empty_like(h0)
             gh0 = grad_h0 if need_h0 and aw is not None else None
             gsw = torch.empty_like(sw) if want[0] and sw is not None else None
             gaw = torch.empty_like(aw) if want[1] and aw is not None else None
@@ -116,8 +116,8 @@ def one_step_backward(kernels: ModuleType, saved: tuple[Tensor | None, ...], nee
     anchor, ring_scale)``; returns their gradients and None for ``kernel_size``."""
     h, h0, nw, sw, aw, rs = saved
     need_h, need_h0, need_nw, need_sw, need_aw, need_rs, _ = needs_input_grad
-    grad_h = torch.empty_like(h) if need_h else None  # type: ignore[arg-type]
-    grad_h0 = torch.empty_like(h0) if need_h0 and aw is not None else None  # type: ignore[arg-type]
+    grad_h = empty_like(h) if need_h else None  # type: ignore[arg-type]
+    grad_h0 = empty_like(h0) if need_h0 and aw is not None else None  # type: ignore[arg-type]
     grad_nw = empty_like(nw) if need_nw else None  # type: ignore[arg-type]
     grad_sw = torch.empty_like(sw) if need_sw and sw is not None else None
     grad_aw = torch.empty_like(aw) if need_aw and aw is not None else None

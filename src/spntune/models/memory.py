@@ -1,13 +1,16 @@
 """Reused CPU buffers for the propagation's largest tensors.
 
 A refiner step's neighbour weights and their gradients are ``[B, k*k-1, H, W]``: 37.7 MB at
-``[4, 48, 192, 256]``, 75 MB at the CamVid default (batch 8). glibc serves any block over 32 MB with a
+``[4, 48, 192, 256]``, 75 MB at the CamVid default (batch 8); each step's output and its gradient are
+``[B, C, H, W]``, 44 MB at ``[8, 21, 256, 256]`` (a VOC batch). glibc serves any block over 32 MB with a
 fresh ``mmap`` and unmaps it on free, and PyTorch's CPU allocator caches nothing, so every such tensor
 is paged in again on its first write, in every training step. In training on the 2-core EPYC VM
 (CamVid default, U-Net/ResNet-18, DySPN 7x7, T=6, batch 8; torch profiler, two steps) that paging
 made DySPN's ring-sum backward take 22 ms per step where its kernel takes 6 ms, and it was worse with
 huge pages advised (88 ms, and 254 against 182 ms for the T-step backward), so this module no longer
-advises them.
+advises them. With the maps from the pool as well, T=6 steps forward+backward at ``[8, 21, 256, 256]``
+took 138 instead of 269 ms (CSPN 3x3), 365 instead of 484 (CSPN 7x7), 430 instead of 557 (DySPN 7x7),
+alternating in one process (``make bench`` measures it again).
 
 ``empty_like`` hands out CPU float32 / float64 buffers of at least 32 MB from a pool of blocks kept
 across calls: a block comes back to the pool when the last tensor viewing its memory is freed (a
