@@ -16,6 +16,10 @@ Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
   loop, unfold, and ``propagate`` (what the refiners call: on the fused CPU kernels, one autograd node
   for all T steps whose backward adds every step's neighbour-weight gradient into one buffer).
 
+On the CPU, also at a second map size (``--pool-shape``, default ``[8, 21, 256, 256]``: 44 MB maps, larger
+than a server CPU's L3; ``--pool-shape 0 0 0 0`` skips it): one step forward+backward / forward, and T steps
+through ``propagate`` with and without the buffer pool of ``models/memory.py`` (``measure_pool``).
+
 DySPN runs with factored weights (affinity x per-ring scale, ``dyspn_factored_weights``), as the refiner
 does; the weight maps counted as traffic are then the k*k-1 affinities, the R ring scales and self/anchor.
 Every time is the fastest of ``repeats`` calls (``timing.timeit``).
@@ -32,6 +36,7 @@ import torch
 from timing import timeit
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from spntune.models import memory
 from spntune.models.propagation import (
     _accumulate,
     _chosen_backend,
@@ -183,6 +188,7 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)
         else:
             os.environ["SPNTUNE_BUFFER_POOL_MB"] = saved
+        memory.release_buffers()  # the free 44 MB blocks kept would count against the benchmarks after this
     return out
 
 
@@ -263,8 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pool-shape", type=int, nargs=4, default=[8, 21, 256, 256], metavar=("B", "C", "H", "W"),
+                        help="the second map size (CPU only); 0 0 0 0 skips it")  # fmt: skip
     args = parser.parse_args(argv)
-    r = measure(tuple(args.shape), args.repeats, args.iterations, args.device)
+    pool_shape = tuple(args.pool_shape) if all(args.pool_shape) else None
+    r = measure(tuple(args.shape), args.repeats, args.iterations, args.device, pool_shape)
     print(f"device {r['device']} ({r['threads']} threads), backend {r['backend']}, map [B,C,H,W] = {args.shape}; "
           f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s, copy of 256 MiB {r['memory_copy_gbps']:.1f} GB/s")  # fmt: skip
     for case, m in r["cases"].items():

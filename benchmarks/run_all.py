@@ -117,7 +117,7 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
         for case, p in r.get("pool", {}).items():
             rows.append((name, f"{case} T={r['iterations']} fwd+bwd at {r['pool_shape']}: no buffer pool / pool",
                          p["no_pool_ms"] / p["pool_ms"], ""))  # fmt: skip
-            rows.append((name, f"{case} step forward+backward / forward at {r['pool_shape']} (maps beyond the L3)",
+            rows.append((name, f"{case} step forward+backward / forward at {r['pool_shape']}",
                          p["step_fwd_bwd_ms"] / p["step_forward_ms"], "<= 3"))  # fmt: skip
     elif name == "triton_gpu":
         for shape, per in r["shapes"].items():

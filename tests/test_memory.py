@@ -146,7 +146,12 @@ def test_propagation_gradients_are_the_same_from_fresh_and_reused_buffers(kind, 
     run(scale=-3.0)  # fills the pool with other values: a kernel that skipped elements would show
     pool = memory.buffer_pool()
     before = pool.reused
+    shapes: list[tuple[int, ...]] = []
+    empty = pool.empty
+    monkeypatch.setattr(pool, "empty", lambda shape, dtype: shapes.append(shape) or empty(shape, dtype))
     reused = run()
     assert pool.reused > before
+    # the steps' outputs and grad_h / grad_h0 (shape of h0) were pooled, besides the affinity-sized buffers
+    assert shapes.count(tuple(h0.shape)) >= 3 and tuple(affinity.shape) in shapes
     for x, y in zip(fresh, reused, strict=True):
         assert torch.equal(x, y)

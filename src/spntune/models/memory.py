@@ -19,8 +19,12 @@ as the storage goes), and the next request of the same byte size takes it again,
 pool keeps at most ``SPNTUNE_BUFFER_POOL_MB`` of free blocks (default 1024; ``0`` turns the pool off);
 a block beyond that is freed as before. Only the buffers the propagation code allocates itself come
 from the pool, never a user's tensors or PyTorch's own allocations. On other devices and for other
-dtypes ``empty_like`` is ``torch.empty_like`` (contiguous). A pooled tensor's storage cannot be resized
-(``resize_``), as a numpy-backed one; nothing in the propagation resizes its buffers.
+dtypes ``empty_like`` is ``torch.empty_like`` (contiguous). A pooled tensor's storage cannot be resized,
+as a numpy-backed one's: ``resize_`` to another size, or an ``out=`` argument of another shape, raise
+"Trying to resize storage that is not resizable". Nothing in spntune resizes these buffers; some leave
+the propagation, though: on the CPU, ``propagate_step``'s and ``propagate``'s maps (the refiner's output)
+and the gradient of ``h0`` are pooled where they reach 32 MB. Everything else (in-place arithmetic,
+``torch.save``, ``share_memory_``, autograd) works on them as on any tensor.
 """
 
 from __future__ import annotations

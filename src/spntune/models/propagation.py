@@ -299,7 +299,8 @@ def propagate_step(
     Shape:
         h, h0: ``[B, C, H, W]``; neighbour_weight: ``[B, k*k-1, H, W]``;
         self_weight, anchor_weight: ``[B, 1, H, W]``; ring_scale: ``[B, (k-1)/2, H, W]``.
-        Returns ``[B, C, H, W]``.
+        Returns ``[B, C, H, W]`` (on the fused CPU kernels from ``memory``'s buffer pool where it reaches
+        32 MB: its storage cannot be resized).
     """
     _check_step(h, h0, neighbour_weight, self_weight, anchor_weight, kernel_size, ring_scale)
     backend = _chosen_backend()
@@ -634,7 +635,8 @@ def propagate(
 
     Shape:
         h0: ``[B, C, H, W]``. Returns ``(h^T, [h^0, h^1, ..., h^T])``; the list is empty
-        unless ``return_steps``.
+        unless ``return_steps``. As ``propagate_step``'s, maps of 32 MB and more from the fused CPU
+        kernels come from ``memory``'s buffer pool (their storage cannot be resized).
     """
     fused = _fused_propagation(h0, weights, kernel_size)
     if fused is not None:

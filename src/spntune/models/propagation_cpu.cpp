@@ -170,7 +170,9 @@ inline long clampl(long v, long lo, long hi) { return v < lo ? lo : (v > hi ? hi
 // next one will read first from memory.
 template <typename T>
 inline void prefetch_row(const T* p, long W) {
-    for (long t = 0; t < W; t += 64 / long(sizeof(T))) __builtin_prefetch(p + t, 0, 2);
+    const auto first = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(63);
+    const auto end = reinterpret_cast<std::uintptr_t>(p + W);
+    for (auto at = first; at < end; at += 64) __builtin_prefetch(reinterpret_cast<const void*>(at), 0, 2);
 }
 
 // Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
@@ -510,7 +512,8 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
         }
         // The next row's weight rows, its h0 rows and the h rows its ring copies in. [4, 11, 192, 256], 2-core
         // EPYC VM, alternating in one process: prefetching h and h0 as well took the 3x3 forward from 0.93-1.08
-        // to 0.78-0.93 ms (7x7: no change). Prefetching the output rows for writing made it slower.
+        // to 0.78-0.93 ms (7x7: no change). Prefetching the output rows for writing made it slower; the ring
+        // scale's, self and anchor weight rows too made no difference.
         if (row + 1 < end) {
             const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
             for (int j = 0; j < K; ++j) prefetch_row(nw + (nb * K + j) * HW + ny * W, W);
@@ -597,7 +600,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             for (long c = 0; c < C; ++c) {
                 prefetch_row(g + ((nb * C + c) * H + ahead) * W, W);
                 if (want_w) prefetch_row(h + ((nb * C + c) * H + ahead) * W, W);
-                if (gh0 || gaw) prefetch_row(h0 + ((nb * C + c) * H + ny) * W, W);
+                if (gaw) prefetch_row(h0 + ((nb * C + c) * H + ny) * W, W);
             }
             if (gh)
                 for (int j = 0; j < K; ++j)
