@@ -304,6 +304,47 @@ def test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, 
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("items, calls", [(1, [1] * 5), (2, [2, 2, 1]), (9, [5])], ids=["one", "two", "all"])
+@pytest.mark.parametrize("variant", ["cspn-h0", "dyspn-factored"])
+@pytest.mark.parametrize("k", [3, 7])
+def test_steps_item_by_item_equal_the_whole_batch_at_once(k, variant, items, calls, monkeypatch):
+    """The CPU forward runs the T steps one batch item (or group of items) at a time: outputs, every
+    leaf's gradient and the no-grad path are bitwise those of running each step on the whole batch,
+    with groups that do not divide the batch (5 items in groups of 2: 2 + 2 + 1)."""
+    from spntune.models import fused_propagation
+
+    shape = (5, 3, 9, 21)
+    sizes: list[int] = []
+    forward_step = cpu_propagation.forward_step
+
+    def spy(h, *args, **kwargs):
+        sizes.append(h.shape[0])
+        return forward_step(h, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_propagation, "forward_step", spy)
+
+    def run(item_major: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(cpu_propagation, "item_major", item_major)
+        _, h0, aff, att = _leaves(k, shape, torch.float64)
+        leaves = [h0, aff, att]
+        weights = _step_weights(variant, k, aff, att)
+        # a group holds as many items as keep one step's h, h0, output and weights under _GROUP_BYTES
+        per_item = sum(t[0].numel() * 8 for t in (h0, h0, h0, *weights[0]) if t is not None)
+        monkeypatch.setattr(fused_propagation, "_GROUP_BYTES", items * per_item)
+        sizes.clear()
+        h, steps = propagate(h0, weights, k, return_steps=True)
+        assert sizes == ([n for n in calls for _ in weights] if item_major else [5] * len(weights))
+        grads = torch.autograd.grad((h.square()).sum() + steps[1].sum(), leaves, allow_unused=True)
+        with torch.no_grad():
+            plain = propagate(h0, _step_weights(variant, k, aff, att), k)[0]
+        return [*steps[1:], plain, *(g for g in grads if g is not None)]
+
+    got, want = run(True), run(False)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("frozen", ["h0", "affinity", "attention"])
 @pytest.mark.parametrize("shape, dtype", [((1, 3, 6, 5), torch.float64), ((2, 5, 9, 23), torch.float32)],
                          ids=["narrow-rows-float64", "float32"])  # fmt: skip

@@ -198,8 +198,8 @@ def _dims(h: Tensor, k: int) -> tuple[int, ...]:
 
 
 def _forward(lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None,
-             rs: Tensor | None, k: int) -> Tensor:  # fmt: skip
-    out = empty_like(h)
+             rs: Tensor | None, k: int, out: Tensor | None = None) -> Tensor:  # fmt: skip
+    out = empty_like(h) if out is None else out
     fn = getattr(lib, f"spn_forward_{_DTYPES[h.dtype]}")
     fn(*(_ptr(t) for t in (h, h0, nw, rs, sw, aw, out)), *_dims(h, k))
     return out
@@ -251,11 +251,16 @@ def propagate_step_cpu(
 
 
 def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tensor | None, rs: Tensor | None,
-                 kernel_size: int) -> Tensor:  # fmt: skip
-    """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
+                 kernel_size: int, out: Tensor | None = None) -> Tensor:  # fmt: skip
+    """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface), into
+    ``out`` where given (contiguous, ``h``'s shape)."""
     lib = library()
     assert lib is not None  # the callers checked
-    return _forward(lib, h, h0, nw, sw, aw, rs, kernel_size)
+    return _forward(lib, h, h0, nw, sw, aw, rs, kernel_size, out)
+
+
+# fused_propagation runs the T steps one batch item at a time on these kernels (see its forward_steps).
+item_major = True
 
 
 def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int, accumulate: bool) -> None:
