@@ -305,12 +305,13 @@ def test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, 
 
 
 @pytest.mark.parametrize("items, calls", [(1, [1] * 5), (2, [2, 2, 1]), (9, [5])], ids=["one", "two", "all"])
-@pytest.mark.parametrize("variant", ["cspn-h0", "dyspn-factored"])
+@pytest.mark.parametrize("variant", ["cspn-h0", "cspn-ht", "dyspn-factored"])
 @pytest.mark.parametrize("k", [3, 7])
 def test_steps_item_by_item_equal_the_whole_batch_at_once(k, variant, items, calls, monkeypatch):
-    """The CPU forward runs the T steps one batch item (or group of items) at a time: outputs, every
-    leaf's gradient and the no-grad path are bitwise those of running each step on the whole batch,
-    with groups that do not divide the batch (5 items in groups of 2: 2 + 2 + 1)."""
+    """The CPU kernels run the T steps one batch item (or group of items) at a time, forward and
+    backward: outputs, every leaf's gradient (h0's with and without an anchor term) and the no-grad path
+    are bitwise those of running each step on the whole batch, with groups that do not divide the batch
+    (5 items in groups of 2: 2 + 2 + 1)."""
     from spntune.models import fused_propagation
 
     shape = (5, 3, 9, 21)
