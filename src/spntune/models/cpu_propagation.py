@@ -259,7 +259,8 @@ def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tenso
     return _forward(lib, h, h0, nw, sw, aw, rs, kernel_size, out)
 
 
-# fused_propagation runs the T steps one batch item at a time on these kernels (see its forward_steps).
+# fused_propagation runs the T steps, forward and backward, one batch item (or group) at a time on these
+# kernels (see its group_size and forward_steps).
 item_major = True
 
 

@@ -148,8 +148,9 @@ def forward_steps(kernels: ModuleType, h0: Tensor, neighbour_weight: Tensor, per
                   kernel_size: int) -> list[Tensor]:  # fmt: skip
     """``[h^0, h^1, .., h^T]`` on ``kernels`` (contiguous tensors; ``per_step`` flattened as in
     ``FusedPropagation``). Where the backend says ``item_major`` (the CPU kernels) the T steps run one
-    batch item (or a group of small ones) at a time into preallocated maps: one item's maps and weights (2.2 MB per 11-class map at
-    192x256, 9.4 MB of 7x7 weights) stay in the CPU's L3 from step to step, where the whole batch's do not.
+    batch item (or a group of small ones, ``group_size``) at a time into preallocated maps: one item's
+    maps and weights (2.2 MB per 11-class map at 192x256, 9.4 MB of 7x7 weights) stay in the CPU's L3 from
+    step to step, where the whole batch's do not.
     T=6 ``propagate`` forward with the weights, 2-core EPYC VM (32 MB L3), alternating in one process,
     batch-major -> item-major: at [8, 11, 192, 256] CSPN 3x3 17.3 -> 14.1 ms, CSPN 7x7 52.3 -> 38.5, DySPN
     7x7 61.4 -> 42.1; at [4, 11, 192, 256] 7.6 -> 7.4, 26.8 -> 21.0, 31.8 -> 23.9; at [8, 11, 96, 128] (one
