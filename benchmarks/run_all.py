@@ -11,7 +11,9 @@ meaningful on a machine doing nothing else):
 - ``bench_triton_gpu``: the fused Triton kernels vs the shifted-slice path on CUDA (skipped without one);
 - ``bench_loader``: training images/s from the image cache vs from the files;
 - ``bench_coarse_cache``: wall time of a refinement-only search (8 two-stage trials) with / without the
-  coarse cache.
+  coarse cache;
+- ``bench_allocator``: training steps (U-Net/ResNet-18 + DySPN 7x7, CamVid size) with glibc's malloc
+  defaults vs ``spntune/allocator.py``'s settings, in processes of their own, alternating.
 
 Every ratio is measured in this run; targets are the issue's. ``--quick`` shrinks every benchmark (a
 check that they run, not numbers to quote); ``--skip NAME`` leaves one out.
@@ -32,13 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_allocator
 import bench_coarse_cache
 import bench_loader
 import bench_propagation
 import bench_triton_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("propagation", "triton_gpu", "loader", "coarse_cache")
+BENCHMARKS = ("propagation", "triton_gpu", "loader", "coarse_cache", "allocator")
 
 
 def machine() -> str:
@@ -137,6 +140,14 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
             (name, "same: CPU time with / without cache", r["cpu_ratio"], ""),
             (name, "final scores identical with and without (1 = yes)", float(r["final_scores_identical"]), "1"),
         ]
+    elif name == "allocator":
+        case = f"{r['case']} training step {r['shape']}"
+        rows += [
+            (name, f"{case}: time glibc defaults / reuse", r["step_default_over_reuse"], ""),
+            (name, f"{case}: page faults per step, glibc defaults", r["default"]["faults_per_step"], ""),
+            (name, f"{case}: page faults per step, reuse", r["reuse"]["faults_per_step"], ""),
+            (name, f"{case}: peak memory reuse / glibc defaults", r["peak_rss_reuse_over_default"], ""),
+        ]
     return rows
 
 
@@ -158,6 +169,9 @@ def run(names: list[str], quick: bool) -> dict[str, Any]:
             small = ["--limit-train", "8", "--limit-val", "4", "--coarse-epochs", "1", "--trials", "2",
                      "--image-size", "32", "64"] if quick else ["--limit-train", "48", "--limit-val", "16"]  # fmt: skip
             results[name] = bench_coarse_cache.measure(bench_coarse_cache.parse_args(small))
+        elif name == "allocator":
+            results[name] = (bench_allocator.measure(shape=(2, 3, 32, 48), warm=1, steps=2, rounds=1) if quick
+                             else bench_allocator.measure())  # fmt: skip
         print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 
@@ -179,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     for bench, measure, value, target in rows:
         print(f"{bench:<13} {measure:<{width}} {value:8.2f}  {target}")
     for name in skipped:
-        print(f"{name:<13} skipped: no CUDA device (or no triton) on this machine")
+        why = "glibc's malloc only" if name == "allocator" else "no CUDA device (or no triton) on this machine"
+        print(f"{name:<13} skipped: {why}")
     print(f"total {time.perf_counter() - start:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     table = [{"benchmark": b, "measure": m, "value": v, "target": t} for b, m, v, t in rows]

@@ -526,3 +526,31 @@ def test_staging_folders_of_dead_trial_processes_are_swept(tmp_path):
     other.mkdir()
     assert sweep_stale_staging(tmp_path) == [gone]
     assert not gone.exists() and alive.exists() and other.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/environ")
+def test_ray_workers_start_with_the_malloc_settings(monkeypatch):
+    """The Ray that a search starts hands its workers allocator.py's settings in their environment at
+    process start (/proc/self/environ: what glibc read), as a trial needs them."""
+    import ray
+
+    from spntune import allocator
+    from spntune.tune import _init_ray
+
+    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", allocator.ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    expected = allocator.worker_env()
+    if not expected:
+        pytest.skip("glibc's malloc only")
+
+    @ray.remote
+    def start_environment() -> bytes:
+        with open("/proc/self/environ", "rb") as fh:
+            return fh.read()
+
+    _init_ray(None)
+    try:
+        environ = ray.get(start_environment.remote(), timeout=120).split(b"\0")
+    finally:
+        ray.shutdown()
+    assert {f"{k}={v}".encode() for k, v in expected.items()} <= set(environ)

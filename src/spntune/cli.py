@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from spntune.allocator import reuse_freed_memory
 from spntune.errors import SpntuneError
 
 __all__ = ["build_parser", "main"]
@@ -28,6 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.mlflow or args.tracking_uri:
         raw.setdefault("tracking", {})["uri"] = args.tracking_uri or default_tracking_uri()
     cfg = TrialConfig.from_dict(raw)  # refuse bad input before importing torch
+    reuse_freed_memory()
     from spntune.console import ConsoleReporter, make_console, print_results, print_written
     from spntune.trainables import train_segmentation
 
@@ -99,6 +101,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    reuse_freed_memory()
     from spntune.console import print_written
     from spntune.predict import load_pipeline, predict_images
     from spntune.tracking import default_tracking_uri
@@ -113,6 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from spntune.config import parse_set_args
 
     sets = parse_set_args(args.set or [])  # refuse bad syntax before importing torch
+    reuse_freed_memory()
     import json
 
     from spntune.config import TrialConfig, flatten

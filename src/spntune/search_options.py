@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spntune import allocator
 from spntune.config import ConfigError, TrialConfig
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.space import SearchSpace
@@ -89,6 +90,7 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
         bad.append(f"--name must be a folder name (letters, digits, '.', '_', '-'), got {opts.name!r}")
     if bad:
         raise ConfigError("; ".join(bad))
+    allocator.enabled()  # SPNTUNE_MALLOC_REUSE, which the Ray workers are started with
     objectives = opts.objective_list()
     _check_resources(opts)
     cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})

@@ -30,6 +30,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from spntune.allocator import worker_env
 from spntune.config import ConfigError, describe_pipeline
 from spntune.errors import ClusterError
 from spntune.leaderboard import (
@@ -249,6 +250,9 @@ def _init_ray(address: str | None) -> None:
         # cannot act on, so that one message is dropped; the README explains it once.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_token_notice)
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    env = worker_env()  # glibc settings a trial's worker needs from its start (allocator.py)
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
     try:
         if address:
             ray.init(address=address, **kwargs)
