@@ -24,8 +24,6 @@ from typing import Any
 
 from spntune import allocator
 
-_MALLOC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", allocator.ENV_VAR)
-
 
 def child(kind: str, k: int, shape: list[int], classes: int, warm: int, steps: int) -> dict[str, Any]:
     """Runs in the measured process: the training steps, in a thread."""
@@ -77,9 +75,9 @@ def child(kind: str, k: int, shape: list[int], classes: int, warm: int, steps: i
 
 
 def _run_child(setting: str, args: list[str]) -> dict[str, Any]:
-    env = {key: v for key, v in os.environ.items() if key not in _MALLOC_VARS}
+    env = {key: v for key, v in os.environ.items() if key not in allocator.ENV_VARS and key != "GLIBC_TUNABLES"}
     if setting == "reuse":
-        env |= allocator.worker_env() if allocator._glibc() else {}
+        env |= {var: str(value) for var, _, value in allocator.SETTINGS.values()}
     else:
         env[allocator.ENV_VAR] = "0"
     proc = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
@@ -93,7 +91,7 @@ def measure(kind: str = "dyspn", k: int = 7, shape: tuple[int, int, int, int] = 
             warm: int = 2, steps: int = 5, rounds: int = 2) -> dict[str, Any] | None:  # fmt: skip
     """Per setting, every process's results; the medians and ratios over all its steps. None off glibc
     (the settings do nothing there)."""
-    if not allocator._glibc():
+    if not allocator.is_glibc():
         return None
     args = [kind, str(k), *map(str, shape), str(classes), str(warm), str(steps)]
     runs: dict[str, list[dict[str, Any]]] = {"default": [], "reuse": []}

@@ -537,11 +537,12 @@ def test_ray_workers_start_with_the_malloc_settings(monkeypatch):
     from spntune import allocator
     from spntune.tune import _init_ray
 
-    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", allocator.ENV_VAR):
+    for var in allocator.ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     expected = allocator.worker_env()
     if not expected:
         pytest.skip("glibc's malloc only")
+    assert not ray.is_initialized()  # else _init_ray would keep that Ray's runtime environment
 
     @ray.remote
     def start_environment() -> bytes:

@@ -25,8 +25,15 @@ The settings (``SETTINGS``): one arena for all threads, no ``mmap`` for blocks, 
   (``reuse_freed_memory``) before any thread starts.
 
 ``SPNTUNE_MALLOC_REUSE=0`` keeps glibc's defaults (``1``, the default, applies them); a variable the
-user's environment already sets (``MALLOC_ARENA_MAX``, ...) is kept as it is. Elsewhere than glibc
-(macOS, musl) nothing is changed. Light to import: no torch.
+user's environment already sets (``MALLOC_ARENA_MAX``, ...) wins: its value is the one passed on, and
+``mallopt`` leaves that setting alone. Elsewhere than glibc (macOS, musl) nothing is changed; that is
+judged on the driver, so a macOS driver sends nothing to a Linux cluster's workers. With jemalloc or
+tcmalloc preloaded, ``mallopt`` does nothing.
+
+The heap is trimmed only where more than 2 GiB lies free at its top (``mallopt`` takes an int). One
+arena means one lock for every thread of the process (PyTorch's intra-op threads, Ray's and MLflow's
+threads): measured on 2 cores only.
+Light to import: no torch.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import sys
 
 from spntune.errors import ConfigError
 
-__all__ = ["ENV_VAR", "SETTINGS", "enabled", "reuse_freed_memory", "worker_env"]
+__all__ = ["ENV_VAR", "ENV_VARS", "SETTINGS", "enabled", "is_glibc", "reuse_freed_memory", "worker_env"]
 
 ENV_VAR = "SPNTUNE_MALLOC_REUSE"
 
@@ -47,8 +54,11 @@ _TRIM_BYTES = 2**31 - 1  # mallopt takes an int: the largest threshold it accept
 SETTINGS: dict[str, tuple[str, int, int]] = {
     "arena_max": ("MALLOC_ARENA_MAX", -8, 1),  # M_ARENA_MAX: every thread allocates in the main arena
     "mmap_max": ("MALLOC_MMAP_MAX_", -4, 0),  # M_MMAP_MAX: no block gets an mmap of its own
-    "trim_threshold": ("MALLOC_TRIM_THRESHOLD_", -1, _TRIM_BYTES),  # M_TRIM_THRESHOLD: the heap is not trimmed
+    "trim_threshold": ("MALLOC_TRIM_THRESHOLD_", -1, _TRIM_BYTES),  # M_TRIM_THRESHOLD: trimmed above 2 GiB only
 }
+
+#: The environment variables of ``SETTINGS``, and the one that turns them off.
+ENV_VARS: tuple[str, ...] = (*(var for var, _, _ in SETTINGS.values()), ENV_VAR)
 
 
 def enabled() -> bool:
@@ -59,7 +69,8 @@ def enabled() -> bool:
     return raw == "1"
 
 
-def _glibc() -> bool:
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (Linux), whose malloc the settings are for."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -70,23 +81,29 @@ def _glibc() -> bool:
 
 def worker_env() -> dict[str, str]:
     """Environment variables that give a process started with them the settings: empty when
-    ``SPNTUNE_MALLOC_REUSE=0`` or off glibc; a variable set in this process's environment is left out
-    (a process started from here inherits the user's value)."""
-    if not enabled() or not _glibc():
+    ``SPNTUNE_MALLOC_REUSE=0`` or off glibc; where this process's environment sets one, its value (a
+    cluster's workers do not inherit the driver's environment)."""
+    if not enabled() or not is_glibc():
         return {}
-    return {var: str(value) for var, _, value in SETTINGS.values() if var not in os.environ}
+    return {var: os.environ.get(var, str(value)) for var, _, value in SETTINGS.values()}
 
 
 def reuse_freed_memory() -> bool:
-    """Applies the settings to this process with ``mallopt``; True where all were taken. Call it before
-    threads start: a thread that has allocated already keeps its own arena. A setting whose variable
-    the environment sets is left to that variable (glibc read it at start)."""
-    if not enabled() or not _glibc():
+    """Applies the settings to this process with ``mallopt``; True where every one it made was taken
+    (also where the environment set them all: glibc read those at start). Call it before threads
+    start: a thread that has allocated already keeps its own arena. False where turned off or off
+    glibc."""
+    if not enabled() or not is_glibc():
         return False
+    taken = [_mallopt(param, value) for var, param, value in SETTINGS.values() if var not in os.environ]
+    return all(taken)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``: whether it was taken."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    taken = [mallopt(param, value) == 1 for var, param, value in SETTINGS.values() if var not in os.environ]
-    return all(taken)
+    return bool(mallopt(param, value) == 1)

@@ -88,9 +88,12 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     bad = [f"{flag} must be {expected}, got {value}" for flag, value, ok, expected in ranges if not ok]
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.name):
         bad.append(f"--name must be a folder name (letters, digits, '.', '_', '-'), got {opts.name!r}")
+    try:
+        allocator.enabled()  # SPNTUNE_MALLOC_REUSE, which the Ray workers are started with
+    except ConfigError as exc:
+        bad.append(str(exc))
     if bad:
         raise ConfigError("; ".join(bad))
-    allocator.enabled()  # SPNTUNE_MALLOC_REUSE, which the Ray workers are started with
     objectives = opts.objective_list()
     _check_resources(opts)
     cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
