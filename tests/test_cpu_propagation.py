@@ -575,3 +575,33 @@ def test_ring_scale_of_the_wrong_shape_is_refused():
     nw, sw, aw, rs = dyspn_factored_weights(aff, att, k)
     with pytest.raises(ValueError, match=r"ring_scale must be \(1, 2, 6, 7\) for kernel_size=5"):
         propagate_step(h, h0, nw, sw, aw, k, ring_scale=rs[:, :1])
+
+
+def test_the_group_budget_is_half_the_last_level_cache(tmp_path, monkeypatch):
+    def cache(name: str, level: str, size: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(level + "\n")
+        (tmp_path / name / "size").write_text(size + "\n")
+
+    assert cpu_propagation.last_level_cache_bytes(tmp_path) is None  # nothing to read
+    for name, level, size in (("index0", "1", "32K"), ("index1", "1", "32K"), ("index2", "2", "1024K"),
+                              ("index3", "3", "32768K"), ("index4", "x", "1M")):  # fmt: skip
+        cache(name, level, size)
+    assert cpu_propagation.last_level_cache_bytes(tmp_path) == 32 << 20  # the highest level; bad entries skipped
+    (tmp_path / "index3" / "size").write_text("8M\n")
+    assert cpu_propagation.last_level_cache_bytes(tmp_path) == 8 << 20
+    # group_bytes reads this machine's caches once; group_size uses it unless a test fixes _GROUP_BYTES
+    from spntune.models import fused_propagation
+
+    try:
+        cpu_propagation.group_bytes.cache_clear()
+        monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 8 << 20)
+        assert cpu_propagation.group_bytes() == 4 << 20
+        h0 = torch.zeros(8, 11, 64, 64)  # 180 KB per item's map (h, h0 and the output count)
+        nw = torch.zeros(8, 48, 64, 64)  # 786 KB of 7x7 weights per item
+        assert fused_propagation.group_size(cpu_propagation, h0, nw, [None, None, None]) == 3  # 4 MB // 1.33 MB
+        cpu_propagation.group_bytes.cache_clear()
+        monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: None)
+        assert cpu_propagation.group_bytes() == 16 << 20  # unknown: the default
+    finally:
+        cpu_propagation.group_bytes.cache_clear()  # the next call reads this machine's caches again

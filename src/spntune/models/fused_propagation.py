@@ -131,17 +131,19 @@ def run_steps(kernels: ModuleType, h0: Tensor, neighbour_weight: Tensor,
     return forward_steps(kernels, c[0], c[1], c[2:], kernel_size)[1:]
 
 
-_GROUP_BYTES = 16 << 20  # half the L3 of the EPYC VM this was measured on
+_GROUP_BYTES: int | None = None  # a fixed budget (tests); None: the backend's group_bytes()
 
 
 def group_size(kernels: ModuleType, h0: Tensor, neighbour_weight: Tensor, step: Sequence[Tensor | None]) -> int:
     """Batch items the steps run on at a time: the whole batch, or where the backend says ``item_major``
-    as many as keep one step's traffic (h, h0, the output and ``step``'s weight maps) under
-    ``_GROUP_BYTES``, at least one (small maps go several at a time: fewer kernel calls)."""
+    as many as keep one step's traffic (h, h0, the output and ``step``'s weight maps) under its
+    ``group_bytes()`` (the CPU kernels: half the last-level cache), at least one (small maps go several
+    at a time: fewer kernel calls)."""
     if not getattr(kernels, "item_major", False):
         return h0.shape[0]
     per_item = sum(t[0].numel() * t.element_size() for t in (h0, h0, h0, neighbour_weight, *step) if t is not None)
-    return max(1, _GROUP_BYTES // per_item)
+    budget = _GROUP_BYTES if _GROUP_BYTES is not None else kernels.group_bytes()
+    return max(1, budget // per_item)
 
 
 def forward_steps(kernels: ModuleType, h0: Tensor, neighbour_weight: Tensor, per_step: Sequence[Tensor | None],
