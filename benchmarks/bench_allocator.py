@@ -5,7 +5,7 @@ Each setting runs in processes of its own (the settings are read at process star
 a trial's model (``trainables.build_model``: U-Net/ResNet-18 + the refiner), then trains on random
 ``[B, 3, H, W]`` batches in a thread, as Ray Tune runs a trial: AdamW, channels-last, cross-entropy on
 the coarse and the refined logits. It reports each step's seconds, minor page faults and system time
-per step, and its peak resident memory.
+per step, and its peak resident memory (``VmHWM``).
 
 Prints, per setting, the median step and the faults per step, and the ratios default / reuse (step
 time; > 1: the settings are faster) and reuse / default (peak memory). ``--quick`` shrinks everything
@@ -66,12 +66,21 @@ def child(kind: str, k: int, shape: list[int], classes: int, warm: int, steps: i
             times.append(time.perf_counter() - t0)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         out.update(step_s=times, faults_per_step=(r1.ru_minflt - r0.ru_minflt) / steps,
-                   sys_s_per_step=(r1.ru_stime - r0.ru_stime) / steps, peak_rss_mb=r1.ru_maxrss / 1024)  # fmt: skip
+                   sys_s_per_step=(r1.ru_stime - r0.ru_stime) / steps, peak_rss_mb=_peak_rss_mb())  # fmt: skip
 
     thread = threading.Thread(target=train)
     thread.start()
     thread.join()
     return out
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``). Not ``ru_maxrss``: Linux carries that over from
+    the parent through fork and exec, so under ``make bench`` (a parent of several GB) every child
+    would report the parent's peak."""
+    with open("/proc/self/status") as fh:
+        line = next(ln for ln in fh if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def _run_child(setting: str, args: list[str]) -> dict[str, Any]:
