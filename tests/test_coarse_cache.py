@@ -75,6 +75,17 @@ def test_key_ignores_the_refiner_and_follows_everything_the_coarse_phase_depends
     assert key({"train.channels_last": True}) == key({}) != key({"train.channels_last": False})
 
 
+def test_key_follows_the_precision_the_trial_computes_in(monkeypatch):
+    """train.cpu_bf16 changes a CPU trial's coarse phase only where the CPU has native bf16 (elsewhere the
+    trial runs float32 anyway); train.amp only on CUDA."""
+    from spntune import coarse_cache
+
+    monkeypatch.setattr(coarse_cache, "cpu_bf16_native", lambda: True)
+    assert key({"train.cpu_bf16": True}) != key({}) == key({"train.amp": False})
+    monkeypatch.setattr(coarse_cache, "cpu_bf16_native", lambda: False)
+    assert key({"train.cpu_bf16": True}) == key({})
+
+
 def test_data_fingerprint_follows_the_files(tmp_path):
     root = make_folder(tmp_path / "data")
     cfg = TrialConfig.from_dict({"data.name": "folder", "data.root": str(root)}).data

@@ -311,3 +311,51 @@ def test_a_cpu_trial_trains_on_channels_last_memory_and_matches_contiguous(kind,
         with torch.no_grad():
             outs.append(runs[setting].model(image.contiguous(memory_format=fmt)).refined_logits)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("device", "amp", "cpu_bf16", "native", "expected"),
+                         [("cuda", True, False, False, True), ("cuda", False, True, True, False),
+                          ("cpu", True, False, True, False), ("cpu", False, True, True, True),
+                          ("cpu", True, True, False, False)])  # fmt: skip
+def test_autocast_resolves_per_device(device, amp, cpu_bf16, native, expected):
+    train = TrialConfig.from_dict({"train.amp": amp, "train.cpu_bf16": cpu_bf16}).train
+    assert train.uses_autocast(device, native) is expected
+
+
+@pytest.mark.skipif(not trainables.cpu_bf16_native(), reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("kind", ["cspn", "dyspn"])
+def test_cpu_bf16_runs_the_coarse_network_in_bf16_and_the_refiner_in_float32(kind):
+    """train.cpu_bf16: the coarse network's convolutions compute in bfloat16, the refiner's affinity
+    network and propagation in float32; the trial trains, and its checkpointed weights stay float32."""
+    cfg = TrialConfig.from_dict(with_refiner(kind, **{"train.cpu_bf16": True, "train.epochs": 1}))
+    run = trainables._build_run(cfg)
+    assert run.amp and not run.scaler.is_enabled()
+    dtypes: dict[str, torch.dtype] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes[name] = output.dtype  # returns None: the output stays as it is
+
+        return hook
+
+    hooks = [run.model.coarse.encoder.conv1.register_forward_hook(record("coarse")),
+             run.model.refiner.affinity_net.register_forward_hook(record("affinity"))]  # fmt: skip
+    with torch.autocast("cpu", enabled=run.amp):
+        out = run.model(torch.randn(2, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    assert dtypes == {"coarse": torch.bfloat16, "affinity": torch.float32}
+    assert out.coarse_logits.dtype == torch.bfloat16 and out.refined_logits.dtype == torch.float32
+    rep = Collect()
+    result = train_segmentation(cfg.to_dict(), rep)
+    assert rep.rows and math.isfinite(rep.rows[-1]["train_loss"])
+    assert 0.0 <= result["metrics"]["refined_miou"] <= 1.0
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+
+
+def test_cpu_bf16_without_native_bf16_trains_in_float32_and_says_so(monkeypatch):
+    monkeypatch.setattr(trainables, "cpu_bf16_native", lambda: False)
+    cfg = TrialConfig.from_dict(with_refiner("cspn", **{"train.cpu_bf16": True, "train.device": "cpu"}))
+    with pytest.warns(UserWarning, match="train.cpu_bf16: this CPU has no native bfloat16"):
+        run = trainables._build_run(cfg)
+    assert not run.amp

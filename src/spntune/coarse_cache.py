@@ -41,6 +41,7 @@ from spntune import __version__
 from spntune.config import TrialConfig
 from spntune.data.cache import data_fingerprint
 from spntune.filelock import held
+from spntune.models.coarse import cpu_bf16_native
 
 __all__ = [
     "CACHED_MARK",
@@ -64,7 +65,7 @@ CACHED_MARK = "coarse_cached"
 
 #: ``train.*`` settings that do not affect the coarse phase (everything else in ``train`` does).
 _NOT_COARSE_TRAIN = {"stage", "epochs", "refine_epochs", "coarse_loss_weight", "viz_samples", "final_eval",
-                     "coarse_cache", "coarse_cache_dir", "device", "amp", "channels_last",
+                     "coarse_cache", "coarse_cache_dir", "device", "amp", "cpu_bf16", "channels_last",
                      "memory_limit_gb"}  # fmt: skip
 
 
@@ -74,7 +75,7 @@ def coarse_key_fields(cfg: TrialConfig, fingerprint: str, device_type: str,
     trial actually reads its training images (``trainables``: from the image cache or the files, and the
     resolved number of loader workers, which seeds augmentation), rather than the settings asking for it."""
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_COARSE_TRAIN}
-    amp = cfg.train.amp and device_type == "cuda"  # what the trial actually uses
+    amp = cfg.train.uses_autocast(device_type, cpu_bf16_native())  # what the trial actually uses
     return {
         "format": CACHE_FORMAT,
         "spntune": __version__,

@@ -17,6 +17,7 @@ import os
 import random
 import resource
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError, Tri
 from spntune.losses import build_loss
 from spntune.metrics import SegmentationMeter
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
-from spntune.models.coarse import feature_channels
+from spntune.models.coarse import cpu_bf16_native, feature_channels
 from spntune.models.memory import release_buffers
 from spntune.reporting import EpochReport, Reporter, Reporters, TrialStopped
 from spntune.scoring import flat_metrics, score_at_original_size
@@ -448,7 +449,10 @@ class _Run:
 def _build_run(cfg: TrialConfig) -> _Run:
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    amp = cfg.train.amp and device.type == "cuda"
+    amp = cfg.train.uses_autocast(device.type, cpu_bf16_native())
+    if cfg.train.cpu_bf16 and device.type == "cpu" and not amp:
+        warnings.warn("train.cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); training in float32",
+                      stacklevel=2)  # fmt: skip
     train_ds, val_ds, class_names = build_datasets(cfg.data, cfg.train.seed, cache=True)
     memory_format = torch.channels_last if cfg.train.uses_channels_last(device.type) else torch.contiguous_format
     model = build_model(cfg, len(class_names)).to(device, memory_format=memory_format)
@@ -458,7 +462,8 @@ def _build_run(cfg: TrialConfig) -> _Run:
         cfg, model, build_loss(cfg.train.loss),
         _loader(train_ds, cfg.train.batch_size, True, workers, cfg.train.seed, pin),
         _loader(val_ds, cfg.train.batch_size, False, workers, cfg.train.seed, pin),
-        val_ds, class_names, device, amp, torch.amp.GradScaler("cuda", enabled=amp), output_dir, memory_format,
+        val_ds, class_names, device, amp, torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda"),
+        output_dir, memory_format,
     )  # fmt: skip
 
 

@@ -7,15 +7,28 @@ smp has no FCN, so ``fcn`` is an FCN-8s/16s/32s head (Long et al. 2015) over any
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import segmentation_models_pytorch as smp
+import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
 from spntune.errors import WeightsUnavailableError
 
-__all__ = ["COARSE", "FCN", "WeightsUnavailableError", "build_coarse", "feature_channels", "feature_layer"]
+__all__ = ["COARSE", "FCN", "WeightsUnavailableError", "build_coarse", "cpu_bf16_native", "feature_channels",
+           "feature_layer"]  # fmt: skip
+
+
+@cache
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN sees it): where not,
+    bf16 autocast emulates it and runs slower than float32 (``train.cpu_bf16`` then stays float32)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class FCN(nn.Module):
