@@ -258,12 +258,8 @@ def _init_ray(address: str | None) -> None:
             ray.init(address=address, **kwargs)
         else:  # "local": a Ray of its own, even where a `ray start` cluster runs on this machine
             ray.init(address="local", include_dashboard=False, **kwargs)
-    except (
-        ConnectionError,
-        RuntimeError,
-        ValueError,
-        ray.exceptions.RayError,
-    ) as exc:  # ValueError: runtime envs clash
+    # ValueError: our runtime environment clashes with one the job was submitted with
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]
         raise ClusterError(f"could not start or reach {where}: {first}") from None
