@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -84,9 +83,9 @@ def _peak_rss_mb() -> float:
 
 
 def _run_child(setting: str, args: list[str]) -> dict[str, Any]:
-    env = {key: v for key, v in os.environ.items() if key not in allocator.ENV_VARS and key != "GLIBC_TUNABLES"}
+    env = allocator.defaults_env()
     if setting == "reuse":
-        env |= {var: str(value) for var, _, value in allocator.SETTINGS.values()}
+        env |= allocator.settings_env()
     else:
         env[allocator.ENV_VAR] = "0"
     proc = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,

@@ -7,7 +7,6 @@ not depend on the machine's THP setting). ``mallopt`` changes a whole process, s
 test process (conftest.py).
 """
 
-import os
 import subprocess
 import sys
 
@@ -52,9 +51,9 @@ print(sum(faults))
 def _faults(mode: str, where: str, without: str = "") -> int:
     """Page faults of rounds 2-6; ``mode``: none (glibc's defaults), mallopt, or env (the settings in the
     environment at start, but for the variable ``without``)."""
-    env = {k: v for k, v in os.environ.items() if k not in allocator.ENV_VARS and k != "GLIBC_TUNABLES"}
+    env = allocator.defaults_env()
     if mode == "env":
-        env |= {var: str(value) for var, _, value in allocator.SETTINGS.values() if var != without}
+        env |= {var: value for var, value in allocator.settings_env().items() if var != without}
     proc = subprocess.run([sys.executable, "-c", _PROBE, "mallopt" if mode == "mallopt" else "none", where],
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -44,7 +44,8 @@ import sys
 
 from spntune.errors import ConfigError
 
-__all__ = ["ENV_VAR", "ENV_VARS", "SETTINGS", "enabled", "is_glibc", "reuse_freed_memory", "worker_env"]
+__all__ = ["ENV_VAR", "ENV_VARS", "SETTINGS", "defaults_env", "enabled", "is_glibc", "reuse_freed_memory",
+           "settings_env", "worker_env"]  # fmt: skip
 
 ENV_VAR = "SPNTUNE_MALLOC_REUSE"
 
@@ -79,13 +80,25 @@ def is_glibc() -> bool:
         return False
 
 
+def settings_env() -> dict[str, str]:
+    """``SETTINGS`` as the environment variables glibc reads at process start, whatever this process's
+    environment or ``SPNTUNE_MALLOC_REUSE`` say (``worker_env`` heeds both)."""
+    return {var: str(value) for var, _, value in SETTINGS.values()}
+
+
+def defaults_env() -> dict[str, str]:
+    """This process's environment without any malloc setting (``ENV_VARS``, ``GLIBC_TUNABLES``): what a
+    process that is to run with glibc's defaults is started with (the benchmark's and tests' children)."""
+    return {k: v for k, v in os.environ.items() if k not in ENV_VARS and k != "GLIBC_TUNABLES"}
+
+
 def worker_env() -> dict[str, str]:
     """Environment variables that give a process started with them the settings: empty when
     ``SPNTUNE_MALLOC_REUSE=0`` or off glibc; where this process's environment sets one, its value (a
     cluster's workers do not inherit the driver's environment)."""
     if not enabled() or not is_glibc():
         return {}
-    return {var: os.environ.get(var, str(value)) for var, _, value in SETTINGS.values()}
+    return {var: os.environ.get(var, value) for var, value in settings_env().items()}
 
 
 def reuse_freed_memory() -> bool:
