@@ -148,6 +148,31 @@ def _copy_floor_s(nbytes: int, repeats: int, device: torch.device) -> float:
     return timeit(lambda: dst.copy_(src), repeats)
 
 
+def matmul_fma_rate(device: torch.device, repeats: int, n: int = 1024) -> float:
+    """Multiply-adds per second of an ``n x n`` float32 matmul (MKL / oneDNN on the CPU, cuBLAS on CUDA) on the
+    threads the kernels use: the FMA rate this machine reaches in practice, the compute roof of the roofline."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn_like(a)
+    return n**3 / timeit(lambda: a @ b, repeats)
+
+
+def step_multiply_adds(shape: tuple[int, int, int, int], k: int, self_weight: bool, anchor_weight: bool,
+                       factored: bool) -> tuple[int, int]:  # fmt: skip
+    """Multiply-adds of one step's forward and of its backward (every gradient), counted from the formulas the
+    kernels compute (not measured). Per pixel and channel the forward does k*k-1 neighbour terms plus the self
+    and anchor terms; the backward the gather for ``grad_h`` (k*k-1, + self), the k*k-1 weight gradients, the
+    self and anchor weight gradients and ``grad_h0``. Factored (DySPN) weights add k*k-1 per pixel to the
+    forward (affinity x ring scale) and 3 (k*k-1) to the backward (the product for the gather, the affinity's
+    and the ring scale's gradients). For CSPN the backward is exactly twice the forward: at one FMA rate for
+    both, forward+backward / forward is 3.0; for DySPN 3 + (k*k-1) / forward's count per pixel."""
+    b, c, h, w = shape
+    taps = k * k - 1
+    extra = int(self_weight) + int(anchor_weight)
+    fwd = b * h * w * (c * (taps + extra) + (taps if factored else 0))
+    bwd = b * h * w * (c * (2 * taps + 2 * extra) + (3 * taps if factored else 0))
+    return fwd, bwd
+
+
 def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: int = 2,
                  iterations: int = 6) -> dict[str, dict[str, float]]:  # fmt: skip
     """T steps through ``propagate`` forward+backward on the CPU at a map of over 32 MB (the default:
@@ -209,12 +234,13 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
     # a copy_ between two 256 MiB buffers, too large for a CPU's L3 or a GPU's L2: the memory's own speed (the
     # map's clone can run in cache, 8.6 MB against a 32 MB L3 on the EPYC VM)
     memory_bw = (512 << 20) / _copy_floor_s(512 << 20, repeats, dev)
+    fma_rate = matmul_fma_rate(dev, repeats * 2)
     backend = _chosen_backend()
     if backend == "auto":
         backend = "triton" if dev.type == "cuda" else "cpp"
     out: dict[str, Any] = {"device": str(dev), "shape": list(shape), "threads": torch.get_num_threads(),
                            "backend": backend, "clone_gbps": copy_bw / 1e9, "memory_copy_gbps": memory_bw / 1e9,
-                           "iterations": iterations, "cases": {}}  # fmt: skip
+                           "matmul_gfma_per_s": fma_rate / 1e9, "iterations": iterations, "cases": {}}  # fmt: skip
     for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
@@ -244,6 +270,15 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         )
         prop_fwd_s = timeit(partial(_propagate_forward, x0, aff, att, name, k, iterations), repeats)
         kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
+        # the roofline's compute side: the forward's multiply-adds at matmul's FMA rate, and the forward at one
+        # batch item (a working set a third to a quarter of the bench's, inside a server CPU's L3)
+        fwd_fma, bwd_fma = step_multiply_adds(shape, k, weights[1] is not None, weights[2] is not None,
+                                              len(weights) > 3)  # fmt: skip
+        compute_floor_s = fwd_fma / fma_rate
+        target_s = min_bytes / (0.5 * copy_bw)
+        one = (slice(0, 1),)
+        one_s = timeit(partial(_call, propagate_step, x[one], x0[one],
+                               tuple(t[one] if t is not None else None for t in weights), k), repeats * 2)  # fmt: skip
         out["cases"][f"{name}_{k}x{k}"] = {
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
             "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "copy_floor_ms": 1000 * floor_s,
@@ -256,6 +291,12 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "T_propagate_forward_ms": 1000 * prop_fwd_s,
             "T_propagate_fwd_bwd_over_fwd": train["propagate"] / prop_fwd_s,
             "kernel_fwd_bwd_over_fwd": kernel_ratio,
+            "forward_multiply_adds": fwd_fma, "backward_multiply_adds": bwd_fma,
+            "fwd_bwd_over_fwd_in_multiply_adds": (fwd_fma + bwd_fma) / fwd_fma,
+            "compute_floor_ms": 1000 * compute_floor_s, "forward_of_compute_floor": compute_floor_s / fast_s,
+            "target_ms": 1000 * target_s, "target_over_compute_floor": target_s / compute_floor_s,
+            "one_item_forward_ms": 1000 * one_s,
+            "one_item_forward_of_matmul_fma_rate": fwd_fma / b / one_s / fma_rate,
         }  # fmt: skip
     if dev.type == "cpu" and pool_shape is not None:
         out["pool_shape"] = list(pool_shape)
@@ -275,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     pool_shape = tuple(args.pool_shape) if all(args.pool_shape) else None
     r = measure(tuple(args.shape), args.repeats, args.iterations, args.device, pool_shape)
     print(f"device {r['device']} ({r['threads']} threads), backend {r['backend']}, map [B,C,H,W] = {args.shape}; "
-          f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s, copy of 256 MiB {r['memory_copy_gbps']:.1f} GB/s")  # fmt: skip
+          f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s, copy of 256 MiB {r['memory_copy_gbps']:.1f} GB/s, "
+          f"matmul {r['matmul_gfma_per_s']:.1f} GFMA/s")  # fmt: skip
     for case, m in r["cases"].items():
         print(
             f"{case} one step: forward {m['forward_ms']:.2f} ms, forward+backward {m['forward_backward_ms']:.2f} ms, "
@@ -293,6 +335,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{case} forward+backward / forward: one step {m['fwd_bwd_over_fwd']:.1f}x, its kernels alone "
               + (f"{kr:.1f}x" if kr is not None else "n/a")
               + f", T={args.iterations} propagate {m['T_propagate_fwd_bwd_over_fwd']:.1f}x")  # fmt: skip
+        print(
+            f"{case} roofline: forward {m['forward_multiply_adds'] / 1e6:.0f} M multiply-adds, {m['compute_floor_ms']:.2f} ms "
+            f"at matmul's FMA rate (the forward at {m['forward_of_compute_floor']:.2f} of that floor; one batch item "
+            f"at {m['one_item_forward_of_matmul_fma_rate']:.2f} of the rate); the target's forward time "
+            f"{m['target_ms']:.2f} ms is {m['target_over_compute_floor']:.2f}x the compute floor; forward+backward / "
+            f"forward counted in multiply-adds {m['fwd_bwd_over_fwd_in_multiply_adds']:.2f}"
+        )
         base = m["T_fwd_bwd_ms"]["picked"]
         print(f"{case} T={args.iterations} forward+backward: "
               + ", ".join(f"{lbl} {t:.0f} ms ({t / base:.1f}x)" for lbl, t in m["T_fwd_bwd_ms"].items()))  # fmt: skip

@@ -94,6 +94,25 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                 (name, f"{case} forward, fraction of the same-bytes copy floor", m["forward_of_copy_floor"], ""),
                 (
                     name,
+                    f"{case} forward, fraction of its compute floor (matmul FMA rate)",
+                    m["forward_of_compute_floor"],
+                    "",
+                ),
+                (name, f"{case} the target's forward time / compute floor", m["target_over_compute_floor"], ""),
+                (
+                    name,
+                    f"{case} forward of one batch item, fraction of matmul FMA rate",
+                    m["one_item_forward_of_matmul_fma_rate"],
+                    "",
+                ),
+                (
+                    name,
+                    f"{case} step forward+backward / forward in multiply-adds",
+                    m["fwd_bwd_over_fwd_in_multiply_adds"],
+                    "",
+                ),
+                (
+                    name,
                     f"{case} forward, fraction of a 256 MiB copy's bandwidth (memory)",
                     m["forward_of_memory_copy_bandwidth"],
                     "",

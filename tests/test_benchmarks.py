@@ -29,3 +29,16 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     assert ("triton_gpu" in report["skipped"]) != ("triton_gpu" in benches)  # skipped exactly when no CUDA
     assert ("allocator" in report["skipped"]) != ("allocator" in benches)  # skipped exactly off glibc
     assert "make bench on" in proc.stdout and "dyspn_7x7 step forward+backward / forward" in proc.stdout
+
+
+def test_step_multiply_adds_match_a_hand_count():
+    """The roofline's compute side counts what the kernels compute, by hand for a [1, 2, 3, 4] map, 3x3:
+    CSPN (anchor weight, no self weight) does 8 + 1 multiply-adds per pixel and channel forward, 2 x (8 + 1)
+    backward; DySPN (self and anchor, factored weights) 8 + 2 per channel + 8 per pixel forward, 2 x (8 + 2)
+    per channel + 3 x 8 per pixel backward."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_propagation import step_multiply_adds
+
+    pixels = 3 * 4
+    assert step_multiply_adds((1, 2, 3, 4), 3, False, True, False) == (pixels * 2 * 9, pixels * 2 * 18)
+    assert step_multiply_adds((1, 2, 3, 4), 3, True, True, True) == (pixels * (2 * 10 + 8), pixels * (2 * 20 + 24))
