@@ -22,7 +22,8 @@ through ``propagate`` with and without the buffer pool of ``models/memory.py`` (
 
 DySPN runs with factored weights (affinity x per-ring scale, ``dyspn_factored_weights``), as the refiner
 does; the weight maps counted as traffic are then the k*k-1 affinities, the R ring scales and self/anchor.
-Every time is the fastest of ``repeats`` calls (``timing.timeit``).
+Every time is the fastest of ``repeats`` calls (``timing.timeit``); the two times of each
+forward+backward / forward ratio are taken interleaved, in rounds (``timing.timeit_interleaved``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from timing import timeit
+from timing import timeit, timeit_interleaved
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spntune.models import memory
@@ -126,10 +127,11 @@ def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> 
     rs = weights[3] if len(weights) > 3 else None
     nw, sw, aw, rs = (t.contiguous() if t is not None else None for t in (nw, sw, aw, rs))
     grads = [torch.zeros_like(t) if t is not None else None for t in (x, x0, nw, rs, sw, aw)]
-    fwd = timeit(lambda: kernels.forward_step(x, x0, nw, sw, aw, rs, k), repeats)
-    bwd = timeit(lambda: kernels.backward_step(x0, x, x0, nw, rs, sw, aw, *grads, kernel_size=k, accumulate=False),
-                 repeats)  # fmt: skip
-    return (fwd + bwd) / fwd
+    best = timeit_interleaved({
+        "forward": lambda: kernels.forward_step(x, x0, nw, sw, aw, rs, k),
+        "backward": lambda: kernels.backward_step(x0, x, x0, nw, rs, sw, aw, *grads, kernel_size=k, accumulate=False),
+    }, repeats)  # fmt: skip
+    return (best["forward"] + best["backward"]) / best["forward"]
 
 
 def _shifted_slice(*args: Any) -> torch.Tensor:
@@ -204,9 +206,10 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
                     best[key] = min(best[key], 1000 * s)
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)  # the pool on (the loop ended with it off)
             weights = _weights(name, k, aff, att)
-            best["step_forward_ms"] = 1000 * timeit(partial(_call, propagate_step, x, x0, weights, k), 2 * repeats)
-            best["step_fwd_bwd_ms"] = 1000 * timeit(partial(_step_fwd_bwd, propagate_step, x, x0, weights, k),
-                                                    2 * repeats)  # fmt: skip
+            pair = timeit_interleaved({"forward": partial(_call, propagate_step, x, x0, weights, k),
+                                       "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k)},
+                                      4 * repeats)  # fmt: skip
+            best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * pair["forward"], 1000 * pair["step"]
             out[f"{name}_{k}x{k}"] = best
     finally:
         if saved is None:
@@ -248,7 +251,10 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ ring scale) + self/anchor
         min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
-        fast_s = timeit(partial(_call, propagate_step, x, x0, weights, k), repeats * 2)
+        # the forward and one step forward+backward, interleaved: their ratio is a target
+        pair = timeit_interleaved({"forward": partial(_call, propagate_step, x, x0, weights, k),
+                                   "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k)}, repeats * 3)  # fmt: skip
+        fast_s, step_s = pair["forward"], pair["step"]
         slice_s = timeit(partial(_call, _shifted_slice, x, x0, weights, k), repeats)
         ref_s = timeit(partial(_call, propagate_step_reference, x, x0, weights, k), max(1, repeats // 2))
         peaks = []
@@ -257,7 +263,6 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             with mode:
                 _call(fn, x, x0, weights, k)
             peaks.append(mode.peak)
-        step_s = timeit(partial(_step_fwd_bwd, propagate_step, x, x0, weights, k), repeats * 2)
         slice_step_s = timeit(partial(_step_fwd_bwd, _shifted_slice, x, x0, weights, k), repeats)
         steps = {"picked": (propagate_step, True), "shifted slice": (_shifted_slice, True),
                  "autograd through loop": (_accumulate, False), "unfold": (propagate_step_reference, True)}  # fmt: skip
