@@ -162,3 +162,66 @@ def test_shared_affinity_network_reads_the_coarse_decoder_features():
     assert refiner.affinity_net.body[0].in_channels == 16 + 3  # decoder features + probabilities
     with pytest.raises(ValueError, match="needs the coarse network's features"):
         refiner(x, out.coarse_logits.detach())
+
+
+def test_guidance_head_runs_on_nchw_memory_and_matches_a_plain_convolution():
+    """On a channels-last input and weight (train.channels_last) the head gives what ``nn.Conv2d`` gives, as
+    NCHW memory (what the propagation reads), and the same gradients."""
+    from spntune.models.refiners import GuidanceHead
+
+    torch.manual_seed(0)
+    head = GuidanceHead(6, 10).double()
+    assert head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0  # the refiner starts as the identity
+    torch.nn.init.normal_(head.weight)
+    torch.nn.init.normal_(head.bias)
+    plain = torch.nn.Conv2d(6, 10, 3, padding=1).double()
+    plain.load_state_dict(head.state_dict())
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 10, 9, 11, dtype=torch.float64)
+    expected_out = plain(x)
+    expected_grads = torch.autograd.grad(expected_out, (x, plain.weight, plain.bias), g)
+    head.to(memory_format=torch.channels_last)
+    assert head.weight.is_contiguous(memory_format=torch.channels_last)
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = head(xl)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected_out)
+    grads = torch.autograd.grad(out, (xl, head.weight, head.bias), g)
+    for mine, theirs in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert torch.autograd.gradcheck(head, (xl,))
+
+
+@pytest.mark.parametrize("guidance", [12, 4])  # more output channels than the head's 8 inputs, fewer
+@pytest.mark.parametrize("net", ["light", "unet", "shared"])
+def test_a_channels_last_affinity_network_matches_the_nchw_one(net, guidance):
+    """train.channels_last converts every weight (the guidance head's included) to channels last: each
+    affinity network still gives the NCHW network's guidance and the same gradients; as NCHW memory where its
+    head widens (GuidanceHead.layout_on_nchw), else channels last."""
+    from spntune.models.refiners import AffinityNet, SharedAffinityNet, UNetAffinityNet
+
+    torch.manual_seed(0)
+    make = {"light": lambda: AffinityNet(3 + 4, 8, guidance), "unet": lambda: UNetAffinityNet(3 + 4, 8, guidance),
+            "shared": lambda: SharedAffinityNet(16, 4, 8, guidance)}[net]  # fmt: skip
+    nets = [make().double().train(), make().double().train()]
+    assert nets[0].head.layout_on_nchw == (guidance > 8)
+    for p in nets[0].head.parameters():  # off the identity, so that the head's input gradients matter
+        torch.nn.init.normal_(p, std=0.1)
+    nets[1].load_state_dict(nets[0].state_dict())
+    nets[1].to(memory_format=torch.channels_last)
+    assert nets[1].head.weight.is_contiguous(memory_format=torch.channels_last)
+    image = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    probs = torch.rand(2, 4, 64, 64, dtype=torch.float64)
+    features = torch.randn(2, 16, 32, 32, dtype=torch.float64)
+    g = torch.randn(2, guidance, 64, 64, dtype=torch.float64)
+    outs = []
+    for model, fmt in zip(nets, (torch.contiguous_format, torch.channels_last), strict=True):
+        inputs = [t.contiguous(memory_format=fmt).requires_grad_() for t in (image, probs, features)]
+        out = model(*inputs)
+        outs.append((out, torch.autograd.grad(out, [*inputs, *model.parameters()], g, allow_unused=True)))
+    assert outs[1][0].is_contiguous() == (guidance > 8)
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    for mine, theirs in zip(outs[1][1], outs[0][1], strict=True):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            torch.testing.assert_close(mine, theirs)
