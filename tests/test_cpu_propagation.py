@@ -115,6 +115,29 @@ def test_weight_gradients_of_32_mb_and_more_match_the_reference(variant):
     assert max(errors.values()) <= 1e-12, errors
 
 
+@pytest.mark.parametrize("k", [3, 7])
+def test_spread_prefetching_gives_the_same_results(k, monkeypatch):
+    """A step larger than the last-level cache prefetches spread over the row before (RowPrefetch), a
+    smaller one in bursts: a cache of 0 bytes forces the first, of 1 TB the second. Results are bitwise
+    the same and match the reference, with more rows to prefetch than the list holds (150 channels of h
+    and h0: 300 rows, past its 256, the rest in bursts) and rows narrower than a vector."""
+    from spntune.models import cpu_propagation
+
+    for shape in ((2, 11, 12, 40), (1, 150, 5, 20), (1, 3, 6, 7)):
+        for variant in ("cspn-h0", "dyspn-factored"):
+            results = []
+            for cache in (1 << 40, 0):
+                monkeypatch.setattr(cpu_propagation, "_CACHE_BYTES", cache)
+                h, h0, aff, att = _leaves(k, shape, torch.float64)
+                w = _weights(variant, k, aff, att)
+                out = propagate_step(h, h0, *w[:3], k, *w[3:])
+                results.append([out, *torch.autograd.grad(out, (h, h0, aff, att), torch.ones_like(out),
+                                                          allow_unused=True)])  # fmt: skip
+            assert all(a is b is None or torch.equal(a, b) for a, b in zip(*results, strict=True)), (shape, variant)
+            errors = _errors(propagate_step, k, variant, shape, torch.float64)  # still spread (cache 0)
+            assert max(errors.values()) <= 1e-12, (shape, variant, errors)
+
+
 def _normalise(affinity, grad_kappa, grad_centre, floor=1e-6):
     """``(kappa_hat, centre, d affinity)`` through ``_CSPNNormalise`` on the current backend, the gradient
     from the given output gradients (None: that output unused)."""
@@ -594,14 +617,14 @@ def test_the_group_budget_is_half_the_last_level_cache(tmp_path, monkeypatch):
     from spntune.models import fused_propagation
 
     try:
-        cpu_propagation.group_bytes.cache_clear()
+        cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 8 << 20)
         assert cpu_propagation.group_bytes() == 4 << 20
         h0 = torch.zeros(8, 11, 64, 64)  # 180 KB per item's map (h, h0 and the output count)
         nw = torch.zeros(8, 48, 64, 64)  # 786 KB of 7x7 weights per item
         assert fused_propagation.group_size(cpu_propagation, h0, nw, [None, None, None]) == 3  # 4 MB // 1.33 MB
-        cpu_propagation.group_bytes.cache_clear()
+        cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: None)
         assert cpu_propagation.group_bytes() == 16 << 20  # unknown: the default
     finally:
-        cpu_propagation.group_bytes.cache_clear()  # the next call reads this machine's caches again
+        cpu_propagation._machine_cache_bytes.cache_clear()  # the next call reads this machine's caches again

@@ -56,7 +56,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -154,9 +154,9 @@ def _load(path: Path) -> ctypes.CDLL:
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for suffix in _DTYPES.values():
         fwd = getattr(lib, f"spn_forward_{suffix}")
-        fwd.argtypes, fwd.restype = [ptr] * 7 + [long_] * 4 + [int_] * 2, None
+        fwd.argtypes, fwd.restype = [ptr] * 7 + [long_] * 4 + [int_] * 2 + [long_], None
         bwd = getattr(lib, f"spn_backward_{suffix}")
-        bwd.argtypes, bwd.restype = [ptr] * 13 + [long_] * 4 + [int_] * 3, None
+        bwd.argtypes, bwd.restype = [ptr] * 13 + [long_] * 4 + [int_] * 3 + [long_], None
         norm = getattr(lib, f"spn_cspn_normalise_{suffix}")
         norm.argtypes, norm.restype = [ptr] * 5 + [long_] * 3 + [ctypes.c_double, int_], None
         norm_bwd = getattr(lib, f"spn_cspn_normalise_backward_{suffix}")
@@ -201,7 +201,7 @@ def _forward(lib: ctypes.CDLL, h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | N
              rs: Tensor | None, k: int, out: Tensor | None = None) -> Tensor:  # fmt: skip
     out = empty_like(h) if out is None else out
     fn = getattr(lib, f"spn_forward_{_DTYPES[h.dtype]}")
-    fn(*(_ptr(t) for t in (h, h0, nw, rs, sw, aw, out)), *_dims(h, k))
+    fn(*(_ptr(t) for t in (h, h0, nw, rs, sw, aw, out)), *_dims(h, k), cache_bytes())
     return out
 
 
@@ -263,7 +263,8 @@ def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tenso
 # kernels (see its group_size and forward_steps).
 item_major = True
 
-_DEFAULT_GROUP_BYTES = 16 << 20  # where the CPU's caches cannot be read: half the 32 MB L3 it was measured on
+_DEFAULT_CACHE_BYTES = 32 << 20  # where the CPU's caches cannot be read: the L3 of the EPYC VM it was measured on
+_CACHE_BYTES: int | None = None  # a fixed size (tests); None: cache_bytes() reads this machine's
 
 
 def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
@@ -283,12 +284,22 @@ def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cach
 
 
 @cache
+def _machine_cache_bytes() -> int:
+    return last_level_cache_bytes() or _DEFAULT_CACHE_BYTES
+
+
+def cache_bytes() -> int:
+    """The last-level cache's size (read once), 32 MB where it cannot be read. The kernels prefetch the rows
+    of a step that moves more than this spread over the row before, a smaller step's in bursts
+    (``RowPrefetch`` in ``propagation_cpu.cpp``)."""
+    return _CACHE_BYTES if _CACHE_BYTES is not None else _machine_cache_bytes()
+
+
 def group_bytes() -> int:
     """The step traffic one group of batch items may take (``fused_propagation.group_size``): half the
-    last-level cache, so that a group's maps and weights stay there from step to step; 16 MB where the
-    cache size is unknown. Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``."""
-    size = last_level_cache_bytes()
-    return size // 2 if size else _DEFAULT_GROUP_BYTES
+    last-level cache, so that a group's maps and weights stay there from step to step (16 MB where the cache
+    size is unknown). Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``."""
+    return cache_bytes() // 2
 
 
 def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int, accumulate: bool) -> None:
@@ -299,7 +310,7 @@ def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: in
     lib = library()
     assert lib is not None
     fn = getattr(lib, f"spn_backward_{_DTYPES[h.dtype]}")
-    fn(*(_ptr(t) for t in (g, h, *tensors)), *_dims(h, kernel_size), int(accumulate))
+    fn(*(_ptr(t) for t in (g, h, *tensors)), *_dims(h, kernel_size), int(accumulate), cache_bytes())
 
 
 def propagate_cpu(

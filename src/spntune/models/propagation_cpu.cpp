@@ -27,6 +27,9 @@
 // copies of those rows, so no two threads ever write the same element and no atomics are needed.
 // Rows at least r from the top and bottom gather through stencil_block as well.
 //
+// Each output row asks for the rows the next one reads first from memory (RowPrefetch): in a burst where
+// the step fits in the last-level cache, spread over the row's chunks where it does not.
+//
 // Built on first use by cpu_propagation.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes, which releases the GIL. float and double entry points (double for gradcheck).
 
@@ -175,6 +178,47 @@ inline void prefetch_row(const T* p, long W) {
     for (auto at = first; at < end; at += 64) __builtin_prefetch(reinterpret_cast<const void*>(at), 0, 2);
 }
 
+// The rows the next output row reads first from memory, asked for in one of two ways. A burst (prefetch_row
+// of each row as it is added) suits a step whose data sits in the caches. Spread: the rows are noted, and
+// the current row's chunks ask for the line at their own offset in every noted row as they go (at), so the
+// requests trickle out over the row's compute instead of queueing up at its start. For a step whose data
+// comes from memory. [4, 11, 192, 256] (33-65 MB a step, against the 32 MB L3), the kernels alone on the
+// 2-core EPYC VM, burst -> spread, same process, alternating, two runs: forward 1.04-1.07 -> 0.91-0.98 ms
+// (CSPN 3x3), 3.85-3.89 -> 3.40-3.52 ms (CSPN 7x7), 4.37-4.59 -> 3.85-3.87 ms (DySPN 7x7); backward
+// 8.27-8.54 -> 7.19-7.31 ms (CSPN 7x7), 9.11-9.44 -> 8.68-9.12 ms (DySPN 7x7), CSPN 3x3 no change. At one
+// batch item (16 MB, in the L3) spread was 4-11 % slower in the forward: the caller picks (cache_bytes).
+class RowPrefetch {
+   public:
+    explicit RowPrefetch(bool spread) : spread_(spread) {}
+    void clear() { n_ = 0; }
+    // Row p of W elements: noted (spread; a burst for rows past kMax) or asked for now (burst).
+    template <typename T>
+    void add(const T* p, long W) {
+        if (spread_ && n_ < kMax)
+            rows_[n_++] = reinterpret_cast<const char*>(p);
+        else
+            prefetch_row(p, W);
+    }
+    // The line at this byte offset of every noted row (reading past a row's end is harmless: a prefetch
+    // never faults).
+    void at(long offset) const {
+        for (int q = 0; q < n_; ++q) __builtin_prefetch(rows_[q] + offset, 0, 2);
+    }
+
+   private:
+    static constexpr int kMax = 256;
+    bool spread_;
+    int n_ = 0;
+    const char* rows_[kMax];
+};
+
+// Bytes one forward step reads and writes at the least (h, h0 where the anchor weight is given, the output,
+// the weight maps): with cache_bytes the kernels' choice of RowPrefetch. The backward counts twice this (the
+// gradients written back are about as large as what the forward reads).
+inline long step_bytes(long B, long C, long HW, int K, long R, bool rs, bool sw, bool aw, long elem) {
+    return elem * B * HW * (C * (2 + aw) + K + (rs ? R : 0) + sw + aw);
+}
+
 // Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
 // slots (slot = v mod (2r+1)); a row is copied when first asked for. Replicate mode: row clamp(v),
 // columns padded with the border value (rows outside the image are allowed). Zero mode: columns
@@ -275,11 +319,12 @@ inline void window_sized(int size, long t, int c0, int K, long cs, const T* cons
 // forward on [4, 11, 192, 256]: 2.7-3.6 ms by base address, against 2.4-2.5 ms this way).
 template <class P, bool SCALED, typename T, class Init, class Store>
 inline void window_row(long L, long C, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
-                       Init init, Store store) {
+                       Init init, Store store, const RowPrefetch& pf) {
     const int blocks = int((C + SPN_CB - 1) / SPN_CB);
     for (int i = 0, c0 = 0; i < blocks; ++i) {
         const int size = int((C - c0) / (blocks - i));  // the remaining channels, spread evenly
         for_chunks<P::lanes>(L, [&](long t) {
+            if (i == 0) pf.at(t * long(sizeof(T)));
             window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
         });
         c0 += size;
@@ -357,11 +402,13 @@ inline void stencil_sized(int size, long t, int c0, long cs, const T* const* w, 
 // of a row whose length is no multiple of the vector (it overlaps the one before) through window_block.
 template <class P, int R, bool SCALED, typename T, class Init, class Store>
 inline void stencil_row(long L, long C, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
-                        const T* const* ws, const T* const* scs, const T* const* rows, Init init, Store store) {
+                        const T* const* ws, const T* const* scs, const T* const* rows, Init init, Store store,
+                        const RowPrefetch& pf) {
     const int blocks = int((C + SPN_CB - 1) / SPN_CB);
     for (int i = 0, c0 = 0; i < blocks; ++i) {
         const int size = int((C - c0) / (blocks - i));
         for_chunks<P::lanes>(L, [&](long t) {
+            if (i == 0) pf.at(t * long(sizeof(T)));
             if (t % P::lanes == 0)
                 stencil_sized<P, SPN_CB, R, SCALED>(size, t, c0, cs, ws, scs, rows, init, store);
             else
@@ -382,17 +429,17 @@ constexpr bool stencil_fits(int r) {
 template <class P, bool SCALED, typename T, class Init, class Store>
 inline void forward_row(int radius, long L, long C, int K, long cs, const T* const* w, const T* const* sc,
                         const T* const* src, const T* const* ws, const T* const* scs, const T* const* rows, Init init,
-                        Store store) {
+                        Store store, const RowPrefetch& pf) {
     if constexpr (stencil_fits<P>(1)) {
-        if (radius == 1) return stencil_row<P, 1, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
+        if (radius == 1) return stencil_row<P, 1, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store, pf);
     }
     if constexpr (stencil_fits<P>(2)) {
-        if (radius == 2) return stencil_row<P, 2, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
+        if (radius == 2) return stencil_row<P, 2, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store, pf);
     }
     if constexpr (stencil_fits<P>(3)) {
-        if (radius == 3) return stencil_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store);
+        if (radius == 3) return stencil_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store, pf);
     }
-    window_row<P, SCALED>(L, C, K, cs, w, sc, src, init, store);
+    window_row<P, SCALED>(L, C, K, cs, w, sc, src, init, store, pf);
 }
 
 // For one vector chunk at t and neighbours [j0, j0 + JB):  out[j][t] = sum_c g[c][t] * (src[j] + c * cs)[t].
@@ -485,7 +532,7 @@ inline void thread_rows(long rows, long& begin, long& end) {
 
 template <typename T, class P>
 void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* out, long B, long C,
-                  long H, long W, const Offsets& off) {
+                  long H, long W, const Offsets& off, bool spread) {
     using V = typename P::V;
     const long HW = H * W;
     const int K = off.K, r = off.r;
@@ -502,6 +549,7 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
     std::vector<const T*> ws(D * D, zeros.data()), scs(D * D, zeros.data()), rows(D);
     std::vector<int> window(K);
     for (int j = 0; j < K; ++j) window[j] = (off.dy[j] + r) * D + off.dx[j] + r;
+    RowPrefetch pf(spread);
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         for (int d = -r; d <= r; ++d) slots[d + r] = ring.slot(b, y + d);
@@ -514,12 +562,13 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
         // EPYC VM, alternating in one process: prefetching h and h0 as well took the 3x3 forward from 0.93-1.08
         // to 0.78-0.93 ms (7x7: no change). Prefetching the output rows for writing made it slower; the ring
         // scale's, self and anchor weight rows too made no difference.
+        pf.clear();
         if (row + 1 < end) {
             const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
-            for (int j = 0; j < K; ++j) prefetch_row(nw + (nb * K + j) * HW + ny * W, W);
+            for (int j = 0; j < K; ++j) pf.add(nw + (nb * K + j) * HW + ny * W, W);
             for (long c = 0; c < C; ++c) {
-                prefetch_row(h + ((nb * C + c) * H + ahead) * W, W);
-                if (aw) prefetch_row(h0 + ((nb * C + c) * H + ny) * W, W);
+                pf.add(h + ((nb * C + c) * H + ahead) * W, W);
+                if (aw) pf.add(h0 + ((nb * C + c) * H + ny) * W, W);
             }
         }
         const T* swr = sw ? sw + b * HW + at : nullptr;
@@ -545,17 +594,17 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
         const int radius = stencil ? r : 0;
         if (rs)
             forward_row<P, true>(radius, W, C, K, cs, w.data(), sc.data(), src.data(), ws.data(), scs.data(),
-                                 rows.data(), init, store);
+                                 rows.data(), init, store, pf);
         else
             forward_row<P, false>(radius, W, C, K, cs, w.data(), sc.data(), src.data(), ws.data(), scs.data(),
-                                  rows.data(), init, store);
+                                  rows.data(), init, store, pf);
     }
 }
 
 template <typename T, class P>
 void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh,
                    T* gh0, T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off,
-                   bool accumulate) {
+                   bool accumulate, bool spread) {
     using V = typename P::V;
     const long HW = H * W;
     const int K = off.K, r = off.r;
@@ -588,6 +637,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     const bool stream_w = !accumulate && streams(B * K * HW * long(sizeof(T)));
     std::vector<const T*> hrows(D);
     std::vector<T*> wouts(D * D, nullptr);  // by window position; the centre stays null
+    RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
@@ -595,16 +645,17 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         // What the next row reads first from memory (prefetch_row): the g and h rows its rings copy in, its
         // h0 rows and the weight rows grad_h gathers. The 3x3 backward 3.33 -> 2.93 ms, 7x7 8.9 -> 8.6 ms, on
         // [4, 11, 192, 256], alternating in one process. Prefetching the gradients' rows for writing was slower.
+        pf.clear();
         if (row + 1 < end) {
             const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
             for (long c = 0; c < C; ++c) {
-                prefetch_row(g + ((nb * C + c) * H + ahead) * W, W);
-                if (want_w) prefetch_row(h + ((nb * C + c) * H + ahead) * W, W);
-                if (gaw) prefetch_row(h0 + ((nb * C + c) * H + ny) * W, W);
+                pf.add(g + ((nb * C + c) * H + ahead) * W, W);
+                if (want_w) pf.add(h + ((nb * C + c) * H + ahead) * W, W);
+                if (gaw) pf.add(h0 + ((nb * C + c) * H + ny) * W, W);
             }
             if (gh)
                 for (int j = 0; j < K; ++j)
-                    if (const long q = ny - off.dy[j]; q >= 0 && q < H) prefetch_row(nw + ((nb * K + j) * H + q) * W, W);
+                    if (const long q = ny - off.dy[j]; q >= 0 && q < H) pf.add(nw + ((nb * K + j) * H + q) * W, W);
         }
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
@@ -707,7 +758,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             for (int j = 0; j < K; ++j) ws[(off.dy[j] + r) * D + r - off.dx[j]] = w[j];
         }
         forward_row<P, false>(inner ? r : 0, tlen, C, n, gring.channel_stride(), w.data(), w.data(), src.data(),
-                              ws.data(), ws.data(), rows.data(), zero, store);
+                              ws.data(), ws.data(), rows.data(), zero, store, pf);
         const T* swr = sw ? sw + b * HW + at : nullptr;
         for (long c = 0; c < C; ++c) {
             const T* tp = tpad.data() + c * tlen;
@@ -725,29 +776,36 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     fence_streams();  // st_stream's stores are seen by the threads that read them next
 }
 
+// cache_bytes: the size of the last-level cache; a step that moves more than that prefetches spread
+// (RowPrefetch), a smaller one in bursts.
 template <typename T>
 void forward(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* out, long B, long C,
-             long H, long W, int k, int threads) {
+             long H, long W, int k, int threads, long cache_bytes) {
     const Offsets off(k);
+    const bool spread = step_bytes(B, C, H * W, off.K, off.r, rs, sw, aw, sizeof(T)) > cache_bytes;
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
-            forward_rows<T, Wide<T>>(h, h0, nw, rs, sw, aw, out, B, C, H, W, off);
+            forward_rows<T, Wide<T>>(h, h0, nw, rs, sw, aw, out, B, C, H, W, off, spread);
         else
-            forward_rows<T, Narrow<T>>(h, h0, nw, rs, sw, aw, out, B, C, H, W, off);
+            forward_rows<T, Narrow<T>>(h, h0, nw, rs, sw, aw, out, B, C, H, W, off, spread);
     }
 }
 
 template <typename T>
 void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh, T* gh0,
-              T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads, bool accumulate) {
+              T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads, bool accumulate,
+              long cache_bytes) {
     const Offsets off(k);
+    const bool spread = 2 * step_bytes(B, C, H * W, off.K, off.r, rs, sw, aw, sizeof(T)) > cache_bytes;
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
-            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off, accumulate);
+            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off, accumulate,
+                                      spread);
         else
-            backward_rows<T, Narrow<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off, accumulate);
+            backward_rows<T, Narrow<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off,
+                                        accumulate, spread);
     }
 }
 
@@ -916,32 +974,37 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
 // the gradients, any output may be null (not computed), grs only means something with rs. With
 // accumulate != 0 the backward adds gnw and gh0 into what those buffers hold (the steps of one
 // propagation share nw and h0: one buffer for all their gradients); the others are overwritten.
+// cache_bytes: the last-level cache's size, for the choice of RowPrefetch (results do not depend on it).
 extern "C" {
 
-int spn_abi_version() { return 5; }
+int spn_abi_version() { return 6; }
 
 void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* rs, const float* sw,
-                     const float* aw, float* out, long B, long C, long H, long W, int k, int threads) {
-    forward<float>(h, h0, nw, rs, sw, aw, out, B, C, H, W, k, threads);
+                     const float* aw, float* out, long B, long C, long H, long W, int k, int threads,
+                     long cache_bytes) {
+    forward<float>(h, h0, nw, rs, sw, aw, out, B, C, H, W, k, threads, cache_bytes);
 }
 
 void spn_forward_f64(const double* h, const double* h0, const double* nw, const double* rs, const double* sw,
-                     const double* aw, double* out, long B, long C, long H, long W, int k, int threads) {
-    forward<double>(h, h0, nw, rs, sw, aw, out, B, C, H, W, k, threads);
+                     const double* aw, double* out, long B, long C, long H, long W, int k, int threads,
+                     long cache_bytes) {
+    forward<double>(h, h0, nw, rs, sw, aw, out, B, C, H, W, k, threads, cache_bytes);
 }
 
 void spn_backward_f32(const float* g, const float* h, const float* h0, const float* nw, const float* rs,
                       const float* sw, const float* aw, float* gh, float* gh0, float* gnw, float* grs, float* gsw,
-                      float* gaw, long B, long C, long H, long W, int k, int threads, int accumulate) {
-    backward<float>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads, accumulate != 0);
+                      float* gaw, long B, long C, long H, long W, int k, int threads, int accumulate,
+                      long cache_bytes) {
+    backward<float>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads, accumulate != 0,
+                    cache_bytes);
 }
 
 void spn_backward_f64(const double* g, const double* h, const double* h0, const double* nw, const double* rs,
                       const double* sw, const double* aw, double* gh, double* gh0, double* gnw, double* grs,
                       double* gsw, double* gaw, long B, long C, long H, long W, int k, int threads,
-                      int accumulate) {
+                      int accumulate, long cache_bytes) {
     backward<double>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, k, threads,
-                     accumulate != 0);
+                     accumulate != 0, cache_bytes);
 }
 
 void spn_cspn_normalise_f32(const float* a, float* kappa, float* abs_sum, float* inv, float* total, long B, long K,
