@@ -276,7 +276,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         prop_fwd_s = timeit(partial(_propagate_forward, x0, aff, att, name, k, iterations), repeats)
         kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
         # the roofline's compute side: the forward's multiply-adds at matmul's FMA rate, and the forward at one
-        # batch item (a working set a third to a quarter of the bench's, inside a server CPU's L3)
+        # batch item (1/B of the working set: inside a server CPU's L3 at the bench shape)
         fwd_fma, bwd_fma = step_multiply_adds(shape, k, weights[1] is not None, weights[2] is not None,
                                               len(weights) > 3)  # fmt: skip
         compute_floor_s = fwd_fma / fma_rate

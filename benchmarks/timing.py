@@ -30,7 +30,7 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], repeats: int, round
     """``timeit`` of each function, ``rounds`` times in turn (a, b, a, b, ...), the fastest per function.
 
     For ratios of two timings (forward+backward over forward): timed one after the other, a change in the
-    machine's load between the two (this VM's copy bandwidth moved between 79 and 181 GB/s from run to run)
+    machine's load between the two (this VM's copy bandwidth moved between 72 and 181 GB/s from run to run)
     lands in one of them only; interleaved, each gets its best over the same stretch of time."""
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(max(1, rounds)):

@@ -31,12 +31,14 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     assert "make bench on" in proc.stdout and "dyspn_7x7 step forward+backward / forward" in proc.stdout
 
 
-def test_step_multiply_adds_match_a_hand_count():
+def test_step_multiply_adds_match_a_hand_count(monkeypatch):
     """The roofline's compute side counts what the kernels compute, by hand for a [1, 2, 3, 4] map, 3x3:
     CSPN (anchor weight, no self weight) does 8 + 1 multiply-adds per pixel and channel forward, 2 x (8 + 1)
     backward; DySPN (self and anchor, factored weights) 8 + 2 per channel + 8 per pixel forward, 2 x (8 + 2)
     per channel + 3 x 8 per pixel backward."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "bench_propagation", raising=False)
+    monkeypatch.delitem(sys.modules, "timing", raising=False)
     from bench_propagation import step_multiply_adds
 
     pixels = 3 * 4

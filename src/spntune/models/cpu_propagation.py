@@ -264,7 +264,7 @@ def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tenso
 item_major = True
 
 _DEFAULT_CACHE_BYTES = 32 << 20  # where the CPU's caches cannot be read: the L3 of the EPYC VM it was measured on
-_CACHE_BYTES: int | None = None  # a fixed size (tests); None: cache_bytes() reads this machine's
+_CACHE_BYTES: int | None = None  # the kernels' prefetch choice only (tests, benchmarks); None: this machine's
 
 
 def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
@@ -289,17 +289,19 @@ def _machine_cache_bytes() -> int:
 
 
 def cache_bytes() -> int:
-    """The last-level cache's size (read once), 32 MB where it cannot be read. The kernels prefetch the rows
-    of a step that moves more than this spread over the row before, a smaller step's in bursts
-    (``RowPrefetch`` in ``propagation_cpu.cpp``)."""
+    """The cache size the kernels get (``_CACHE_BYTES`` where a test or benchmark fixes it, else the last-level
+    cache's, read once; 32 MB where it cannot be read). They prefetch the rows of a step that moves more
+    than this spread over the row before, a smaller step's in bursts (``RowPrefetch`` in
+    ``propagation_cpu.cpp``). Results do not depend on it."""
     return _CACHE_BYTES if _CACHE_BYTES is not None else _machine_cache_bytes()
 
 
 def group_bytes() -> int:
     """The step traffic one group of batch items may take (``fused_propagation.group_size``): half the
     last-level cache, so that a group's maps and weights stay there from step to step (16 MB where the cache
-    size is unknown). Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``."""
-    return cache_bytes() // 2
+    size is unknown). Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``. Not moved
+    by ``_CACHE_BYTES`` (``fused_propagation._GROUP_BYTES`` fixes it)."""
+    return _machine_cache_bytes() // 2
 
 
 def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int, accumulate: bool) -> None:

@@ -180,13 +180,18 @@ inline void prefetch_row(const T* p, long W) {
 
 // The rows the next output row reads first from memory, asked for in one of two ways. A burst (prefetch_row
 // of each row as it is added) suits a step whose data sits in the caches. Spread: the rows are noted, and
-// the current row's chunks ask for the line at their own offset in every noted row as they go (at), so the
-// requests trickle out over the row's compute instead of queueing up at its start. For a step whose data
-// comes from memory. [4, 11, 192, 256] (33-65 MB a step, against the 32 MB L3), the kernels alone on the
-// 2-core EPYC VM, burst -> spread, same process, alternating, two runs: forward 1.04-1.07 -> 0.91-0.98 ms
-// (CSPN 3x3), 3.85-3.89 -> 3.40-3.52 ms (CSPN 7x7), 4.37-4.59 -> 3.85-3.87 ms (DySPN 7x7); backward
-// 8.27-8.54 -> 7.19-7.31 ms (CSPN 7x7), 9.11-9.44 -> 8.68-9.12 ms (DySPN 7x7), CSPN 3x3 no change. At one
-// batch item (16 MB, in the L3) spread was 4-11 % slower in the forward: the caller picks (cache_bytes).
+// the current row's chunks ask for their lines as they go (at), so the requests trickle out over the row's
+// compute instead of queueing up at its start: for a step whose data comes from memory. The kernels spread
+// where a step moves more than half the last-level cache (cache_bytes / 2). Burst (cache_bytes 1 TB) ->
+// that rule, 2-core EPYC VM (32 MB L3, 2 threads), one process, interleaved; CSPN 3x3 / 7x7, DySPN 7x7:
+// - [4, 11, 192, 256]: forward 1.02 / 3.95 / 4.27 -> 1.00 / 3.55 / 3.82 ms; one step forward+backward
+//   13.57 -> 11.82 ms (CSPN 7x7), 14.15 -> 13.18 ms (DySPN 7x7); T=6 propagate forward+backward
+//   25.3 / 74.1 / 94.8 -> 24.4 / 66.5 / 88.5 ms.
+// - [8, 21, 256, 256]: forward 7.75 / 22.1 / 24.9 -> 7.25 / 18.9 / 22.0 ms; T=6 117.8 / 358.7 / 403.9 ->
+//   110.9 / 315.7 / 374.6 ms.
+// - one batch item (the forward bursts, its backward spreads): T=6 5.4 / 17.6 / 22.2 -> 5.3 / 16.6 / 20.7 ms.
+// Spreading every step instead gave the same within noise, except at one item in the L3, where a spread
+// forward was 4-11 % slower.
 class RowPrefetch {
    public:
     explicit RowPrefetch(bool spread) : spread_(spread) {}
@@ -194,15 +199,25 @@ class RowPrefetch {
     // Row p of W elements: noted (spread; a burst for rows past kMax) or asked for now (burst).
     template <typename T>
     void add(const T* p, long W) {
-        if (spread_ && n_ < kMax)
+        if (spread_ && n_ < kMax) {
             rows_[n_++] = reinterpret_cast<const char*>(p);
-        else
+            __builtin_prefetch(p, 0, 2);  // its first line: at() asks for the line each chunk ends in
+        } else {
             prefetch_row(p, W);
+        }
     }
-    // The line at this byte offset of every noted row (reading past a row's end is harmless: a prefetch
-    // never faults).
+    // For the chunk of 64 bytes at this byte offset: the line it ends in, of every noted row. With the
+    // first line from add(), that covers each row's lines whether or not the row starts on a line (reading
+    // past a row's end is harmless: a prefetch never faults).
     void at(long offset) const {
-        for (int q = 0; q < n_; ++q) __builtin_prefetch(rows_[q] + offset, 0, 2);
+        for (int q = 0; q < n_; ++q) __builtin_prefetch(rows_[q] + offset + 63, 0, 2);
+    }
+    // Whether the row loop's chunk at t (of a row of L elements, lanes per chunk) calls at(): every chunk
+    // that starts a 64-byte stretch, and the last (the overlapping one), once per line, not per element
+    // where a chunk is one element (rows narrower than a vector).
+    template <typename T>
+    static bool due(long t, long lanes, long L) {
+        return (t * long(sizeof(T))) % 64 == 0 || t + lanes >= L;
     }
 
    private:
@@ -216,7 +231,7 @@ class RowPrefetch {
 // the weight maps): with cache_bytes the kernels' choice of RowPrefetch. The backward counts twice this (the
 // gradients written back are about as large as what the forward reads).
 inline long step_bytes(long B, long C, long HW, int K, long R, bool rs, bool sw, bool aw, long elem) {
-    return elem * B * HW * (C * (2 + aw) + K + (rs ? R : 0) + sw + aw);
+    return elem * B * HW * (C * (aw ? 3 : 2) + K + (rs ? R : 0) + (sw ? 1 : 0) + (aw ? 1 : 0));
 }
 
 // Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
@@ -324,7 +339,7 @@ inline void window_row(long L, long C, int K, long cs, const T* const* w, const 
     for (int i = 0, c0 = 0; i < blocks; ++i) {
         const int size = int((C - c0) / (blocks - i));  // the remaining channels, spread evenly
         for_chunks<P::lanes>(L, [&](long t) {
-            if (i == 0) pf.at(t * long(sizeof(T)));
+            if (i == 0 && RowPrefetch::due<T>(t, P::lanes, L)) pf.at(t * long(sizeof(T)));
             window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
         });
         c0 += size;
@@ -408,7 +423,7 @@ inline void stencil_row(long L, long C, int K, long cs, const T* const* w, const
     for (int i = 0, c0 = 0; i < blocks; ++i) {
         const int size = int((C - c0) / (blocks - i));
         for_chunks<P::lanes>(L, [&](long t) {
-            if (i == 0) pf.at(t * long(sizeof(T)));
+            if (i == 0 && RowPrefetch::due<T>(t, P::lanes, L)) pf.at(t * long(sizeof(T)));
             if (t % P::lanes == 0)
                 stencil_sized<P, SPN_CB, R, SCALED>(size, t, c0, cs, ws, scs, rows, init, store);
             else
@@ -776,13 +791,14 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     fence_streams();  // st_stream's stores are seen by the threads that read them next
 }
 
-// cache_bytes: the size of the last-level cache; a step that moves more than that prefetches spread
-// (RowPrefetch), a smaller one in bursts.
+// cache_bytes: the size of the last-level cache; a step that moves more than half of it (what one item-major
+// group of fused_propagation may take) prefetches spread (RowPrefetch), a smaller one in bursts.
 template <typename T>
 void forward(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* out, long B, long C,
              long H, long W, int k, int threads, long cache_bytes) {
     const Offsets off(k);
-    const bool spread = step_bytes(B, C, H * W, off.K, off.r, rs, sw, aw, sizeof(T)) > cache_bytes;
+    const bool spread =
+        step_bytes(B, C, H * W, off.K, off.r, rs != nullptr, sw != nullptr, aw != nullptr, sizeof(T)) > cache_bytes / 2;
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
@@ -797,7 +813,9 @@ void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, con
               T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads, bool accumulate,
               long cache_bytes) {
     const Offsets off(k);
-    const bool spread = 2 * step_bytes(B, C, H * W, off.K, off.r, rs, sw, aw, sizeof(T)) > cache_bytes;
+    const bool spread =
+        2 * step_bytes(B, C, H * W, off.K, off.r, rs != nullptr, sw != nullptr, aw != nullptr, sizeof(T)) >
+        cache_bytes / 2;
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)

@@ -77,7 +77,7 @@ class GuidanceHead(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.layout_on_nchw:
-            return self._conv_forward(x.contiguous(), self.weight.contiguous(), self.bias)
+            return F.conv2d(x.contiguous(), self.weight.contiguous(), self.bias, padding=1)
         return super().forward(x)
 
 
@@ -128,7 +128,11 @@ class UNetAffinityNet(nn.Module):
         self.unet = build_coarse("unet", encoder, encoder_weights, out_channels, in_channels=in_channels,
                                  decoder_channels=(256, 128, 64, 32, channels))  # fmt: skip
         smp_head = self.unet.segmentation_head[0]
-        self.head = GuidanceHead(smp_head.in_channels, smp_head.out_channels)  # smp's is a 3x3 conv as well
+        if smp_head.kernel_size != (3, 3) or smp_head.padding != (1, 1):
+            raise RuntimeError(f"segmentation_models_pytorch's U-Net head changed: {smp_head}, expected a 3x3 conv "
+                               "with padding 1 for the guidance head")  # fmt: skip
+        with torch.random.fork_rng(devices=[]):  # the modules built after it draw the same numbers as before
+            self.head = GuidanceHead(smp_head.in_channels, smp_head.out_channels)
         self.unet.segmentation_head[0] = self.head
 
     def forward(self, image: Tensor, probs: Tensor, features: Tensor | None = None) -> Tensor:
