@@ -180,7 +180,7 @@ inline void prefetch_row(const T* p, long W) {
 
 // The rows the next output row reads first from memory, asked for in one of two ways. A burst (prefetch_row
 // of each row as it is added) suits a step whose data sits in the caches. Spread: the rows are noted, and
-// the current row's chunks ask for their lines as they go (at), so the requests trickle out over the row's
+// the current row's chunks ask for their lines as they go (chunk), so the requests trickle out over the row's
 // compute instead of queueing up at its start: for a step whose data comes from memory. The kernels spread
 // where a step moves more than half the last-level cache (cache_bytes / 2). Burst (cache_bytes 1 TB) ->
 // that rule, 2-core EPYC VM (32 MB L3, 2 threads), one process, interleaved; CSPN 3x3 / 7x7, DySPN 7x7:
@@ -201,23 +201,21 @@ class RowPrefetch {
     void add(const T* p, long W) {
         if (spread_ && n_ < kMax) {
             rows_[n_++] = reinterpret_cast<const char*>(p);
-            __builtin_prefetch(p, 0, 2);  // its first line: at() asks for the line each chunk ends in
+            __builtin_prefetch(p, 0, 2);  // its first line: chunk() asks for the line each chunk ends in
         } else {
             prefetch_row(p, W);
         }
     }
-    // For the chunk of 64 bytes at this byte offset: the line it ends in, of every noted row. With the
-    // first line from add(), that covers each row's lines whether or not the row starts on a line (reading
-    // past a row's end is harmless: a prefetch never faults).
-    void at(long offset) const {
-        for (int q = 0; q < n_; ++q) __builtin_prefetch(rows_[q] + offset + 63, 0, 2);
-    }
-    // Whether the row loop's chunk at t (of a row of L elements, lanes per chunk) calls at(): every chunk
-    // that starts a 64-byte stretch, and the last (the overlapping one), once per line, not per element
-    // where a chunk is one element (rows narrower than a vector).
+    // For the row loop's chunk at t (of a row of L elements, lanes per chunk): the line that its 64 bytes
+    // from t end in, of every noted row. With the first line from add(), that covers each row's lines
+    // whether or not the row starts on a line (reading past a row's end is harmless: a prefetch never
+    // faults). Asked at every chunk that starts a 64-byte stretch and at the last (the overlapping one):
+    // once per line, not per element where a chunk is one element (rows narrower than a vector).
     template <typename T>
-    static bool due(long t, long lanes, long L) {
-        return (t * long(sizeof(T))) % 64 == 0 || t + lanes >= L;
+    void chunk(long t, long lanes, long L) const {
+        const long offset = t * long(sizeof(T));
+        if (offset % 64 != 0 && t + lanes < L) return;
+        for (int q = 0; q < n_; ++q) __builtin_prefetch(rows_[q] + offset + 63, 0, 2);
     }
 
    private:
@@ -233,6 +231,10 @@ class RowPrefetch {
 inline long step_bytes(long B, long C, long HW, int K, long R, bool rs, bool sw, bool aw, long elem) {
     return elem * B * HW * (C * (aw ? 3 : 2) + K + (rs ? R : 0) + (sw ? 1 : 0) + (aw ? 1 : 0));
 }
+
+// Whether a step that moves this many bytes prefetches spread (RowPrefetch): more than half the last-level
+// cache of cache_bytes, what one item-major group of fused_propagation may take; a smaller one in bursts.
+inline bool spreads(long bytes, long cache_bytes) { return bytes > cache_bytes / 2; }
 
 // Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
 // slots (slot = v mod (2r+1)); a row is copied when first asked for. Replicate mode: row clamp(v),
@@ -339,7 +341,7 @@ inline void window_row(long L, long C, int K, long cs, const T* const* w, const 
     for (int i = 0, c0 = 0; i < blocks; ++i) {
         const int size = int((C - c0) / (blocks - i));  // the remaining channels, spread evenly
         for_chunks<P::lanes>(L, [&](long t) {
-            if (i == 0 && RowPrefetch::due<T>(t, P::lanes, L)) pf.at(t * long(sizeof(T)));
+            if (i == 0) pf.chunk<T>(t, P::lanes, L);
             window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
         });
         c0 += size;
@@ -423,7 +425,7 @@ inline void stencil_row(long L, long C, int K, long cs, const T* const* w, const
     for (int i = 0, c0 = 0; i < blocks; ++i) {
         const int size = int((C - c0) / (blocks - i));
         for_chunks<P::lanes>(L, [&](long t) {
-            if (i == 0 && RowPrefetch::due<T>(t, P::lanes, L)) pf.at(t * long(sizeof(T)));
+            if (i == 0) pf.chunk<T>(t, P::lanes, L);
             if (t % P::lanes == 0)
                 stencil_sized<P, SPN_CB, R, SCALED>(size, t, c0, cs, ws, scs, rows, init, store);
             else
@@ -791,14 +793,13 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     fence_streams();  // st_stream's stores are seen by the threads that read them next
 }
 
-// cache_bytes: the size of the last-level cache; a step that moves more than half of it (what one item-major
-// group of fused_propagation may take) prefetches spread (RowPrefetch), a smaller one in bursts.
+// cache_bytes: the size of the last-level cache, for spreads().
 template <typename T>
 void forward(const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* out, long B, long C,
              long H, long W, int k, int threads, long cache_bytes) {
     const Offsets off(k);
-    const bool spread =
-        step_bytes(B, C, H * W, off.K, off.r, rs != nullptr, sw != nullptr, aw != nullptr, sizeof(T)) > cache_bytes / 2;
+    const long bytes = step_bytes(B, C, H * W, off.K, off.r, rs != nullptr, sw != nullptr, aw != nullptr, sizeof(T));
+    const bool spread = spreads(bytes, cache_bytes);
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
@@ -813,9 +814,8 @@ void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, con
               T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, int k, int threads, bool accumulate,
               long cache_bytes) {
     const Offsets off(k);
-    const bool spread =
-        2 * step_bytes(B, C, H * W, off.K, off.r, rs != nullptr, sw != nullptr, aw != nullptr, sizeof(T)) >
-        cache_bytes / 2;
+    const long bytes = step_bytes(B, C, H * W, off.K, off.r, rs != nullptr, sw != nullptr, aw != nullptr, sizeof(T));
+    const bool spread = spreads(2 * bytes, cache_bytes);
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
