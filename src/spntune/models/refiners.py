@@ -68,12 +68,15 @@ class GuidanceHead(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.weight)
         nn.init.zeros_(self.bias)
+
+    @property
+    def layout_on_nchw(self) -> bool:
         # U-Net/ResNet-18 training steps, batch 8 at 192x256, channels last, 2-core EPYC VM, old / new code in
         # processes of their own, alternating, best of 6 steps: DySPN 7x7 T=6 (32 -> 72 channels) 1.999 / 1.945
         # and 1.983 / 1.968 s; CSPN 3x3 (32 -> 8) on NCHW memory 1.468 / 1.486 and 1.440 / 1.534 s: slower.
         # The profiler on the DySPN step: the head's forward 103 -> 139 ms, its backward 289 -> 228 ms, the
         # [8, 72, 192, 256] layout copy 71 ms -> none.
-        self.layout_on_nchw = out_channels > in_channels
+        return self.out_channels > self.in_channels
 
     def forward(self, x: Tensor) -> Tensor:
         if self.layout_on_nchw:
