@@ -102,6 +102,14 @@ def _step_fwd_bwd(step, x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: in
     out.backward(x0)
 
 
+def _step_times(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int, repeats: int) -> tuple[float, float]:  # type: ignore[type-arg]
+    """Seconds of one step's forward and of its forward+backward through ``propagate_step``, interleaved
+    (``timeit_interleaved``): their ratio is a target."""
+    pair = timeit_interleaved({"forward": partial(_call, propagate_step, x, x0, weights, k),
+                               "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k)}, repeats)  # fmt: skip
+    return pair["forward"], pair["step"]
+
+
 def _propagate_forward(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
     """T steps through ``propagate`` without autograd (the weights included, as in ``_propagate_fwd_bwd``)."""
     with torch.no_grad():
@@ -206,10 +214,8 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
                     best[key] = min(best[key], 1000 * s)
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)  # the pool on (the loop ended with it off)
             weights = _weights(name, k, aff, att)
-            pair = timeit_interleaved({"forward": partial(_call, propagate_step, x, x0, weights, k),
-                                       "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k)},
-                                      4 * repeats)  # fmt: skip
-            best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * pair["forward"], 1000 * pair["step"]
+            fwd_s, step_s = _step_times(x, x0, weights, k, 4 * repeats)
+            best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * fwd_s, 1000 * step_s
             out[f"{name}_{k}x{k}"] = best
     finally:
         if saved is None:
@@ -251,10 +257,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ ring scale) + self/anchor
         min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
-        # the forward and one step forward+backward, interleaved: their ratio is a target
-        pair = timeit_interleaved({"forward": partial(_call, propagate_step, x, x0, weights, k),
-                                   "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k)}, repeats * 3)  # fmt: skip
-        fast_s, step_s = pair["forward"], pair["step"]
+        fast_s, step_s = _step_times(x, x0, weights, k, repeats * 3)
         slice_s = timeit(partial(_call, _shifted_slice, x, x0, weights, k), repeats)
         ref_s = timeit(partial(_call, propagate_step_reference, x, x0, weights, k), max(1, repeats // 2))
         peaks = []
