@@ -115,27 +115,30 @@ def test_weight_gradients_of_32_mb_and_more_match_the_reference(variant):
     assert max(errors.values()) <= 1e-12, errors
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [3, 7])
-def test_spread_prefetching_gives_the_same_results(k, monkeypatch):
-    """A step larger than the last-level cache prefetches spread over the row before (RowPrefetch), a
-    smaller one in bursts: a cache of 0 bytes forces the first, of 1 TB the second. Results are bitwise
-    the same and match the reference, with more rows to prefetch than the list holds (150 channels of h
-    and h0: 300 rows, past its 256, the rest in bursts) and rows narrower than a vector."""
+def test_spread_prefetching_gives_the_same_results(k, dtype, monkeypatch):
+    """A step larger than the last-level cache prefetches spread over the row before (RowPrefetch) and
+    writes its outputs with non-temporal stores, a smaller one prefetches in bursts and stores plainly: a
+    cache of 0 bytes forces the first, of 1 TB the second. Results are bitwise the same and match the
+    reference, with more rows to prefetch than the list holds (150 channels of h and h0: 300 rows, past
+    its 256, the rest in bursts), rows of whole vectors (64: grad_h's border folds in the vector path) and
+    of a partial last one, and rows narrower than a vector."""
     from spntune.models import cpu_propagation
 
-    for shape in ((2, 11, 12, 40), (1, 150, 5, 20), (1, 3, 6, 7)):
+    for shape in ((2, 11, 12, 40), (2, 11, 9, 64), (1, 150, 5, 20), (1, 3, 6, 7)):
         for variant in ("cspn-h0", "dyspn-factored"):
             results = []
             for cache in (1 << 40, 0):
                 monkeypatch.setattr(cpu_propagation, "_CACHE_BYTES", cache)
-                h, h0, aff, att = _leaves(k, shape, torch.float64)
+                h, h0, aff, att = _leaves(k, shape, dtype)
                 w = _weights(variant, k, aff, att)
                 out = propagate_step(h, h0, *w[:3], k, *w[3:])
                 results.append([out, *torch.autograd.grad(out, (h, h0, aff, att), torch.ones_like(out),
                                                           allow_unused=True)])  # fmt: skip
             assert all(a is b is None or torch.equal(a, b) for a, b in zip(*results, strict=True)), (shape, variant)
-            errors = _errors(propagate_step, k, variant, shape, torch.float64)  # still spread (cache 0)
-            assert max(errors.values()) <= 1e-12, (shape, variant, errors)
+            errors = _errors(propagate_step, k, variant, shape, dtype)  # still spread (cache 0)
+            assert max(errors.values()) <= (1e-12 if dtype == torch.float64 else 2e-5), (shape, variant, errors)
 
 
 def _normalise(affinity, grad_kappa, grad_centre, floor=1e-6):
