@@ -303,6 +303,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "fwd_bwd_over_fwd_in_multiply_adds": (fwd_fma + bwd_fma) / fwd_fma,
             "compute_floor_ms": 1000 * compute_floor_s, "forward_of_compute_floor": compute_floor_s / fast_s,
             "target_ms": 1000 * target_s, "target_over_compute_floor": target_s / compute_floor_s,
+            "memory_floor_ms": 1000 * min_bytes / memory_bw, "target_over_memory_floor": target_s * memory_bw / min_bytes,
             "one_item_forward_ms": 1000 * one_s,
             "one_item_forward_of_matmul_fma_rate": fwd_fma / b / one_s / fma_rate,
         }  # fmt: skip
@@ -347,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{case} roofline: forward {m['forward_multiply_adds'] / 1e6:.0f} M multiply-adds, {m['compute_floor_ms']:.2f} ms "
             f"at matmul's FMA rate (the forward at {m['forward_of_compute_floor']:.2f} of that floor; one batch item "
             f"at {m['one_item_forward_of_matmul_fma_rate']:.2f} of the rate); the target's forward time "
-            f"{m['target_ms']:.2f} ms is {m['target_over_compute_floor']:.2f}x the compute floor; forward+backward / "
+            f"{m['target_ms']:.2f} ms is {m['target_over_compute_floor']:.2f}x the compute floor and "
+            f"{m['target_over_memory_floor']:.2f}x the memory floor (its bytes at a 256 MiB copy's bandwidth, "
+            f"{m['memory_floor_ms']:.2f} ms); forward+backward / "
             f"forward counted in multiply-adds {m['fwd_bwd_over_fwd_in_multiply_adds']:.2f}"
         )
         base = m["T_fwd_bwd_ms"]["picked"]

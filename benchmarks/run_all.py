@@ -101,6 +101,12 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                 (name, f"{case} the target's forward time / compute floor", m["target_over_compute_floor"], ""),
                 (
                     name,
+                    f"{case} the target's forward time / memory floor (256 MiB copy bandwidth)",
+                    m["target_over_memory_floor"],
+                    "",
+                ),
+                (
+                    name,
                     f"{case} forward of one batch item, fraction of matmul FMA rate",
                     m["one_item_forward_of_matmul_fma_rate"],
                     "",

@@ -24,6 +24,7 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     assert {"propagation", "loader", "coarse_cache"} <= benches
     measures = {row["measure"] for row in report["table"]}
     assert "dyspn_7x7 step forward+backward / forward" in measures
+    assert "cspn_3x3 the target's forward time / memory floor (256 MiB copy bandwidth)" in measures
     assert all(isinstance(row["value"], float) for row in report["table"])
     assert report["results"]["coarse_cache"]["final_scores_identical"] is True
     assert ("triton_gpu" in report["skipped"]) != ("triton_gpu" in benches)  # skipped exactly when no CUDA
