@@ -37,6 +37,7 @@ import torch
 from timing import timeit, timeit_interleaved
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from spntune import allocator
 from spntune.models import memory
 from spntune.models.propagation import (
     _accumulate,
@@ -322,11 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool-shape", type=int, nargs=4, default=[8, 21, 256, 256], metavar=("B", "C", "H", "W"),
                         help="the second map size (CPU only); 0 0 0 0 skips it")  # fmt: skip
     args = parser.parse_args(argv)
+    reuse = allocator.reuse_freed_memory()  # as trials run (run_all.malloc_settings says why)
     pool_shape = tuple(args.pool_shape) if all(args.pool_shape) else None
     r = measure(tuple(args.shape), args.repeats, args.iterations, args.device, pool_shape)
     print(f"device {r['device']} ({r['threads']} threads), backend {r['backend']}, map [B,C,H,W] = {args.shape}; "
           f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s, copy of 256 MiB {r['memory_copy_gbps']:.1f} GB/s, "
-          f"matmul {r['matmul_gfma_per_s']:.1f} GFMA/s")  # fmt: skip
+          f"matmul {r['matmul_gfma_per_s']:.1f} GFMA/s; malloc: {'reuse freed memory' if reuse else 'glibc defaults'}")  # fmt: skip
     for case, m in r["cases"].items():
         print(
             f"{case} one step: forward {m['forward_ms']:.2f} ms, forward+backward {m['forward_backward_ms']:.2f} ms, "
