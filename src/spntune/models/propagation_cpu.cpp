@@ -236,7 +236,7 @@ inline long step_bytes(long B, long C, long HW, int K, long R, bool rs, bool sw,
 // Whether a step that moves this many bytes prefetches spread (RowPrefetch): more than half the last-level
 // cache of cache_bytes, what one item-major group of fused_propagation may take; a smaller one in bursts.
 //
-// streamed_outputs: such a step also writes its outputs with non-temporal stores (st_stream; the forward's
+// Such a step also writes its outputs with non-temporal stores (st_stream; the forward's
 // output, the backward's grad_h, grad_h0 and weight gradients where they overwrite): their lines would leave
 // the cache before a reader came, and a plain store first reads each line it writes. Plain -> non-temporal,
 // [4, 11, 192, 256] (every step spreads), one step on preallocated buffers, the two builds alternating in
@@ -610,7 +610,7 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
             return v;
         };
         // A step too large for the cache (spread) writes its output with non-temporal stores: no read for
-        // ownership of lines that would be evicted before their reader comes (streamed_outputs).
+        // ownership of lines that would be evicted before their reader comes (spreads says more).
         auto store = [&](long c, long t, V v) { put(ob + c * HW + t, v, spread); };
         const long cs = ring.channel_stride();
         if (stencil) {
@@ -665,7 +665,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // Weight gradients written once (not added up, not staged) and too large to stay in cache for their
     // reader bypass the caches (st_stream); a smaller map is better left in L3 for the next step's backward.
     // Where the whole backward is too large for the cache (spread), grad_nw, grad_h and grad_h0 all do
-    // (streamed_outputs).
+    // (spreads says more).
     const bool stream_w = !accumulate && (spread || streams(B * K * HW * long(sizeof(T))));
     const bool stream_g = !accumulate && spread;
     std::vector<const T*> hrows(D);
