@@ -34,10 +34,9 @@ from functools import partial
 from typing import Any
 
 import torch
-from timing import timeit, timeit_interleaved
+from timing import malloc_settings, timeit, timeit_interleaved
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spntune import allocator
 from spntune.models import memory
 from spntune.models.propagation import (
     _accumulate,
@@ -284,6 +283,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         fwd_fma, bwd_fma = step_multiply_adds(shape, k, weights[1] is not None, weights[2] is not None,
                                               len(weights) > 3)  # fmt: skip
         compute_floor_s = fwd_fma / fma_rate
+        memory_floor_s = min_bytes / memory_bw  # the step's bytes at a 256 MiB copy's bandwidth
         target_s = min_bytes / (0.5 * copy_bw)
         one = (slice(0, 1),)
         one_s = timeit(partial(_call, propagate_step, x[one], x0[one],
@@ -292,7 +292,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "forward_ms": 1000 * fast_s, "forward_backward_ms": 1000 * step_s, "fwd_bwd_over_fwd": step_s / fast_s,
             "forward_of_clone_bandwidth": min_bytes / fast_s / copy_bw, "copy_floor_ms": 1000 * floor_s,
             "forward_of_copy_floor": floor_s / fast_s, "shifted_slice_forward_ms": 1000 * slice_s,
-            "forward_of_memory_copy_bandwidth": min_bytes / fast_s / memory_bw,
+            "forward_of_memory_copy_bandwidth": memory_floor_s / fast_s,
             "speedup_over_shifted_slice": slice_s / fast_s,
             "fwd_bwd_speedup_over_shifted_slice": slice_step_s / step_s, "unfold_ms": 1000 * ref_s,
             "speedup_over_unfold": ref_s / fast_s, "alloc_unfold_over_fast": peaks[1] / peaks[0],
@@ -304,7 +304,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "fwd_bwd_over_fwd_in_multiply_adds": (fwd_fma + bwd_fma) / fwd_fma,
             "compute_floor_ms": 1000 * compute_floor_s, "forward_of_compute_floor": compute_floor_s / fast_s,
             "target_ms": 1000 * target_s, "target_over_compute_floor": target_s / compute_floor_s,
-            "memory_floor_ms": 1000 * min_bytes / memory_bw, "target_over_memory_floor": target_s * memory_bw / min_bytes,
+            "memory_floor_ms": 1000 * memory_floor_s, "target_over_memory_floor": target_s / memory_floor_s,
             "one_item_forward_ms": 1000 * one_s,
             "one_item_forward_of_matmul_fma_rate": fwd_fma / b / one_s / fma_rate,
         }  # fmt: skip
@@ -323,12 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool-shape", type=int, nargs=4, default=[8, 21, 256, 256], metavar=("B", "C", "H", "W"),
                         help="the second map size (CPU only); 0 0 0 0 skips it")  # fmt: skip
     args = parser.parse_args(argv)
-    reuse = allocator.reuse_freed_memory()  # as trials run (run_all.malloc_settings says why)
+    malloc = malloc_settings()
     pool_shape = tuple(args.pool_shape) if all(args.pool_shape) else None
     r = measure(tuple(args.shape), args.repeats, args.iterations, args.device, pool_shape)
     print(f"device {r['device']} ({r['threads']} threads), backend {r['backend']}, map [B,C,H,W] = {args.shape}; "
           f"clone bandwidth of the map {r['clone_gbps']:.1f} GB/s, copy of 256 MiB {r['memory_copy_gbps']:.1f} GB/s, "
-          f"matmul {r['matmul_gfma_per_s']:.1f} GFMA/s; malloc: {'reuse freed memory' if reuse else 'glibc defaults'}")  # fmt: skip
+          f"matmul {r['matmul_gfma_per_s']:.1f} GFMA/s; malloc: {malloc}")  # fmt: skip
     for case, m in r["cases"].items():
         print(
             f"{case} one step: forward {m['forward_ms']:.2f} ms, forward+backward {m['forward_backward_ms']:.2f} ms, "

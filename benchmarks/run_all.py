@@ -16,7 +16,7 @@ meaningful on a machine doing nothing else):
   defaults vs ``spntune/allocator.py``'s settings, in processes of their own, alternating.
 
 The process runs with ``spntune/allocator.py``'s malloc settings, as trials and ``spntune train`` do
-(``malloc_settings``; ``bench_allocator`` compares both in child processes of their own). Every ratio is
+(``timing.malloc_settings``; ``bench_allocator`` compares both in child processes of their own). Every ratio is
 measured in this run; targets are the issue's. ``--quick`` shrinks every benchmark (a
 check that they run, not numbers to quote); ``--skip NAME`` leaves one out.
 """
@@ -41,8 +41,7 @@ import bench_coarse_cache
 import bench_loader
 import bench_propagation
 import bench_triton_gpu
-
-from spntune import allocator
+from timing import malloc_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ("propagation", "triton_gpu", "loader", "coarse_cache", "allocator")
@@ -203,15 +202,6 @@ def run(names: list[str], quick: bool) -> dict[str, Any]:
                              else bench_allocator.measure())  # fmt: skip
         print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
     return results
-
-
-def malloc_settings() -> str:
-    """Applies ``spntune/allocator.py``'s malloc settings to this process, as trials and ``spntune train`` run
-    (call it before threads start), and names what the benchmarks run with. On glibc's defaults a one-step
-    forward+backward of CSPN 3x3 at ``[4, 11, 192, 256]`` took 1.2-3.9 k page faults and 2.6-8.4 ms of system
-    time per step (mean step 6.1-10.6 ms), with the settings 0-160 faults, 0.0-0.5 ms (3.8-4.0 ms): the
-    ratios would time the kernel paging in fresh gradient buffers, not the propagation."""
-    return "reuse freed memory, as trials run" if allocator.reuse_freed_memory() else "glibc defaults"
 
 
 def main(argv: list[str] | None = None) -> int:
