@@ -495,48 +495,75 @@ inline void shifted_products(V* acc, V g, V a, V b, std::integer_sequence<int, I
     ((acc[S] += g * lane_shift<S>(a, b, lanes)), ...);
 }
 
-// dot_block for the window of radius R at a chunk t that is a multiple of the vector, one window row
-// dy at a time: out[dy*D + s][t] = sum_c g[c][t] * (lanes [s, s + lanes) of rows[dy] + c * cs + t and the
-// vector after it), rows[dy] the replicate-padded ring row y + dy - R (image column x at [R + x]). A
-// channel costs two aligned loads, 2R lane shifts and 2R+1 FMAs into 2R+1 accumulators, where dot_block
-// pays one unaligned load per FMA, most of them across a cache line. out[centre] is null (not stored).
-template <class P, int R, typename T>
-inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* const* rows, T* const* out,
-                        bool stream) {
+// dot_block for the window rows [dy0, dy0 + NY) of radius R at a chunk t that is a multiple of the
+// vector: out[dy*D + s][t] = sum_c g[c][t] * (lanes [s, s + lanes) of rows[dy] + c * cs + t and the vector
+// after it), rows[dy] the replicate-padded ring row y + dy - R (image column x at [R + x]). A channel costs
+// one load of g, two aligned loads, 2R lane shifts and 2R+1 FMAs per window row into NY * (2R+1)
+// accumulators, where dot_block pays one unaligned load per FMA, most of them across a cache line.
+// out[centre] is null (not stored).
+template <class P, int R, int NY, typename T>
+inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
+                             T* const* out, bool stream) {
     using V = typename P::V;
     constexpr int D = 2 * R + 1;
     static_assert(2 * R < P::lanes, "a shift must stay inside the pair of vectors");
     using Lanes = std::make_integer_sequence<int, int(P::lanes)>;
-    for (int dy = 0; dy < D; ++dy) {
-        V acc[D];
+    V acc[NY][D];
 #pragma GCC unroll 8
-        for (int s = 0; s < D; ++s) acc[s] = V{} + T(0);
-        const T* row = rows[dy] + t;
-        for (long c = 0; c < C; ++c) {
-            const V gv = ld<V>(g[c] + t), a = ld<V>(row + c * cs), b = ld<V>(row + c * cs + P::lanes);
-            shifted_products(acc, gv, a, b, Lanes{}, std::make_integer_sequence<int, D>{});
+    for (int i = 0; i < NY; ++i)
+#pragma GCC unroll 8
+        for (int s = 0; s < D; ++s) acc[i][s] = V{} + T(0);
+    const T* row[NY];
+#pragma GCC unroll 8
+    for (int i = 0; i < NY; ++i) row[i] = rows[dy0 + i] + t;
+    for (long c = 0; c < C; ++c) {
+        const V gv = ld<V>(g[c] + t);
+#pragma GCC unroll 8
+        for (int i = 0; i < NY; ++i) {
+            const V a = ld<V>(row[i] + c * cs), b = ld<V>(row[i] + c * cs + P::lanes);
+            shifted_products(acc[i], gv, a, b, Lanes{}, std::make_integer_sequence<int, D>{});
         }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < NY; ++i)
 #pragma GCC unroll 8
         for (int s = 0; s < D; ++s)
-            if (out[dy * D + s]) put(out[dy * D + s] + t, acc[s], stream);
-    }
+            if (T* o = out[(dy0 + i) * D + s]) put(o + t, acc[i][s], stream);
+}
+
+// dot_stencil_rows over the whole window, NY window rows at a time: fewer rows per pass leave fewer
+// accumulators, more rows load g fewer times.
+template <class P, int R, int NY, typename T>
+inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* const* rows, T* const* out,
+                        bool stream) {
+    constexpr int D = 2 * R + 1;
+    int dy0 = 0;
+    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_rows<P, R, NY>(t, dy0, C, cs, g, rows, out, stream);
+    if constexpr (D % NY != 0) dot_stencil_rows<P, R, D % NY>(t, dy0, C, cs, g, rows, out, stream);
 }
 
 // The weight gradients of one row, out[j] = sum_c g[c] * shift_j(h[c]): chunks at multiples of the vector
-// through dot_stencil where radius is 2 or 3 (rows and wout: the ring rows and the outputs by window
+// through dot_stencil where radius is 1 to 3 (rows and wout: the ring rows and the outputs by window
 // position), the last, overlapping chunk and other radii through dot_block. [4, 11, 192, 256], the weight
 // gradients alone, alternating in one process on the 2-core EPYC VM: 7x7 5.24 -> 4.37 ms (1.09 -> 0.74 ms
-// at B = 1); 3x3 0.68 -> 0.81 ms through dot_stencil, so radius 1 stays on dot_block.
+// at B = 1), a window row at a time. 3x3 one window row at a time was slower than dot_block (0.68 -> 0.81
+// ms: three accumulators, each a chain of C dependent FMAs); all three rows at once, nine accumulators,
+// 0.965 / 0.871 / 0.875 -> 0.836 / 0.748 / 0.713 ms in three runs (B = 1 the same within noise), the whole
+// backward 2.720 / 2.348 -> 2.434 / 2.166 ms. 7x7 three rows at once was slower (2.970 / 2.354 -> 3.200 /
+// 2.656 ms), 5x5 all five rows at once the same within noise.
 template <class P, typename T>
 inline void dot_row(int radius, long W, long C, int K, long cs, const T* const* g, const T* const* src,
                     T* const* out, const T* const* rows, T* const* wout, bool stream) {
     for_chunks<P::lanes>(W, [&](long t) {
         if (radius > 0 && t % P::lanes == 0) {
+            if constexpr (P::lanes > 2) {
+                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, stream);
+            }
             if constexpr (P::lanes > 4) {
-                if (radius == 2) return dot_stencil<P, 2>(t, C, cs, g, rows, wout, stream);
+                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, stream);
             }
             if constexpr (P::lanes > 6) {
-                if (radius == 3) return dot_stencil<P, 3>(t, C, cs, g, rows, wout, stream);
+                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, stream);
             }
         }
         int j0 = 0;
@@ -661,7 +688,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     const int D = 2 * r + 1;
     std::vector<T> zeros(stencil ? tlen : 0, T(0));
     std::vector<const T*> ws(D * D, zeros.data()), rows(D);
-    const bool stencil_w = want_w && r >= 2 && stencil_fits<P>(r);  // weight gradients by dot_stencil
+    const bool stencil_w = want_w && stencil_fits<P>(r);  // weight gradients by dot_stencil
     // Weight gradients written once (not added up, not staged) and too large to stay in cache for their
     // reader bypass the caches (st_stream); a smaller map is better left in L3 for the next step's backward.
     // Where the whole backward is too large for the cache (spread), grad_nw, grad_h and grad_h0 all do
