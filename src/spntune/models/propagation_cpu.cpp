@@ -469,6 +469,31 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
     window_row<P, SCALED>(L, C, K, cs, w, sc, src, init, store, pf);
 }
 
+// The self and anchor weights' gradients of a backward row, gsw = sum_c g[c] * h[c] (the window's centre)
+// and gaw = sum_c g[c] * h0[c], at column 0 of their rows; h0's channels lie hs apart. Null: not wanted.
+// Computed in the weight gradients' pass over the channels (dot_row) instead of passes of their own.
+template <typename T>
+struct Extras {
+    T* gsw = nullptr;
+    T* gaw = nullptr;
+    const T* h0 = nullptr;
+    long hs = 0;
+};
+
+// Extras for the chunk at t (any offset), h[c] read from hc + c * cs.
+template <class P, typename T>
+inline void extras_chunk(long t, long C, const T* const* g, const T* hc, long cs, const Extras<T>& e) {
+    using V = typename P::V;
+    V ssw = V{} + T(0), saw = V{} + T(0);
+    for (long c = 0; c < C; ++c) {
+        const V gv = ld<V>(g[c] + t);
+        if (e.gsw) ssw += gv * ld<V>(hc + c * cs + t);
+        if (e.gaw) saw += gv * ld<V>(e.h0 + c * e.hs + t);
+    }
+    if (e.gsw) st(e.gsw + t, ssw);
+    if (e.gaw) st(e.gaw + t, saw);
+}
+
 // For one vector chunk at t and neighbours [j0, j0 + JB):  out[j][t] = sum_c g[c][t] * (src[j] + c * cs)[t].
 template <class P, int JB, typename T>
 inline void dot_block(long t, int j0, long C, long cs, const T* const* g, const T* const* src, T* const* out) {
@@ -500,10 +525,11 @@ inline void shifted_products(V* acc, V g, V a, V b, std::integer_sequence<int, I
 // after it), rows[dy] the replicate-padded ring row y + dy - R (image column x at [R + x]). A channel costs
 // one load of g, two aligned loads, 2R lane shifts and 2R+1 FMAs per window row into NY * (2R+1)
 // accumulators, where dot_block pays one unaligned load per FMA, most of them across a cache line.
-// out[centre] is null (not stored).
-template <class P, int R, int NY, typename T>
+// out[centre] is null (not stored); where the centre row is among them, its centre accumulator is e.gsw,
+// and with AW the pass sums e.gaw too.
+template <class P, int R, int NY, bool AW, typename T>
 inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
-                             T* const* out, bool stream) {
+                             T* const* out, bool stream, const Extras<T>& e) {
     using V = typename P::V;
     constexpr int D = 2 * R + 1;
     static_assert(2 * R < P::lanes, "a shift must stay inside the pair of vectors");
@@ -516,6 +542,7 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
     const T* row[NY];
 #pragma GCC unroll 8
     for (int i = 0; i < NY; ++i) row[i] = rows[dy0 + i] + t;
+    V saw = V{} + T(0);
     for (long c = 0; c < C; ++c) {
         const V gv = ld<V>(g[c] + t);
 #pragma GCC unroll 8
@@ -523,23 +550,38 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
             const V a = ld<V>(row[i] + c * cs), b = ld<V>(row[i] + c * cs + P::lanes);
             shifted_products(acc[i], gv, a, b, Lanes{}, std::make_integer_sequence<int, D>{});
         }
+        if constexpr (AW) saw += gv * ld<V>(e.h0 + c * e.hs + t);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < NY; ++i)
 #pragma GCC unroll 8
         for (int s = 0; s < D; ++s)
             if (T* o = out[(dy0 + i) * D + s]) put(o + t, acc[i][s], stream);
+    if (e.gsw && dy0 <= R && R < dy0 + NY) st(e.gsw + t, acc[R - dy0][R]);
+    if constexpr (AW) st(e.gaw + t, saw);
 }
 
 // dot_stencil_rows over the whole window, NY window rows at a time: fewer rows per pass leave fewer
-// accumulators, more rows load g fewer times.
+// accumulators, more rows load g fewer times. The extras go with the pass that holds the centre row (gsw
+// is its centre accumulator).
 template <class P, int R, int NY, typename T>
 inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* const* rows, T* const* out,
-                        bool stream) {
+                        bool stream, const Extras<T>& e) {
     constexpr int D = 2 * R + 1;
+    const bool aw = e.gaw;
     int dy0 = 0;
-    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_rows<P, R, NY>(t, dy0, C, cs, g, rows, out, stream);
-    if constexpr (D % NY != 0) dot_stencil_rows<P, R, D % NY>(t, dy0, C, cs, g, rows, out, stream);
+    for (; dy0 + NY <= D; dy0 += NY) {
+        if (aw && dy0 <= R && R < dy0 + NY)
+            dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, stream, e);
+        else
+            dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, stream, e);
+    }
+    if constexpr (D % NY != 0) {
+        if (aw && dy0 <= R)
+            dot_stencil_rows<P, R, D % NY, true>(t, dy0, C, cs, g, rows, out, stream, e);
+        else
+            dot_stencil_rows<P, R, D % NY, false>(t, dy0, C, cs, g, rows, out, stream, e);
+    }
 }
 
 // The weight gradients of one row, out[j] = sum_c g[c] * shift_j(h[c]): chunks at multiples of the vector
@@ -551,24 +593,33 @@ inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* con
 // 0.965 / 0.871 / 0.875 -> 0.836 / 0.748 / 0.713 ms in three runs (B = 1 the same within noise), the whole
 // backward 2.720 / 2.348 -> 2.434 / 2.166 ms. 7x7 three rows at once was slower (2.970 / 2.354 -> 3.200 /
 // 2.656 ms), 5x5 all five rows at once the same within noise.
+// The extras (gsw, gaw) are summed in the same pass over the channels, gsw for free (the window's centre),
+// instead of passes of their own over g, h and h0. The whole backward, both builds alternating, three runs:
+// DySPN 7x7 (both extras) 7.742 / 7.931 / 7.594 -> 7.327 / 7.258 / 7.339 ms, CSPN 7x7 (gaw) 5.680 / 6.070 /
+// 6.033 -> 5.533 / 5.779 / 6.157 ms, CSPN 3x3 2.193 / 2.430 / 2.166 -> 2.071 / 2.203 / 2.150 ms. grad_h0
+// (aw * g) keeps a pass of its own: stored in the same pass, C rows a vector at a time each, the CSPN 3x3
+// backward was 1-10 % slower.
 template <class P, typename T>
 inline void dot_row(int radius, long W, long C, int K, long cs, const T* const* g, const T* const* src,
-                    T* const* out, const T* const* rows, T* const* wout, bool stream) {
+                    T* const* out, const T* const* rows, T* const* wout, bool stream, const T* hc,
+                    const Extras<T>& e) {
+    const bool extras = e.gsw || e.gaw;
     for_chunks<P::lanes>(W, [&](long t) {
         if (radius > 0 && t % P::lanes == 0) {
             if constexpr (P::lanes > 2) {
-                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, stream);
+                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, stream, e);
             }
             if constexpr (P::lanes > 4) {
-                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, stream);
+                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, stream, e);
             }
             if constexpr (P::lanes > 6) {
-                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, stream);
+                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, stream, e);
             }
         }
         int j0 = 0;
         for (; j0 + 4 <= K; j0 += 4) dot_block<P, 4>(t, j0, C, cs, g, src, out);
         for (; j0 < K; ++j0) dot_block<P, 1>(t, j0, C, cs, g, src, out);
+        if (extras) extras_chunk<P>(t, C, g, hc, cs, e);
     });
 }
 
@@ -749,8 +800,13 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 for (int d = 0; d < D; ++d) hrows[d] = hring.at(slots[d], 0);
                 for (int j = 0; j < K; ++j) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
             }
+            Extras<T> e;
+            e.gsw = gsw ? gsw + b * HW + at : nullptr;
+            e.gaw = gaw ? gaw + b * HW + at : nullptr;
+            e.h0 = h0 + b * C * HW + at;
+            e.hs = HW;
             dot_row<P>(stencil_w ? r : 0, W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data(),
-                       hrows.data(), wouts.data(), stream_w && !staged);
+                       hrows.data(), wouts.data(), stream_w && !staged, hring.at(slots[r], 0) + r, e);
             if (rs) {
                 if (grs)
                     for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
@@ -784,7 +840,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             }
         }
         for (auto [acc, other] : {std::pair{gsw, h}, std::pair{gaw, h0}}) {  // sum_c g[c] * h[c] (or h0[c])
-            if (!acc) continue;
+            if (!acc || want_w) continue;  // else done with the weight gradients (Extras)
             T* __restrict__ o = acc + b * HW + at;
             std::fill(o, o + W, T(0));
             for (long c = 0; c < C; ++c) {
