@@ -552,9 +552,19 @@ def test_a_failing_compiler_is_reported_and_leaves_nothing_behind(tmp_path):
 
 
 def test_concurrent_builders_build_once_and_all_load_the_library(tmp_path):
-    counting = tmp_path / "cxx"  # the system compiler, counting the builds (not the --version probes)
-    counting.write_text(f"#!/bin/sh\ncase \"$*\" in *' -o '*) echo build >> {tmp_path / 'builds'};; esac\n"
-                        f"exec {shutil.which('g++') or shutil.which('c++')} \"$@\"\n")  # fmt: skip
+    # A compiler that counts its builds and, after a pause that keeps the other process waiting on the lock,
+    # writes this session's already built library (test_a_built_library_is_reused compiles for real; the
+    # 20-40 s of a real -O3 build test no more here). --version goes to the system compiler: the library's
+    # name is keyed by it.
+    prebuilt = cpu_propagation.build_library()
+    counting = tmp_path / "cxx"
+    counting.write_text(
+        "#!/bin/sh\n"
+        'out=""; prev=""\n'
+        'for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done\n'
+        f'if [ -n "$out" ]; then echo build >> {tmp_path / "builds"}; sleep 2; cp {prebuilt} "$out"; exit 0; fi\n'
+        f'exec {shutil.which("g++") or shutil.which("c++")} "$@"\n'
+    )
     counting.chmod(0o755)
     cache = tmp_path / "cache"
     procs = [_probe({"SPNTUNE_KERNEL_CACHE": str(cache), "CXX": str(counting)}, tmp_path) for _ in range(2)]
