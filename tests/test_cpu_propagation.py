@@ -107,6 +107,26 @@ def test_matches_reference_in_float32(k):
             assert max(errors.values()) <= 2e-5, (shape, variant, errors)
 
 
+@pytest.mark.parametrize("k", [3, 7])
+@pytest.mark.parametrize("shape", [(2, 5, 9, 23), (1, 3, 6, 5)], ids=["wide-rows", "narrow-rows"])
+def test_self_and_anchor_gradients_without_neighbour_gradients(k, shape):
+    # Frozen neighbour weights: the kernels then sum grad_sw and grad_aw on their own, not in the weight
+    # gradients' pass (Extras in propagation_cpu.cpp).
+    g = torch.Generator().manual_seed(3)
+    b, _, hgt, wid = shape
+    h, h0 = (torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    nw = torch.randn(b, k * k - 1, hgt, wid, generator=g, dtype=torch.float64)
+    sw, aw = (torch.randn(b, 1, hgt, wid, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    out = propagate_step(h, h0, nw, sw, aw, k)
+    assert type(out.grad_fn).__name__ == "FusedCPUStepBackward"
+    ref = propagate_step_reference(h, h0, nw, sw, aw, k)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (h, h0, sw, aw), grad_out)
+    want = torch.autograd.grad(ref, (h, h0, sw, aw), grad_out)
+    for a, b_ in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("variant", ["cspn-h0", "dyspn-factored"])
 def test_weight_gradients_of_32_mb_and_more_match_the_reference(variant):
     # [2, 48, 176, 256] float64 is 34.6 MB: the backward writes such weight gradients with non-temporal

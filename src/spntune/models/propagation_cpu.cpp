@@ -471,7 +471,8 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
 
 // The self and anchor weights' gradients of a backward row, gsw = sum_c g[c] * h[c] (the window's centre)
 // and gaw = sum_c g[c] * h0[c], at column 0 of their rows; h0's channels lie hs apart. Null: not wanted.
-// Computed in the weight gradients' pass over the channels (dot_row) instead of passes of their own.
+// Computed in the weight gradients' pass over the channels (dot_row) instead of passes of their own; where
+// no weight gradient is wanted, by extras_chunk over the row.
 template <typename T>
 struct Extras {
     T* gsw = nullptr;
@@ -561,6 +562,16 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
     if constexpr (AW) st(e.gaw + t, saw);
 }
 
+// One pass of dot_stencil_rows, summing e.gaw where it holds the centre row and gaw is wanted.
+template <class P, int R, int NY, typename T>
+inline void dot_stencil_pass(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
+                             T* const* out, bool stream, const Extras<T>& e) {
+    if (e.gaw && dy0 <= R && R < dy0 + NY)
+        dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, stream, e);
+    else
+        dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, stream, e);
+}
+
 // dot_stencil_rows over the whole window, NY window rows at a time: fewer rows per pass leave fewer
 // accumulators, more rows load g fewer times. The extras go with the pass that holds the centre row (gsw
 // is its centre accumulator).
@@ -568,20 +579,9 @@ template <class P, int R, int NY, typename T>
 inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* const* rows, T* const* out,
                         bool stream, const Extras<T>& e) {
     constexpr int D = 2 * R + 1;
-    const bool aw = e.gaw;
     int dy0 = 0;
-    for (; dy0 + NY <= D; dy0 += NY) {
-        if (aw && dy0 <= R && R < dy0 + NY)
-            dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, stream, e);
-        else
-            dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, stream, e);
-    }
-    if constexpr (D % NY != 0) {
-        if (aw && dy0 <= R)
-            dot_stencil_rows<P, R, D % NY, true>(t, dy0, C, cs, g, rows, out, stream, e);
-        else
-            dot_stencil_rows<P, R, D % NY, false>(t, dy0, C, cs, g, rows, out, stream, e);
-    }
+    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_pass<P, R, NY>(t, dy0, C, cs, g, rows, out, stream, e);
+    if constexpr (D % NY != 0) dot_stencil_pass<P, R, D % NY>(t, dy0, C, cs, g, rows, out, stream, e);
 }
 
 // The weight gradients of one row, out[j] = sum_c g[c] * shift_j(h[c]): chunks at multiples of the vector
@@ -790,6 +790,11 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                     for (long c = 0; c < C; ++c) pf.add(gh0 + ((nb * C + c) * H + ny) * W, W);
             }
         }
+        Extras<T> e;  // with the weight gradients where they are wanted, else on their own below
+        e.gsw = gsw ? gsw + b * HW + at : nullptr;
+        e.gaw = gaw ? gaw + b * HW + at : nullptr;
+        e.h0 = h0 + b * C * HW + at;
+        e.hs = HW;
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
             for (int j = 0; j < K; ++j) {
@@ -800,11 +805,6 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 for (int d = 0; d < D; ++d) hrows[d] = hring.at(slots[d], 0);
                 for (int j = 0; j < K; ++j) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
             }
-            Extras<T> e;
-            e.gsw = gsw ? gsw + b * HW + at : nullptr;
-            e.gaw = gaw ? gaw + b * HW + at : nullptr;
-            e.h0 = h0 + b * C * HW + at;
-            e.hs = HW;
             dot_row<P>(stencil_w ? r : 0, W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data(),
                        hrows.data(), wouts.data(), stream_w && !staged, hring.at(slots[r], 0) + r, e);
             if (rs) {
@@ -839,16 +839,8 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 }
             }
         }
-        for (auto [acc, other] : {std::pair{gsw, h}, std::pair{gaw, h0}}) {  // sum_c g[c] * h[c] (or h0[c])
-            if (!acc || want_w) continue;  // else done with the weight gradients (Extras)
-            T* __restrict__ o = acc + b * HW + at;
-            std::fill(o, o + W, T(0));
-            for (long c = 0; c < C; ++c) {
-                const T* __restrict__ gc = grow[c];
-                const T* __restrict__ oc = other + (b * C + c) * HW + at;
-                for (long x = 0; x < W; ++x) o[x] += gc[x] * oc[x];
-            }
-        }
+        if (!want_w && (e.gsw || e.gaw))  // h's channels from the tensor, one map apart
+            for_chunks<P::lanes>(W, [&](long t) { extras_chunk<P>(t, C, grow.data(), h + b * C * HW + at, HW, e); });
         if (gh0) {
             const T* __restrict__ awr = aw + b * HW + at;
             for (long c = 0; c < C; ++c) {
