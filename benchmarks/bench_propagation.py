@@ -114,6 +114,11 @@ def _step_times(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int, repea
     return best["forward"], best["step"], best["clone"]
 
 
+def _clone_bandwidth(x: torch.Tensor, seconds: float) -> float:
+    """Bytes per second of a ``clone`` of ``x`` that took ``seconds`` (read + write)."""
+    return 2 * x.numel() * x.element_size() / seconds
+
+
 def _propagate_forward(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
     """T steps through ``propagate`` without autograd (the weights included, as in ``_propagate_fwd_bwd``)."""
     with torch.no_grad():
@@ -242,8 +247,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
     torch.manual_seed(0)
     x = torch.randn(b, c, h, w, device=dev)
     x0 = torch.randn_like(x)
-    copy_s = timeit(lambda: x.clone(), repeats * 4)
-    copy_bw = 2 * x.numel() * 4 / copy_s  # read + write
+    copy_bw = _clone_bandwidth(x, timeit(x.clone, repeats * 4))
     # a copy_ between two 256 MiB buffers, too large for a CPU's L3 or a GPU's L2: the memory's own speed (the
     # map's clone can run in cache, 8.6 MB against a 32 MB L3 on the EPYC VM)
     memory_bw = (512 << 20) / _copy_floor_s(512 << 20, repeats, dev)
@@ -262,7 +266,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
         fast_s, step_s, clone_s = _step_times(x, x0, weights, k, repeats * 3)
-        clone_bw = 2 * x.numel() * x.element_size() / clone_s  # read + write, timed alongside the forward
+        clone_bw = _clone_bandwidth(x, clone_s)  # timed alongside the forward
         slice_s = timeit(partial(_call, _shifted_slice, x, x0, weights, k), repeats)
         ref_s = timeit(partial(_call, propagate_step_reference, x, x0, weights, k), max(1, repeats // 2))
         peaks = []
