@@ -359,12 +359,28 @@ inline void window_row(long L, long C, int K, long cs, const T* const* w, const 
 }
 
 // The vector of lanes [S, S + lanes) of the pair (a, b) (a's lanes S.., then b's): one two-source
-// shuffle (vpermi2ps on AVX-512).
+// shuffle. On AVX-512 it is valignd / valignq, which takes neither an index vector nor a destination it
+// overwrites: GCC 12 turned the generic shuffle into vpermt2ps for some of the kernels, each needing an
+// index register, a copy and (for register pressure) reloads of the row. Generic shuffle -> valign, both
+// builds alternating in one process on the 2-core EPYC VM, [4, 11, 192, 256], the backward alone (dot_stencil
+// shifts h for every channel), CSPN 3x3 / 7x7, DySPN 7x7, two runs (each build first once): 2.253 / 5.733 /
+// 7.233 -> 2.143 / 5.535 / 6.732 ms and 2.388 / 6.339 / 7.240 -> 2.354 / 6.116 / 6.840 ms; the forwards the
+// same within noise (0.812 / 3.100 / 3.347 -> 0.817 / 3.099 / 3.276 ms).
 template <int S, class V, int... I>
 inline V lane_shift(V a, V b, std::integer_sequence<int, I...>) {
     if constexpr (S == 0) {
         return a;
-    } else {
+    }
+#if defined(__AVX512F__)
+    else if constexpr (sizeof(V) == 64) {
+        const auto lo = reinterpret_cast<__m512i>(a), hi = reinterpret_cast<__m512i>(b);
+        if constexpr (sizeof(a[0]) == 4)
+            return reinterpret_cast<V>(_mm512_alignr_epi32(hi, lo, S));
+        else
+            return reinterpret_cast<V>(_mm512_alignr_epi64(hi, lo, S));
+    }
+#endif
+    else {
 #if defined(__clang__)
         return __builtin_shufflevector(a, b, (S + I)...);
 #else
