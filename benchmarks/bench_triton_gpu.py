@@ -103,11 +103,32 @@ def measure(repeats: int = 20, iterations: int = 6) -> dict[str, Any] | None:
     return out
 
 
+def _print_resources() -> None:
+    """Registers and spills per thread of each kernel as ptxas builds it for this GPU (for sm_90 where there
+    is none): compiled ahead of time, so this part runs on any machine with triton's NVIDIA backend."""
+    if find_spec("triton") is None:
+        return
+    from spntune.models.triton_propagation import compiled_resources
+
+    arch = 90
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = 10 * major + minor
+    try:
+        for k in (3, 7):
+            rows = compiled_resources(k, 11, arch)
+            print(f"sm_{arch} k={k}, 11 channels: " + ", ".join(
+                f"{r['kernel']} {r['registers']} registers, {r['stack'] + r['local']} B spilled" for r in rows))  # fmt: skip
+    except RuntimeError as exc:
+        print(f"bench_triton_gpu: no register report ({exc})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
     args = parser.parse_args(argv)
+    _print_resources()
     r = measure(args.repeats, args.iterations)
     if r is None:
         print("bench_triton_gpu: no CUDA device or no triton here; nothing to measure.")

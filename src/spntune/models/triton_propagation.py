@@ -38,13 +38,27 @@ from torch.autograd.function import once_differentiable
 
 from spntune.models.fused_propagation import one_step_backward, run_steps
 
-__all__ = ["TritonPropagateStep", "backward_step", "forward_step", "propagate_step_triton", "propagate_triton"]
+__all__ = [
+    "TritonPropagateStep",
+    "backward_step",
+    "compiled_resources",
+    "forward_step",
+    "propagate_step_triton",
+    "propagate_triton",
+]
 
-# 8 x 32 pixels: rows of 32 floats keep the loads coalesced; a channel block of at most 16 keeps
-# the accumulator at 4096 values per program.
+# 8 x 32 pixels: rows of 32 floats keep the loads coalesced.
+#
+# Register budget. Compiled for sm_90 (``tests/test_triton_propagation.py`` compiles every kernel ahead of
+# time, no GPU needed, and reads ptxas' register and stack use), the first version of these kernels unrolled
+# the k*k-1 neighbours (``tl.static_range``) inside a loop over channel blocks of up to 16: the scheduler hoisted
+# every neighbour's loads, and the forward and grad_h kernels took 255 registers and spilled 0.5-0.9 KB per
+# thread at k = 3, 7-14 KB of local memory at k = 7 (which also took 14-68 s to compile). Now the neighbours
+# are a loop and a program takes one block of at most 8 channels (the channel blocks of a tile are neighbours
+# in the grid): 56 registers and no spills at k = 3 and 7, in well under a second.
 _BLOCK_H = 8
 _BLOCK_W = 32
-_MAX_BLOCK_C = 16
+_MAX_BLOCK_C = 8
 _NUM_WARPS = 4
 
 
@@ -58,15 +72,22 @@ def _tile_pixels(pid_tile, tiles_w, SHIFT: tl.constexpr, BLOCK_H: tl.constexpr, 
 
 
 @triton.jit
+def _tile_and_channels(pid, cblocks, BLOCK_C: tl.constexpr):
+    """A program's tile and first channel: the channel blocks of one tile are neighbours in launch order,
+    so the weight maps they share come from L2 for all but the first."""
+    return pid // cblocks, (pid % cblocks) * BLOCK_C
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr, h0_ptr, nw_ptr, sw_ptr, aw_ptr, rs_ptr, ring_ptr, out_ptr,
-    C, H, W, tiles_w,
+    C, H, W, tiles_w, cblocks,
     K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_ANCHOR: tl.constexpr, HAS_RING: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     R: tl.constexpr = K // 2
     CENTRE: tl.constexpr = (K * K) // 2
-    pid_tile = tl.program_id(0)
+    pid_tile, c0 = _tile_and_channels(tl.program_id(0), cblocks, BLOCK_C)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
     y, x = _tile_pixels(pid_tile, tiles_w, 0, BLOCK_H, BLOCK_W)
@@ -76,30 +97,26 @@ def _forward_kernel(
     nw_base = nw_ptr + b * (K * K - 1) * hw
     rs_base = rs_ptr + b * R * hw
     h_base = h_ptr + b * C * hw
-    h0_base = h0_ptr + b * C * hw
-    out_base = out_ptr + b * C * hw
-    for c0 in range(0, C, BLOCK_C):
-        chans = c0 + tl.arange(0, BLOCK_C)
-        chan_off = chans[:, None] * hw
-        mask = (chans[:, None] < C) & inside[None, :]
-        acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
-        if HAS_ANCHOR:
-            a = tl.load(aw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
-            acc += a[None, :] * tl.load(h0_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
-        if HAS_SELF:
-            s = tl.load(sw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
-            acc += s[None, :] * tl.load(h_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
-        for jj in tl.static_range(K * K):
-            if jj != CENTRE:
-                yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
-                xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
-                wj = tl.load(nw_base + (jj - (jj > CENTRE)) * hw + pix, mask=inside, other=0.0).to(ACC)
-                if HAS_RING:  # factored DySPN weight: the affinity times its ring's scale
-                    ring = tl.load(ring_ptr + (jj - (jj > CENTRE)))
-                    wj *= tl.load(rs_base + ring * hw + pix, mask=inside, other=0.0).to(ACC)
-                hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
-                acc += wj[None, :] * hv
-        tl.store(out_base + chan_off + pix[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    chans = c0 + tl.arange(0, BLOCK_C)
+    chan_off = chans[:, None] * hw
+    mask = (chans[:, None] < C) & inside[None, :]
+    acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
+    if HAS_ANCHOR:
+        a = tl.load(aw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
+        acc += a[None, :] * tl.load(h0_ptr + b * C * hw + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+    if HAS_SELF:
+        s = tl.load(sw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
+        acc += s[None, :] * tl.load(h_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
+    for j in range(K * K - 1):  # a loop, not static_range (register budget above)
+        jj = j + (j >= CENTRE)  # window position, the centre skipped
+        yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
+        xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
+        wj = tl.load(nw_base + j * hw + pix, mask=inside, other=0.0).to(ACC)
+        if HAS_RING:  # factored DySPN weight: the affinity times its ring's scale
+            wj *= tl.load(rs_base + tl.load(ring_ptr + j) * hw + pix, mask=inside, other=0.0).to(ACC)
+        hv = tl.load(h_base + chan_off + (yy * W + xx)[None, :], mask=mask, other=0.0).to(ACC)
+        acc += wj[None, :] * hv
+    tl.store(out_ptr + b * C * hw + chan_off + pix[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -150,25 +167,22 @@ def _grad_weights_kernel(
     gnw_base = gnw_ptr + b * (K * K - 1) * hw
     if HAS_RING:
         # Factored weights a_j * s_ring(j): d = sum_c g * shift_j(h) is the effective weight's gradient;
-        # d a_j = d * s_q and d s_q = sum_{j on ring q} d * a_j. Ring by ring (which neighbours lie on
-        # ring q is decided at compile time), so each ring's sum stays in registers and is stored once.
+        # d a_j = d * s_q and d s_q = sum_{j on ring q} d * a_j. Ring by ring (each ring's neighbours picked
+        # out of the k*k-1 by a scalar test), so each ring's sum stays in registers and is stored once.
         nw_base = nw_ptr + b * (K * K - 1) * hw
         rs_base = rs_ptr + b * R * hw
         grs_base = grs_ptr + b * R * hw
-        for q in tl.static_range(R):
+        for q in range(R):
             scale = tl.load(rs_base + q * hw + pix, mask=inside, other=0.0).to(ACC)
             ring_acc = tl.zeros([BLOCK], dtype=ACC)
-            for jj in tl.static_range(K * K):
+            for j in range(K * K - 1):  # loops, not static_range (register budget above)
+                jj = j + (j >= CENTRE)
                 dy = jj // K - R
                 dx = jj % K - R
-                # max(|dy|, |dx|) == q + 1: inside the (q+1)-box, outside the q-box
-                on_ring = (dy >= -q - 1) & (dy <= q + 1) & (dx >= -q - 1) & (dx <= q + 1)
-                on_ring = on_ring & ((dy < -q) | (dy > q) | (dx < -q) | (dx > q))
-                if on_ring:
+                if tl.maximum(tl.abs(dy), tl.abs(dx)) == q + 1:  # neighbour j lies on ring q
                     yy = tl.minimum(tl.maximum(y + dy, 0), H - 1)
                     xx = tl.minimum(tl.maximum(x + dx, 0), W - 1)
                     d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
-                    j = jj - (jj > CENTRE)
                     if NEED_NW:
                         _store_or_add(gnw_base + j * hw + pix, d * scale, inside, ACCUMULATE, ACC)
                     if NEED_RS:
@@ -176,12 +190,12 @@ def _grad_weights_kernel(
             if NEED_RS:
                 tl.store(grs_base + q * hw + pix, ring_acc.to(grs_ptr.dtype.element_ty), mask=inside)
     elif NEED_NW:
-        for jj in tl.static_range(K * K):
-            if jj != CENTRE:
-                yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
-                xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
-                d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
-                _store_or_add(gnw_base + (jj - (jj > CENTRE)) * hw + pix, d, inside, ACCUMULATE, ACC)
+        for j in range(K * K - 1):
+            jj = j + (j >= CENTRE)
+            yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
+            xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
+            d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
+            _store_or_add(gnw_base + j * hw + pix, d, inside, ACCUMULATE, ACC)
     if NEED_SELF or NEED_ANCHOR:
         acc_s = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
@@ -205,7 +219,7 @@ def _grad_weights_kernel(
 @triton.jit
 def _grad_h_kernel(
     g_ptr, nw_ptr, sw_ptr, aw_ptr, rs_ptr, ring_ptr, gh_ptr, gh0_ptr,
-    C, H, W, tiles_w,
+    C, H, W, tiles_w, cblocks,
     K: tl.constexpr, HAS_SELF: tl.constexpr, HAS_RING: tl.constexpr, NEED_H: tl.constexpr, NEED_H0: tl.constexpr,
     ACCUMULATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
@@ -213,7 +227,7 @@ def _grad_h_kernel(
     # Tiles cover the padded domain [-R, H+R) x [-R, W+R); (y, x) are image coordinates.
     R: tl.constexpr = K // 2
     CENTRE: tl.constexpr = (K * K) // 2
-    pid_tile = tl.program_id(0)
+    pid_tile, c0 = _tile_and_channels(tl.program_id(0), cblocks, BLOCK_C)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
     y, x = _tile_pixels(pid_tile, tiles_w, R, BLOCK_H, BLOCK_W)
@@ -227,45 +241,44 @@ def _grad_h_kernel(
     nw_base = nw_ptr + b * (K * K - 1) * hw
     rs_base = rs_ptr + b * R * hw
     g_base = g_ptr + b * C * hw
-    for c0 in range(0, C, BLOCK_C):
-        chans = c0 + tl.arange(0, BLOCK_C)
-        chan_off = chans[:, None] * hw
-        cmask = chans[:, None] < C
-        own = cmask & inside[None, :]
-        g_own = tl.load(g_base + chan_off + target[None, :], mask=own, other=0.0).to(ACC)
-        if NEED_H0:
-            a = tl.load(aw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
-            _store_or_add(gh0_ptr + b * C * hw + chan_off + target[None, :], a[None, :] * g_own, own, ACCUMULATE, ACC)
-        if NEED_H:
-            acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
-            if HAS_SELF:
-                s = tl.load(sw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
-                acc += s[None, :] * g_own
-            for jj in tl.static_range(K * K):
-                if jj != CENTRE:
-                    # the source pixel p whose neighbour j is this position: p = P - o_j
-                    py = y - (jj // K - R)
-                    px = x - (jj % K - R)
-                    src_ok = (py >= 0) & (py < H) & (px >= 0) & (px < W) & in_padded
-                    src = py * W + px
-                    wj = tl.load(nw_base + (jj - (jj > CENTRE)) * hw + src, mask=src_ok, other=0.0).to(ACC)
-                    if HAS_RING:
-                        ring = tl.load(ring_ptr + (jj - (jj > CENTRE)))
-                        wj *= tl.load(rs_base + ring * hw + src, mask=src_ok, other=0.0).to(ACC)
-                    gv = tl.load(g_base + chan_off + src[None, :], mask=cmask & src_ok[None, :], other=0.0).to(ACC)
-                    acc += wj[None, :] * gv
-            gh_ptrs = gh_ptr + b * C * hw + chan_off + target[None, :]
-            acc = acc.to(gh_ptr.dtype.element_ty)
-            tl.store(gh_ptrs, acc, mask=cmask & interior[None, :])
-            tl.atomic_add(gh_ptrs, acc, mask=cmask & (in_padded & ~interior)[None, :])
+    chans = c0 + tl.arange(0, BLOCK_C)
+    chan_off = chans[:, None] * hw
+    cmask = chans[:, None] < C
+    own = cmask & inside[None, :]
+    g_own = tl.load(g_base + chan_off + target[None, :], mask=own, other=0.0).to(ACC)
+    if NEED_H0:
+        a = tl.load(aw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
+        _store_or_add(gh0_ptr + b * C * hw + chan_off + target[None, :], a[None, :] * g_own, own, ACCUMULATE, ACC)
+    if NEED_H:
+        acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
+        if HAS_SELF:
+            s = tl.load(sw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
+            acc += s[None, :] * g_own
+        for j in range(K * K - 1):  # a loop, not static_range (register budget above)
+            jj = j + (j >= CENTRE)
+            # the source pixel p whose neighbour j is this position: p = P - o_j
+            py = y - (jj // K - R)
+            px = x - (jj % K - R)
+            src_ok = (py >= 0) & (py < H) & (px >= 0) & (px < W) & in_padded
+            src = py * W + px
+            wj = tl.load(nw_base + j * hw + src, mask=src_ok, other=0.0).to(ACC)
+            if HAS_RING:
+                wj *= tl.load(rs_base + tl.load(ring_ptr + j) * hw + src, mask=src_ok, other=0.0).to(ACC)
+            gv = tl.load(g_base + chan_off + src[None, :], mask=cmask & src_ok[None, :], other=0.0).to(ACC)
+            acc += wj[None, :] * gv
+        gh_ptrs = gh_ptr + b * C * hw + chan_off + target[None, :]
+        acc = acc.to(gh_ptr.dtype.element_ty)
+        tl.store(gh_ptrs, acc, mask=cmask & interior[None, :])
+        tl.atomic_add(gh_ptrs, acc, mask=cmask & (in_padded & ~interior)[None, :])
 
 
-def _launch_config(c: int, height: int, width: int, pad: int = 0) -> tuple[int, int, int]:
-    """``(channel block, tiles across, tiles in total)`` for a map padded by ``pad`` on each side."""
+def _launch_config(c: int, height: int, width: int, pad: int = 0) -> tuple[int, int, int, int]:
+    """``(channel block, channel blocks, tiles across, tiles in total)`` for a map padded by ``pad`` on each
+    side."""
     block_c = min(triton.next_power_of_2(c), _MAX_BLOCK_C)
     tiles_w = triton.cdiv(width + 2 * pad, _BLOCK_W)
     tiles_h = triton.cdiv(height + 2 * pad, _BLOCK_H)
-    return block_c, tiles_w, tiles_w * tiles_h
+    return block_c, triton.cdiv(c, block_c), tiles_w, tiles_w * tiles_h
 
 
 def _acc_dtype(t: Tensor) -> Any:
@@ -286,11 +299,11 @@ def forward_step(h: Tensor, h0: Tensor, nw: Tensor, sw: Tensor | None, aw: Tenso
     """One step's forward kernel on contiguous tensors (``fused_propagation``'s backend interface)."""
     b, c, height, width = h.shape
     out = torch.empty_like(h)
-    block_c, tiles_w, tiles = _launch_config(c, height, width)
-    _forward_kernel[(tiles, b)](
+    block_c, cblocks, tiles_w, tiles = _launch_config(c, height, width)
+    _forward_kernel[(tiles * cblocks, b)](
         h, h0, nw, sw if sw is not None else h, aw if aw is not None else h, rs if rs is not None else h,
         _rings(k, h.device), out,
-        c, height, width, tiles_w,
+        c, height, width, tiles_w, cblocks,
         K=k, HAS_SELF=sw is not None, HAS_ANCHOR=aw is not None, HAS_RING=rs is not None, ACC=_acc_dtype(h),
         BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W, num_warps=_NUM_WARPS,
     )  # fmt: skip
@@ -331,7 +344,7 @@ def backward_step(g: Tensor, h: Tensor, h0: Tensor, nw: Tensor, rs: Tensor | Non
     b, c, height, width = h.shape
     acc = _acc_dtype(h)
     if grad_nw is not None or grad_rs is not None or grad_sw is not None or grad_aw is not None:
-        block_c, tiles_w, tiles = _launch_config(c, height, width)
+        block_c, _, tiles_w, tiles = _launch_config(c, height, width)
         _grad_weights_kernel[(tiles, b)](
             g, h, h0, nw, rs if rs is not None else nw,
             grad_nw if grad_nw is not None else g, grad_rs if grad_rs is not None else g,
@@ -347,11 +360,11 @@ def backward_step(g: Tensor, h: Tensor, h0: Tensor, nw: Tensor, rs: Tensor | Non
             # The border receives the folded padding by atomic_add: start it at zero.
             for border in (grad_h[:, :, 0], grad_h[:, :, -1], grad_h[:, :, :, 0], grad_h[:, :, :, -1]):
                 border.zero_()
-        block_c, tiles_w, tiles = _launch_config(c, height, width, pad=k // 2)
-        _grad_h_kernel[(tiles, b)](
+        block_c, cblocks, tiles_w, tiles = _launch_config(c, height, width, pad=k // 2)
+        _grad_h_kernel[(tiles * cblocks, b)](
             g, nw, sw if sw is not None else nw, aw if aw is not None else nw, rs if rs is not None else nw,
             _rings(k, h.device), grad_h if grad_h is not None else g, grad_h0 if need_h0 else g,
-            c, height, width, tiles_w,
+            c, height, width, tiles_w, cblocks,
             K=k, HAS_SELF=sw is not None, HAS_RING=rs is not None, NEED_H=grad_h is not None, NEED_H0=need_h0,
             ACCUMULATE=accumulate, ACC=acc, BLOCK_C=block_c, BLOCK_H=_BLOCK_H, BLOCK_W=_BLOCK_W,
             num_warps=_NUM_WARPS,
@@ -384,3 +397,55 @@ def propagate_step_triton(
     tensors = [t.contiguous() if t is not None else None
                for t in (h, h0, neighbour_weight, self_weight, anchor_weight, ring_scale)]  # fmt: skip
     return TritonPropagateStep.apply(*tensors, kernel_size)
+
+
+def compiled_resources(kernel_size: int, channels: int, arch: int = 90) -> list[dict[str, Any]]:
+    """Registers and stack (spills) per thread of each kernel as launched on ``channels`` channels, compiled
+    ahead of time for CUDA compute capability ``arch`` (90: H100) with the ptxas and cuobjdump that come with
+    triton: no GPU needed. The widest variant of each kernel (DySPN's factored weights, self and anchor
+    weights, every gradient, accumulating), plus the weight gradients of CSPN (no ring scale).
+
+    Returns ``[{"kernel", "registers", "stack", "local"}]``; raises ``RuntimeError`` where this triton
+    cannot compile for CUDA (no NVIDIA backend, no cuobjdump)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        raise RuntimeError(f"no cuobjdump at {cuobjdump}: this triton has no NVIDIA backend")
+    block_c = _launch_config(channels, 1, 1)[0]
+    common = {"K": kernel_size, "ACC": tl.float32, "BLOCK_C": block_c, "BLOCK_H": _BLOCK_H, "BLOCK_W": _BLOCK_W}
+    weights = {"NEED_NW": True, "NEED_SELF": True, "NEED_ANCHOR": True, "ACCUMULATE": True}
+    variants = [
+        ("forward", _forward_kernel, {"HAS_SELF": True, "HAS_ANCHOR": True, "HAS_RING": True}),
+        ("grad_weights", _grad_weights_kernel, {**weights, "NEED_RS": True, "HAS_RING": True}),
+        ("grad_weights_cspn", _grad_weights_kernel, {**weights, "NEED_RS": False, "HAS_RING": False}),
+        ("grad_h", _grad_h_kernel,
+         {"HAS_SELF": True, "HAS_RING": True, "NEED_H": True, "NEED_H0": True, "ACCUMULATE": True}),
+    ]  # fmt: skip
+    found = []
+    for name, kernel, flags in variants:
+        constants = {**common, **flags}
+        signature = {
+            arg: "constexpr" if arg in constants else ("*i32" if arg == "ring_ptr" else "*fp32") if arg.endswith("_ptr")
+            else "i32"
+            for arg in kernel.arg_names
+        }  # fmt: skip
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": _NUM_WARPS})  # fmt: skip
+        with tempfile.TemporaryDirectory() as folder:
+            cubin = os.path.join(folder, f"{name}.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True)
+        match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage.stdout)
+        if match is None:
+            raise RuntimeError(f"cuobjdump -res-usage printed no resource line for {name}: {usage.stdout!r}")
+        registers, stack, local = (int(v) for v in match.groups())
+        found.append({"kernel": name, "registers": registers, "stack": stack, "local": local})
+    return found
