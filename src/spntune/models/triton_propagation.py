@@ -55,7 +55,9 @@ __all__ = [
 # every neighbour's loads, and the forward and grad_h kernels took 255 registers and spilled 0.5-0.9 KB per
 # thread at k = 3, 7-14 KB of local memory at k = 7 (which also took 14-68 s to compile). Now the neighbours
 # are a loop and a program takes one block of at most 8 channels (the channel blocks of a tile are neighbours
-# in the grid): 56 registers and no spills at k = 3 and 7, in well under a second.
+# in the grid): 48-102 registers and no spills at k = 3 and 7, sm_80 and sm_90, maps of any size (the
+# tt.divisibility hints a launch on sizes that are multiples of 16 gets move them within that range), each
+# kernel compiled in about a second.
 _BLOCK_H = 8
 _BLOCK_W = 32
 _MAX_BLOCK_C = 8
@@ -98,7 +100,7 @@ def _forward_kernel(
     rs_base = rs_ptr + b * R * hw
     h_base = h_ptr + b * C * hw
     chans = c0 + tl.arange(0, BLOCK_C)
-    chan_off = chans[:, None] * hw
+    chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
     mask = (chans[:, None] < C) & inside[None, :]
     acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
     if HAS_ANCHOR:
@@ -135,7 +137,7 @@ def _dot_channels(g_base, h_base, pix, src, inside, C, hw, ACC: tl.constexpr, BL
     acc = tl.zeros([BLOCK], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         chans = c0 + tl.arange(0, BLOCK_C)
-        chan_off = chans[:, None] * hw
+        chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
         mask = (chans[:, None] < C) & inside[None, :]
         g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
         hv = tl.load(h_base + chan_off + src[None, :], mask=mask, other=0.0).to(ACC)
@@ -201,7 +203,7 @@ def _grad_weights_kernel(
         acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
             chans = c0 + tl.arange(0, BLOCK_C)
-            chan_off = chans[:, None] * hw
+            chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
             mask = (chans[:, None] < C) & inside[None, :]
             g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
             if NEED_SELF:
@@ -242,7 +244,7 @@ def _grad_h_kernel(
     rs_base = rs_ptr + b * R * hw
     g_base = g_ptr + b * C * hw
     chans = c0 + tl.arange(0, BLOCK_C)
-    chan_off = chans[:, None] * hw
+    chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
     cmask = chans[:, None] < C
     own = cmask & inside[None, :]
     g_own = tl.load(g_base + chan_off + target[None, :], mask=own, other=0.0).to(ACC)
@@ -399,14 +401,19 @@ def propagate_step_triton(
     return TritonPropagateStep.apply(*tensors, kernel_size)
 
 
-def compiled_resources(kernel_size: int, channels: int, arch: int = 90) -> list[dict[str, Any]]:
+def compiled_resources(kernel_size: int, channels: int, arch: int = 90, *, aligned: bool = True,
+                       dtype: str = "fp32") -> list[dict[str, Any]]:  # fmt: skip
     """Registers and stack (spills) per thread of each kernel as launched on ``channels`` channels, compiled
     ahead of time for CUDA compute capability ``arch`` (90: H100) with the ptxas and cuobjdump that come with
     triton: no GPU needed. The widest variant of each kernel (DySPN's factored weights, self and anchor
     weights, every gradient, accumulating), plus the weight gradients of CSPN (no ring scale).
 
+    ``aligned``: compiled as a launch on a map whose H, W and tile count are multiples of 16 specialises it
+    (triton's ``tt.divisibility`` hints, which every torch pointer gets too), else as one that is not.
+    ``dtype``: ``"fp32"`` or ``"fp64"`` tensors (accumulating in the same type).
+
     Returns ``[{"kernel", "registers", "stack", "local"}]``; raises ``RuntimeError`` where this triton
-    cannot compile for CUDA (no NVIDIA backend, no cuobjdump)."""
+    cannot compile for CUDA (no NVIDIA backend, ``TRITON_INTERPRET`` set, or the compiler failed)."""
     import os
     import re
     import subprocess
@@ -418,8 +425,11 @@ def compiled_resources(kernel_size: int, channels: int, arch: int = 90) -> list[
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):
         raise RuntimeError(f"no cuobjdump at {cuobjdump}: this triton has no NVIDIA backend")
+    if not isinstance(_forward_kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the kernels are interpreted here (TRITON_INTERPRET is set): nothing to compile")
     block_c = _launch_config(channels, 1, 1)[0]
-    common = {"K": kernel_size, "ACC": tl.float32, "BLOCK_C": block_c, "BLOCK_H": _BLOCK_H, "BLOCK_W": _BLOCK_W}
+    acc = {"fp32": tl.float32, "fp64": tl.float64}[dtype]
+    common = {"K": kernel_size, "ACC": acc, "BLOCK_C": block_c, "BLOCK_H": _BLOCK_H, "BLOCK_W": _BLOCK_W}
     weights = {"NEED_NW": True, "NEED_SELF": True, "NEED_ANCHOR": True, "ACCUMULATE": True}
     variants = [
         ("forward", _forward_kernel, {"HAS_SELF": True, "HAS_ANCHOR": True, "HAS_RING": True}),
@@ -431,21 +441,29 @@ def compiled_resources(kernel_size: int, channels: int, arch: int = 90) -> list[
     found = []
     for name, kernel, flags in variants:
         constants = {**common, **flags}
-        signature = {
-            arg: "constexpr" if arg in constants else ("*i32" if arg == "ring_ptr" else "*fp32") if arg.endswith("_ptr")
-            else "i32"
-            for arg in kernel.arg_names
-        }  # fmt: skip
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": _NUM_WARPS})  # fmt: skip
-        with tempfile.TemporaryDirectory() as folder:
-            cubin = os.path.join(folder, f"{name}.cubin")
-            with open(cubin, "wb") as f:
-                f.write(compiled.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True)
+        signature = {arg: "constexpr" if arg in constants else _arg_type(arg, dtype) for arg in kernel.arg_names}
+        hinted = [i for i, arg in enumerate(kernel.arg_names) if arg.endswith("_ptr") or arg in ("H", "W", "tiles_w")]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in hinted} if aligned else {}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": _NUM_WARPS})  # fmt: skip
+            with tempfile.TemporaryDirectory() as folder:
+                cubin = os.path.join(folder, f"{name}.cubin")
+                with open(cubin, "wb") as f:
+                    f.write(compiled.asm["cubin"])
+                usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True)
+        except Exception as exc:  # triton's CompilationError, PTXASError, cuobjdump failing, ...
+            raise RuntimeError(f"compiling {name} (k={kernel_size}, sm_{arch}) failed: {exc}") from exc
         match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage.stdout)
         if match is None:
             raise RuntimeError(f"cuobjdump -res-usage printed no resource line for {name}: {usage.stdout!r}")
         registers, stack, local = (int(v) for v in match.groups())
         found.append({"kernel": name, "registers": registers, "stack": stack, "local": local})
     return found
+
+
+def _arg_type(arg: str, dtype: str) -> str:
+    """A kernel argument's type in a triton signature: the ring table is int32, the maps ``dtype``."""
+    if not arg.endswith("_ptr"):
+        return "i32"
+    return "*i32" if arg == "ring_ptr" else f"*{dtype}"
