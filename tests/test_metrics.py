@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spntune.metrics import (
     BoundaryIoU,
@@ -76,6 +77,27 @@ def test_boundary_band_by_hand():
     assert torch.equal(band, expected)
     full = torch.ones(1, 1, 5, 5, dtype=torch.bool)  # the image edge counts as contour
     assert boundary_band(full, 1).sum() == 16
+
+
+def _reference_band(masks: torch.Tensor, d: int) -> torch.Tensor:
+    """Boundary IoU's definition: mask minus its erosion by a 3x3 square, d times, outside the image
+    counting as background (the reference code pads with zeros before each erosion)."""
+    b, c, h, w = masks.shape
+    eroded = masks.float().reshape(b * c, 1, h, w)
+    for _ in range(d):
+        eroded = -F.max_pool2d(-F.pad(eroded, (1, 1, 1, 1), value=0.0), 3, stride=1)
+    return masks & ~(eroded.view(b, c, h, w) > 0.5)
+
+
+@pytest.mark.parametrize(("h", "w", "d"), [(7, 9, 1), (20, 13, 2), (64, 50, 5), (40, 60, 13), (30, 31, 20), (5, 40, 3)])
+def test_boundary_band_equals_repeated_3x3_erosion(h, w, d):
+    g = torch.Generator().manual_seed(h * w + d)
+    blocks = torch.randint(0, 4, (2, h // 3 + 1, w // 3 + 1), generator=g)
+    labels = blocks.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, :h, :w]
+    labels[0, h // 2, w // 2] = 3  # a lone pixel
+    masks = labels.unsqueeze(1) == torch.arange(5).view(1, -1, 1, 1)  # class 4 is absent: an empty mask
+    masks = torch.cat([masks, torch.ones_like(masks[:, :1])], dim=1)  # and a full one
+    assert torch.equal(boundary_band(masks, d), _reference_band(masks, d))
 
 
 def test_boundary_width_is_two_percent_of_the_diagonal():

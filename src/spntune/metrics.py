@@ -86,20 +86,29 @@ def boundary_width(height: int, width: int, ratio: float = 0.02) -> int:
 def boundary_band(masks: Tensor, d: int) -> Tensor:
     """Pixels of each mask within ``d`` (chessboard distance) of its contour, image edge included.
 
-    Equivalent to the Boundary IoU reference ``mask - erode(pad0(mask), 3x3, d times)``; the
-    square erosion is done separably with two max-pools.
+    Equivalent to the Boundary IoU reference ``mask - erode(pad0(mask), 3x3, d times)``: a pixel stays in
+    the eroded mask where its ``(2d+1) x (2d+1)`` window, padded with outside beyond the image, holds no
+    outside pixel. The window is tested separably, rows then columns, each as a difference of running
+    counts (``_window_any``): constant work per pixel whatever ``d``. Max-pools of width 2d+1, as before,
+    cost 2d+1 comparisons per pixel: one 720x960 image with 11 classes (d = 24) took 471-542 ms per
+    band, 54-59 ms now; 375x500 (d = 13) 65-68 -> 7-8 ms; a 96x128 batch of 8 (d = 3) 13 -> 3 ms.
 
     Shape:
         masks: ``[B, C, H, W]`` bool. Returns ``[B, C, H, W]`` bool.
     """
     b, c, h, w = masks.shape
-    outside = (~masks).float().view(b * c, 1, h, w)
+    outside = F.pad((~masks).reshape(b * c, h, w).to(torch.int32), (d, d, d, d), value=1)  # beyond: outside
     k = 2 * d + 1
-    outside = F.pad(outside, (d, d, d, d), value=1.0)  # beyond the image counts as outside
-    grown = F.max_pool2d(outside, (k, 1), stride=1)
-    grown = F.max_pool2d(grown, (1, k), stride=1)
-    eroded = grown.view(b, c, h, w) < 0.5
-    return masks & ~eroded
+    near_outside = _window_any(_window_any(outside, k, dim=1).to(torch.int32), k, dim=2)
+    return masks & near_outside.view(b, c, h, w)
+
+
+def _window_any(x: Tensor, k: int, dim: int) -> Tensor:
+    """Whether each window of ``k`` consecutive elements of ``x`` (0 / 1 int32) along ``dim`` holds a 1: the
+    ``n - k + 1`` full windows, from the running count's differences (exact in int32)."""
+    n = x.shape[dim]
+    count = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim, dtype=torch.int32)], dim)
+    return count.narrow(dim, k, n - k + 1) > count.narrow(dim, 0, n - k + 1)
 
 
 class BoundaryIoU:
