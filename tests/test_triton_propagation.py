@@ -1,9 +1,10 @@
 """The fused Triton step, checked on CPU with Triton's interpreter.
 
 ``TRITON_INTERPRET=1`` must be set before triton's ``@triton.jit`` decorators run, so every check
-runs in one subprocess (nothing leaks into other test modules in this pytest process) that prints
-one JSON line per case; the tests below read them. Float64 throughout (the interpreter runs the
-kernels in numpy), against the unfold reference and autograd through it.
+runs in subprocesses (nothing leaks into other test modules in this pytest process; two run side by
+side, each a part of the script) that print one JSON line per case; the tests below read them.
+Float64 throughout (the interpreter runs the kernels in numpy), against the unfold reference and
+autograd through it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ _SCRIPT = textwrap.dedent(
                 errors[name] = (a - b).abs().max().item() / max(1.0, b.abs().max().item())
         emit(case, errors=errors)
 
+    # == part: one step against the reference ==
     for k in (3, 5, 7):
         for variant in ("cspn-h0", "cspn-ht", "dyspn"):
             compare(f"k{k}-{variant}", k, variant, (2 if k == 3 else 1, 3, 11, 13))
@@ -97,6 +99,21 @@ _SCRIPT = textwrap.dedent(
         want = torch.autograd.grad(ref.sum(), wanted)
         emit(f"factored-{frozen}-frozen", errors={str(i): (a - b).abs().max().item() for i, (a, b) in enumerate(zip(got, want))})
 
+    # gradcheck of two chained steps (random projections: the interpreter is slow)
+    k = 3
+    _, h0, aff, att = inputs(k, (1, 2, 5, 6), torch.float64)
+    h0.requires_grad_(); aff.requires_grad_(); att.requires_grad_()
+    def dyspn(h0, aff, att):
+        w = P.dyspn_weights(aff, att, k)
+        return P.propagate(h0, [w, w], k)[0]
+    emit("gradcheck", ok=bool(torch.autograd.gradcheck(dyspn, (h0, aff, att), fast_mode=True)))
+    def dyspn_factored(h0, aff, att):
+        sums = P.dyspn_ring_sums(aff, k)
+        ws = [P.dyspn_factored_weights(aff, att, k, sums), P.dyspn_factored_weights(aff, att * 0.5, k, sums)]
+        return P.propagate(h0, ws, k)[0]
+    emit("gradcheck-factored", ok=bool(torch.autograd.gradcheck(dyspn_factored, (h0, aff, att), fast_mode=True)))
+
+    # == part: T steps as one node ==
     # propagate: T steps sharing their neighbour weights run as one FusedPropagation node on the Triton
     # kernels (neighbour-weight and h0 gradients added up by the kernels): equal to step by step
     def step_weights(variant, k, aff, att):
@@ -141,20 +158,6 @@ _SCRIPT = textwrap.dedent(
     errors = {"forward": (h - want).abs().max().item()}
     errors.update({str(i): (a - b).abs().max().item() for i, (a, b) in enumerate(zip(g_got, g_want))})
     emit("one-node-one-step", errors=errors, node=type(h.grad_fn).__name__, empty=P.propagate(h0, [], 3)[0] is h0)
-
-    # gradcheck of two chained steps (random projections: the interpreter is slow)
-    k = 3
-    _, h0, aff, att = inputs(k, (1, 2, 5, 6), torch.float64)
-    h0.requires_grad_(); aff.requires_grad_(); att.requires_grad_()
-    def dyspn(h0, aff, att):
-        w = P.dyspn_weights(aff, att, k)
-        return P.propagate(h0, [w, w], k)[0]
-    emit("gradcheck", ok=bool(torch.autograd.gradcheck(dyspn, (h0, aff, att), fast_mode=True)))
-    def dyspn_factored(h0, aff, att):
-        sums = P.dyspn_ring_sums(aff, k)
-        ws = [P.dyspn_factored_weights(aff, att, k, sums), P.dyspn_factored_weights(aff, att * 0.5, k, sums)]
-        return P.propagate(h0, ws, k)[0]
-    emit("gradcheck-factored", ok=bool(torch.autograd.gradcheck(dyspn_factored, (h0, aff, att), fast_mode=True)))
     """
 )
 
@@ -165,16 +168,33 @@ CASES += ["factored-tiles-channels", "factored-float32"]
 CASES += [f"factored-{frozen}-frozen" for frozen in ("affinity", "attention", "scale")]
 
 
+def _parts(script: str) -> list[str]:
+    """The script as runnable pieces: its prelude (imports, helpers, the lazy-import check) followed by each
+    ``# == part: ... ==`` section."""
+    prelude, *parts = script.split("# == part: ")
+    return [prelude + part.split("\n", 1)[1] for part in parts]
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict]:
+    """The interpreter cases, in two subprocesses side by side (the interpreter is slow and single-threaded:
+    45-50 s in one on the 2-core VM)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "SPNTUNE_PROPAGATION": "auto"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return {line["case"]: line for line in lines}
+    procs = [subprocess.Popen([sys.executable, "-c", part], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for part in _parts(_SCRIPT)]  # fmt: skip
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter run took over 300 s")
+    finally:
+        for proc in procs:
+            proc.kill()  # a no-op for those that ended
+    found: dict[str, dict] = {}
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{err[-4000:]}")
+        found.update({row["case"]: row for row in (json.loads(text) for text in out.splitlines() if text[:1] == "{")})
+    return found
 
 
 def test_cpu_auto_backend_does_not_import_triton(results):
