@@ -241,14 +241,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
     def emit(**fields):
         print(json.dumps(fields), flush=True)
 
+    arch = int(sys.argv[1])
     try:
-        for arch in (80, 90):
-            for k in (3, 7):
-                for aligned in (False, True):
-                    for row in T.compiled_resources(k, 11, arch, aligned=aligned):  # 11: the widest block (8)
-                        emit(arch=arch, k=k, aligned=aligned, dtype="fp32", **row)
-        for row in T.compiled_resources(7, 11, 90, dtype="fp64"):
-            emit(arch=90, k=7, aligned=True, dtype="fp64", **row)
+        for k in (3, 7):
+            for aligned in (False, True):
+                for row in T.compiled_resources(k, 11, arch, aligned=aligned):  # 11: the widest block (8)
+                    emit(arch=arch, k=k, aligned=aligned, dtype="fp32", **row)
+        if arch == 90:
+            for row in T.compiled_resources(7, 11, 90, dtype="fp64"):
+                emit(arch=90, k=7, aligned=True, dtype="fp64", **row)
     except RuntimeError as exc:
         if str(exc).startswith("no cuobjdump"):
             sys.exit(77)  # no NVIDIA backend in this triton
@@ -260,18 +261,29 @@ _COMPILE_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> list[dict]:
     """Every kernel compiled for A100 (sm_80) and H100 (sm_90), as launched on maps whose sizes are and are
-    not multiples of 16, in a fresh triton cache (nothing reused from an earlier run), in a subprocess: no
+    not multiples of 16, in a fresh triton cache (nothing reused from an earlier run), one subprocess per arch: no
     GPU, and TRITON_INTERPRET unset."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    if proc.returncode == 77:
-        pytest.skip("this triton has no NVIDIA backend to compile for")
-    if proc.returncode != 0:
-        pytest.fail(f"compiling the kernels failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = []
+    procs = []
+    for arch in (80, 90):  # side by side: ptxas and triton's compiler are single-threaded
+        arch_env = {**env, "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp(f"triton-cache-sm{arch}"))}
+        procs.append(subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=arch_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("compiling the kernels took over 300 s")
+    finally:
+        for proc in procs:
+            proc.kill()  # a no-op for those that ended
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        if proc.returncode == 77:
+            pytest.skip("this triton has no NVIDIA backend to compile for")
+        if proc.returncode != 0:
+            pytest.fail(f"compiling the kernels failed (rc {proc.returncode}):\n{err[-4000:]}")
+        rows += [json.loads(text) for text in out.splitlines() if text[:1] == "{"]
+    return rows
 
 
 def test_kernels_compile_for_gpus_without_spilling(compiled):
