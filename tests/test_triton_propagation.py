@@ -175,26 +175,33 @@ def _parts(script: str) -> list[str]:
     return [prelude + part.split("\n", 1)[1] for part in parts]
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[str, dict]:
-    """The interpreter cases, in two subprocesses side by side (the interpreter is slow and single-threaded:
-    45-50 s in one on the 2-core VM)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "SPNTUNE_PROPAGATION": "auto"}
-    procs = [subprocess.Popen([sys.executable, "-c", part], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for part in _parts(_SCRIPT)]  # fmt: skip
+def _side_by_side(jobs: list[tuple[list[str], dict[str, str]]], what: str) -> list[tuple[int, list[dict]]]:
+    """Runs ``python -c`` jobs ``(args, env)`` at once (the interpreter and triton's compiler are
+    single-threaded) and returns each one's exit status and the JSON lines it printed; fails the test with
+    its stderr where one exits with neither 0 nor 77 (77: nothing to check here), or after 300 s."""
+    procs = [subprocess.Popen([sys.executable, "-c", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args, env in jobs]  # fmt: skip
     try:
         outputs = [proc.communicate(timeout=300) for proc in procs]
     except subprocess.TimeoutExpired:
-        pytest.fail("the interpreter run took over 300 s")
+        pytest.fail(f"{what} took over 300 s")
     finally:
         for proc in procs:
             proc.kill()  # a no-op for those that ended
-    found: dict[str, dict] = {}
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        if proc.returncode != 0:
-            pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{err[-4000:]}")
-        found.update({row["case"]: row for row in (json.loads(text) for text in out.splitlines() if text[:1] == "{")})
-    return found
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        if proc.returncode not in (0, 77):
+            pytest.fail(f"{what} failed (rc {proc.returncode}):\n{err[-4000:]}")
+    return [(proc.returncode, [json.loads(text) for text in out.splitlines() if text[:1] == "{"])
+            for proc, (out, _) in zip(procs, outputs, strict=True)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict]:
+    """The interpreter cases, the script's parts in subprocesses side by side (in one, 41-50 s on the 2-core
+    VM)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "SPNTUNE_PROPAGATION": "auto"}
+    runs = _side_by_side([([part], env) for part in _parts(_SCRIPT)], "the interpreter run")
+    return {row["case"]: row for _, rows in runs for row in rows}
 
 
 def test_cpu_auto_backend_does_not_import_triton(results):
@@ -264,26 +271,12 @@ def compiled(tmp_path_factory) -> list[dict]:
     not multiples of 16, in a fresh triton cache (nothing reused from an earlier run), one subprocess per arch: no
     GPU, and TRITON_INTERPRET unset."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    rows = []
-    procs = []
-    for arch in (80, 90):  # side by side: ptxas and triton's compiler are single-threaded
-        arch_env = {**env, "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp(f"triton-cache-sm{arch}"))}
-        procs.append(subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(arch)], env=arch_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
-    try:
-        outputs = [proc.communicate(timeout=300) for proc in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail("compiling the kernels took over 300 s")
-    finally:
-        for proc in procs:
-            proc.kill()  # a no-op for those that ended
-    for proc, (out, err) in zip(procs, outputs, strict=True):
-        if proc.returncode == 77:
-            pytest.skip("this triton has no NVIDIA backend to compile for")
-        if proc.returncode != 0:
-            pytest.fail(f"compiling the kernels failed (rc {proc.returncode}):\n{err[-4000:]}")
-        rows += [json.loads(text) for text in out.splitlines() if text[:1] == "{"]
-    return rows
+    jobs = [([_COMPILE_SCRIPT, str(arch)], {**env, "TRITON_CACHE_DIR": str(tmp_path_factory.mktemp(f"cache-sm{arch}"))})
+            for arch in (80, 90)]  # fmt: skip
+    runs = _side_by_side(jobs, "compiling the kernels")
+    if any(status == 77 for status, _ in runs):
+        pytest.skip("this triton has no NVIDIA backend to compile for")
+    return [row for _, rows in runs for row in rows]
 
 
 def test_kernels_compile_for_gpus_without_spilling(compiled):
