@@ -81,6 +81,22 @@ def _tile_and_channels(pid, cblocks, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _channel_block(c0, C, hw, BLOCK_C: tl.constexpr):
+    """Offsets of channels ``[c0, c0 + BLOCK_C)`` in a ``[C, H, W]`` map (``hw = H * W``) and which of them
+    exist, both ``[BLOCK_C, 1]``. The offsets are int64: ``C * H * W`` passes 2**31 at C = 150, 3800 x 3800."""
+    chans = c0 + tl.arange(0, BLOCK_C)[:, None]
+    return chans.to(tl.int64) * hw, chans < C
+
+
+@triton.jit
+def _neighbour_offset(j, K: tl.constexpr):
+    """``(dy, dx)`` of neighbour ``j`` of a ``K x K`` window, row-major with the centre skipped (the channel order
+    of the neighbour weights, ``propagation.neighbour_offsets``)."""
+    jj = j + (j >= (K * K) // 2)
+    return jj // K - K // 2, jj % K - K // 2
+
+
+@triton.jit
 def _forward_kernel(
     h_ptr, h0_ptr, nw_ptr, sw_ptr, aw_ptr, rs_ptr, ring_ptr, out_ptr,
     C, H, W, tiles_w, cblocks,
@@ -88,7 +104,6 @@ def _forward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     R: tl.constexpr = K // 2
-    CENTRE: tl.constexpr = (K * K) // 2
     pid_tile, c0 = _tile_and_channels(tl.program_id(0), cblocks, BLOCK_C)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
@@ -99,9 +114,8 @@ def _forward_kernel(
     nw_base = nw_ptr + b * (K * K - 1) * hw
     rs_base = rs_ptr + b * R * hw
     h_base = h_ptr + b * C * hw
-    chans = c0 + tl.arange(0, BLOCK_C)
-    chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
-    mask = (chans[:, None] < C) & inside[None, :]
+    chan_off, cmask = _channel_block(c0, C, hw, BLOCK_C)
+    mask = cmask & inside[None, :]
     acc = tl.zeros([BLOCK_C, BLOCK_H * BLOCK_W], dtype=ACC)
     if HAS_ANCHOR:
         a = tl.load(aw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
@@ -110,9 +124,9 @@ def _forward_kernel(
         s = tl.load(sw_ptr + map_base + pix, mask=inside, other=0.0).to(ACC)
         acc += s[None, :] * tl.load(h_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
     for j in range(K * K - 1):  # a loop, not static_range (register budget above)
-        jj = j + (j >= CENTRE)  # window position, the centre skipped
-        yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
-        xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
+        dy, dx = _neighbour_offset(j, K)
+        yy = tl.minimum(tl.maximum(y + dy, 0), H - 1)
+        xx = tl.minimum(tl.maximum(x + dx, 0), W - 1)
         wj = tl.load(nw_base + j * hw + pix, mask=inside, other=0.0).to(ACC)
         if HAS_RING:  # factored DySPN weight: the affinity times its ring's scale
             wj *= tl.load(rs_base + tl.load(ring_ptr + j) * hw + pix, mask=inside, other=0.0).to(ACC)
@@ -136,9 +150,8 @@ def _dot_channels(g_base, h_base, pix, src, inside, C, hw, ACC: tl.constexpr, BL
     """``sum_c g[c, pix] * h[c, src]`` over all channels, one value per pixel of the tile."""
     acc = tl.zeros([BLOCK], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
-        chans = c0 + tl.arange(0, BLOCK_C)
-        chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
-        mask = (chans[:, None] < C) & inside[None, :]
+        chan_off, cmask = _channel_block(c0, C, hw, BLOCK_C)
+        mask = cmask & inside[None, :]
         g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
         hv = tl.load(h_base + chan_off + src[None, :], mask=mask, other=0.0).to(ACC)
         acc += tl.sum(g * hv, axis=0)
@@ -154,7 +167,6 @@ def _grad_weights_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     R: tl.constexpr = K // 2
-    CENTRE: tl.constexpr = (K * K) // 2
     BLOCK: tl.constexpr = BLOCK_H * BLOCK_W
     pid_tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -178,9 +190,7 @@ def _grad_weights_kernel(
             scale = tl.load(rs_base + q * hw + pix, mask=inside, other=0.0).to(ACC)
             ring_acc = tl.zeros([BLOCK], dtype=ACC)
             for j in range(K * K - 1):  # loops, not static_range (register budget above)
-                jj = j + (j >= CENTRE)
-                dy = jj // K - R
-                dx = jj % K - R
+                dy, dx = _neighbour_offset(j, K)
                 if tl.maximum(tl.abs(dy), tl.abs(dx)) == q + 1:  # neighbour j lies on ring q
                     yy = tl.minimum(tl.maximum(y + dy, 0), H - 1)
                     xx = tl.minimum(tl.maximum(x + dx, 0), W - 1)
@@ -193,18 +203,17 @@ def _grad_weights_kernel(
                 tl.store(grs_base + q * hw + pix, ring_acc.to(grs_ptr.dtype.element_ty), mask=inside)
     elif NEED_NW:
         for j in range(K * K - 1):
-            jj = j + (j >= CENTRE)
-            yy = tl.minimum(tl.maximum(y + (jj // K - R), 0), H - 1)
-            xx = tl.minimum(tl.maximum(x + (jj % K - R), 0), W - 1)
+            dy, dx = _neighbour_offset(j, K)
+            yy = tl.minimum(tl.maximum(y + dy, 0), H - 1)
+            xx = tl.minimum(tl.maximum(x + dx, 0), W - 1)
             d = _dot_channels(g_base, h_base, pix, yy * W + xx, inside, C, hw, ACC, BLOCK_C, BLOCK)
             _store_or_add(gnw_base + j * hw + pix, d, inside, ACCUMULATE, ACC)
     if NEED_SELF or NEED_ANCHOR:
         acc_s = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         acc_a = tl.zeros([BLOCK_H * BLOCK_W], dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
-            chans = c0 + tl.arange(0, BLOCK_C)
-            chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
-            mask = (chans[:, None] < C) & inside[None, :]
+            chan_off, cmask = _channel_block(c0, C, hw, BLOCK_C)
+            mask = cmask & inside[None, :]
             g = tl.load(g_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
             if NEED_SELF:
                 hv = tl.load(h_base + chan_off + pix[None, :], mask=mask, other=0.0).to(ACC)
@@ -228,7 +237,6 @@ def _grad_h_kernel(
 ):  # fmt: skip
     # Tiles cover the padded domain [-R, H+R) x [-R, W+R); (y, x) are image coordinates.
     R: tl.constexpr = K // 2
-    CENTRE: tl.constexpr = (K * K) // 2
     pid_tile, c0 = _tile_and_channels(tl.program_id(0), cblocks, BLOCK_C)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
@@ -243,9 +251,7 @@ def _grad_h_kernel(
     nw_base = nw_ptr + b * (K * K - 1) * hw
     rs_base = rs_ptr + b * R * hw
     g_base = g_ptr + b * C * hw
-    chans = c0 + tl.arange(0, BLOCK_C)
-    chan_off = chans[:, None].to(tl.int64) * hw  # int64: C * H * W passes 2**31 at C = 150, 3800 x 3800
-    cmask = chans[:, None] < C
+    chan_off, cmask = _channel_block(c0, C, hw, BLOCK_C)
     own = cmask & inside[None, :]
     g_own = tl.load(g_base + chan_off + target[None, :], mask=own, other=0.0).to(ACC)
     if NEED_H0:
@@ -257,10 +263,10 @@ def _grad_h_kernel(
             s = tl.load(sw_ptr + map_base + target, mask=inside, other=0.0).to(ACC)
             acc += s[None, :] * g_own
         for j in range(K * K - 1):  # a loop, not static_range (register budget above)
-            jj = j + (j >= CENTRE)
             # the source pixel p whose neighbour j is this position: p = P - o_j
-            py = y - (jj // K - R)
-            px = x - (jj % K - R)
+            dy, dx = _neighbour_offset(j, K)
+            py = y - dy
+            px = x - dx
             src_ok = (py >= 0) & (py < H) & (px >= 0) & (px < W) & in_padded
             src = py * W + px
             wj = tl.load(nw_base + j * hw + src, mask=src_ok, other=0.0).to(ACC)
