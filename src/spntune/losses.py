@@ -2,6 +2,10 @@
 
 A loss spec is a name (``"ce"``) or a weighted sum written ``"ce+dice"`` or ``"ce+0.5*dice"``.
 Each loss takes logits ``[B, C, H, W]`` and targets ``[B, H, W]`` (int64, 255 = void).
+
+No loss reads a value back to the host: no ``.item()``, no boolean indexing, no ``if`` on a tensor. On a
+GPU each would wait until the device had run everything queued, once per batch; the training loop
+(``trainables._train_epoch``) then queues batch after batch without waiting.
 """
 
 from __future__ import annotations
@@ -25,16 +29,23 @@ def _valid_one_hot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
     b, c = logits.shape[:2]
     probs = logits.float().softmax(dim=1).view(b, c, -1)
     valid = (target != IGNORE_INDEX).view(b, 1, -1)
-    safe = target.masked_fill(target == IGNORE_INDEX, 0).view(b, -1)
-    one_hot = F.one_hot(safe, c).permute(0, 2, 1).float()
+    # == against the class ids, not F.one_hot: on the CPU that checks the ids' range with two reads back
+    one_hot = (target.view(b, 1, -1) == torch.arange(c, device=target.device).view(1, c, 1)).float()
     return probs * valid, one_hot * valid, valid
+
+
+def _present_mean(per_class: Tensor, present: Tensor, logits: Tensor) -> Tensor:
+    """Mean of ``per_class`` over the ``present`` classes, 0 (still a function of ``logits``) where none is,
+    without reading anything back to the host."""
+    count = present.sum()
+    mean = (per_class * present).sum() / count.clamp_min(1)
+    return torch.where(count > 0, mean, logits.sum() * 0.0)
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Pixel-mean cross-entropy over non-void pixels (0 if every pixel is void)."""
-    if (target != IGNORE_INDEX).any():
-        return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
-    return logits.sum() * 0.0
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def soft_dice(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
@@ -43,8 +54,7 @@ def soft_dice(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     inter = (probs * one_hot).sum(dim=(0, 2))
     total = probs.sum(dim=(0, 2)) + one_hot.sum(dim=(0, 2))
     dice = (2 * inter + smooth) / (total + smooth)
-    present = one_hot.sum(dim=(0, 2)) > 0
-    return 1 - dice[present].mean() if present.any() else logits.sum() * 0.0
+    return _present_mean(1 - dice, one_hot.sum(dim=(0, 2)) > 0, logits)
 
 
 def soft_jaccard(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
@@ -53,46 +63,40 @@ def soft_jaccard(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     inter = (probs * one_hot).sum(dim=(0, 2))
     union = probs.sum(dim=(0, 2)) + one_hot.sum(dim=(0, 2)) - inter
     iou = (inter + smooth) / (union + smooth)
-    present = one_hot.sum(dim=(0, 2)) > 0
-    return 1 - iou[present].mean() if present.any() else logits.sum() * 0.0
+    return _present_mean(1 - iou, one_hot.sum(dim=(0, 2)) > 0, logits)
 
 
 def focal(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
     """Focal loss (Lin et al. 2017): ``-(1 - p_t)^gamma log p_t``, mean over non-void pixels."""
     valid = target != IGNORE_INDEX
-    if not valid.any():
-        return logits.sum() * 0.0
     log_p = logits.float().log_softmax(dim=1)
-    safe = target.masked_fill(~valid, 0).unsqueeze(1)
-    log_pt = log_p.gather(1, safe).squeeze(1)[valid]
-    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
+    log_pt = log_p.gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+    terms = torch.where(valid, -((1 - log_pt.exp()) ** gamma) * log_pt, 0.0)
+    return terms.sum() / valid.sum().clamp_min(1)
 
 
 def _lovasz_grad(gt_sorted: Tensor) -> Tensor:
-    gts = gt_sorted.sum()
-    intersection = gts - gt_sorted.cumsum(0)
-    union = gts + (1 - gt_sorted).cumsum(0)
+    """The Lovász extension's gradient for each row of ``gt_sorted`` (0/1, sorted by descending error)."""
+    gts = gt_sorted.sum(dim=-1, keepdim=True)
+    intersection = gts - gt_sorted.cumsum(-1)
+    union = gts + (1 - gt_sorted).cumsum(-1)
     jaccard = 1.0 - intersection / union
-    jaccard[1:] = jaccard[1:] - jaccard[:-1]
-    return jaccard
+    return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], dim=-1)
 
 
 def lovasz_softmax(logits: Tensor, target: Tensor) -> Tensor:
-    """Lovász-softmax (Berman et al. 2018) over the batch, classes present in the target."""
+    """Lovász-softmax (Berman et al. 2018) over the batch, classes present in the target.
+
+    All classes in one sort of ``[C, N]`` errors. A void pixel has error 0 and is not foreground: it sorts
+    after every pixel of non-zero error, so it changes no term the loss sums (a term of error 0 adds 0)."""
     c = logits.shape[1]
-    probs = logits.float().softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, c)
-    labels = target.reshape(-1)
-    valid = labels != IGNORE_INDEX
-    probs, labels = probs[valid], labels[valid]
-    losses = []
-    for cls in range(c):
-        fg = (labels == cls).float()
-        if fg.sum() == 0:
-            continue
-        errors = (fg - probs[:, cls]).abs()
-        errors_sorted, perm = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[perm])))
-    return torch.stack(losses).mean() if losses else logits.sum() * 0.0
+    probs = logits.float().softmax(dim=1).transpose(0, 1).reshape(c, -1)
+    labels = target.reshape(1, -1)
+    fg = (labels == torch.arange(c, device=labels.device).view(c, 1)).float()  # void (255) is no class
+    errors = torch.where(labels != IGNORE_INDEX, (fg - probs).abs(), 0.0)
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
+    per_class = (errors_sorted * _lovasz_grad(fg.gather(1, perm))).sum(dim=1)
+    return _present_mean(per_class, fg.sum(dim=1) > 0, logits)
 
 
 #: Losses by the names used in configs and search spaces.
