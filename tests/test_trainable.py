@@ -137,6 +137,84 @@ def test_nan_loss_stops_with_a_clear_error(monkeypatch):
         train_segmentation({**TINY, "train.epochs": 1})
 
 
+def test_a_nan_loss_names_its_own_batch_though_read_one_batch_late(monkeypatch):
+    """The losses are read back a batch late (``_LateLosses``): a NaN in the middle batch and one in the
+    last (read after the loop) each name their own batch."""
+    ce = losses.LOSSES["ce"]
+    for bad in (2, 3):  # train_size 12, batch 4: 3 batches
+        calls = []
+
+        def nan_at(logits, target, bad=bad, calls=calls):
+            calls.append(1)
+            scale = float("nan") if (len(calls) + 1) // 2 == bad else 1.0  # two loss calls per batch (joint)
+            return ce(logits, target) * scale
+
+        monkeypatch.setitem(losses.LOSSES, "ce", nan_at)
+        with pytest.raises(NonFiniteLossError, match=rf"became nan at epoch 1, batch {bad} "):
+            train_segmentation({**TINY, "data.train_size": 12, "train.epochs": 1})
+
+
+def test_train_loss_is_the_image_weighted_mean_of_the_batch_losses(monkeypatch):
+    """``train_loss`` and its coarse / refined parts, from the late reads: the mean over images of each
+    batch's loss (the loader drops a short last batch: 3 batches of 4 of 14 images)."""
+    ce, seen = losses.LOSSES["ce"], []
+
+    def recording(logits, target):
+        loss = ce(logits, target)
+        seen.append((loss.item(), target.shape[0]))
+        return loss
+
+    monkeypatch.setitem(losses.LOSSES, "ce", recording)
+    out = train_segmentation({**TINY, "data.train_size": 14, "train.epochs": 1})
+    train = seen[: 2 * 3]  # 3 training batches, coarse then refined loss each; validation's follow
+    assert [n for _, n in train] == [4] * 6
+    coarse = sum(v * n for v, n in train[0::2]) / 12
+    refined = sum(v * n for v, n in train[1::2]) / 12
+    m = out["metrics"]
+    assert m["train_loss_coarse"] == pytest.approx(coarse, rel=1e-6)
+    assert m["train_loss_refined"] == pytest.approx(refined, rel=1e-6)
+    assert m["train_loss"] == pytest.approx(0.5 * coarse + refined, rel=1e-6)  # joint: train.coarse_loss_weight 0.5
+
+
+def test_late_losses_return_each_batch_once_in_order():
+    late = trainables._LateLosses(torch.device("cpu"))
+    assert late.push(0, 4, torch.tensor([1.0, 2.0, 3.0])) is None
+    assert late.push(1, 2, torch.tensor([4.0, 5.0, 6.0])) == (0, 4, [1.0, 2.0, 3.0])
+    assert late.flush() == (1, 2, [4.0, 5.0, 6.0])
+    assert late.flush() is None
+
+
+@pytest.mark.parametrize("loss", ["ce", "dice+0.5*lovasz", "focal+jaccard"])
+def test_a_training_epoch_reads_nothing_back_per_batch(monkeypatch, loss):
+    """Inside ``_train_epoch`` nothing of the training step is read back to the host batch by batch: no
+    ``.item()``, ``bool(tensor)`` or boolean indexing (``aten._local_scalar_dense`` / ``aten.nonzero``; on a
+    GPU each waits for the device). Reads from the data pipeline (the loader's seeds, the transforms' RNG,
+    CPU tensors in any case) are left out. SGD: Adam's step counters are CPU tensors read by ``.item()``."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                files = [f.filename for f in traceback.extract_stack()]
+                if not any("spntune/data/" in f or "torch/utils/data/" in f for f in files):
+                    reads.append(f"{files[-3]}: {func}")
+            return func(*args, **(kwargs or {}))
+
+    epoch = trainables._train_epoch
+
+    def counted(*args, **kwargs):
+        with Reads():
+            return epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainables, "_train_epoch", counted)
+    train_segmentation({**TINY, "train.loss": loss, "optim.name": "sgd", "train.epochs": 1})
+    assert reads == []
+
+
 @pytest.mark.parametrize("arch", ["deeplabv3plus", "fcn"])
 def test_other_architectures_train(arch):
     out = train_segmentation(

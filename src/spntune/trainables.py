@@ -181,12 +181,17 @@ def _optimiser(
     cfg: TrialConfig, params: list[nn.Parameter], epochs: int, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, Any]:
     o = cfg.optim
+    # On CUDA the fused kernels: one launch per step for all parameters, and under AMP GradScaler hands them
+    # its scale and inf flag instead of reading the flag back to the host (a wait for the GPU) every step.
+    fused = all(p.is_cuda for p in params) or None
     if o.name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
+        )
     elif o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     else:
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     if o.schedule == "cosine":
         sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     else:
@@ -698,6 +703,46 @@ class _Checkpointer:
         return path
 
 
+class _LateLosses:
+    """Each training batch's ``[loss, coarse, refined]``, read back to the host one batch late.
+
+    Reading a CUDA value (``.item()``, ``bool(tensor)``) waits until the GPU has run everything queued so
+    far: one read per batch leaves the GPU idle while the CPU queues the next batch's forward. Here a
+    batch's losses go to the host in one non-blocking copy (into pinned memory) marked by an event, and
+    the loop reads them once it has queued the next batch's step, waiting for that event only. A
+    non-finite loss is then reported after one more step, naming its own batch. On the CPU the values
+    are there when queued."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: tuple[int, int, Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, batch: int, size: int, losses: Tensor) -> tuple[int, int, list[float]] | None:
+        """Queue batch ``batch``'s ``losses`` (``size`` images); returns the batch before, read back
+        (``(batch, size, values)``), or None for the first."""
+        host = losses.detach().to("cpu", non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        previous, self.pending = self.pending, (batch, size, host, event)
+        return self._read(previous)
+
+    def flush(self) -> tuple[int, int, list[float]] | None:
+        """The last batch pushed, read back (None where none is pending)."""
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(entry: tuple[int, int, Tensor, torch.cuda.Event | None] | None) -> tuple[int, int, list[float]] | None:
+        if entry is None:
+            return None
+        batch, size, host, event = entry
+        if event is not None:
+            event.synchronize()
+        return batch, size, host.tolist()
+
+
 def _train_epoch(run: _Run, phase: _Phase, optimiser: torch.optim.Optimizer, scheduler: Any, epoch: int,
                  reporter: Reporter) -> dict[str, float]:  # fmt: skip
     """One epoch of training; returns mean losses, seconds and throughput."""
@@ -713,21 +758,32 @@ def _train_epoch(run: _Run, phase: _Phase, optimiser: torch.optim.Optimizer, sch
         # the coarse phase is the same whatever the refiner (what lets trials share it, coarse_cache.py).
         model.refiner.eval()
     t0 = time.perf_counter()
-    sums = {"loss": 0.0, "coarse": 0.0, "refined": 0.0}
+    sums = [0.0, 0.0, 0.0]  # loss, coarse, refined, each times the batch's images
     seen = 0
     zero = torch.zeros((), device=device)
+    late = _LateLosses(device)
+
+    def settle(batch: tuple[int, int, list[float]] | None) -> None:
+        """Check and add up a batch's losses, read back one batch late."""
+        if batch is None:
+            return
+        i, n, values = batch
+        if not math.isfinite(values[0]):
+            raise NonFiniteLossError(
+                f"training loss became {values[0]} at epoch {epoch + 1}, batch {i + 1} "
+                f"(phase {phase.name}, loss {cfg.train.loss!r}, optim.lr={cfg.optim.lr}); "
+                "try a lower optim.lr or set optim.grad_clip"
+            )
+        for k, v in enumerate(values):
+            sums[k] += v * n
+        reporter.progress(phase.name, epoch + 1, i + 1, len(run.train_loader), values[0])
+
     for i, (image, target) in enumerate(_batches(run.train_loader, device, run.memory_format)):
         with torch.autocast(device_type=device.type, enabled=run.amp):
             out = model(image)
         coarse_loss = run.loss_fn(out.coarse_logits.float(), target) if phase.coarse_weight else zero
         refined_loss = run.loss_fn(out.refined_logits.float(), target) if phase.refined_weight else zero
         loss = phase.coarse_weight * coarse_loss + phase.refined_weight * refined_loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1} "
-                f"(phase {phase.name}, loss {cfg.train.loss!r}, optim.lr={cfg.optim.lr}); "
-                "try a lower optim.lr or set optim.grad_clip"
-            )
         optimiser.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         if cfg.optim.grad_clip is not None:
@@ -736,18 +792,14 @@ def _train_epoch(run: _Run, phase: _Phase, optimiser: torch.optim.Optimizer, sch
         run.scaler.step(optimiser)
         run.scaler.update()
         scheduler.step()
-        n = image.shape[0]
-        seen += n
-        loss_value = loss.item()
-        sums["loss"] += loss_value * n
-        sums["coarse"] += coarse_loss.item() * n
-        sums["refined"] += refined_loss.item() * n
-        reporter.progress(phase.name, epoch + 1, i + 1, len(run.train_loader), loss_value)
+        seen += image.shape[0]
+        settle(late.push(i, image.shape[0], torch.stack([loss, coarse_loss, refined_loss])))
+    settle(late.flush())
     seconds = time.perf_counter() - t0
     return {
-        "train_loss": sums["loss"] / max(seen, 1),
-        "train_loss_coarse": sums["coarse"] / max(seen, 1),
-        "train_loss_refined": sums["refined"] / max(seen, 1),
+        "train_loss": sums[0] / max(seen, 1),
+        "train_loss_coarse": sums[1] / max(seen, 1),
+        "train_loss_refined": sums[2] / max(seen, 1),
         "train_seconds": seconds,
         "train_images_per_s": seen / max(seconds, 1e-9),
     }
