@@ -192,6 +192,21 @@ def step_multiply_adds(shape: tuple[int, int, int, int], k: int, self_weight: bo
     return fwd, bwd
 
 
+def step_bytes(shape: tuple[int, int, int, int], k: int, self_weight: bool, anchor_weight: bool, factored: bool,
+               element_size: int = 4) -> tuple[int, int]:  # fmt: skip
+    """Bytes one step's forward and its backward (every gradient) must move at least, each map read or
+    written once (no write-allocate counted). Forward: reads h, h0, the k*k-1 neighbour weights, the self
+    and anchor weights (and DySPN's ring scales), writes the output. Backward: reads g, h (the weight
+    gradients), h0 (the anchor's), every weight (the gather for ``grad_h``); writes ``grad_h``, ``grad_h0`` and
+    one gradient per weight map. With C channels and W weight maps: forward 3C + W maps, backward 5C + 2W,
+    so forward+backward / forward is below 3 (2.74 for CSPN 3x3 at C = 11): bytes alone do not forbid the
+    ``<= 3`` target, multiply-adds (``step_multiply_adds``) put it at 3.0."""
+    b, c, h, w = shape
+    maps = (k * k - 1) + int(self_weight) + int(anchor_weight) + (num_rings(k) if factored else 0)
+    plane = b * h * w * element_size
+    return (3 * c + maps) * plane, (5 * c + 2 * maps) * plane
+
+
 def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: int = 2,
                  iterations: int = 6) -> dict[str, dict[str, float]]:  # fmt: skip
     """T steps through ``propagate`` forward+backward on the CPU at a map of over 32 MB (the default:
@@ -262,8 +277,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
         weights = _weights(name, k, aff, att)
-        n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ ring scale) + self/anchor
-        min_bytes = (3 * x.numel() + n_maps * b * h * w) * 4  # read h, h0, weights; write out
+        min_bytes, bwd_bytes = step_bytes(shape, k, weights[1] is not None, weights[2] is not None, len(weights) > 3)
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
         fast_s, step_s, clone_s = _step_times(x, x0, weights, k, repeats * 3)
         clone_bw = _clone_bandwidth(x, clone_s)  # timed alongside the forward
@@ -312,6 +326,8 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "kernel_fwd_bwd_over_fwd": kernel_ratio,
             "forward_multiply_adds": fwd_fma, "backward_multiply_adds": bwd_fma,
             "fwd_bwd_over_fwd_in_multiply_adds": (fwd_fma + bwd_fma) / fwd_fma,
+            "forward_bytes": min_bytes, "backward_bytes": bwd_bytes,
+            "fwd_bwd_over_fwd_in_bytes": (min_bytes + bwd_bytes) / min_bytes,
             "compute_floor_ms": 1000 * compute_floor_s, "forward_of_compute_floor": compute_floor_s / fast_s,
             "target_ms": 1000 * target_s, "target_over_compute_floor": target_s / compute_floor_s,
             "memory_floor_ms": 1000 * memory_floor_s, "target_over_memory_floor": target_s / memory_floor_s,
@@ -363,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{m['target_ms']:.2f} ms is {m['target_over_compute_floor']:.2f}x the compute floor and "
             f"{m['target_over_memory_floor']:.2f}x the memory floor (its bytes at a 256 MiB copy's bandwidth, "
             f"{m['memory_floor_ms']:.2f} ms); forward+backward / "
-            f"forward counted in multiply-adds {m['fwd_bwd_over_fwd_in_multiply_adds']:.2f}"
+            f"forward counted in multiply-adds {m['fwd_bwd_over_fwd_in_multiply_adds']:.2f}, in bytes "
+            f"{m['fwd_bwd_over_fwd_in_bytes']:.2f}"
         )
         base = m["T_fwd_bwd_ms"]["picked"]
         print(f"{case} T={args.iterations} forward+backward: "

@@ -122,6 +122,12 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                 ),
                 (
                     name,
+                    f"{case} step forward+backward / forward in minimum bytes",
+                    m["fwd_bwd_over_fwd_in_bytes"],
+                    "",
+                ),
+                (
+                    name,
                     f"{case} forward, fraction of a 256 MiB copy's bandwidth (memory)",
                     m["forward_of_memory_copy_bandwidth"],
                     "",

@@ -48,3 +48,20 @@ def test_step_multiply_adds_match_a_hand_count(monkeypatch):
     pixels = 3 * 4
     assert step_multiply_adds((1, 2, 3, 4), 3, False, True, False) == (pixels * 2 * 9, pixels * 2 * 18)
     assert step_multiply_adds((1, 2, 3, 4), 3, True, True, True) == (pixels * (2 * 10 + 8), pixels * (2 * 20 + 24))
+
+
+def test_step_bytes_match_a_hand_count(monkeypatch):
+    """The bytes row counts each map once, by hand for a [1, 2, 3, 4] float32 map (a plane of 48 bytes),
+    3x3. CSPN (anchor weight): forward reads h, h0 (2 channels each), 8 neighbour weights and the anchor
+    weight and writes 2 output channels (15 planes); backward reads g, h, h0 and the 9 weight maps, writes
+    grad_h, grad_h0 and 9 weight gradients (28 planes). DySPN (self, anchor, 1 ring scale): 11 weight maps,
+    17 and 32 planes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "bench_propagation", raising=False)
+    monkeypatch.delitem(sys.modules, "timing", raising=False)
+    from bench_propagation import step_bytes
+
+    assert step_bytes((1, 2, 3, 4), 3, False, True, False) == (15 * 48, 28 * 48)
+    assert step_bytes((1, 2, 3, 4), 3, True, True, True) == (17 * 48, 32 * 48)
+    fwd, bwd = step_bytes((4, 11, 192, 256), 3, False, True, False)
+    assert round((fwd + bwd) / fwd, 2) == 2.74  # the README's CSPN 3x3 figure
