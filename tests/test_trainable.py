@@ -184,8 +184,7 @@ def test_late_losses_return_each_batch_once_in_order():
     assert late.flush() is None
 
 
-@pytest.mark.parametrize("loss", ["ce", "dice+0.5*lovasz", "focal+jaccard"])
-def test_a_training_epoch_reads_nothing_back_per_batch(monkeypatch, loss):
+def test_a_training_epoch_reads_nothing_back_per_batch(monkeypatch):
     """Inside ``_train_epoch`` nothing of the training step is read back to the host batch by batch: no
     ``.item()``, ``bool(tensor)`` or boolean indexing (``aten._local_scalar_dense`` / ``aten.nonzero``; on a
     GPU each waits for the device). Reads from the data pipeline (the loader's seeds, the transforms' RNG,
@@ -211,8 +210,24 @@ def test_a_training_epoch_reads_nothing_back_per_batch(monkeypatch, loss):
             return epoch(*args, **kwargs)
 
     monkeypatch.setattr(trainables, "_train_epoch", counted)
-    train_segmentation({**TINY, "train.loss": loss, "optim.name": "sgd", "train.epochs": 1})
+    train_segmentation({**TINY, "train.loss": "ce+dice+focal+jaccard+lovasz", "optim.name": "sgd", "train.epochs": 1})
     assert reads == []
+
+
+def test_a_resumed_optimiser_keeps_this_machines_fused_choice():
+    """A checkpoint's optimiser state carries the writer's ``fused`` flag (True from a CUDA trial, None from
+    the CPU or an older spntune); resuming keeps the flag the optimiser was built with here, and the state."""
+    params = [torch.nn.Parameter(torch.randn(3))]
+    written = torch.optim.Adam(params, lr=0.1)
+    params[0].grad = torch.ones(3)
+    written.step()
+    state = written.state_dict()
+    state["param_groups"][0]["fused"] = True
+    resumed = torch.optim.Adam(params, lr=0.5)
+    trainables.load_optimiser_state(resumed, state)
+    assert resumed.param_groups[0]["fused"] is None  # built unfused here (CPU parameters)
+    assert resumed.param_groups[0]["lr"] == 0.1  # the rest comes from the checkpoint
+    assert int(resumed.state_dict()["state"][0]["step"]) == 1
 
 
 @pytest.mark.parametrize("arch", ["deeplabv3plus", "fcn"])

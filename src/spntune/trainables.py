@@ -199,6 +199,18 @@ def _optimiser(
     return opt, sched
 
 
+def load_optimiser_state(optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """``optimiser.load_state_dict(state)``, keeping the ``fused`` choice ``_optimiser`` made here.
+
+    A state dict carries each group's ``fused`` flag, and loading it would take the flag of the machine that
+    wrote it: a checkpoint from the CPU (or from before the fused optimisers) resumed on CUDA would run the
+    unfused step, which refuses the scale and inf flag GradScaler hands an optimiser built fused."""
+    chosen = [group.get("fused") for group in optimiser.param_groups]
+    optimiser.load_state_dict(state)
+    for group, fused in zip(optimiser.param_groups, chosen, strict=True):
+        group["fused"] = fused
+
+
 def trial_cpus() -> int:
     """CPUs this trial may use: the process's CPU affinity, capped by torch's thread count (Ray sets
     ``OMP_NUM_THREADS`` to a trial's ``cpus_per_trial``)."""
@@ -530,7 +542,7 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
             p.requires_grad_(True)
         optimiser, scheduler = _optimiser(cfg, phase.params, phase.epochs, len(run.train_loader))
         if state is not None and state.get("phase") == phase.name and state.get("optimizer"):
-            optimiser.load_state_dict(state["optimizer"])
+            load_optimiser_state(optimiser, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         with _coarse_reuse(run, phase, start_epoch, resumed) as reuse:
             for epoch in range(max(start_epoch, phase.first_epoch), phase.first_epoch + phase.epochs):
