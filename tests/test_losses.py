@@ -143,3 +143,17 @@ def test_losses_read_nothing_back_to_the_host(name):
     with Reads():
         LOSSES[name](logits, target).backward()
     assert reads == []
+
+
+def test_focal_with_gamma_below_one_has_finite_gradients_at_saturated_void_pixels():
+    """Void pixels whose class-0 probability is 1: the power's derivative there is infinite for gamma < 1,
+    and must not reach the gradient through the mask (0 x inf = NaN)."""
+    from spntune.losses import focal
+
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[:, 0] = 200.0  # p(class 0) = 1 in float32
+    logits.requires_grad_()
+    target = torch.full((1, 4, 4), 1)
+    target[:, :2] = 255
+    focal(logits, target, gamma=0.5).backward()
+    assert torch.isfinite(logits.grad).all()

@@ -214,6 +214,58 @@ def test_a_training_epoch_reads_nothing_back_per_batch(monkeypatch):
     assert reads == []
 
 
+def _steps_under_a_scaler(optimiser, model, x, overflow_first=True):
+    """Four AMP-style steps (GradScaler on the CPU, grad clip as the loop does); the first overflows."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for i in range(4):
+        optimiser.zero_grad(set_to_none=True)
+        loss = model(x).pow(2).sum() * (1e35 if i == 0 and overflow_first else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimiser)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        scaler.step(optimiser)
+        scaler.update()
+    return model.weight.detach().clone()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimisers_skip_an_overflowing_first_step_as_the_unfused_ones_do(name):
+    """The fused kernels (what CUDA trials get), run on the CPU: a first step GradScaler skips for an inf
+    leaves them where the unfused optimiser is. Fused SGD once kept an uninitialised momentum buffer
+    from such a step (weights off by up to 1e24 after four steps)."""
+    cfg = TrialConfig.from_dict({"optim.name": name})
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(16, 16)
+        optimiser, _ = trainables._optimiser(cfg, list(model.parameters()), 1, 4, fused=fused)
+        assert bool(optimiser.param_groups[0]["fused"]) is fused
+        results.append(_steps_under_a_scaler(optimiser, model, torch.randn(8, 16)))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_checkpoint_resumes_into_a_fused_optimiser():
+    """A state written unfused (on the CPU, or by an older spntune) loaded into a fused optimiser: the flag
+    is this machine's before loading, so torch places ``step`` as the fused kernels want it (float32 on the
+    parameter's device; a float64 step shows the cast here), and the fused steps run on."""
+    cfg = TrialConfig.from_dict({"optim.name": "adamw"})
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    written, _ = trainables._optimiser(cfg, list(model.parameters()), 1, 4)
+    model(torch.randn(8, 16)).sum().backward()
+    written.step()
+    state = written.state_dict()
+    assert state["param_groups"][0]["fused"] is None
+    for entry in state["state"].values():
+        entry["step"] = entry["step"].double()
+    resumed, _ = trainables._optimiser(cfg, list(model.parameters()), 1, 4, fused=True)
+    trainables.load_optimiser_state(resumed, state)
+    assert resumed.param_groups[0]["fused"] is True
+    assert resumed.state[model.weight]["step"].dtype == torch.float32
+    _steps_under_a_scaler(resumed, model, torch.randn(8, 16), overflow_first=False)
+    assert int(resumed.state[model.weight]["step"]) == 5
+
+
 def test_a_resumed_optimiser_keeps_this_machines_fused_choice():
     """A checkpoint's optimiser state carries the writer's ``fused`` flag (True from a CUDA trial, None from
     the CPU or an older spntune); resuming keeps the flag the optimiser was built with here, and the state."""

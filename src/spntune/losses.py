@@ -71,6 +71,9 @@ def focal(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
     valid = target != IGNORE_INDEX
     log_p = logits.float().log_softmax(dim=1)
     log_pt = log_p.gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+    # void pixels get log p_t = -1 before the power: at p_t = 1 its derivative is infinite for gamma < 1,
+    # and torch.where's zero gradient times that would be NaN
+    log_pt = torch.where(valid, log_pt, -1.0)
     terms = torch.where(valid, -((1 - log_pt.exp()) ** gamma) * log_pt, 0.0)
     return terms.sum() / valid.sum().clamp_min(1)
 

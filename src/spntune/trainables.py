@@ -178,20 +178,25 @@ def _phases(cfg: TrialConfig, model: RefinedSegmenter) -> list[_Phase]:
 
 
 def _optimiser(
-    cfg: TrialConfig, params: list[nn.Parameter], epochs: int, steps_per_epoch: int
+    cfg: TrialConfig, params: list[nn.Parameter], epochs: int, steps_per_epoch: int, fused: bool | None = None
 ) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimiser and LR schedule of one phase. ``fused``: None picks the fused kernels where every
+    parameter is on CUDA (a few launches per step instead of one per tensor and operation; under AMP
+    GradScaler hands them its scale and inf flag instead of reading the flag back to the host, a wait for
+    the GPU, every step); True forces them (tests run them on the CPU)."""
     o = cfg.optim
-    # On CUDA the fused kernels: one launch per step for all parameters, and under AMP GradScaler hands them
-    # its scale and inf flag instead of reading the flag back to the host (a wait for the GPU) every step.
-    fused = all(p.is_cuda for p in params) or None
+    if fused is None:
+        fused = all(p.is_cuda for p in params)
+    choice = True if fused else None  # None: torch's default (foreach where it can)
     if o.name == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=choice
         )
     elif o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=choice)
     else:
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=choice)
+    _zero_momentum(opt)
     if o.schedule == "cosine":
         sched: Any = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     else:
@@ -199,16 +204,31 @@ def _optimiser(
     return opt, sched
 
 
+def _zero_momentum(optimiser: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers for fused SGD's parameters that have none yet.
+
+    Fused SGD creates a missing buffer with ``empty_like`` and lets its kernel fill it; where GradScaler
+    finds an inf that step, the kernel returns at once and the uninitialised buffer stays in the state, so
+    the next step adds ``0.9 * garbage``. A first step that overflows is common under AMP (the scale
+    starts at 2^16). With no dampening a zero buffer gives the unfused first step exactly (``buf = g``)."""
+    for group in optimiser.param_groups:
+        if isinstance(optimiser, torch.optim.SGD) and group.get("fused") and group.get("momentum", 0):
+            for p in group["params"]:
+                optimiser.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
 def load_optimiser_state(optimiser: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """``optimiser.load_state_dict(state)``, keeping the ``fused`` choice ``_optimiser`` made here.
 
     A state dict carries each group's ``fused`` flag, and loading it would take the flag of the machine that
     wrote it: a checkpoint from the CPU (or from before the fused optimisers) resumed on CUDA would run the
-    unfused step, which refuses the scale and inf flag GradScaler hands an optimiser built fused."""
+    unfused step, which refuses the scale and inf flag GradScaler hands an optimiser built fused. The flag
+    is set in the state before loading, since ``load_state_dict`` reads it to place Adam's ``step`` (on the
+    parameter's device for the fused kernels, where the CPU-written one would stay on the CPU)."""
     chosen = [group.get("fused") for group in optimiser.param_groups]
-    optimiser.load_state_dict(state)
-    for group, fused in zip(optimiser.param_groups, chosen, strict=True):
-        group["fused"] = fused
+    groups = [{**saved, "fused": fused} for saved, fused in zip(state["param_groups"], chosen, strict=True)]
+    optimiser.load_state_dict({**state, "param_groups": groups})
+    _zero_momentum(optimiser)  # parameters the checkpoint holds no buffer for
 
 
 def trial_cpus() -> int:
