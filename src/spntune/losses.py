@@ -91,7 +91,11 @@ def lovasz_softmax(logits: Tensor, target: Tensor) -> Tensor:
     """Lovász-softmax (Berman et al. 2018) over the batch, classes present in the target.
 
     All classes in one sort of ``[C, N]`` errors. A void pixel has error 0 and is not foreground: it sorts
-    after every pixel of non-zero error, so it changes no term the loss sums (a term of error 0 adds 0)."""
+    after every pixel of non-zero error, so it changes no term the loss sums (a term of error 0 adds 0).
+    The price of not reading back which classes are present: the backward keeps 20 bytes per class and
+    pixel for all C classes (sort indices, errors, the Lovász gradient), where sorting the present classes
+    one by one kept that for those only. Measured with saved-tensor hooks at [8, 21, 128, 128] with 5
+    classes present and scaled to 512x512: 0.88 GB per loss call against 0.33 GB."""
     c = logits.shape[1]
     probs = logits.float().softmax(dim=1).transpose(0, 1).reshape(c, -1)
     labels = target.reshape(1, -1)
