@@ -92,17 +92,23 @@ def lovasz_softmax(logits: Tensor, target: Tensor) -> Tensor:
 
     All classes in one sort of ``[C, N]`` errors. A void pixel has error 0 and is not foreground: it sorts
     after every pixel of non-zero error, so it changes no term the loss sums (a term of error 0 adds 0).
-    The price of not reading back which classes are present: the backward keeps 20 bytes per class and
-    pixel for all C classes (sort indices, errors, the Lovász gradient), where sorting the present classes
-    one by one kept that for those only. Measured with saved-tensor hooks at [8, 21, 128, 128] with 5
-    classes present and scaled to 512x512: 0.88 GB per loss call against 0.33 GB."""
+    The loss is ``sum_i errors_i * w_i`` with ``w`` the Lovász gradient of the sorted foreground, put back
+    in pixel order: ``w`` is piecewise constant in the errors, so it is computed without autograd and the
+    sort's indices are not kept for the backward.
+
+    The price of not reading back which classes are present: the backward keeps 12 bytes per class and
+    pixel for all C classes (the softmax output, the errors' input, ``w``), where sorting the present
+    classes one by one kept 7.6 per class and pixel at 5 of 21 classes present. Measured with saved-tensor
+    hooks at [8, 21, 128, 128] and scaled to 512x512: 0.53 GB per loss call against 0.33 GB."""
     c = logits.shape[1]
     probs = logits.float().softmax(dim=1).transpose(0, 1).reshape(c, -1)
     labels = target.reshape(1, -1)
     fg = (labels == torch.arange(c, device=labels.device).view(c, 1)).float()  # void (255) is no class
     errors = torch.where(labels != IGNORE_INDEX, (fg - probs).abs(), 0.0)
-    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
-    per_class = (errors_sorted * _lovasz_grad(fg.gather(1, perm))).sum(dim=1)
+    with torch.no_grad():
+        order = errors.argsort(dim=1, descending=True)
+        weights = torch.empty_like(errors).scatter_(1, order, _lovasz_grad(fg.gather(1, order)))
+    per_class = (errors * weights).sum(dim=1)
     return _present_mean(per_class, fg.sum(dim=1) > 0, logits)
 
 
