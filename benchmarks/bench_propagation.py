@@ -277,7 +277,8 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
         weights = _weights(name, k, aff, att)
-        min_bytes, bwd_bytes = step_bytes(shape, k, weights[1] is not None, weights[2] is not None, len(weights) > 3)
+        present = (weights[1] is not None, weights[2] is not None, len(weights) > 3)  # self, anchor, ring scale
+        min_bytes, bwd_bytes = step_bytes(shape, k, *present)
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
         fast_s, step_s, clone_s = _step_times(x, x0, weights, k, repeats * 3)
         clone_bw = _clone_bandwidth(x, clone_s)  # timed alongside the forward
@@ -303,8 +304,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
         # the roofline's compute side: the forward's multiply-adds at matmul's FMA rate, and the forward at one
         # batch item (1/B of the working set: inside a server CPU's L3 at the bench shape)
-        fwd_fma, bwd_fma = step_multiply_adds(shape, k, weights[1] is not None, weights[2] is not None,
-                                              len(weights) > 3)  # fmt: skip
+        fwd_fma, bwd_fma = step_multiply_adds(shape, k, *present)
         compute_floor_s = fwd_fma / fma_rate
         memory_floor_s = min_bytes / memory_bw  # the step's bytes at a 256 MiB copy's bandwidth
         target_s = min_bytes / (0.5 * clone_bw)

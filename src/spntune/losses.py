@@ -29,9 +29,14 @@ def _valid_one_hot(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
     b, c = logits.shape[:2]
     probs = logits.float().softmax(dim=1).view(b, c, -1)
     valid = (target != IGNORE_INDEX).view(b, 1, -1)
-    # == against the class ids, not F.one_hot: on the CPU that checks the ids' range with two reads back
-    one_hot = (target.view(b, 1, -1) == torch.arange(c, device=target.device).view(1, c, 1)).float()
-    return probs * valid, one_hot * valid, valid
+    return probs * valid, _one_hot(target.view(b, 1, -1), c) * valid, valid
+
+
+def _one_hot(labels: Tensor, c: int) -> Tensor:
+    """``labels`` (a size-1 axis second to last, ``[..., 1, N]``) as ``[..., C, N]`` float 0 / 1; void (255)
+    is no class. By ``==`` against the class ids, not ``F.one_hot``: on the CPU that checks the ids' range
+    with two reads back to the host."""
+    return (labels == torch.arange(c, device=labels.device).view(c, 1)).float()
 
 
 def _present_mean(per_class: Tensor, present: Tensor, logits: Tensor) -> Tensor:
@@ -103,7 +108,7 @@ def lovasz_softmax(logits: Tensor, target: Tensor) -> Tensor:
     c = logits.shape[1]
     probs = logits.float().softmax(dim=1).transpose(0, 1).reshape(c, -1)
     labels = target.reshape(1, -1)
-    fg = (labels == torch.arange(c, device=labels.device).view(c, 1)).float()  # void (255) is no class
+    fg = _one_hot(labels, c)
     errors = torch.where(labels != IGNORE_INDEX, (fg - probs).abs(), 0.0)
     with torch.no_grad():
         order = errors.argsort(dim=1, descending=True)

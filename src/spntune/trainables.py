@@ -211,8 +211,10 @@ def _zero_momentum(optimiser: torch.optim.Optimizer) -> None:
     finds an inf that step, the kernel returns at once and the uninitialised buffer stays in the state, so
     the next step adds ``0.9 * garbage``. A first step that overflows is common under AMP (the scale
     starts at 2^16). With no dampening a zero buffer gives the unfused first step exactly (``buf = g``)."""
+    if not isinstance(optimiser, torch.optim.SGD):
+        return
     for group in optimiser.param_groups:
-        if isinstance(optimiser, torch.optim.SGD) and group.get("fused") and group.get("momentum", 0):
+        if group.get("fused") and group.get("momentum", 0):
             for p in group["params"]:
                 optimiser.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
