@@ -51,12 +51,13 @@ __all__ = [
     "propagate_cpu",
     "propagate_step_cpu",
     "supports",
+    "vector_bytes",
 ]
 
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -91,18 +92,22 @@ def _cpu_signature() -> str:
     return platform.machine() + "\n".join(sorted(set(keep)))
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path(compiler: str, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature()]).encode()
+        "\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_signature()]).encode()
     ).hexdigest()[:20]
     return Path(f"spn_propagation-{key}.so")
 
 
-def build_library(cache_dir: Path | None = None) -> Path:
-    """Build (or find already built) the kernel library; returns its path. Raises KernelBuildError."""
+def build_library(cache_dir: Path | None = None, defines: tuple[str, ...] = ()) -> Path:
+    """Build (or find already built) the kernel library; returns its path. Raises KernelBuildError.
+
+    ``defines``: extra ``-D`` flags, e.g. ``("-DSPN_VBYTES=64",)`` for the vector width this CPU does not get
+    by default (tests build it to check both widths on one machine)."""
     compiler = _compiler()
-    name = _library_path(compiler)
+    flags = (*FLAGS, *defines)
+    name = _library_path(compiler, flags)
     folders = (
         [cache_dir]
         if cache_dir is not None
@@ -120,19 +125,19 @@ def build_library(cache_dir: Path | None = None) -> Path:
             with held(folder / f"{name.stem}.lock", log, f"CPU kernels: another process is building {name}"):
                 if target.exists():
                     return target
-                return _compile(compiler, folder, target)
+                return _compile(compiler, flags, folder, target)
         except OSError as exc:
             last_error = f"cannot write {folder}: {exc}"
     raise KernelBuildError(last_error)
 
 
-def _compile(compiler: str, folder: Path, target: Path) -> Path:
+def _compile(compiler: str, flags: tuple[str, ...], folder: Path, target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
         log.info("building the fused CPU propagation kernels into %s", target)
         proc = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+            [compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
         )
         if proc.returncode != 0:
             raise KernelBuildError(
@@ -181,6 +186,13 @@ def library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+
+
+def vector_bytes(lib: ctypes.CDLL | None = None) -> int | None:
+    """Bytes per vector the kernels were built with (``SPN_VBYTES`` in ``propagation_cpu.cpp``: 64 where the
+    CPU has AVX-512, else 32), of ``lib`` or this process's library; None where there is none."""
+    lib = lib if lib is not None else library()
+    return None if lib is None else int(lib.spn_vector_bytes())
 
 
 def supports(*tensors: Tensor | None) -> bool:

@@ -15,7 +15,7 @@
 // Layout of the work: each OpenMP thread takes a contiguous block of output rows (b, y). It keeps
 // padded copies of the 2r+1 source rows it needs in a small ring (one new row per output row), so
 // every neighbour read is a plain unaligned vector load, borders included. A row is computed in
-// chunks of one vector (64 bytes; the last chunk overlaps the one before instead of masking): a
+// chunks of one vector (SPN_VBYTES; the last chunk overlaps the one before instead of masking): a
 // block of up to 8 channels sweeps the row chunk by chunk, accumulating all k*k-1 neighbours in
 // registers, then the next block (window_row says why in this order). Each weight vector is loaded
 // once per channel block, each output vector is stored once. For k = 3, 5, 7 the chunks at multiples
@@ -49,8 +49,16 @@
 #include <immintrin.h>
 #endif
 
+// Bytes per vector: one register where the CPU has AVX-512's 32 registers of 64 bytes, else 32 bytes (one
+// AVX2 register). On the 2-core Zen 3 VM (AVX2, 16 registers of 32 bytes) 64-byte vectors, two registers
+// each, ran one step at [4, 11, 192, 256] 1.4-1.8x slower forward and 2-3x slower backward than 32-byte
+// ones (register spills); on the Zen 4 VM (AVX-512) 32 was the slower. Other CPUs are unmeasured.
 #ifndef SPN_VBYTES
-#define SPN_VBYTES 64  // bytes per vector
+#if defined(__AVX512F__)
+#define SPN_VBYTES 64
+#else
+#define SPN_VBYTES 32
+#endif
 #endif
 #ifndef SPN_CB
 #define SPN_CB 8  // at most this many channels per register block
@@ -58,7 +66,7 @@
 
 namespace {
 
-// One vector of 64 bytes (GCC/Clang vector extensions: AVX-512, 2x AVX2, 4x NEON...), or one scalar
+// One vector of SPN_VBYTES (GCC/Clang vector extensions: one AVX-512 or AVX2 register, 2x NEON...), or one scalar
 // for rows narrower than a vector.
 template <typename T>
 struct Wide {
@@ -253,7 +261,7 @@ inline bool spreads(long bytes, long cache_bytes) { return bytes > cache_bytes /
 template <typename T>
 class RowRing {
    public:
-    // Every padded row starts on a 64-byte boundary and has a vector of spare room past its end (zeros),
+    // Every padded row starts on a vector boundary and has a vector of spare room past its end (zeros),
     // so aligned vector pairs can be read over the whole padded row (stencil_block).
     RowRing(const T* data, long C, long H, long W, int r, long pad, bool replicate)
         : data_(data), C_(C), H_(H), W_(W), n_(2 * r + 1), pad_(pad), len_(padded_length(W + 2 * pad)),
@@ -289,7 +297,7 @@ class RowRing {
         tag_v_[s] = v;
     }
 
-    static constexpr long kAlign = SPN_VBYTES / sizeof(T);  // elements per 64 bytes
+    static constexpr long kAlign = SPN_VBYTES / sizeof(T);  // elements per vector
     static long padded_length(long n) { return (n + 2 * kAlign - 1) / kAlign * kAlign; }  // + spare vector
     static T* aligned(T* p) {
         const auto a = reinterpret_cast<std::uintptr_t>(p), m = std::uintptr_t(SPN_VBYTES);
@@ -402,7 +410,7 @@ inline void shifted_fmas(V& acc, const V* w, V a, V b, std::integer_sequence<int
 // window position (dy, s) adds w[dy*D + s][x] * rows[dy][c * cs + x + s] to output x of channel c (the
 // forward: rows[dy] is ring row y + dy - R with image column x at [R + x], so s = dx + R). The 2R+1
 // shifts of one row come from two aligned loads and lane shifts instead of 2R+1 unaligned loads, all but
-// one of which cross a cache line (rows must start 64-byte aligned: RowRing's do). Positions without a
+// one of which cross a cache line (rows must start vector-aligned: RowRing's do). Positions without a
 // neighbour (the centre) point at a row of zeros: 1 / (2R+1)^2 of the FMAs are spent on them.
 // [4, 11, 192, 256] 7x7 forward on a 2-core Xeon VM: 2.7-2.8 ms through window_row, 2.2-2.3 ms here.
 template <class P, int CB, int R, bool SCALED, typename T, class Init, class Store>
@@ -1140,7 +1148,9 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
 // cache_bytes: the last-level cache's size, for the choice of RowPrefetch (results do not depend on it).
 extern "C" {
 
-int spn_abi_version() { return 6; }
+int spn_abi_version() { return 7; }
+
+int spn_vector_bytes() { return SPN_VBYTES; }
 
 void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* rs, const float* sw,
                      const float* aw, float* out, long B, long C, long H, long W, int k, int threads,
