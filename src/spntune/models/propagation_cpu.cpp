@@ -29,7 +29,8 @@
 //
 // Each output row asks for the rows the next one reads first from memory (RowPrefetch): in a burst where
 // the step fits in the last-level cache, spread over the row's chunks where it does not; such a step also
-// writes its outputs with non-temporal stores (spreads says why).
+// writes its outputs with non-temporal stores (spreads says why; with 32-byte vectors only where a row is
+// written vector after vector, put says why).
 //
 // Built on first use by cpu_propagation.py (g++ -O3 -march=native -fopenmp) and called through
 // ctypes, which releases the GIL. float and double entry points (double for gradcheck).
@@ -137,9 +138,21 @@ inline void fence_streams() {
 // propagation that reads them next.
 inline bool streams(long bytes) { return bytes >= (32L << 20); }
 
+// st_stream where stream is set and one vector fills a 64-byte line, else st. Its callers (the forward's
+// output, the CSPN weight gradients' dot_stencil) interleave rows store by store: a block's channels, a
+// window's weight maps. A 32-byte non-temporal store leaves its line half written in a write-combining
+// buffer until the other half comes, and with more rows in flight than the core has such buffers the lines
+// go out in partial writes. Every non-temporal -> only whole lines, [4, 11, 192, 256], 32-byte vectors,
+// one step on preallocated buffers, the two builds alternating in one process, 2-core Zen 3 VM, two runs:
+// forward CSPN 3x3 / 7x7, DySPN 7x7 4.13 / 9.37 / 9.20 -> 1.64 / 6.29 / 7.54 ms and 3.44 / 7.88 / 8.47 ->
+// 1.70 / 6.48 / 7.40 ms; backward 4.63 / 17.13 / 11.61 -> 3.32 / 10.56 / 11.59 ms and 4.76 / 17.25 / 11.91
+// -> 3.28 / 11.11 / 12.17 ms; at [8, 21, 256, 256] forward 17.9 / 48.3 / 61.1 -> 10.4 / 45.8 / 58.4 ms,
+// backward 21.6 / 76.0 / 56.1 -> 18.3 / 65.0 / 56.4 ms. The loops that write one row vector after vector
+// (grad_h, grad_h0, DySPN's weight gradient) fill each line with two stores in a row and keep st_stream:
+// plain stores there made the backward 5-16 % slower (3.29 / 10.82 / 11.79 -> 3.92 / 11.35 / 13.24 ms).
 template <class V, class T>
 inline void put(T* p, V v, bool stream) {
-    if (stream)
+    if (stream && sizeof(V) >= 64)
         st_stream(p, v);
     else
         st(p, v);
@@ -245,7 +258,8 @@ inline long step_bytes(long B, long C, long HW, int K, long R, bool rs, bool sw,
 // cache of cache_bytes, what one item-major group of fused_propagation may take; a smaller one in bursts.
 //
 // Such a step also writes its outputs with non-temporal stores (st_stream; the forward's
-// output, the backward's grad_h, grad_h0 and weight gradients where they overwrite): their lines would leave
+// output, the backward's grad_h, grad_h0 and weight gradients where they overwrite; with vectors of less
+// than a line the forward's output and CSPN's weight gradients are not, put says why): their lines would leave
 // the cache before a reader came, and a plain store first reads each line it writes. Plain -> non-temporal,
 // [4, 11, 192, 256] (every step spreads), one step on preallocated buffers, the two builds alternating in
 // one process, 2-core EPYC VM, two runs: forward CSPN 3x3 / 7x7, DySPN 7x7 0.930 / 3.373 / 3.503 -> 0.827 /
@@ -711,8 +725,9 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
             if (swr) v += ld<V>(swr + t) * ld<V>(hb + c * HW + t);
             return v;
         };
-        // A step too large for the cache (spread) writes its output with non-temporal stores: no read for
-        // ownership of lines that would be evicted before their reader comes (spreads says more).
+        // A step too large for the cache (spread) writes its output with non-temporal stores where a vector
+        // fills a line: no read for ownership of lines that would be evicted before their reader comes
+        // (spreads and put say more).
         auto store = [&](long c, long t, V v) { put(ob + c * HW + t, v, spread); };
         const long cs = ring.channel_stride();
         if (stencil) {
