@@ -1,13 +1,17 @@
-"""Tiny datasets in the original layouts, written to a tmp dir."""
+"""Tiny datasets in the original layouts, written to a tmp dir; helpers shared by test files."""
 
 import os
 import signal
 import socket
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from spntune.data.voc import voc_palette
 
@@ -105,3 +109,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class HostReads(TorchDispatchMode):
+    """Records, as ``"<file>:<line>: <op>"`` (the innermost caller outside torch) in ``reads``, each read back to the host made inside it: ``.item()`` and
+    ``bool(tensor)`` (``aten._local_scalar_dense``) and boolean indexing (``aten.nonzero``); on a GPU each
+    waits for the device. ``ignore``: given the call's stack as file names, True for reads not to record."""
+
+    OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self, ignore: Callable[[list[str]], bool] | None = None) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.ignore = ignore
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            stack = traceback.extract_stack()
+            files = [f.filename for f in stack]
+            if self.ignore is None or not self.ignore(files):
+                caller = next((f for f in reversed(stack) if f.filename != __file__ and "/torch/" not in f.filename),
+                              stack[-1])  # fmt: skip
+                self.reads.append(f"{caller.filename}:{caller.lineno}: {func}")
+        return func(*args, **(kwargs or {}))

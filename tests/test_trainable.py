@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import HostReads
 
 import spntune.trainables as trainables
 from spntune import losses
@@ -189,29 +190,16 @@ def test_a_training_epoch_reads_nothing_back_per_batch(monkeypatch):
     ``.item()``, ``bool(tensor)`` or boolean indexing (``aten._local_scalar_dense`` / ``aten.nonzero``; on a
     GPU each waits for the device). Reads from the data pipeline (the loader's seeds, the transforms' RNG,
     CPU tensors in any case) are left out. SGD: Adam's step counters are CPU tensors read by ``.item()``."""
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    reads = []
-
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-                files = [f.filename for f in traceback.extract_stack()]
-                if not any("spntune/data/" in f or "torch/utils/data/" in f for f in files):
-                    reads.append(f"{files[-3]}: {func}")
-            return func(*args, **(kwargs or {}))
-
+    mode = HostReads(ignore=lambda files: any("spntune/data/" in f or "torch/utils/data/" in f for f in files))
     epoch = trainables._train_epoch
 
     def counted(*args, **kwargs):
-        with Reads():
+        with mode:
             return epoch(*args, **kwargs)
 
     monkeypatch.setattr(trainables, "_train_epoch", counted)
     train_segmentation({**TINY, "train.loss": "ce+dice+focal+jaccard+lovasz", "optim.name": "sgd", "train.epochs": 1})
-    assert reads == []
+    assert mode.reads == []
 
 
 def _steps_under_a_scaler(optimiser, model, x, overflow_first=True):
