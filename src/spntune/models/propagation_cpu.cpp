@@ -51,9 +51,13 @@
 #endif
 
 // Bytes per vector: one register where the CPU has AVX-512's 32 registers of 64 bytes, else 32 bytes (one
-// AVX2 register). On the 2-core Zen 3 VM (AVX2, 16 registers of 32 bytes) 64-byte vectors, two registers
-// each, ran one step at [4, 11, 192, 256] 1.4-1.8x slower forward and 2-3x slower backward than 32-byte
-// ones (register spills); on the Zen 4 VM (AVX-512) 32 was the slower. Other CPUs are unmeasured.
+// AVX2 register). On the 2-core Zen 3 VM (AVX2, 16 registers of 32 bytes) 64-byte vectors take two
+// registers each, so the 16 hold 8 (a block's 8 accumulators alone); one step at [4, 11, 192, 256], two
+// runs, 64 -> 32 bytes: forward CSPN 7x7 12.7 -> 8.5 and 12.4 -> 7.9 ms, DySPN 7x7 16.4 -> 10.2 and
+// 15.8 -> 8.5 ms, CSPN 3x3 about the same (it waited on its stores, see put); backward CSPN 3x3 8.2 -> 4.6
+// and 8.8 -> 4.2 ms, CSPN 7x7 34.8 -> 17.8 and 34.5 -> 17.1 ms, DySPN 7x7 39.4 -> 13.7 and 39.2 -> 11.3 ms;
+// the library built in 25 instead of 68 s. On the Zen 4 VM (AVX-512) 32 was the slower (README). Other
+// CPUs are unmeasured.
 #ifndef SPN_VBYTES
 #if defined(__AVX512F__)
 #define SPN_VBYTES 64
