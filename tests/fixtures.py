@@ -112,9 +112,10 @@ def free_port() -> int:
 
 
 class HostReads(TorchDispatchMode):
-    """Records, as ``"<file>:<line>: <op>"`` (the innermost caller outside torch) in ``reads``, each read back to the host made inside it: ``.item()`` and
-    ``bool(tensor)`` (``aten._local_scalar_dense``) and boolean indexing (``aten.nonzero``); on a GPU each
-    waits for the device. ``ignore``: given the call's stack as file names, True for reads not to record."""
+    """Records in ``reads`` each read back to the host made inside it, as ``"<file>:<line>: <op>"`` of the
+    innermost caller outside torch: ``.item()`` and ``bool(tensor)`` (``aten._local_scalar_dense``) and
+    boolean indexing (``aten.nonzero``); on a GPU each waits for the device. ``ignore``: given the call's
+    stack as file names, True for reads not to record."""
 
     OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
 

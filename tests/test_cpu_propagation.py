@@ -116,28 +116,22 @@ def test_the_library_reports_its_vector_width():
 @pytest.mark.slow
 def test_the_other_vector_width_matches_the_reference(tmp_path, monkeypatch):
     """The default suite checks the vector width this CPU builds with; this builds the other one (a minute's
-    compile at 64 bytes on an AVX2 CPU) and checks its kernels the same way: every edge shape, k = 3..9 in
-    float64 (the stencil path where its lanes allow the radius, the window path elsewhere), float32 at
-    aligned, overlapping and narrow rows, T steps as one node, the normalisation and ring-sum kernels."""
+    compile at 64 bytes on an AVX2 CPU) and runs the default suite's kernel checks on it: every edge shape,
+    k = 3..9 in float64 (the stencil path where its lanes allow the radius, the window path elsewhere),
+    float32 at aligned, overlapping and narrow rows, T steps as one node, the normalisation and ring-sum
+    kernels."""
     other = 32 if cpu_propagation.vector_bytes() == 64 else 64
     lib = cpu_propagation._load(cpu_propagation.build_library(tmp_path, (f"-DSPN_VBYTES={other}",)))
     assert cpu_propagation.vector_bytes(lib) == other
     monkeypatch.setattr(cpu_propagation, "library", lambda: lib)
     for k in (3, 5, 7, 9):
         for shape in SHAPES:
-            for variant in VARIANTS:
-                errors = _errors(propagate_step, k, variant, shape, torch.float64)
-                assert max(errors.values()) <= 1e-12, (other, k, shape, variant, errors)
-    for k in (3, 7):
-        for shape in ((2, 11, 24, 70), (1, 6, 10, 32), (1, 3, 5, 7)):
-            for variant in ("cspn-h0", "dyspn-factored"):
-                errors = _errors(propagate_step, k, variant, shape, torch.float32)
-                assert max(errors.values()) <= 2e-5, (other, k, shape, variant, errors)
-        h0, aff, att = _leaves(k, (2, 5, 9, 37), torch.float64)[1:]
-        for variant in VARIANTS:
-            weights = _step_weights(variant, k, aff, att)
-            got, (want,) = propagate(h0, weights, k)[0], [_step_by_step(h0, weights, k)[-1]]
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            test_matches_reference_in_float64(k, shape)
+    for k in (3, 5, 7):
+        test_matches_reference_in_float32(k)
+    for variant in VARIANTS:
+        for k, shape in ((3, (2, 3, 9, 21)), (7, (1, 11, 12, 40))):
+            test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, shape)
     # the normalisation and ring-sum kernels against torch's ops (those tests end on the torch backend)
     for shape, dtype, tol in (((3, 24, 19, 37), torch.float64, 1e-12), ((2, 48, 13, 40), torch.float32, 1e-5)):
         set_propagation_backend("cpp")
