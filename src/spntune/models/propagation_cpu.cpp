@@ -21,6 +21,8 @@
 // once per channel block, each output vector is stored once. For k = 3, 5, 7 the chunks at multiples
 // of the vector go through stencil_block, which forms a row's 2r+1 column shifts from two aligned loads
 // by lane shuffles; the last chunk of a row, other k and rows narrower than a vector take window_block.
+// For k = 5, 7 the forward first copies the row's weights chunk-major into a small buffer (packed_row: the
+// weight rows lie a multiple of 4 KB apart and would evict each other from L1), times DySPN's ring scale.
 //
 // The backward is a gather by output row too: grad_h of row y collects nw * g from the rows whose
 // neighbours land on y (the replicate padding folded back onto the border), from zero-padded
@@ -432,8 +434,8 @@ inline void shifted_fmas(V& acc, const V* w, V a, V b, std::integer_sequence<int
 // neighbour (the centre) point at a row of zeros: 1 / (2R+1)^2 of the FMAs are spent on them.
 // [4, 11, 192, 256] 7x7 forward on a 2-core Xeon VM: 2.7-2.8 ms through window_row, 2.2-2.3 ms here.
 template <class P, int CB, int R, bool SCALED, typename T, class Init, class Store>
-inline void stencil_block(long t, int c0, long cs, const T* const* w, const T* const* sc, const T* const* rows,
-                          Init& init, Store& store) {
+inline void stencil_block(long t, long wt, int c0, long cs, const T* const* w, const T* const* sc,
+                          const T* const* rows, Init& init, Store& store) {
     using V = typename P::V;
     constexpr int D = 2 * R + 1;
     static_assert(2 * R < P::lanes, "a shift must stay inside the pair of vectors");
@@ -445,8 +447,8 @@ inline void stencil_block(long t, int c0, long cs, const T* const* w, const T* c
         V wv[D];
 #pragma GCC unroll 8
         for (int s = 0; s < D; ++s) {
-            wv[s] = ld<V>(w[dy * D + s] + t);
-            if constexpr (SCALED) wv[s] *= ld<V>(sc[dy * D + s] + t);
+            wv[s] = ld<V>(w[dy * D + s] + wt);
+            if constexpr (SCALED) wv[s] *= ld<V>(sc[dy * D + s] + wt);
         }
         const T* row = rows[dy] + c0 * cs + t;
 #pragma GCC unroll 8
@@ -459,11 +461,11 @@ inline void stencil_block(long t, int c0, long cs, const T* const* w, const T* c
 }
 
 template <class P, int CB, int R, bool SCALED, typename T, class Init, class Store>
-inline void stencil_sized(int size, long t, int c0, long cs, const T* const* w, const T* const* sc,
+inline void stencil_sized(int size, long t, long wt, int c0, long cs, const T* const* w, const T* const* sc,
                           const T* const* rows, Init& init, Store& store) {
     if constexpr (CB > 0) {
-        if (size == CB) return stencil_block<P, CB, R, SCALED>(t, c0, cs, w, sc, rows, init, store);
-        stencil_sized<P, CB - 1, R, SCALED>(size, t, c0, cs, w, sc, rows, init, store);
+        if (size == CB) return stencil_block<P, CB, R, SCALED>(t, wt, c0, cs, w, sc, rows, init, store);
+        stencil_sized<P, CB - 1, R, SCALED>(size, t, wt, c0, cs, w, sc, rows, init, store);
     }
 }
 
@@ -479,7 +481,7 @@ inline void stencil_row(long L, long C, int K, long cs, const T* const* w, const
         for_chunks<P::lanes>(L, [&](long t) {
             if (i == 0) pf.chunk<T>(t, P::lanes, L);
             if (t % P::lanes == 0)
-                stencil_sized<P, SPN_CB, R, SCALED>(size, t, c0, cs, ws, scs, rows, init, store);
+                stencil_sized<P, SPN_CB, R, SCALED>(size, t, t, c0, cs, ws, scs, rows, init, store);
             else
                 window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
         });
@@ -509,6 +511,112 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
         if (radius == 3) return stencil_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, ws, scs, rows, init, store, pf);
     }
     window_row<P, SCALED>(L, C, K, cs, w, sc, src, init, store, pf);
+}
+
+// The forward packs its weights (packed_row) from this radius on, SPN_SEG chunks at a time. One step's forward
+// on preallocated buffers, unpacked -> packed, the two builds alternating in one process, 2-core Zen 3 VM:
+// - [4, 11, 192, 256]: CSPN 3x3 / 7x7, DySPN 7x7 1.78 / 7.10 / 7.67 -> 1.61 / 5.74 / 6.20 ms; CSPN / DySPN
+//   5x5 3.02 / 3.54 -> 2.88 / 3.44 ms;
+// - [8, 21, 256, 256]: 9.17 / 39.99 / 49.16 -> 8.77 / 27.66 / 32.61 ms;
+// - [1, 11, 192, 256] (in the L3): 1.20 / 1.40 -> 1.02 / 1.14 ms at 7x7, 0.65 / 0.75 -> 0.54 / 0.64 ms at
+//   5x5, but CSPN 3x3 slower, 0.29-0.30 -> 0.35-0.45 ms in four runs: its 8 weight lines fit an L1 set's 8
+//   ways, so the copy buys nothing there.
+// Two chunks at a time instead of the whole row: the same at [4, 11, 192, 256], 7x7 at [8, 21, 256, 256]
+// 26.0 / 35.3 -> 40.0 / 44.1 ms (the rows read a line at a time each instead of start to end).
+#ifndef SPN_PACK_RADIUS
+#define SPN_PACK_RADIUS 2
+#endif
+#ifndef SPN_SEG
+#define SPN_SEG 128  // chunks: 1024 columns of float32 with 32-byte vectors, 200 KB of packed 7x7 weights
+#endif
+
+// A zeroed buffer of n elements that starts on a vector boundary.
+template <typename T>
+class AlignedBuffer {
+   public:
+    explicit AlignedBuffer(long n) : store_(n + SPN_VBYTES / sizeof(T), T(0)) {
+        const auto a = reinterpret_cast<std::uintptr_t>(store_.data()), m = std::uintptr_t(SPN_VBYTES);
+        data_ = reinterpret_cast<T*>((a + m - 1) / m * m);
+    }
+    T* data() { return data_; }
+
+   private:
+    std::vector<T> store_;
+    T* data_;
+};
+
+// The neighbour weights of chunks [m0, m1) of a row (chunk m: columns [m * lanes, (m + 1) * lanes)),
+// chunk-major: window position p of chunk m at pack[((m - m0) * DD + p) * lanes], times the ring scale where
+// SCALED. Positions without a neighbour (the centre) are left as they are (zeros).
+template <class P, bool SCALED, typename T>
+inline void pack_weights(long m0, long m1, int K, int DD, const int* window, const T* const* w, const T* const* sc,
+                         T* pack) {
+    using V = typename P::V;
+    constexpr long lanes = P::lanes;
+    for (int j = 0; j < K; ++j) {
+        T* __restrict__ dst = pack + window[j] * lanes - m0 * DD * lanes;
+        for (long m = m0; m < m1; ++m) {
+            V v = ld<V>(w[j] + m * lanes);
+            if constexpr (SCALED) v *= ld<V>(sc[j] + m * lanes);
+            st(dst + m * DD * lanes, v);
+        }
+    }
+}
+
+// stencil_row for the forward, its weights packed (pack_weights) SPN_SEG chunks at a time into pack (the
+// chunks' weights for every window position, ws[p] = pack + p * lanes), each segment's chunks then swept
+// by every channel block. The weights of one window position lie one [H, W] map from the next, a multiple of
+// 4 KB apart at most sizes, so a chunk's k*k-1 weight vectors fall in one L1 set; read in place, each line
+// was evicted before the chunk after it read its second half.
+template <class P, int R, bool SCALED, typename T, class Init, class Store>
+inline void packed_row(long L, long C, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
+                       const int* window, T* pack, const T* const* ws, const T* const* rows, Init init, Store store,
+                       const RowPrefetch& pf) {
+    constexpr long lanes = P::lanes;
+    constexpr int DD = (2 * R + 1) * (2 * R + 1);
+    const long full = L / lanes;
+    const int blocks = int((C + SPN_CB - 1) / SPN_CB);
+    for (long m0 = 0; m0 < full; m0 += SPN_SEG) {
+        const long m1 = std::min(full, m0 + long(SPN_SEG));
+        pack_weights<P, SCALED>(m0, m1, K, DD, window, w, sc, pack);
+        for (int i = 0, c0 = 0; i < blocks; ++i) {
+            const int size = int((C - c0) / (blocks - i));
+            for (long m = m0; m < m1; ++m) {
+                if (i == 0) pf.chunk<T>(m * lanes, lanes, L);
+                stencil_sized<P, SPN_CB, R, false>(size, m * lanes, (m - m0) * DD * lanes, c0, cs, ws, ws, rows,
+                                                   init, store);
+            }
+            c0 += size;
+        }
+    }
+    if (L % lanes != 0) {  // the last chunk, overlapping the one before
+        const long t = L - lanes;
+        pf.chunk<T>(t, lanes, L);
+        for (int i = 0, c0 = 0; i < blocks; ++i) {
+            const int size = int((C - c0) / (blocks - i));
+            window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
+            c0 += size;
+        }
+    }
+}
+
+// packed_row for radius SPN_PACK_RADIUS to 3 where stencil_fits (the caller checked).
+template <class P, bool SCALED, typename T, class Init, class Store>
+inline void packed_forward_row(int radius, long L, long C, int K, long cs, const T* const* w, const T* const* sc,
+                               const T* const* src, const int* window, T* pack, const T* const* ws,
+                               const T* const* rows, Init init, Store store, const RowPrefetch& pf) {
+    if constexpr (stencil_fits<P>(1) && SPN_PACK_RADIUS <= 1) {
+        if (radius == 1)
+            return packed_row<P, 1, SCALED>(L, C, K, cs, w, sc, src, window, pack, ws, rows, init, store, pf);
+    }
+    if constexpr (stencil_fits<P>(2)) {
+        if (radius == 2)
+            return packed_row<P, 2, SCALED>(L, C, K, cs, w, sc, src, window, pack, ws, rows, init, store, pf);
+    }
+    if constexpr (stencil_fits<P>(3)) {
+        if (radius == 3)
+            return packed_row<P, 3, SCALED>(L, C, K, cs, w, sc, src, window, pack, ws, rows, init, store, pf);
+    }
 }
 
 // The self and anchor weights' gradients of a backward row, gsw = sum_c g[c] * h[c] (the window's centre)
@@ -696,6 +804,11 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
     std::vector<const T*> ws(D * D, zeros.data()), scs(D * D, zeros.data()), rows(D);
     std::vector<int> window(K);
     for (int j = 0; j < K; ++j) window[j] = (off.dy[j] + r) * D + off.dx[j] + r;
+    // The stencil's weights, packed (packed_row); the centre's stay zero.
+    const bool packed = stencil && r >= SPN_PACK_RADIUS;
+    AlignedBuffer<T> pack(packed ? long(SPN_SEG) * D * D * P::lanes : 0);
+    std::vector<const T*> wpack(D * D);
+    for (int q = 0; packed && q < D * D; ++q) wpack[q] = pack.data() + q * P::lanes;
     RowPrefetch pf(spread);
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
@@ -742,7 +855,13 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
             }
         }
         const int radius = stencil ? r : 0;
-        if (rs)
+        if (packed && rs)
+            packed_forward_row<P, true>(r, W, C, K, cs, w.data(), sc.data(), src.data(), window.data(), pack.data(),
+                                        wpack.data(), rows.data(), init, store, pf);
+        else if (packed)
+            packed_forward_row<P, false>(r, W, C, K, cs, w.data(), sc.data(), src.data(), window.data(), pack.data(),
+                                         wpack.data(), rows.data(), init, store, pf);
+        else if (rs)
             forward_row<P, true>(radius, W, C, K, cs, w.data(), sc.data(), src.data(), ws.data(), scs.data(),
                                  rows.data(), init, store, pf);
         else
