@@ -145,10 +145,10 @@ inline void fence_streams() {
 inline bool streams(long bytes) { return bytes >= (32L << 20); }
 
 // st_stream where stream is set and one vector fills a 64-byte line, else st. Its callers (the forward's
-// output, the CSPN weight gradients' dot_stencil) interleave rows store by store: a block's channels, a
-// window's weight maps. A 32-byte non-temporal store leaves its line half written in a write-combining
-// buffer until the other half comes, and with more rows in flight than the core has such buffers the lines
-// go out in partial writes. Every non-temporal -> only whole lines, [4, 11, 192, 256], 32-byte vectors,
+// output; the CSPN weight gradients' dot_stencil, which now writes to a scratch block) interleave rows store
+// by store: a block's channels, a window's weight maps. A 32-byte non-temporal store leaves its line half
+// written in a write-combining buffer until the other half comes, and with more rows in flight than the core
+// has such buffers the lines go out in partial writes. Every non-temporal -> only whole lines, [4, 11, 192, 256], 32-byte vectors,
 // one step on preallocated buffers, the two builds alternating in one process, 2-core Zen 3 VM, two runs:
 // forward CSPN 3x3 / 7x7, DySPN 7x7 4.13 / 9.37 / 9.20 -> 1.64 / 6.29 / 7.54 ms and 3.44 / 7.88 / 8.47 ->
 // 1.70 / 6.48 / 7.40 ms; backward 4.63 / 17.13 / 11.61 -> 3.32 / 10.56 / 11.59 ms and 4.76 / 17.25 / 11.91
@@ -680,7 +680,7 @@ inline void shifted_products(V* acc, V g, V a, V b, std::integer_sequence<int, I
 // and with AW the pass sums e.gaw too.
 template <class P, int R, int NY, bool AW, typename T>
 inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
-                             T* const* out, bool stream, const Extras<T>& e) {
+                             T* const* out, const Extras<T>& e) {
     using V = typename P::V;
     constexpr int D = 2 * R + 1;
     static_assert(2 * R < P::lanes, "a shift must stay inside the pair of vectors");
@@ -707,7 +707,7 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
     for (int i = 0; i < NY; ++i)
 #pragma GCC unroll 8
         for (int s = 0; s < D; ++s)
-            if (T* o = out[(dy0 + i) * D + s]) put(o + t, acc[i][s], stream);
+            if (T* o = out[(dy0 + i) * D + s]) st(o + t, acc[i][s]);
     if (e.gsw && dy0 <= R && R < dy0 + NY) st(e.gsw + t, acc[R - dy0][R]);
     if constexpr (AW) st(e.gaw + t, saw);
 }
@@ -715,11 +715,11 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
 // One pass of dot_stencil_rows, summing e.gaw where it holds the centre row and gaw is wanted.
 template <class P, int R, int NY, typename T>
 inline void dot_stencil_pass(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
-                             T* const* out, bool stream, const Extras<T>& e) {
+                             T* const* out, const Extras<T>& e) {
     if (e.gaw && dy0 <= R && R < dy0 + NY)
-        dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, stream, e);
+        dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, e);
     else
-        dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, stream, e);
+        dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, e);
 }
 
 // dot_stencil_rows over the whole window, NY window rows at a time: fewer rows per pass leave fewer
@@ -727,11 +727,11 @@ inline void dot_stencil_pass(long t, int dy0, long C, long cs, const T* const* g
 // is its centre accumulator).
 template <class P, int R, int NY, typename T>
 inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* const* rows, T* const* out,
-                        bool stream, const Extras<T>& e) {
+                        const Extras<T>& e) {
     constexpr int D = 2 * R + 1;
     int dy0 = 0;
-    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_pass<P, R, NY>(t, dy0, C, cs, g, rows, out, stream, e);
-    if constexpr (D % NY != 0) dot_stencil_pass<P, R, D % NY>(t, dy0, C, cs, g, rows, out, stream, e);
+    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_pass<P, R, NY>(t, dy0, C, cs, g, rows, out, e);
+    if constexpr (D % NY != 0) dot_stencil_pass<P, R, D % NY>(t, dy0, C, cs, g, rows, out, e);
 }
 
 // The weight gradients of one row, out[j] = sum_c g[c] * shift_j(h[c]): chunks at multiples of the vector
@@ -751,19 +751,19 @@ inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* con
 // backward was 1-10 % slower.
 template <class P, typename T>
 inline void dot_row(int radius, long W, long C, int K, long cs, const T* const* g, const T* const* src,
-                    T* const* out, const T* const* rows, T* const* wout, bool stream, const T* hc,
+                    T* const* out, const T* const* rows, T* const* wout, const T* hc,
                     const Extras<T>& e) {
     const bool extras = e.gsw || e.gaw;
     for_chunks<P::lanes>(W, [&](long t) {
         if (radius > 0 && t % P::lanes == 0) {
             if constexpr (P::lanes > 2) {
-                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, stream, e);
+                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, e);
             }
             if constexpr (P::lanes > 4) {
-                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, stream, e);
+                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, e);
             }
             if constexpr (P::lanes > 6) {
-                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, stream, e);
+                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, e);
             }
         }
         int j0 = 0;
@@ -890,20 +890,25 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     std::vector<const T*> grow(C), src(S), w(S);
     std::vector<T*> outs(K);
     const long R = r;
-    // Factored weights: the effective weight gradient of a row goes to a scratch block first, then to
-    // the affinity's (times the scale) and the ring scale's (times the affinity, summed over the ring).
-    // So does an accumulated one (the last chunk of a row overlaps the one before: chunks store, they
-    // cannot add into the output).
-    const bool want_w = gnw || grs, staged = rs || accumulate || !gnw;
-    std::vector<T> scratch(staged && want_w ? K * W : 0);
+    // A row's weight gradients go to a scratch block first, K rows of W, then to grad_nw row by row: copied,
+    // added (accumulate: the last chunk of a row overlaps the one before, so chunks store, they cannot add
+    // into the output), or for factored weights to the affinity's (times the scale) and the ring scale's
+    // (times the affinity, summed over the ring). Stored straight into grad_nw, a chunk's k*k-1 stores went
+    // to rows one [H, W] map apart, a multiple of 4 KB, that is to one L1 set (packed_row says more), and each
+    // line was evicted between its two halves. The backward alone, direct -> staged, the two builds
+    // alternating in one process, 2-core Zen 3 VM, CSPN 3x3 / 7x7: [4, 11, 192, 256] 3.62 / 13.10 -> 2.96 /
+    // 9.96 ms and 4.90 / 13.51 -> 3.79 / 10.29 ms, [8, 21, 256, 256] 17.92 / 62.30 -> 16.37 / 43.01 ms,
+    // [1, 11, 192, 256] 0.63 / 2.86 -> 0.64 / 2.18 ms. Scratch rows padded by a line apart: no difference.
+    const bool want_w = gnw || grs;
+    std::vector<T> scratch(want_w ? K * W : 0);
     std::vector<long> slots(2 * r + 1);
     const bool stencil = gh && stencil_fits<P>(r);  // grad_h's gather as forward_rows' stencil
     const int D = 2 * r + 1;
     std::vector<T> zeros(stencil ? tlen : 0, T(0));
     std::vector<const T*> ws(D * D, zeros.data()), rows(D);
     const bool stencil_w = want_w && stencil_fits<P>(r);  // weight gradients by dot_stencil
-    // Weight gradients written once (not added up, not staged) and too large to stay in cache for their
-    // reader bypass the caches (st_stream); a smaller map is better left in L3 for the next step's backward.
+    // Weight gradients written once (not added up) and too large to stay in cache for their reader bypass
+    // the caches (st_stream); a smaller map is better left in L3 for the next step's backward.
     // Where the whole backward is too large for the cache (spread), grad_nw, grad_h and grad_h0 all do
     // (spreads says more).
     const bool stream_w = !accumulate && (spread || streams(B * K * HW * long(sizeof(T))));
@@ -960,7 +965,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
             for (int j = 0; j < K; ++j) {
-                outs[j] = staged ? scratch.data() + j * W : gnw + (b * K + j) * HW + at;
+                outs[j] = scratch.data() + j * W;
                 src[j] = hring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
             }
             if (stencil_w) {
@@ -968,7 +973,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 for (int j = 0; j < K; ++j) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
             }
             dot_row<P>(stencil_w ? r : 0, W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data(),
-                       hrows.data(), wouts.data(), stream_w && !staged, hring.at(slots[r], 0) + r, e);
+                       hrows.data(), wouts.data(), hring.at(slots[r], 0) + r, e);
             if (rs) {
                 if (grs)
                     for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
@@ -998,6 +1003,14 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                     const T* __restrict__ d = outs[j];
                     T* __restrict__ o = gnw + (b * K + j) * HW + at;
                     for (long x = 0; x < W; ++x) o[x] += d[x];
+                }
+            } else if (gnw) {
+                for (int j = 0; j < K; ++j) {
+                    const T* __restrict__ d = outs[j];
+                    T* __restrict__ o = gnw + (b * K + j) * HW + at;
+                    long x = 0;
+                    for (; stream_w && x + P::lanes <= W; x += P::lanes) st_stream(o + x, ld<V>(d + x));
+                    for (; x < W; ++x) o[x] = d[x];
                 }
             }
         }
