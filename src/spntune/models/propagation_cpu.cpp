@@ -148,14 +148,15 @@ inline bool streams(long bytes) { return bytes >= (32L << 20); }
 // output; the CSPN weight gradients' dot_stencil, which now writes to a scratch block) interleave rows store
 // by store: a block's channels, a window's weight maps. A 32-byte non-temporal store leaves its line half
 // written in a write-combining buffer until the other half comes, and with more rows in flight than the core
-// has such buffers the lines go out in partial writes. Every non-temporal -> only whole lines, [4, 11, 192, 256], 32-byte vectors,
-// one step on preallocated buffers, the two builds alternating in one process, 2-core Zen 3 VM, two runs:
-// forward CSPN 3x3 / 7x7, DySPN 7x7 4.13 / 9.37 / 9.20 -> 1.64 / 6.29 / 7.54 ms and 3.44 / 7.88 / 8.47 ->
-// 1.70 / 6.48 / 7.40 ms; backward 4.63 / 17.13 / 11.61 -> 3.32 / 10.56 / 11.59 ms and 4.76 / 17.25 / 11.91
-// -> 3.28 / 11.11 / 12.17 ms; at [8, 21, 256, 256] forward 17.9 / 48.3 / 61.1 -> 10.4 / 45.8 / 58.4 ms,
-// backward 21.6 / 76.0 / 56.1 -> 18.3 / 65.0 / 56.4 ms. The loops that write one row vector after vector
-// (grad_h, grad_h0, DySPN's weight gradient) fill each line with two stores in a row and keep st_stream:
-// plain stores there made the backward 5-16 % slower (3.29 / 10.82 / 11.79 -> 3.92 / 11.35 / 13.24 ms).
+// has such buffers the lines go out in partial writes. Every non-temporal -> only whole lines, [4, 11, 192,
+// 256], 32-byte vectors, one step on preallocated buffers, the two builds alternating in one process, 2-core
+// Zen 3 VM, two runs: forward CSPN 3x3 / 7x7, DySPN 7x7 4.13 / 9.37 / 9.20 -> 1.64 / 6.29 / 7.54 ms and 3.44
+// / 7.88 / 8.47 -> 1.70 / 6.48 / 7.40 ms; backward 4.63 / 17.13 / 11.61 -> 3.32 / 10.56 / 11.59 ms and 4.76 /
+// 17.25 / 11.91 -> 3.28 / 11.11 / 12.17 ms; at [8, 21, 256, 256] forward 17.9 / 48.3 / 61.1 -> 10.4 / 45.8 /
+// 58.4 ms, backward 21.6 / 76.0 / 56.1 -> 18.3 / 65.0 / 56.4 ms. The loops that write one row vector after
+// vector (grad_h, grad_h0, DySPN's weight gradient) fill each line with two stores in a row and keep
+// st_stream: plain stores there made the backward 5-16 % slower (3.29 / 10.82 / 11.79 -> 3.92 / 11.35 / 13.24
+// ms).
 template <class V, class T>
 inline void put(T* p, V v, bool stream) {
     if (stream && sizeof(V) >= 64)
