@@ -101,8 +101,9 @@ def test_matches_reference_in_float64(k, shape):
 def test_matches_reference_in_float32(k):
     # widths: aligned chunks then an overlapping last one (70), only aligned ones (32: the stencil block's
     # second load reaches the ring row's spare vector), an odd count of aligned chunks then an overlapping one
-    # (46 with 8 lanes: the forward packs its weights two chunks at a time), narrower than a vector (7)
-    for shape in ((2, 11, 24, 70), (1, 6, 10, 32), (1, 5, 9, 46), (1, 3, 5, 7)):
+    # (46), more aligned chunks than the forward packs at a time (1100: 137 of 8 lanes, SPN_SEG = 128), narrower
+    # than a vector (7)
+    for shape in ((2, 11, 24, 70), (1, 6, 10, 32), (1, 5, 9, 46), (1, 3, 4, 1100), (1, 3, 5, 7)):
         for variant in ("cspn-h0", "dyspn", "dyspn-factored"):
             errors = _errors(propagate_step, k, variant, shape, torch.float32)
             assert max(errors.values()) <= 2e-5, (shape, variant, errors)

@@ -555,11 +555,11 @@ inline void pack_weights(long m0, long m1, int K, int DD, const int* window, con
     using V = typename P::V;
     constexpr long lanes = P::lanes;
     for (int j = 0; j < K; ++j) {
-        T* __restrict__ dst = pack + window[j] * lanes - m0 * DD * lanes;
+        T* __restrict__ dst = pack + window[j] * lanes;
         for (long m = m0; m < m1; ++m) {
             V v = ld<V>(w[j] + m * lanes);
             if constexpr (SCALED) v *= ld<V>(sc[j] + m * lanes);
-            st(dst + m * DD * lanes, v);
+            st(dst + (m - m0) * DD * lanes, v);
         }
     }
 }
