@@ -275,6 +275,21 @@ inline long step_bytes(long B, long C, long HW, int K, long R, bool rs, bool sw,
 // cache (item-major groups of fused_propagation) keep plain stores: their outputs are read next, from L3.
 inline bool spreads(long bytes, long cache_bytes) { return bytes > cache_bytes / 2; }
 
+// A zeroed buffer of n elements that starts on a vector boundary.
+template <typename T>
+class AlignedBuffer {
+   public:
+    explicit AlignedBuffer(long n) : store_(n + SPN_VBYTES / sizeof(T), T(0)) {
+        const auto a = reinterpret_cast<std::uintptr_t>(store_.data()), m = std::uintptr_t(SPN_VBYTES);
+        data_ = reinterpret_cast<T*>((a + m - 1) / m * m);
+    }
+    T* data() { return data_; }
+
+   private:
+    std::vector<T> store_;
+    T* data_;
+};
+
 // Padded copies of the rows v in [y - r, y + r] of one [B, C, H, W] tensor, all channels, in 2r+1
 // slots (slot = v mod (2r+1)); a row is copied when first asked for. Replicate mode: row clamp(v),
 // columns padded with the border value (rows outside the image are allowed). Zero mode: columns
@@ -286,7 +301,7 @@ class RowRing {
     // so aligned vector pairs can be read over the whole padded row (stencil_block).
     RowRing(const T* data, long C, long H, long W, int r, long pad, bool replicate)
         : data_(data), C_(C), H_(H), W_(W), n_(2 * r + 1), pad_(pad), len_(padded_length(W + 2 * pad)),
-          replicate_(replicate), store_(C * (2 * r + 1) * len_ + kAlign, T(0)), buf_(aligned(store_.data())),
+          replicate_(replicate), store_(C * (2 * r + 1) * len_), buf_(store_.data()),
           tag_b_(2 * r + 1, -1), tag_v_(2 * r + 1, LONG_MIN) {}
 
     // The slot holding row v of batch b, copied there first if needed. Call once per row and output row:
@@ -320,15 +335,11 @@ class RowRing {
 
     static constexpr long kAlign = SPN_VBYTES / sizeof(T);  // elements per vector
     static long padded_length(long n) { return (n + 2 * kAlign - 1) / kAlign * kAlign; }  // + spare vector
-    static T* aligned(T* p) {
-        const auto a = reinterpret_cast<std::uintptr_t>(p), m = std::uintptr_t(SPN_VBYTES);
-        return reinterpret_cast<T*>((a + m - 1) / m * m);
-    }
 
     const T* data_;
     long C_, H_, W_, n_, pad_, len_;
     bool replicate_;
-    std::vector<T> store_;
+    AlignedBuffer<T> store_;
     T* buf_;
     std::vector<long> tag_b_, tag_v_;
 };
@@ -366,6 +377,18 @@ inline void window_sized(int size, long t, int c0, int K, long cs, const T* cons
     }
 }
 
+// f(c0, size, first) for the fewest blocks of at most SPN_CB of C channels, balanced: each takes the remaining
+// channels spread evenly over the remaining blocks. first: the first block.
+template <class F>
+inline void for_channel_blocks(long C, F f) {
+    const int blocks = int((C + SPN_CB - 1) / SPN_CB);
+    for (int i = 0, c0 = 0; i < blocks; ++i) {
+        const int size = int((C - c0) / (blocks - i));
+        f(c0, size, i == 0);
+        c0 += size;
+    }
+}
+
 // window_block over a whole row of length L and all C channels, in the fewest channel blocks of at
 // most SPN_CB, balanced (11 channels: 6 + 5; 21: 7 + 7 + 7). Channel blocks outermost: each block
 // sweeps the whole row, so a weight line serves one block and streams through L1. Chunks outermost
@@ -376,15 +399,12 @@ inline void window_sized(int size, long t, int c0, int K, long cs, const T* cons
 template <class P, bool SCALED, typename T, class Init, class Store>
 inline void window_row(long L, long C, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
                        Init init, Store store, const RowPrefetch& pf) {
-    const int blocks = int((C + SPN_CB - 1) / SPN_CB);
-    for (int i = 0, c0 = 0; i < blocks; ++i) {
-        const int size = int((C - c0) / (blocks - i));  // the remaining channels, spread evenly
+    for_channel_blocks(C, [&](int c0, int size, bool first) {
         for_chunks<P::lanes>(L, [&](long t) {
-            if (i == 0) pf.chunk<T>(t, P::lanes, L);
+            if (first) pf.chunk<T>(t, P::lanes, L);
             window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
         });
-        c0 += size;
-    }
+    });
 }
 
 // The vector of lanes [S, S + lanes) of the pair (a, b) (a's lanes S.., then b's): one two-source
@@ -476,18 +496,15 @@ template <class P, int R, bool SCALED, typename T, class Init, class Store>
 inline void stencil_row(long L, long C, int K, long cs, const T* const* w, const T* const* sc, const T* const* src,
                         const T* const* ws, const T* const* scs, const T* const* rows, Init init, Store store,
                         const RowPrefetch& pf) {
-    const int blocks = int((C + SPN_CB - 1) / SPN_CB);
-    for (int i = 0, c0 = 0; i < blocks; ++i) {
-        const int size = int((C - c0) / (blocks - i));
+    for_channel_blocks(C, [&](int c0, int size, bool first) {
         for_chunks<P::lanes>(L, [&](long t) {
-            if (i == 0) pf.chunk<T>(t, P::lanes, L);
+            if (first) pf.chunk<T>(t, P::lanes, L);
             if (t % P::lanes == 0)
                 stencil_sized<P, SPN_CB, R, SCALED>(size, t, t, c0, cs, ws, scs, rows, init, store);
             else
                 window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
         });
-        c0 += size;
-    }
+    });
 }
 
 // Whether stencil_block serves radius r with vectors P: r = 1..3, and a shift of up to 2r lanes stays
@@ -531,21 +548,6 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
 #define SPN_SEG 128  // chunks: 1024 columns of float32 with 32-byte vectors, 200 KB of packed 7x7 weights
 #endif
 
-// A zeroed buffer of n elements that starts on a vector boundary.
-template <typename T>
-class AlignedBuffer {
-   public:
-    explicit AlignedBuffer(long n) : store_(n + SPN_VBYTES / sizeof(T), T(0)) {
-        const auto a = reinterpret_cast<std::uintptr_t>(store_.data()), m = std::uintptr_t(SPN_VBYTES);
-        data_ = reinterpret_cast<T*>((a + m - 1) / m * m);
-    }
-    T* data() { return data_; }
-
-   private:
-    std::vector<T> store_;
-    T* data_;
-};
-
 // The neighbour weights of chunks [m0, m1) of a row (chunk m: columns [m * lanes, (m + 1) * lanes)),
 // chunk-major: window position p of chunk m at pack[((m - m0) * DD + p) * lanes], times the ring scale where
 // SCALED. Positions without a neighbour (the centre) are left as they are (zeros).
@@ -576,28 +578,23 @@ inline void packed_row(long L, long C, int K, long cs, const T* const* w, const 
     constexpr long lanes = P::lanes;
     constexpr int DD = (2 * R + 1) * (2 * R + 1);
     const long full = L / lanes;
-    const int blocks = int((C + SPN_CB - 1) / SPN_CB);
     for (long m0 = 0; m0 < full; m0 += SPN_SEG) {
         const long m1 = std::min(full, m0 + long(SPN_SEG));
         pack_weights<P, SCALED>(m0, m1, K, DD, window, w, sc, pack);
-        for (int i = 0, c0 = 0; i < blocks; ++i) {
-            const int size = int((C - c0) / (blocks - i));
+        for_channel_blocks(C, [&](int c0, int size, bool first) {
             for (long m = m0; m < m1; ++m) {
-                if (i == 0) pf.chunk<T>(m * lanes, lanes, L);
+                if (first) pf.chunk<T>(m * lanes, lanes, L);
                 stencil_sized<P, SPN_CB, R, false>(size, m * lanes, (m - m0) * DD * lanes, c0, cs, ws, ws, rows,
                                                    init, store);
             }
-            c0 += size;
-        }
+        });
     }
     if (L % lanes != 0) {  // the last chunk, overlapping the one before
         const long t = L - lanes;
         pf.chunk<T>(t, lanes, L);
-        for (int i = 0, c0 = 0; i < blocks; ++i) {
-            const int size = int((C - c0) / (blocks - i));
+        for_channel_blocks(C, [&](int c0, int size, bool) {
             window_sized<P, SPN_CB, SCALED>(size, t, c0, K, cs, w, sc, src, init, store);
-            c0 += size;
-        }
+        });
     }
 }
 
@@ -798,16 +795,17 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
     const long R = r;  // rings of the ring scale
     std::vector<const T*> w(K), sc(K), src(K);
     std::vector<long> slots(2 * r + 1);
-    // The stencil path: weight rows by window position, the centre at zeros.
+    // The stencil path: weight rows by window position, the centre at zeros (packed: in pack, below).
     const bool stencil = stencil_fits<P>(r);
+    const bool packed = stencil && r >= SPN_PACK_RADIUS;
     const int D = 2 * r + 1;
-    std::vector<T> zeros(stencil ? W : 0, T(0));
+    std::vector<T> zeros(stencil && !packed ? W : 0, T(0));
     std::vector<const T*> ws(D * D, zeros.data()), scs(D * D, zeros.data()), rows(D);
     std::vector<int> window(K);
     for (int j = 0; j < K; ++j) window[j] = (off.dy[j] + r) * D + off.dx[j] + r;
-    // The stencil's weights, packed (packed_row); the centre's stay zero.
-    const bool packed = stencil && r >= SPN_PACK_RADIUS;
-    AlignedBuffer<T> pack(packed ? long(SPN_SEG) * D * D * P::lanes : 0);
+    // The stencil's weights, packed (packed_row) a segment of at most SPN_SEG chunks at a time; the centre's
+    // stay zero.
+    AlignedBuffer<T> pack(packed ? std::min(W / P::lanes, long(SPN_SEG)) * D * D * P::lanes : 0);
     std::vector<const T*> wpack(D * D);
     for (int q = 0; packed && q < D * D; ++q) wpack[q] = pack.data() + q * P::lanes;
     RowPrefetch pf(spread);
@@ -856,7 +854,7 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
         auto store = [&](long c, long t, V v) { put(ob + c * HW + t, v, spread); };
         if (stencil) {
             for (int d = 0; d < D; ++d) rows[d] = ring.at(slots[d], 0);
-            for (int j = 0; j < K; ++j) {
+            for (int j = 0; !packed && j < K; ++j) {
                 ws[window[j]] = w[j];
                 scs[window[j]] = sc[j];
             }
