@@ -21,8 +21,9 @@
 // once per channel block, each output vector is stored once. For k = 3, 5, 7 the chunks at multiples
 // of the vector go through stencil_block, which forms a row's 2r+1 column shifts from two aligned loads
 // by lane shuffles; the last chunk of a row, other k and rows narrower than a vector take window_block.
-// For k = 5, 7 the forward first copies the row's weights chunk-major into a small buffer (packed_row: the
-// weight rows lie a multiple of 4 KB apart and would evict each other from L1), times DySPN's ring scale.
+// There the forward first copies the row's weights chunk-major into a small buffer (packed_row: the weight
+// rows lie a multiple of 4 KB apart and would evict each other from L1), times DySPN's ring scale, asking for
+// the rows a few ahead of the one it copies (pack_weights says why not a row ahead).
 //
 // The backward is a gather by output row too: grad_h of row y collects nw * g from the rows whose
 // neighbours land on y (the replicate padding folded back onto the border), from zero-padded
@@ -537,12 +538,27 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
 //   5x5 3.02 / 3.54 -> 2.88 / 3.44 ms;
 // - [8, 21, 256, 256]: 9.17 / 39.99 / 49.16 -> 8.77 / 27.66 / 32.61 ms;
 // - [1, 11, 192, 256] (in the L3): 1.20 / 1.40 -> 1.02 / 1.14 ms at 7x7, 0.65 / 0.75 -> 0.54 / 0.64 ms at
-//   5x5, but CSPN 3x3 slower, 0.29-0.30 -> 0.35-0.45 ms in four runs: its 8 weight lines fit an L1 set's 8
-//   ways, so the copy buys nothing there.
+//   5x5, but CSPN 3x3 slower then, 0.29-0.30 -> 0.35-0.45 ms in four runs.
 // Two chunks at a time instead of the whole row: the same at [4, 11, 192, 256], 7x7 at [8, 21, 256, 256]
 // 26.0 / 35.3 -> 40.0 / 44.1 ms (the rows read a line at a time each instead of start to end).
+//
+// pack_weights asks for the weight rows SPN_PACK_AHEAD ahead of the one it copies; before, the row loop asked
+// for all k*k-1 rows of the next output row at once (RowPrefetch). Those rows lie one [H, W] map apart,
+// 192 KB at 192x256, a multiple of the L2's 64 KB way: a column's k*k-1 lines fall in one 8-way L2 set, so
+// most of them were likely evicted again before the copy came to them. With the rows asked for a few at a
+// time, 3x3 is packed as well. Both changes (radius 2 -> 1 and the prefetch), both builds alternating in one
+// process, 2-core Zen 3 VM, CSPN 3x3 / 7x7, DySPN 7x7, CSPN / DySPN 5x5, DySPN 3x3, ms:
+// - [4, 11, 192, 256]: 1.86 / 5.11 / 5.61 / 2.91 / 3.37 / 1.89 -> 1.48 / 4.41 / 4.79 / 2.56 / 2.86 / 1.72;
+// - [8, 21, 256, 256]: 10.87 / 27.31 / 29.29 / 14.72 / 14.95 / 10.46 -> 9.25 / 21.92 / 23.57 / 13.70 / 14.71
+//   / 10.50;
+// - [1, 11, 192, 256]: 0.343 / 0.953 / 1.017 / 0.518 / 0.579 / 0.369 -> 0.311 / 0.899 / 0.988 / 0.480 / 0.536
+//   / 0.333.
+// 2, 4 or 8 rows ahead: the same within noise (7x7, [4, 11, 192, 256]); 1 row ahead less of a gain.
 #ifndef SPN_PACK_RADIUS
-#define SPN_PACK_RADIUS 2
+#define SPN_PACK_RADIUS 1
+#endif
+#ifndef SPN_PACK_AHEAD
+#define SPN_PACK_AHEAD 4  // weight rows
 #endif
 #ifndef SPN_SEG
 #define SPN_SEG 128  // chunks: 1024 columns of float32 with 32-byte vectors, 200 KB of packed 7x7 weights
@@ -556,7 +572,10 @@ inline void pack_weights(long m0, long m1, int K, int DD, const int* window, con
                          T* pack) {
     using V = typename P::V;
     constexpr long lanes = P::lanes;
+    const long n = (m1 - m0) * lanes;
+    for (int j = 0; j < std::min(K, SPN_PACK_AHEAD); ++j) prefetch_row(w[j] + m0 * lanes, n);
     for (int j = 0; j < K; ++j) {
+        if (j + SPN_PACK_AHEAD < K) prefetch_row(w[j + SPN_PACK_AHEAD] + m0 * lanes, n);
         T* __restrict__ dst = pack + window[j] * lanes;
         for (long m = m0; m < m1; ++m) {
             V v = ld<V>(w[j] + m * lanes);
@@ -824,7 +843,7 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
         pf.clear();
         if (row + 1 < end) {
             const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
-            for (int j = 0; j < K; ++j) pf.add(nw + (nb * K + j) * HW + ny * W, W);
+            for (int j = 0; !packed && j < K; ++j) pf.add(nw + (nb * K + j) * HW + ny * W, W);
             for (long c = 0; c < C; ++c) {
                 pf.add(h + ((nb * C + c) * H + ahead) * W, W);
                 if (aw) pf.add(h0 + ((nb * C + c) * H + ny) * W, W);
