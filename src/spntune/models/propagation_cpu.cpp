@@ -300,9 +300,10 @@ class RowRing {
    public:
     // Every padded row starts on a vector boundary and has a vector of spare room past its end (zeros),
     // so aligned vector pairs can be read over the whole padded row (stencil_block).
-    RowRing(const T* data, long C, long H, long W, int r, long pad, bool replicate)
+    // ahead > 0: a row's copy asks for the channel rows `ahead` after the one it copies (prefetch_row).
+    RowRing(const T* data, long C, long H, long W, int r, long pad, bool replicate, long ahead = 0)
         : data_(data), C_(C), H_(H), W_(W), n_(2 * r + 1), pad_(pad), len_(padded_length(W + 2 * pad)),
-          replicate_(replicate), store_(C * (2 * r + 1) * len_), buf_(store_.data()),
+          ahead_(ahead), replicate_(replicate), store_(C * (2 * r + 1) * len_), buf_(store_.data()),
           tag_b_(2 * r + 1, -1), tag_v_(2 * r + 1, LONG_MIN) {}
 
     // The slot holding row v of batch b, copied there first if needed. Call once per row and output row:
@@ -322,8 +323,11 @@ class RowRing {
    private:
     void fill(long b, long v, long s) {
         const long src_row = replicate_ ? clampl(v, 0, H_ - 1) : v;
+        const auto row = [&](long c) { return data_ + ((b * C_ + c) * H_ + src_row) * W_; };
+        for (long c = 0; c < std::min(ahead_, C_); ++c) prefetch_row(row(c), W_);
         for (long c = 0; c < C_; ++c) {
-            const T* src = data_ + ((b * C_ + c) * H_ + src_row) * W_;
+            if (ahead_ && c + ahead_ < C_) prefetch_row(row(c + ahead_), W_);
+            const T* src = row(c);
             T* dst = buf_ + (c * n_ + s) * len_;
             const T left = replicate_ ? src[0] : T(0), right = replicate_ ? src[W_ - 1] : T(0);
             std::fill(dst, dst + pad_, left);
@@ -338,7 +342,7 @@ class RowRing {
     static long padded_length(long n) { return (n + 2 * kAlign - 1) / kAlign * kAlign; }  // + spare vector
 
     const T* data_;
-    long C_, H_, W_, n_, pad_, len_;
+    long C_, H_, W_, n_, pad_, len_, ahead_;
     bool replicate_;
     AlignedBuffer<T> store_;
     T* buf_;
@@ -542,7 +546,7 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
 // Two chunks at a time instead of the whole row: the same at [4, 11, 192, 256], 7x7 at [8, 21, 256, 256]
 // 26.0 / 35.3 -> 40.0 / 44.1 ms (the rows read a line at a time each instead of start to end).
 //
-// pack_weights asks for the weight rows SPN_PACK_AHEAD ahead of the one it copies; before, the row loop asked
+// pack_weights asks for the weight rows SPN_AHEAD ahead of the one it copies; before, the row loop asked
 // for all k*k-1 rows of the next output row at once (RowPrefetch). Those rows lie one [H, W] map apart,
 // 192 KB at 192x256, a multiple of the L2's 64 KB way: a column's k*k-1 lines fall in one 8-way L2 set, so
 // most of them were likely evicted again before the copy came to them. With the rows asked for a few at a
@@ -557,8 +561,8 @@ inline void forward_row(int radius, long L, long C, int K, long cs, const T* con
 #ifndef SPN_PACK_RADIUS
 #define SPN_PACK_RADIUS 1
 #endif
-#ifndef SPN_PACK_AHEAD
-#define SPN_PACK_AHEAD 4  // weight rows
+#ifndef SPN_AHEAD
+#define SPN_AHEAD 4  // rows asked for ahead of the one copied (pack_weights, backward_rows)
 #endif
 #ifndef SPN_SEG
 #define SPN_SEG 128  // chunks: 1024 columns of float32 with 32-byte vectors, 200 KB of packed 7x7 weights
@@ -573,9 +577,9 @@ inline void pack_weights(long m0, long m1, int K, int DD, const int* window, con
     using V = typename P::V;
     constexpr long lanes = P::lanes;
     const long n = (m1 - m0) * lanes;
-    for (int j = 0; j < std::min(K, SPN_PACK_AHEAD); ++j) prefetch_row(w[j] + m0 * lanes, n);
+    for (int j = 0; j < std::min(K, SPN_AHEAD); ++j) prefetch_row(w[j] + m0 * lanes, n);
     for (int j = 0; j < K; ++j) {
-        if (j + SPN_PACK_AHEAD < K) prefetch_row(w[j + SPN_PACK_AHEAD] + m0 * lanes, n);
+        if (j + SPN_AHEAD < K) prefetch_row(w[j + SPN_AHEAD] + m0 * lanes, n);
         T* __restrict__ dst = pack + window[j] * lanes;
         for (long m = m0; m < m1; ++m) {
             V v = ld<V>(w[j] + m * lanes);
@@ -905,13 +909,14 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     long begin, end;
     thread_rows(B * H, begin, end);
     // h, replicate-padded by r (weight gradients); g, zero-padded by 2r (grad_h); nw rows, zero-padded by 2r.
-    RowRing<T> hring(h, C, H, W, r, r, /*replicate=*/true);
-    RowRing<T> gring(g, C, H, W, r, 2 * r, /*replicate=*/false);
+    // Their rows are asked for SPN_AHEAD channels ahead of the one copied, not a row ahead (see the row loop).
+    RowRing<T> hring(h, C, H, W, r, r, /*replicate=*/true, SPN_AHEAD);
+    RowRing<T> gring(g, C, H, W, r, 2 * r, /*replicate=*/false, SPN_AHEAD);
     // grad_h gathers over up to S = K * (r + 1) (target row, neighbour) pairs (border rows: r + 1 target rows).
     const long wide = W + 4 * r, tlen = W + 2 * r;
     const int S = K * (r + 1);
     std::vector<T> nwpad(gh ? S * wide : 0, T(0)), tpad(gh ? C * tlen : 0);
-    std::vector<const T*> grow(C), src(S), w(S);
+    std::vector<const T*> grow(C), src(S), w(S), wrow(S);
     std::vector<T*> outs(K);
     const long R = r;
     // A row's weight gradients go to a scratch block first, K rows of W, then to grad_nw row by row: copied,
@@ -955,20 +960,22 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         } else {
             for (long c = 0; c < C; ++c) grow[c] = gb + c * HW;
         }
-        // What the next row reads first from memory (prefetch_row): the g and h rows its rings copy in, its
-        // h0 rows and the weight rows grad_h gathers. The 3x3 backward 3.33 -> 2.93 ms, 7x7 8.9 -> 8.6 ms, on
-        // [4, 11, 192, 256], alternating in one process. Prefetching the gradients' rows for writing was slower.
+        // What the next row reads first from memory (prefetch_row): its h0 rows. The g and h rows the rings copy
+        // in and the weight rows grad_h gathers are asked for while they are copied, SPN_AHEAD rows ahead of the
+        // one copied. They used to be asked for here, a row ahead (the 3x3 backward 3.33 -> 2.93 ms, 7x7 8.9 ->
+        // 8.6 ms against none, [4, 11, 192, 256]), but those rows lie one [H, W] map apart, a multiple of the
+        // L2's 64 KB way at most sizes, so a column's lines fall in one 8-way L2 set (pack_weights says more).
+        // A row ahead -> SPN_AHEAD ahead, the backward alone, both builds alternating in one process, 2-core
+        // Zen 3 VM, CSPN 3x3 / 7x7, DySPN 7x7: [4, 11, 192, 256] 3.55 / 11.13 / 12.16 -> 3.11 / 10.51 / 11.50 ms
+        // and 3.58 / 10.58 / 11.12 -> 3.21 / 9.75 / 10.80 ms; [8, 21, 256, 256] 17.30 / 46.38 / 50.99 -> 16.22
+        // / 42.99 / 47.67 ms; [1, 11, 192, 256] 0.634 / 2.297 / 2.741 -> 0.638 / 2.046 / 2.581 ms. The rings
+        // alone 2 ahead: 3x3 and 7x7 faster, DySPN the same. In the forward, h's ring copied that way was
+        // the same or slower (CSPN 3x3 at [8, 21, 256, 256] 10.97 -> 11.93 ms): it keeps the row ahead.
+        // Prefetching the gradients' rows for writing was slower.
         pf.clear();
         if (row + 1 < end) {
-            const long nb = (row + 1) / H, ny = (row + 1) % H, ahead = std::min(ny + r, H - 1);
-            for (long c = 0; c < C; ++c) {
-                pf.add(g + ((nb * C + c) * H + ahead) * W, W);
-                if (want_w) pf.add(h + ((nb * C + c) * H + ahead) * W, W);
-                if (gaw) pf.add(h0 + ((nb * C + c) * H + ny) * W, W);
-            }
-            if (gh)
-                for (int j = 0; j < K; ++j)
-                    if (const long q = ny - off.dy[j]; q >= 0 && q < H) pf.add(nw + ((nb * K + j) * H + q) * W, W);
+            const long nb = (row + 1) / H, ny = (row + 1) % H;
+            for (long c = 0; gaw && c < C; ++c) pf.add(h0 + ((nb * C + c) * H + ny) * W, W);
             // Gradients added into (the T-step backward's later steps) are read as well: grad_nw's K rows and
             // grad_h0's C. One batch item (the T-step groups), this backward alone, the two builds alternating,
             // both orders: DySPN 7x7 2.563 -> 2.165 and 2.624 -> 2.189 ms, CSPN 7x7 1.893 -> 1.779 and 1.988
@@ -1063,12 +1070,18 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         // and W-1 (the adjoint of replicate padding).
         const long v_lo = y == 0 ? -r : y, v_hi = y == H - 1 ? H - 1 + r : y;
         int n = 0;  // (v, j) pairs with the source row in the image
+        int pairs = 0;  // their weight rows, asked for SPN_AHEAD ahead of the one copied
+        for (long v = v_lo; v <= v_hi; ++v)
+            for (int j = 0; j < K; ++j)
+                if (const long q = v - off.dy[j]; q >= 0 && q < H) wrow[pairs++] = nw + (b * K + j) * HW + q * W;
+        for (int q = 0; q < std::min(pairs, SPN_AHEAD); ++q) prefetch_row(wrow[q], W);
         for (long v = v_lo; v <= v_hi; ++v) {
             for (int j = 0; j < K; ++j) {
                 const long q = v - off.dy[j];
                 if (q < 0 || q >= H) continue;
+                if (n + SPN_AHEAD < pairs) prefetch_row(wrow[n + SPN_AHEAD], W);
                 T* pad = nwpad.data() + n * wide;
-                const T* a = nw + (b * K + j) * HW + q * W;
+                const T* a = wrow[n];
                 if (rs) {  // the effective weight row: affinity times its ring's scale
                     const T* scale = rs + (b * R + off.ring[j]) * HW + q * W;
                     for (long x = 0; x < W; ++x) pad[2 * r + x] = a[x] * scale[x];
@@ -1147,8 +1160,8 @@ void backward(const T* g, const T* h, const T* h0, const T* nw, const T* rs, con
 #pragma omp parallel num_threads(std::max(1, threads))
     {
         if (W >= Wide<T>::lanes)
-            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off, accumulate,
-                                      spread);
+            backward_rows<T, Wide<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off,
+                                      accumulate, spread);
         else
             backward_rows<T, Narrow<T>>(g, h, h0, nw, rs, sw, aw, gh, gh0, gnw, grs, gsw, gaw, B, C, H, W, off,
                                         accumulate, spread);
