@@ -981,9 +981,12 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             // both orders: DySPN 7x7 2.563 -> 2.165 and 2.624 -> 2.189 ms, CSPN 7x7 1.893 -> 1.779 and 1.988
             // -> 1.778 ms, CSPN 3x3 the same; T=6 DySPN 7x7 propagate forward+backward at [4, 11, 192, 256]
             // faster in 5 of 6 pairs (100.7 -> 89.5, 93.3 -> 85.0, 95.0 -> 84.4 ms, ...).
+            // grad_nw's K rows are asked for as they are added into, SPN_AHEAD rows ahead, not here (one map
+            // apart, like the weight rows). T=6 propagate forward+backward, both builds alternating, Zen 3 VM,
+            // CSPN 3x3 / 7x7, DySPN 7x7, ms: [8, 11, 96, 128] 20.6 / 56.5 / 63.0 -> 20.0 / 51.3 / 59.8 and
+            // 19.4 / 56.3 / 66.1 -> 18.5 / 55.2 / 60.4; [4, 11, 192, 256] 42.1 / 104.7 / 131.8 -> 42.3 / 106.6
+            // / 130.1 and 37.7 / 123.4 / 164.9 -> 36.4 / 114.6 / 157.8.
             if (accumulate) {
-                if (gnw)
-                    for (int j = 0; j < K; ++j) pf.add(gnw + ((nb * K + j) * H + ny) * W, W);
                 if (gh0)
                     for (long c = 0; c < C; ++c) pf.add(gh0 + ((nb * C + c) * H + ny) * W, W);
             }
@@ -1013,8 +1016,11 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 // VM: 7x7 at [4, 11, 192, 256] 17.01 / 16.80 / 15.74 -> 16.38 / 15.46 / 15.49 ms (three runs),
                 // at [8, 21, 256, 256] 53.37 -> 49.46 ms; 5x5 6.55 -> 6.17 and 30.13 -> 28.99 ms.
                 for (int j = 0; grs && j < std::min(K, SPN_AHEAD); ++j) prefetch_row(nw + (b * K + j) * HW + at, W);
+                const bool added = accumulate && gnw;  // grad_nw's rows are read too (the row loop says more)
+                for (int j = 0; added && j < std::min(K, SPN_AHEAD); ++j) prefetch_row(gnw + (b * K + j) * HW + at, W);
                 for (int j = 0; j < K; ++j) {
                     if (grs && j + SPN_AHEAD < K) prefetch_row(nw + (b * K + j + SPN_AHEAD) * HW + at, W);
+                    if (added && j + SPN_AHEAD < K) prefetch_row(gnw + (b * K + j + SPN_AHEAD) * HW + at, W);
                     const long ring_row = (b * R + off.ring[j]) * HW + at;
                     const T* __restrict__ d = outs[j];
                     if (gnw) {
@@ -1036,7 +1042,9 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                     }
                 }
             } else if (accumulate && gnw) {
+                for (int j = 0; j < std::min(K, SPN_AHEAD); ++j) prefetch_row(gnw + (b * K + j) * HW + at, W);
                 for (int j = 0; j < K; ++j) {
+                    if (j + SPN_AHEAD < K) prefetch_row(gnw + (b * K + j + SPN_AHEAD) * HW + at, W);
                     const T* __restrict__ d = outs[j];
                     T* __restrict__ o = gnw + (b * K + j) * HW + at;
                     for (long x = 0; x < W; ++x) o[x] += d[x];
