@@ -102,6 +102,27 @@ def test_smoke_search_two_trials(tmp_path, capsys):
         assert [f.path for f in client.list_artifacts(child.info.run_id) if f.path == "config.yaml"]
 
 
+def test_a_configuration_that_ran_is_not_trained_again(tmp_path, capsys):
+    """A space of two configurations and four trials asked for: TPE proposes the two again and again; each
+    trains once (two trials), and the search ends when nothing new is proposed."""
+    space = tmp_path / "two.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "two", "metric": "refined_miou", "mode": "max",
+        "base": {"data.name": "synthetic", "data.image_size": [32, 32], "model.encoder": "resnet18",
+                 "model.encoder_weights": None, "train.epochs": 1, "train.batch_size": 4},
+        "params": {"refiner.kind": {"choice": ["none", "cspn"]}},
+    }))  # fmt: skip
+    args = ["search", "--space", str(space), "--trials", "4", "--concurrency", "1", "--storage", str(tmp_path),
+            "--name", "two", "--scheduler", "none", "--tracking-uri", "none", *TINY]  # fmt: skip
+    assert main(args) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    rows = leaderboard(tmp_path / "two")
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    assert sorted(r["pipeline"].split(" + ")[1].split()[0].strip(",") for r in rows) == ["cspn", "none"]
+    assert "proposed configurations had run already in this search: not trained again" in out
+    assert "the search ended after 2 of 4 trials" in out
+
+
 def _demo_args() -> list[str]:
     """The arguments `make demo` passes to spntune, read from the Makefile itself."""
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()

@@ -176,6 +176,13 @@ def print_search_summary(summary: SearchSummary, top: int, console: Console | No
         f"{counts[TrialStatus.STOPPED]} stopped early (ASHA), {counts[TrialStatus.ERROR]} errored"
         + (f", {counts[TrialStatus.INTERRUPTED]} interrupted" if counts[TrialStatus.INTERRUPTED] else "")
     )
+    if summary.repeats_skipped:
+        console.print(
+            f"{summary.repeats_skipped} proposed configurations had run already in this search: not trained again"
+            + (f"; the search ended after {len(summary.rows)} of {summary.trials_asked} trials, having run every "
+               "configuration the searcher still proposed" if summary.space_exhausted else ""),
+            soft_wrap=True,
+        )  # fmt: skip
     if summary.interrupted:
         console.print(
             f"[yellow]interrupted[/yellow]: {len(summary.rows)} of {summary.trials_asked} trials started; run the "

@@ -1,8 +1,8 @@
 """``spntune search``: the Ray Tune + Optuna driver.
 
 One trial = ``train_segmentation`` behind a ``RayReporter``. The driver checks the options, opens
-the search's MLflow parent run, starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` (TPE)
-and ASHA, and turns Ray's results into leaderboard rows (``leaderboard.py``). ``--resume``
+the search's MLflow parent run, starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` (TPE,
+behind ``DistinctSearcher``: no configuration is trained twice) and ASHA, and turns Ray's results into leaderboard rows (``leaderboard.py``). ``--resume``
 continues an interrupted search from its storage folder (the Optuna study included).
 
 Two Ray callbacks watch the trials from the driver. ``TrackingCallback`` gives each trial's MLflow
@@ -32,6 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from spntune.allocator import worker_env
 from spntune.config import ConfigError, describe_pipeline
+from spntune.distinct import DistinctSearcher
 from spntune.errors import ClusterError
 from spntune.leaderboard import (
     SearchSummary,
@@ -304,13 +305,16 @@ def _run_search(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
-            results = _tuner(opts, overrides, objectives, callbacks).fit()
+            tuner, searcher = _tuner(opts, overrides, objectives, callbacks)
+            results = tuner.fit()
     finally:
         _LISTENERS.pop(str(experiment), None)
         ray_tune_log.removeFilter(watch)
     rows = rank([_row(r, opts.space, metric, mode, overrides, watch.interrupted) for r in results], mode)
     summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
     summary.interrupted, summary.trials_asked = watch.interrupted, opts.trials
+    if searcher is not None:
+        summary.repeats_skipped, summary.space_exhausted = searcher.skipped, searcher.exhausted
     summary.pareto = pareto(rows, objectives) if len(objectives) > 1 else []
     write_leaderboard(summary, experiment / "leaderboard.csv")
     write_history(rows, experiment / "history.csv")
@@ -345,22 +349,24 @@ def _open_parent_run(opts: SearchOptions, uri: str, metric: str) -> SearchRun | 
 
 
 def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tuple[str, str]],
-           callbacks: list[tune.Callback]) -> tune.Tuner:  # fmt: skip
-    """A new Tuner, or on ``--resume`` the stored one (its searcher, scheduler and callbacks restored)."""
+           callbacks: list[tune.Callback]) -> tuple[tune.Tuner, DistinctSearcher | None]:  # fmt: skip
+    """A new Tuner and its searcher, or on ``--resume`` the stored one (its searcher, scheduler and callbacks
+    restored; None for the searcher, which lives inside it)."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=opts.space, overrides=overrides),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if opts.resume:  # finished trials are not re-run
         return tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False)  # fmt: skip
+                                  resume_errored=False), None  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
     sampler = optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=opts.seed,
                                          n_startup_trials=min(10, opts.trials))  # fmt: skip
-    searcher = OptunaSearch(space=opts.space.define_by_run, metric=metrics if len(metrics) > 1 else metric,
-                            mode=modes if len(modes) > 1 else mode, sampler=sampler,
-                            points_to_evaluate=opts.space.points_to_evaluate or None)  # fmt: skip
+    optuna_search = OptunaSearch(space=opts.space.define_by_run, metric=metrics if len(metrics) > 1 else metric,
+                                 mode=modes if len(modes) > 1 else mode, sampler=sampler,
+                                 points_to_evaluate=opts.space.points_to_evaluate or None)  # fmt: skip
+    searcher = DistinctSearcher(optuna_search)  # a configuration that ran is not run again
     scheduler = (
         ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=1000,
                       grace_period=opts.grace_period, reduction_factor=opts.reduction_factor)
@@ -373,7 +379,7 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
     run_config = tune.RunConfig(name=opts.name, storage_path=str(opts.storage.resolve()), verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks)  # fmt: skip
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), searcher
 
 
 def _checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
