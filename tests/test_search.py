@@ -132,6 +132,7 @@ def _demo_args() -> list[str]:
     return words[next(i for i, w in enumerate(words) if w.endswith("spntune")) + 1 :]
 
 
+@pytest.mark.slow  # `make demo` as the Makefile runs it, 1.5 min: make test-slow (the smoke search test covers pictures)
 def test_make_demo_logs_pictures_for_every_trial(tmp_path):
     """`make demo`'s own search, run where it writes ./runs and ./mlflow_runs: every trial's MLflow run
     holds mask panels, h^0..h^T strips and Grad-CAM pictures."""
@@ -360,7 +361,8 @@ def history(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.parametrize("point", ["start", "report"])
+# "report" (a crash as the epoch is reported, ~1 min) runs in make test-slow; "start" keeps the retry path in make test
+@pytest.mark.parametrize("point", ["start", pytest.param("report", marks=pytest.mark.slow)])
 def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, capsys):
     import ray
 
