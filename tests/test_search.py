@@ -70,6 +70,7 @@ def test_smoke_search_two_trials(tmp_path, capsys):
     assert len(parents) == 1 and len(children) == 2
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["spntune.search"] == "smoke"
+    assert parent.data.tags["spntune.space_exhausted"] == "False" and "spntune.repeats_skipped" in parent.data.tags
     assert parent.data.tags["best_trial_run_id"] in {c.info.run_id for c in children}
     parent_files = {
         f.path for d in ("leaderboard", "plots", "search_space") for f in client.list_artifacts(parent.info.run_id, d)

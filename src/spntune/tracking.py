@@ -493,10 +493,13 @@ class SearchRun:
         return _Safe()("open search run", start)
 
     def finish(
-        self, leaderboard_csv: Path, extra_files: dict[str, Path], best_trial_id: str | None, status: str = "FINISHED"
-    ) -> None:
+        self, leaderboard_csv: Path, extra_files: dict[str, Path], best_trial_id: str | None, status: str = "FINISHED",
+        tags: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         def close() -> None:
             client = _client(self.uri)
+            for key, value in (tags or {}).items():
+                client.set_tag(self.run_id, key, value)
             client.log_artifact(self.run_id, str(leaderboard_csv), "leaderboard")
             for key, path in extra_files.items():
                 client.log_artifact(self.run_id, str(path), key.split("/")[0])

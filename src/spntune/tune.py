@@ -442,6 +442,9 @@ def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary
              "leaderboard/history": experiment / "history.csv"}  # fmt: skip
     files |= {f"plots/{p.stem}": p for p in search_plots(opts.space, summary.rows, mode, experiment / "plots")}
     best = next((r for r in summary.rows if r.status is not TrialStatus.ERROR and not math.isnan(r.best)), None)
+    # What DistinctSearcher did; a resumed search's searcher lives inside Ray's restored state: not known here.
+    repeats = {"spntune.repeats_skipped": summary.repeats_skipped, "spntune.space_exhausted": summary.space_exhausted}
+    tags = {} if opts.resume else {k: str(v) for k, v in repeats.items()}
     parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None,
-                  "KILLED" if summary.interrupted else "FINISHED")  # fmt: skip
+                  "KILLED" if summary.interrupted else "FINISHED", tags)  # fmt: skip
     summary.parent_run_id, summary.tracking_uri = parent.run_id, uri
