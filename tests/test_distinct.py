@@ -23,6 +23,20 @@ def _score(config: dict) -> float:
     return {"cspn": 1.0, "dyspn": 2.0}[config["kind"]] + config["kernel_size"] / 10
 
 
+def _run_to_the_end(searcher: DistinctSearcher, first: int, last: int, error: bool = False) -> list[dict]:
+    """Trials ``t<first>`` .. ``t<last - 1>`` one at a time, each scored (or failed, ``error``) before the next
+    is asked for, until the searcher says FINISHED; the configurations handed out."""
+    handed = []
+    for i in range(first, last):
+        config = searcher.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        handed.append(config)
+        searcher.on_trial_complete(f"t{i}", None if error else {"score": _score(config), "training_iteration": 1},
+                                   error=error)  # fmt: skip
+    return handed
+
+
 def test_config_key_ignores_key_order():
     assert config_key({"a": 1, "b": {"c": 2, "d": 3}}) == config_key({"b": {"d": 3, "c": 2}, "a": 1})
     assert config_key({"a": 1}) != config_key({"a": 1.5})
@@ -32,13 +46,7 @@ def test_config_key_ignores_key_order():
 def test_each_configuration_runs_once_then_the_search_ends(seed):
     inner = _optuna(seed)
     searcher = DistinctSearcher(inner, max_repeats=10)
-    handed = []
-    for i in range(10):
-        config = searcher.suggest(f"t{i}")
-        if config == Searcher.FINISHED:
-            break
-        handed.append(config)
-        searcher.on_trial_complete(f"t{i}", {"score": _score(config), "training_iteration": 1})
+    handed = _run_to_the_end(searcher, 0, 10)
     # the 2 x 2 space: four trials, all different, then FINISHED (and FINISHED from then on)
     assert len(handed) == 4 and len({config_key(c) for c in handed}) == 4
     assert searcher.exhausted and searcher.suggest("late") == Searcher.FINISHED
@@ -81,15 +89,8 @@ def test_a_repeat_of_a_running_trial_learns_its_outcome_when_it_ends():
 def test_a_failed_trial_runs_again_when_proposed_again():
     inner = _optuna()
     searcher = DistinctSearcher(inner, max_repeats=40)
-    first = searcher.suggest("t0")
-    searcher.on_trial_complete("t0", None, error=True)
-    handed = []
-    for i in range(1, 8):
-        config = searcher.suggest(f"t{i}")
-        if config == Searcher.FINISHED:
-            break
-        handed.append(config)
-        searcher.on_trial_complete(f"t{i}", {"score": _score(config)})
+    [first] = _run_to_the_end(searcher, 0, 1, error=True)
+    handed = _run_to_the_end(searcher, 1, 8)
     assert first in handed  # it failed: nothing to reuse
     assert len({config_key(c) for c in handed}) == len(handed) == 4
 
@@ -108,13 +109,7 @@ def test_state_survives_a_checkpoint(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.done == searcher.done and restored.running == searcher.running
     restored.on_trial_complete("t1", {"score": _score(running)})  # the trial that ran across the restart
-    handed = [config, running]
-    for i in range(2, 8):
-        c = restored.suggest(f"t{i}")
-        if c == Searcher.FINISHED:
-            break
-        handed.append(c)
-        restored.on_trial_complete(f"t{i}", {"score": _score(c)})
+    handed = [config, running, *_run_to_the_end(restored, 2, 8)]
     assert len(handed) == 4 and len({config_key(c) for c in handed}) == 4
 
 
