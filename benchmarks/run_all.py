@@ -13,7 +13,9 @@ meaningful on a machine doing nothing else):
 - ``bench_coarse_cache``: wall time of a refinement-only search (8 two-stage trials) with / without the
   coarse cache;
 - ``bench_allocator``: training steps (U-Net/ResNet-18 + DySPN 7x7, CamVid size) with glibc's malloc
-  defaults vs ``spntune/allocator.py``'s settings, in processes of their own, alternating.
+  defaults vs ``spntune/allocator.py``'s settings, in processes of their own, alternating;
+- ``bench_repeats``: the share of a refinement-only search's trials that TPE spends on configurations it
+  already ran, alone and behind ``DistinctSearcher`` (no training: the sampler's proposals only).
 
 The process runs with ``spntune/allocator.py``'s malloc settings, as trials and ``spntune train`` do
 (``timing.malloc_settings``; ``bench_allocator`` compares both in child processes of their own). Every ratio is
@@ -40,11 +42,12 @@ import bench_allocator
 import bench_coarse_cache
 import bench_loader
 import bench_propagation
+import bench_repeats
 import bench_triton_gpu
 from timing import malloc_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("propagation", "triton_gpu", "loader", "coarse_cache", "allocator")
+BENCHMARKS = ("propagation", "triton_gpu", "loader", "coarse_cache", "allocator", "repeats")
 
 
 def machine() -> str:
@@ -182,6 +185,14 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
             (name, f"{case}: page faults per step, reuse", r["reuse"]["faults_per_step"], ""),
             (name, f"{case}: peak memory reuse / glibc defaults", r["peak_rss_reuse_over_default"], ""),
         ]
+    elif name == "repeats":
+        case = f"{r['trials']} trials on {r['configurations']} configurations ({r['seeds']} seeds)"
+        rows += [
+            (name, f"{case}: share repeating a configuration, TPE alone", r["repeat_share_tpe"], ""),
+            (name, f"{case}: share repeating a configuration, DistinctSearcher", r["repeat_share_distinct"], "0"),
+            (name, f"{case}: distinct configurations trained, DistinctSearcher / TPE alone",
+             r["distinct_distinct"] / r["distinct_tpe"], ""),
+        ]  # fmt: skip
     return rows
 
 
@@ -206,6 +217,8 @@ def run(names: list[str], quick: bool) -> dict[str, Any]:
         elif name == "allocator":
             results[name] = (bench_allocator.measure(shape=(2, 3, 32, 48), warm=1, steps=2, rounds=1) if quick
                              else bench_allocator.measure())  # fmt: skip
+        elif name == "repeats":
+            results[name] = bench_repeats.measure(8 if quick else 24, 1 if quick else 5)
         print(f"   {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 

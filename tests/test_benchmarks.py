@@ -23,12 +23,13 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     benches = {row["benchmark"] for row in report["table"]}
-    assert {"propagation", "loader", "coarse_cache"} <= benches
+    assert {"propagation", "loader", "coarse_cache", "repeats"} <= benches
     measures = {row["measure"] for row in report["table"]}
     assert "dyspn_7x7 step forward+backward / forward" in measures
     assert "cspn_3x3 the target's forward time / memory floor (256 MiB copy bandwidth)" in measures
     assert all(isinstance(row["value"], float) for row in report["table"])
     assert report["results"]["coarse_cache"]["final_scores_identical"] is True
+    assert report["results"]["repeats"]["repeat_share_distinct"] == 0.0
     assert report["malloc"].startswith("reuse") == (allocator.enabled() and allocator.is_glibc())  # as trials run
     assert ("triton_gpu" in report["skipped"]) != ("triton_gpu" in benches)  # skipped exactly when no CUDA
     assert ("allocator" in report["skipped"]) != ("allocator" in benches)  # skipped exactly off glibc

@@ -348,6 +348,13 @@ def _open_parent_run(opts: SearchOptions, uri: str, metric: str) -> SearchRun | 
     return SearchRun.open(uri, opts.experiment, opts.name, opts.experiment_path, params, opts.space_file, opts.resume)
 
 
+def tpe_sampler(seed: int, trials: int) -> optuna.samplers.TPESampler:
+    """The sampler of every search: multivariate TPE over groups (conditional spaces), a constant liar for
+    the trials still running, random for the first ``min(10, trials)``."""
+    return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                      n_startup_trials=min(10, trials))  # fmt: skip
+
+
 def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tuple[str, str]],
            callbacks: list[tune.Callback]) -> tuple[tune.Tuner, DistinctSearcher | None]:  # fmt: skip
     """A new Tuner and its searcher, or on ``--resume`` the stored one (its searcher, scheduler and callbacks
@@ -361,8 +368,7 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
                                   resume_errored=False), None  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
-    sampler = optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=opts.seed,
-                                         n_startup_trials=min(10, opts.trials))  # fmt: skip
+    sampler = tpe_sampler(opts.seed, opts.trials)
     optuna_search = OptunaSearch(space=opts.space.define_by_run, metric=metrics if len(metrics) > 1 else metric,
                                  mode=modes if len(modes) > 1 else mode, sampler=sampler,
                                  points_to_evaluate=opts.space.points_to_evaluate or None)  # fmt: skip
