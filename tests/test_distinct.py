@@ -2,8 +2,9 @@
 
 import optuna
 import pytest
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.search_generator import SearchGenerator
 
 from spntune.distinct import DistinctSearcher, config_key
 
@@ -45,7 +46,7 @@ def test_config_key_ignores_key_order():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_each_configuration_runs_once_then_the_search_ends(seed):
     inner = _optuna(seed)
-    searcher = DistinctSearcher(inner, max_repeats=10)
+    searcher = DistinctSearcher(inner, max_repeats=40)
     handed = _run_to_the_end(searcher, 0, 10)
     # the 2 x 2 space: four trials, all different, then FINISHED (and FINISHED from then on)
     assert len(handed) == 4 and len({config_key(c) for c in handed}) == 4
@@ -53,22 +54,26 @@ def test_each_configuration_runs_once_then_the_search_ends(seed):
     # TPE was told an outcome for every repeat it proposed: each equals the original's score
     study = inner._ot_study
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(finished) == 4 + searcher.skipped and searcher.skipped >= 10
+    assert len(finished) == 4 + searcher.skipped and searcher.skipped >= 40  # the last 40 asks all repeats
     for t in finished:
         assert t.value == _score(t.params)
 
 
-def test_a_repeat_of_a_running_trial_learns_its_outcome_when_it_ends():
+def test_repeats_of_running_trials_wait_for_their_outcome():
     inner = _optuna()
-    searcher = DistinctSearcher(inner, max_repeats=10)
+    searcher = DistinctSearcher(inner, max_repeats=40)
     running = {}
     for i in range(4):  # four trials at once: the whole space, while none has finished
         running[f"t{i}"] = searcher.suggest(f"t{i}")
     assert len({config_key(c) for c in running.values()}) == 4
-    assert searcher.suggest("t4") == Searcher.FINISHED  # every proposal repeats a running trial
-    parked = sum(len(ids) for ids in searcher.parked.values())
-    assert parked == searcher.skipped > 0
+    before = searcher.skipped  # repeats of running trials parked on the way
+    # every proposal repeats a running trial: no new trial yet, but no end either (a trial may still fail)
+    assert searcher.suggest("t4") is None and searcher.waiting and not searcher.exhausted
+    assert sum(len(ids) for ids in searcher.parked.values()) == searcher.skipped == before + 40
     study = inner._ot_study
+    asked = len(study.trials)
+    assert asked == 4 + searcher.skipped
+    assert searcher.suggest("t4") is None and len(study.trials) == asked  # waiting: TPE is not asked again
     assert all(t.state == optuna.trial.TrialState.RUNNING for t in study.trials)
     first = next(iter(running))
     key = config_key(running[first])
@@ -76,14 +81,17 @@ def test_a_repeat_of_a_running_trial_learns_its_outcome_when_it_ends():
     searcher.on_trial_result(first, {"score": 0.0, "training_iteration": 1})
     searcher.on_trial_complete(first, {"score": _score(running[first]), "training_iteration": 2})
     told = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert key not in searcher.parked and len(told) == 1 + repeats
+    assert key not in searcher.parked and len(told) == 1 + repeats and not searcher.waiting
     assert {t.value for t in told} == {_score(running[first])}
     # the others fail: their parked repeats are told they failed, and nothing is kept to reuse
+    failed = [config_key(running[t]) for t in list(running)[1:]]
     for trial_id in list(running)[1:]:
         searcher.on_trial_complete(trial_id, None, error=True)
-    assert not searcher.parked and not searcher.running
-    assert list(searcher.done) == [key]
+    assert not searcher.parked and not searcher.running and list(searcher.done) == [key]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # so the failed configurations run again; the one that finished does not
+    again = _run_to_the_end(searcher, 5, 12)
+    assert sorted(config_key(c) for c in again) == sorted(failed) and searcher.exhausted
 
 
 def test_a_failed_trial_runs_again_when_proposed_again():
@@ -95,22 +103,25 @@ def test_a_failed_trial_runs_again_when_proposed_again():
     assert len({config_key(c) for c in handed}) == len(handed) == 4
 
 
-def test_state_survives_a_checkpoint(tmp_path):
-    """What Ray's search generator saves for a wrapper (``get_state``) and the wrapped searcher's own file."""
-    searcher = DistinctSearcher(_optuna(), max_repeats=10)
+def test_state_survives_the_search_checkpoint(tmp_path):
+    """Through what Ray saves and restores on --resume: the search generator over a concurrency limiter over
+    the wrapper (``save_to_dir`` / ``restore_from_dir``, each wrapper's ``get_state`` / ``set_state``)."""
+    searcher = DistinctSearcher(_optuna(), max_repeats=40)
+    generator = SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=2))
     config = searcher.suggest("t0")
     searcher.on_trial_complete("t0", {"score": _score(config)})
     running = searcher.suggest("t1")
-    state = searcher.get_state()
-    searcher.save(str(tmp_path / "searcher.pkl"))
+    assert searcher.suggest("t2") is not None and searcher.skipped >= 0
+    searcher.on_trial_complete("t2", None, error=True)
+    generator.save_to_dir(str(tmp_path), session_str="s")
 
-    restored = DistinctSearcher(_optuna(), max_repeats=10)
-    restored.set_state(state)
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    assert restored.done == searcher.done and restored.running == searcher.running
+    restored = DistinctSearcher(_optuna(seed=7), max_repeats=40)
+    SearchGenerator(ConcurrencyLimiter(restored, max_concurrent=2)).restore_from_dir(str(tmp_path))
+    assert restored is not searcher
+    assert (restored.done, restored.running, restored.skipped) == (searcher.done, searcher.running, searcher.skipped)
     restored.on_trial_complete("t1", {"score": _score(running)})  # the trial that ran across the restart
-    handed = [config, running, *_run_to_the_end(restored, 2, 8)]
-    assert len(handed) == 4 and len({config_key(c) for c in handed}) == 4
+    handed = [config, running, *_run_to_the_end(restored, 3, 10)]
+    assert len(handed) == 4 and len({config_key(c) for c in handed}) == 4 and restored.exhausted
 
 
 def test_max_repeats_must_be_positive():

@@ -104,8 +104,9 @@ def test_smoke_search_two_trials(tmp_path, capsys):
 
 
 def test_a_configuration_that_ran_is_not_trained_again(tmp_path, capsys):
-    """A space of two configurations and four trials asked for: TPE proposes the two again and again; each
-    trains once (two trials), and the search ends when nothing new is proposed."""
+    """A space of two configurations, two trials at once and four asked for: TPE proposes the two again and
+    again; while both run the repeats wait for their results, each trains once (two trials), and the search
+    ends when nothing new is proposed."""
     space = tmp_path / "two.yaml"
     space.write_text(yaml.safe_dump({
         "name": "two", "metric": "refined_miou", "mode": "max",
@@ -113,7 +114,7 @@ def test_a_configuration_that_ran_is_not_trained_again(tmp_path, capsys):
                  "model.encoder_weights": None, "train.epochs": 1, "train.batch_size": 4},
         "params": {"refiner.kind": {"choice": ["none", "cspn"]}},
     }))  # fmt: skip
-    args = ["search", "--space", str(space), "--trials", "4", "--concurrency", "1", "--storage", str(tmp_path),
+    args = ["search", "--space", str(space), "--trials", "4", "--concurrency", "2", "--storage", str(tmp_path),
             "--name", "two", "--scheduler", "none", "--tracking-uri", "none", *TINY]  # fmt: skip
     assert main(args) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -284,6 +285,9 @@ def test_resume_after_killing_the_driver(tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags["spntune.ray_trial_id"] for c in children}) == 3
+    # the resumed search found the repeat-skipping searcher Ray restored (its state came from the checkpoint)
+    tags = parents[0].data.tags  # (the killed first run never got to set them)
+    assert tags["spntune.space_exhausted"] == "False" and "spntune.repeats_skipped" in tags
 
 
 @pytest.fixture

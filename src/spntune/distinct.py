@@ -9,14 +9,20 @@ When the wrapped searcher proposes a configuration that a trial of this search h
 wrapper tells the searcher that trial's outcome for the repeat (so TPE learns from it as if it had run)
 and asks again, under a fresh internal id; the Ray trial gets the first configuration not run before.
 A repeat of a trial still running is parked and told that trial's outcome when it ends (a failure, where it
-fails). After
-``max_repeats`` repeats in a row the space counts as exhausted: the wrapper returns ``FINISHED`` and the
-search ends with the trials it has (``exhausted`` says so).
+fails). One ``suggest`` asks at most ``max_repeats`` times:
+
+- where every one of them repeated a *finished* trial, the space counts as exhausted: the wrapper returns
+  ``FINISHED`` and the search ends with the trials it has (``exhausted`` says so);
+- where some repeated a trial still running, the wrapper waits: it returns None (Ray asks again later) and
+  asks the searcher nothing more until a trial ends, since a running trial may still fail and leave its
+  configuration to run again.
 
 What a repeat is told is the finished trial's last result (its metrics: the same values Ray gave the
 searcher for the original, early-stopped or not). A trial that failed leaves nothing to reuse: a repeat of
-it runs again. The wrapper's state travels in the search's checkpoints (``get_state`` / ``set_state``, as
-Ray's ``ConcurrencyLimiter``), so a resumed search still knows what ran.
+it runs again. Repeats told count as finished trials in Optuna's study, so on a small space TPE leaves its
+random start-up phase (``n_startup_trials``) after fewer distinct configurations. The wrapper's state
+travels in the search's checkpoints (``get_state`` / ``set_state``, as Ray's ``ConcurrencyLimiter``), so a
+resumed search still knows what ran.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class DistinctSearcher(Searcher):
         self.parked: dict[str, list[str]] = {}  # config key -> repeats waiting for the running original
         self.skipped = 0  # repeats not run
         self.exhausted = False
+        self.waiting = False  # a suggest found only repeats, some of running trials: wait for one to end
         self._asks = 0
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
@@ -63,7 +70,10 @@ class DistinctSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict | str | None:
         if self.exhausted:
             return Searcher.FINISHED
-        for repeat in range(self.max_repeats + 1):
+        if self.waiting:  # every recent proposal repeated a running trial: nothing new until one ends
+            return None
+        ran_only = True  # every proposal so far repeated a finished trial
+        for repeat in range(self.max_repeats):
             ask_id = trial_id if repeat == 0 else f"{trial_id}~repeat{self._next_ask()}"
             config = self.searcher.suggest(ask_id)
             if config is None or config == Searcher.FINISHED:
@@ -73,16 +83,20 @@ class DistinctSearcher(Searcher):
                 self.searcher.on_trial_complete(ask_id, result=dict(self.done[key]))
             elif any(k == key for _, k in self.running.values()):  # running: learns it when it ends
                 self.parked.setdefault(key, []).append(ask_id)
+                ran_only = False
             else:
                 self.running[trial_id] = (ask_id, key)
                 return config
             self.skipped += 1
-            log.info("not running %s again: a trial of this search already ran it", key)
+            log.info("not running %s again: a trial of this search ran it or runs it", key)
+        if not ran_only:
+            self.waiting = True
+            return None
         self.exhausted = True
         log.info(  # the search's summary says so too
             "ending the search: the last %d configurations proposed had all run already (the space has "
             "few distinct configurations)",
-            self.max_repeats + 1,
+            self.max_repeats,
         )
         return Searcher.FINISHED
 
@@ -98,6 +112,7 @@ class DistinctSearcher(Searcher):
         if trial_id not in self.running:
             return
         ask_id, key = self.running.pop(trial_id)
+        self.waiting = False
         self.searcher.on_trial_complete(ask_id, result=result, error=error)
         kept = self._metrics(result) if result and not error else None
         if kept is not None:
@@ -110,6 +125,14 @@ class DistinctSearcher(Searcher):
         names = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
         kept = {name: result[name] for name in names if name in result}
         return kept if len(kept) == len(names) else None
+
+    def on_pause(self, trial_id: str) -> None:  # schedulers that pause trials (BOHB), via ConcurrencyLimiter
+        if trial_id in self.running and hasattr(self.searcher, "on_pause"):
+            self.searcher.on_pause(self.running[trial_id][0])
+
+    def on_unpause(self, trial_id: str) -> None:
+        if trial_id in self.running and hasattr(self.searcher, "on_unpause"):
+            self.searcher.on_unpause(self.running[trial_id][0])
 
     def add_evaluated_point(self, parameters: dict, value: float, error: bool = False, pruned: bool = False,
                             intermediate_values: list[float] | None = None) -> None:  # fmt: skip

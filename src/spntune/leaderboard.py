@@ -110,7 +110,7 @@ class SearchSummary:
     tracking_notes: list[str] = field(default_factory=list)  # what MLflow got late, or lacks
     interrupted: bool = False  # Ctrl-C: `--resume` continues the search
     trials_asked: int = 0
-    repeats_skipped: int = 0  # configurations the searcher proposed again and were not run (distinct.py)
+    repeats_skipped: int | None = None  # proposals of configurations that had run, not run again (distinct.py)
     space_exhausted: bool = False  # the search ended early: the searcher proposed only configurations that ran
 
     @property

@@ -305,7 +305,7 @@ def _run_search(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
-            tuner, searcher = _tuner(opts, overrides, objectives, callbacks)
+            tuner = _tuner(opts, overrides, objectives, callbacks)
             results = tuner.fit()
     finally:
         _LISTENERS.pop(str(experiment), None)
@@ -313,6 +313,7 @@ def _run_search(
     rows = rank([_row(r, opts.space, metric, mode, overrides, watch.interrupted) for r in results], mode)
     summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
     summary.interrupted, summary.trials_asked = watch.interrupted, opts.trials
+    searcher = _distinct_searcher(tuner)
     if searcher is not None:
         summary.repeats_skipped, summary.space_exhausted = searcher.skipped, searcher.exhausted
     summary.pareto = pareto(rows, objectives) if len(objectives) > 1 else []
@@ -356,16 +357,15 @@ def tpe_sampler(seed: int, trials: int) -> optuna.samplers.TPESampler:
 
 
 def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tuple[str, str]],
-           callbacks: list[tune.Callback]) -> tuple[tune.Tuner, DistinctSearcher | None]:  # fmt: skip
-    """A new Tuner and its searcher, or on ``--resume`` the stored one (its searcher, scheduler and callbacks
-    restored; None for the searcher, which lives inside it)."""
+           callbacks: list[tune.Callback]) -> tune.Tuner:  # fmt: skip
+    """A new Tuner, or on ``--resume`` the stored one (its searcher, scheduler and callbacks restored)."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=opts.space, overrides=overrides),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if opts.resume:  # finished trials are not re-run
         return tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False), None  # fmt: skip
+                                  resume_errored=False)  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
     sampler = tpe_sampler(opts.seed, opts.trials)
@@ -385,7 +385,18 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
     run_config = tune.RunConfig(name=opts.name, storage_path=str(opts.storage.resolve()), verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks)  # fmt: skip
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), searcher
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _distinct_searcher(tuner: tune.Tuner) -> DistinctSearcher | None:
+    """The ``DistinctSearcher`` a Tuner ran its search with, state and all: the one ``_tuner`` built, or on
+    ``--resume`` the one Ray unpickled and gave the saved state (``set_state``). Read through Ray's private
+    ``Tuner._local_tuner`` (absent under Ray Client): None where it cannot be found, and the summary is
+    silent about repeats."""
+    alg = getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None), "search_alg", None)
+    while alg is not None and not isinstance(alg, DistinctSearcher):
+        alg = getattr(alg, "searcher", None)
+    return alg
 
 
 def _checkpoint_history(checkpoint: Any) -> list[dict[str, Any]]:
@@ -448,9 +459,9 @@ def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary
              "leaderboard/history": experiment / "history.csv"}  # fmt: skip
     files |= {f"plots/{p.stem}": p for p in search_plots(opts.space, summary.rows, mode, experiment / "plots")}
     best = next((r for r in summary.rows if r.status is not TrialStatus.ERROR and not math.isnan(r.best)), None)
-    # What DistinctSearcher did; a resumed search's searcher lives inside Ray's restored state: not known here.
+    # What DistinctSearcher did (over the whole search, resumes included)
     repeats = {"spntune.repeats_skipped": summary.repeats_skipped, "spntune.space_exhausted": summary.space_exhausted}
-    tags = {} if opts.resume else {k: str(v) for k, v in repeats.items()}
+    tags = {k: str(v) for k, v in repeats.items()} if summary.repeats_skipped is not None else {}
     parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None,
                   "KILLED" if summary.interrupted else "FINISHED", tags)  # fmt: skip
     summary.parent_run_id, summary.tracking_uri = parent.run_id, uri
