@@ -58,7 +58,6 @@ class DistinctSearcher(Searcher):
         self.skipped = 0  # repeats not run
         self.exhausted = False
         self.waiting = False  # a suggest found only repeats, some of running trials: wait for one to end
-        self._asks = 0
         super().__init__(metric=searcher.metric, mode=searcher.mode)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -74,7 +73,7 @@ class DistinctSearcher(Searcher):
             return None
         ran_only = True  # every proposal so far repeated a finished trial
         for repeat in range(self.max_repeats):
-            ask_id = trial_id if repeat == 0 else f"{trial_id}~repeat{self._next_ask()}"
+            ask_id = trial_id if repeat == 0 else f"{trial_id}~repeat{self.skipped}"  # skipped only grows: unique
             config = self.searcher.suggest(ask_id)
             if config is None or config == Searcher.FINISHED:
                 return config
@@ -99,10 +98,6 @@ class DistinctSearcher(Searcher):
             self.max_repeats,
         )
         return Searcher.FINISHED
-
-    def _next_ask(self) -> int:
-        self._asks += 1
-        return self._asks
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.running:

@@ -2,8 +2,9 @@
 
 One trial = ``train_segmentation`` behind a ``RayReporter``. The driver checks the options, opens
 the search's MLflow parent run, starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` (TPE,
-behind ``DistinctSearcher``: no configuration is trained twice) and ASHA, and turns Ray's results into leaderboard rows (``leaderboard.py``). ``--resume``
-continues an interrupted search from its storage folder (the Optuna study included).
+behind ``DistinctSearcher``: no configuration is trained twice) and ASHA, and turns Ray's results
+into leaderboard rows (``leaderboard.py``). ``--resume`` continues an interrupted search from its
+storage folder (the Optuna study included).
 
 Two Ray callbacks watch the trials from the driver. ``TrackingCallback`` gives each trial's MLflow
 run its final status as the trial ends; it pickles with its settings, so it keeps working after
