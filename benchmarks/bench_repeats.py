@@ -26,13 +26,16 @@ from spntune.distinct import DistinctSearcher, config_key
 from spntune.tune import tpe_sampler
 
 KERNELS = {"cspn": [3, 5, 7], "dyspn": [5, 7]}
+ITERATIONS = [2, 4, 6]
+AFFINITY_NETS = ["light", "unet"]
+CONFIGURATIONS = sum(len(kernels) for kernels in KERNELS.values()) * len(ITERATIONS) * len(AFFINITY_NETS)  # 30
 
 
 def space(trial: optuna.Trial) -> None:
     kind = trial.suggest_categorical("refiner.kind", ["cspn", "dyspn"])
     trial.suggest_categorical(f"{kind}.kernel_size", KERNELS[kind])
-    trial.suggest_categorical(f"{kind}.iterations", [2, 4, 6])
-    trial.suggest_categorical(f"{kind}.affinity_net", ["light", "unet"])
+    trial.suggest_categorical(f"{kind}.iterations", ITERATIONS)
+    trial.suggest_categorical(f"{kind}.affinity_net", AFFINITY_NETS)
 
 
 def score(config: dict[str, Any], rng: random.Random) -> float:
@@ -58,8 +61,8 @@ def search(trials: int, seed: int, distinct: bool) -> list[dict[str, Any]]:
     return ran
 
 
-def repeats(ran: list[dict[str, Any]]) -> int:
-    return len(ran) - len({config_key(c) for c in ran})
+def distinct(ran: list[dict[str, Any]]) -> int:
+    return len({config_key(c) for c in ran})
 
 
 def measure(trials: int = 24, seeds: int = 5) -> dict[str, Any]:
@@ -69,12 +72,13 @@ def measure(trials: int = 24, seeds: int = 5) -> dict[str, Any]:
         warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
         for seed in range(seeds):
             alone, behind = search(trials, seed, False), search(trials, seed, True)
-            per_seed.append({"seed": seed, "repeats_tpe": repeats(alone), "repeats_distinct": repeats(behind),
-                             "distinct_tpe": len(alone) - repeats(alone), "distinct_distinct": len(behind) - repeats(behind),
+            n_alone, n_behind = distinct(alone), distinct(behind)
+            per_seed.append({"seed": seed, "repeats_tpe": len(alone) - n_alone, "repeats_distinct": len(behind) - n_behind,
+                             "distinct_tpe": n_alone, "distinct_distinct": n_behind,
                              "trials_run_distinct": len(behind)})  # fmt: skip
     total = trials * seeds
     return {
-        "configurations": 30, "trials": trials, "seeds": seeds, "per_seed": per_seed,
+        "configurations": CONFIGURATIONS, "trials": trials, "seeds": seeds, "per_seed": per_seed,
         "repeat_share_tpe": sum(s["repeats_tpe"] for s in per_seed) / total,
         "repeat_share_distinct": sum(s["repeats_distinct"] for s in per_seed) / total,
         "distinct_tpe": sum(s["distinct_tpe"] for s in per_seed) / seeds,
