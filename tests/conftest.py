@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_database(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with its tables and nothing else, made once per session: MLflow creates a new
+    database by running its schema migrations, 3-6 s on 2 cores, which a dozen tests would each pay. The
+    smoke search test still has spntune create its database, as a first search does."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, _empty_mlflow_database) -> str:
+    """Tracking URI of a fresh MLflow database of this test's own (``tmp_path/mlflow.db``, a copy of the
+    empty one: no experiment but MLflow's Default, no run)."""
+    target = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_database, target)
+    return f"sqlite:///{target}"
 
 
 @pytest.fixture(autouse=True)

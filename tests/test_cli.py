@@ -70,10 +70,10 @@ def test_missing_config_file(capsys):
     assert "config file not found: no/such.yaml" in capsys.readouterr().err
 
 
-def test_train_with_mlflow_logs_a_standalone_run(tmp_path):
+def test_train_with_mlflow_logs_a_standalone_run(tmp_path, mlflow_sqlite):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     assert main(["train", "--smoke-test", "--tracking-uri", uri, "--output", str(tmp_path / "run")]) == 0
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])

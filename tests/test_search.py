@@ -51,7 +51,7 @@ def mlflow_runs(uri: str):
 
 
 def test_smoke_search_two_trials(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # no database yet: the search creates it (other tests copy an empty one)
     args = ["search", "--smoke-test", "--storage", str(tmp_path), "--name", "smoke", "--scheduler", "none",
             "--tracking-uri", uri, "--set", "train.viz_samples=1", *TINY]  # fmt: skip
     assert main(args) == 0
@@ -155,7 +155,7 @@ def test_make_demo_logs_pictures_for_every_trial(tmp_path):
         assert child.data.tags["best_epoch"] in {"1", "2"}
 
 
-def test_failing_trials_do_not_stop_the_search(tmp_path, capsys):
+def test_failing_trials_do_not_stop_the_search(tmp_path, capsys, mlflow_sqlite):
     """Three trials fail in three ways (a missing split, a loss that turns NaN, out of memory under
     ``train.memory_limit_gb``); each is errored with a readable reason and its MLflow run FAILED, and the
     fourth trial completes."""
@@ -175,7 +175,7 @@ def test_failing_trials_do_not_stop_the_search(tmp_path, capsys):
     }  # fmt: skip
     path = tmp_path / "err.yaml"
     path.write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     args = ["search", "--space", str(path), "--trials", "4", "--storage", str(tmp_path / "ray"), "--max-failures", "0",
             "--scheduler", "none", "--tracking-uri", uri]  # fmt: skip
     assert main(args) == 0
@@ -195,7 +195,7 @@ def test_failing_trials_do_not_stop_the_search(tmp_path, capsys):
             assert any(expected[batch] in r["error"] for r in rows)  # the leaderboard says the same
 
 
-def test_asha_stopped_trial_run_is_killed(tmp_path):
+def test_asha_stopped_trial_run_is_killed(tmp_path, mlflow_sqlite):
     space = {
         "name": "asha",
         "base": {"data.image_size": [64, 64], "data.train_size": 16, "data.val_size": 8, "train.epochs": 3,
@@ -206,7 +206,7 @@ def test_asha_stopped_trial_run_is_killed(tmp_path):
     }  # fmt: skip
     path = tmp_path / "asha.yaml"
     path.write_text(yaml.safe_dump(space))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     args = ["search", "--space", str(path), "--trials", "2", "--concurrency", "1", "--storage", str(tmp_path / "ray"),
             "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2", "--tracking-uri", uri]  # fmt: skip
     assert main(args) == 0
@@ -234,9 +234,9 @@ def _results(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def test_resume_after_killing_the_driver(tmp_path):
+def test_resume_after_killing_the_driver(tmp_path, mlflow_sqlite):
     storage, name = tmp_path / "ray", "resume"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     args = ["search", "--smoke-test", "--trials", "3", "--concurrency", "1", "--scheduler", "none", "--tracking-uri", uri,
             "--storage", str(storage), "--name", name, "--set", "train.epochs=3", *TINY]  # fmt: skip
     tag = uuid.uuid4().hex  # marks the driver and every Ray process it starts
@@ -368,7 +368,7 @@ def history(experiment: Path) -> dict[str, list[dict]]:
 
 # "report" (a crash as the epoch is reported, ~1 min) runs in make test-slow; "start" keeps the retry path in make test
 @pytest.mark.parametrize("point", ["start", pytest.param("report", marks=pytest.mark.slow)])
-def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, capsys):
+def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, capsys, mlflow_sqlite):
     import ray
 
     from spntune.config import SEARCH_SMOKE_OVERRIDES
@@ -383,7 +383,7 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     node_tmp.mkdir()
     ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2:{point}", "TMPDIR": str(node_tmp)}},
              include_dashboard=False)  # fmt: skip
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     space = SearchSpace(
         name="retry", base={**SEARCH_SMOKE_OVERRIDES, "train.epochs": 3, "data.train_size": 8, "data.limit_train": 8}
     )
@@ -435,7 +435,7 @@ def test_bad_search_flags_are_refused_before_anything_starts(tmp_path, capsys, f
     assert list(tmp_path.iterdir()) == []  # nothing written: no search folder, no MLflow store
 
 
-def test_driver_callbacks_work_after_the_pickle_ray_restores_them_from(tmp_path):
+def test_driver_callbacks_work_after_the_pickle_ray_restores_them_from(tmp_path, mlflow_sqlite):
     """On --resume Ray restores the run config's callbacks by unpickling them: the tracking callback must
     still close runs, and the listener callback must find this process's live table."""
     import pickle
@@ -448,7 +448,7 @@ def test_driver_callbacks_work_after_the_pickle_ray_restores_them_from(tmp_path)
     from spntune.tracking import TAG_PARENT, TAG_STATUS, TAG_TRIAL
     from spntune.tune import _LISTENERS, ListenerCallback, TrackingCallback
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     client = MlflowClient(uri)
     experiment = client.create_experiment("spntune")
     parent = client.create_run(experiment).info.run_id

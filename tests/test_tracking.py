@@ -13,10 +13,10 @@ TINY = {
 }  # fmt: skip
 
 
-def test_standalone_run_logs_everything(tmp_path):
+def test_standalone_run_logs_everything(tmp_path, mlflow_sqlite):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     train_segmentation({**TINY, "tracking.uri": uri, "tracking.run_name": "debug"})
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
@@ -26,7 +26,7 @@ def test_standalone_run_logs_everything(tmp_path):
     assert run.data.params["refiner.kind"] == "cspn" and "tracking.uri" not in run.data.params
 
 
-def test_failure_inside_training_ends_the_run_failed(tmp_path, monkeypatch):
+def test_failure_inside_training_ends_the_run_failed(tmp_path, monkeypatch, mlflow_sqlite):
     from mlflow.tracking import MlflowClient
 
     from spntune import losses
@@ -40,7 +40,7 @@ def test_failure_inside_training_ends_the_run_failed(tmp_path, monkeypatch):
         return losses.cross_entropy(logits, target)
 
     monkeypatch.setitem(losses.LOSSES, "ce", flaky)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     with pytest.raises(FloatingPointError):
         no_refiner = {k: v for k, v in TINY.items() if not k.startswith("refiner.")}  # none takes no settings
         train_segmentation({**no_refiner, "tracking.uri": uri, "refiner.kind": "none"})
@@ -58,10 +58,10 @@ def test_unreachable_mlflow_does_not_stop_training(caplog):
     assert any("training continues" in r.getMessage() or "not tracked" in r.getMessage() for r in caplog.records)
 
 
-def test_predict_from_a_run_and_from_a_checkpoint(tmp_path, capsys):
+def test_predict_from_a_run_and_from_a_checkpoint(tmp_path, capsys, mlflow_sqlite):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     train_segmentation({**TINY, "tracking.uri": uri, "output_dir": str(tmp_path / "train")})
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spntune").experiment_id])
@@ -80,8 +80,8 @@ def test_predict_from_a_run_and_from_a_checkpoint(tmp_path, capsys):
     assert "nonexistent" in capsys.readouterr().err
 
 
-def test_best_reads_the_leaderboard_from_mlflow(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_best_reads_the_leaderboard_from_mlflow(tmp_path, capsys, mlflow_sqlite):
+    uri = mlflow_sqlite
     args = ["search", "--smoke-test", "--storage", str(tmp_path / "ray"), "--name", "lb", "--scheduler", "none",
             "--tracking-uri", uri, "--no-viz", "--set", "data.train_size=8", "--set", "data.limit_train=8"]  # fmt: skip
     assert main(args) == 0
@@ -198,7 +198,7 @@ def test_evaluate_scores_at_original_size_exactly_what_predict_writes(tmp_path, 
     assert "nosuch" in capsys.readouterr().err
 
 
-def test_end_of_search_sweep_creates_backfills_and_closes_every_trial_run(tmp_path, monkeypatch):
+def test_end_of_search_sweep_creates_backfills_and_closes_every_trial_run(tmp_path, monkeypatch, mlflow_sqlite):
     """The driver's sweep: a trial whose run MLflow never got is created with its history, a run that
     lacks epochs gets them, every run gets its final status; a backfill that fails half-way still
     closes the run it created (nothing stays RUNNING)."""
@@ -208,7 +208,7 @@ def test_end_of_search_sweep_creates_backfills_and_closes_every_trial_run(tmp_pa
     from spntune.leaderboard import TrialRow
     from spntune.status import TrialStatus
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_sqlite
     client = MlflowClient(uri)
     exp = client.create_experiment("spntune")
     parent = client.create_run(exp, tags={"spntune.search": "s"}).info.run_id
