@@ -25,7 +25,7 @@ TINY = ["--set", "data.train_size=8", "--set", "data.val_size=4", "--set", "data
         "--set", "data.limit_val=4"]  # fmt: skip
 MARKER = "SPNTUNE_LOOPBACK_CLUSTER"
 
-pytestmark = pytest.mark.slow  # 1.5-3 min on 2 busy cores (Ray start, a job, two trials); .ci/run runs it
+pytestmark = pytest.mark.slow  # 1.5-3 min on 2 busy cores (Ray start, a job, two trials): make test-slow
 
 
 def dashboard_status(url: str, token: str | None) -> int:

@@ -92,7 +92,7 @@ def test_closing_lines_name_the_store_used_and_how_to_browse_it(uri, expected, a
     assert "MLflow: search run abc123 at " in text
 
 
-@pytest.mark.slow  # 2-4 min on 2 busy cores (server start, two trials logging through it); .ci/run runs it
+@pytest.mark.slow  # 2-4 min on 2 busy cores (server start, two trials logging through it): make test-slow
 def test_search_logs_through_an_authenticated_server(mlflow_server):
     uri, tmp_path, start_output = mlflow_server
     credentials = tmp_path / "home" / ".spntune" / "mlflow.env"
