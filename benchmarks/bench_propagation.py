@@ -215,7 +215,8 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
     maps blocks of 32 MB and more anew and pages them in on first write), alternating twice in this
     process; ms per case. Also, with the pool, one step's forward and forward+backward (the ``<= 3`` ratio
     at maps larger than a server CPU's L3, where the small shape's inputs partly stay in cache between
-    calls and its forward, with the smaller working set, gains more from that)."""
+    calls and its forward, with the smaller working set, gains more from that), and the forward's fraction
+    of the map's clone bandwidth (``forward_of_clone_bandwidth``; the clone timed alongside)."""
     b, c, h, w = shape
     torch.manual_seed(0)
     x0 = torch.randn(b, c, h, w)
@@ -238,8 +239,14 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
                     best[key] = min(best[key], 1000 * s)
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)  # the pool on (the loop ended with it off)
             weights = _weights(name, k, aff, att)
-            fwd_s, step_s, _ = _step_times(x, x0, weights, k, 4 * repeats)
+            fwd_s, step_s, clone_s = _step_times(x, x0, weights, k, 4 * repeats)
             best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * fwd_s, 1000 * step_s
+            # the forward's fraction of the map's clone bandwidth where the map (44 MB) is larger than the L3:
+            # the clone runs at memory speed here, not at cache speed as at the make bench shape
+            present = (weights[1] is not None, weights[2] is not None, len(weights) > 3)
+            best["forward_of_clone_bandwidth"] = (
+                step_bytes(shape, k, *present)[0] / fwd_s / _clone_bandwidth(x, clone_s)
+            )
             out[f"{name}_{k}x{k}"] = best
     finally:
         if saved is None:
@@ -392,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{case} T={args.iterations} forward+backward at {r['pool_shape']}: with the buffer pool "
             f"{p['pool_ms']:.0f} ms, without {p['no_pool_ms']:.0f} ms ({p['no_pool_ms'] / p['pool_ms']:.2f}x); "
             f"one step forward {p['step_forward_ms']:.1f} ms, forward+backward {p['step_fwd_bwd_ms']:.1f} ms "
-            f"({p['step_fwd_bwd_ms'] / p['step_forward_ms']:.2f}x)"
+            f"({p['step_fwd_bwd_ms'] / p['step_forward_ms']:.2f}x), forward at {p['forward_of_clone_bandwidth']:.2f} of "
+            "the map's clone bandwidth"
         )
 
 

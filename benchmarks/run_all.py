@@ -159,6 +159,8 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                          p["no_pool_ms"] / p["pool_ms"], ""))  # fmt: skip
             rows.append((name, f"{case} step forward+backward / forward at {r['pool_shape']}",
                          p["step_fwd_bwd_ms"] / p["step_forward_ms"], "<= 3"))  # fmt: skip
+            rows.append((name, f"{case} forward, fraction of the map's clone bandwidth at {r['pool_shape']}",
+                         p["forward_of_clone_bandwidth"], ">= 0.5"))  # fmt: skip
     elif name == "triton_gpu":
         for shape, per in r["shapes"].items():
             for case, m in per["cases"].items():

@@ -27,6 +27,7 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     measures = {row["measure"] for row in report["table"]}
     assert "dyspn_7x7 step forward+backward / forward" in measures
     assert "cspn_3x3 the target's forward time / memory floor (256 MiB copy bandwidth)" in measures
+    assert any(m.startswith("dyspn_7x7 forward, fraction of the map's clone bandwidth at [") for m in measures)
     assert all(isinstance(row["value"], float) for row in report["table"])
     assert report["results"]["coarse_cache"]["final_scores_identical"] is True
     assert report["results"]["repeats"]["repeat_share_distinct"] == 0.0
