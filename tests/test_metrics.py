@@ -9,9 +9,28 @@ from spntune.metrics import (
     ConfusionMatrix,
     boundary_band,
     boundary_width,
+    class_ids,
     confusion_matrix,
     scores_from_confusion,
 )
+
+
+def test_class_ids_by_hand_first_maximum_on_ties_and_nan_wins():
+    # [1, 3, 1, 4]: pixel 0 class 1; pixel 1 a tie of classes 0 and 2 (the first); pixel 2 a NaN in class 2;
+    # pixel 3 NaN in classes 1 and 2 (the first NaN)
+    nan = math.nan
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0], [1.0, 2.0, 0.0, nan], [0.0, 5.0, nan, nan]]).view(1, 3, 1, 4)
+    assert class_ids(logits).tolist() == [[[1, 0, 2, 1]]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_class_ids_equal_argmax(dtype):
+    """Integer-valued scores (ties everywhere) with NaNs, contiguous and channels-last, as argmax(1)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (2, 11, 9, 13), generator=g).to(dtype)
+    logits[0, 4, 3, 3] = logits[1, 2, 0, 5] = logits[1, 9, 0, 5] = math.nan
+    for x in (logits, logits.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(class_ids(x), x.argmax(1))
 
 
 def test_confusion_matrix_by_hand():

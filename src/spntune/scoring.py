@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from spntune.data.base import PairTransform, to_tensors
 from spntune.leaderboard import class_key
-from spntune.metrics import SegmentationMeter
+from spntune.metrics import SegmentationMeter, class_ids
 
 __all__ = ["flat_metrics", "predict_at_original_size", "score_at_original_size"]
 
@@ -58,7 +58,7 @@ def predict_at_original_size(
     logits = {"coarse": out.coarse_logits, "refined": out.refined_logits}
     logits |= {f"step_{t}": step for t, step in enumerate(out.steps)} if steps else {}
     size = image.shape[:2]
-    return {k: F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False).argmax(1)[0].cpu()
+    return {k: class_ids(F.interpolate(v.float(), size=size, mode="bilinear", align_corners=False))[0].cpu()
             for k, v in logits.items()}  # fmt: skip
 
 

@@ -45,7 +45,7 @@ from spntune.data.cache import CachedDataset
 from spntune.data.transforms import build_transform
 from spntune.errors import CheckpointError, ConfigError, NonFiniteLossError, TrialOutOfMemoryError
 from spntune.losses import build_loss
-from spntune.metrics import SegmentationMeter
+from spntune.metrics import SegmentationMeter, class_ids
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
 from spntune.models.coarse import cpu_bf16_native, feature_channels
 from spntune.models.memory import release_buffers
@@ -306,12 +306,12 @@ def evaluate(
             torch.cuda.synchronize(device)
         forward_seconds += time.perf_counter() - t0
         images += image.shape[0]
-        coarse_meter.update(out.coarse_logits.argmax(1), target)
-        refined_meter.update(out.refined_logits.argmax(1), target)
+        coarse_meter.update(class_ids(out.coarse_logits), target)
+        refined_meter.update(class_ids(out.refined_logits), target)
         if not step_meters:
             step_meters = [SegmentationMeter(num_classes, boundary=False) for _ in out.steps]
         for meter, step in zip(step_meters, out.steps, strict=True):
-            meter.update(step.argmax(1), target)
+            meter.update(class_ids(step), target)
         if loss_fn is not None:
             loss_sum += float(loss_fn(out.refined_logits.float(), target)) * image.shape[0]
             loss_n += image.shape[0]

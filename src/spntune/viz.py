@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from spntune.data.base import IGNORE_INDEX, denormalise
 from spntune.data.voc import voc_palette
+from spntune.metrics import class_ids
 
 __all__ = [
     "PALETTE",
@@ -77,9 +78,9 @@ def _render_example(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(panel, strip)`` RGB arrays for one normalised ``[3, H, W]`` image and its ``[H, W]`` target."""
     result = model(image.unsqueeze(0).to(device), return_steps=True)
-    coarse = result.coarse_logits.argmax(1)[0].cpu().numpy()
-    refined = result.refined_logits.argmax(1)[0].cpu().numpy()
-    steps = [s.argmax(1)[0].cpu().numpy() for s in result.steps]
+    coarse = class_ids(result.coarse_logits)[0].cpu().numpy()
+    refined = class_ids(result.refined_logits)[0].cpu().numpy()
+    steps = [class_ids(s)[0].cpu().numpy() for s in result.steps]
     return mask_panel(denormalise(image), target.numpy(), coarse, refined), step_strip(steps)
 
 
@@ -130,7 +131,7 @@ def grad_cam(
     try:
         with torch.enable_grad():
             logits = coarse(image)
-            pred = logits.argmax(1)
+            pred = class_ids(logits)
             if classes is None:
                 areas = torch.bincount(pred.flatten(), minlength=logits.shape[1])
                 classes = [int(c) for c in areas.argsort(descending=True)[:top] if areas[c] > 0]
