@@ -75,6 +75,12 @@ def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, factored: 
     return dyspn_factored_weights(aff, att, k) if factored else dyspn_weights(aff, att, k)
 
 
+def _terms(weights: tuple) -> tuple[bool, bool, bool]:  # type: ignore[type-arg]
+    """Which of the self weight, the anchor weight and DySPN's ring scale a ``_weights`` tuple holds: the
+    arguments ``step_bytes`` and ``step_multiply_adds`` take after ``k``."""
+    return weights[1] is not None, weights[2] is not None, len(weights) > 3
+
+
 def _call(step, h, x0, weights: tuple, k: int) -> torch.Tensor:  # type: ignore[no-untyped-def, type-arg]
     return step(h, x0, *weights[:3], k, *weights[3:])
 
@@ -248,9 +254,8 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
             best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * fwd_s, 1000 * step_s
             # the forward's fraction of the map's clone bandwidth where the map (44 MB) is larger than the L3:
             # the clone runs at memory speed here, not at cache speed as at the make bench shape
-            present = (weights[1] is not None, weights[2] is not None, len(weights) > 3)
             best["forward_of_clone_bandwidth"] = (
-                step_bytes(shape, k, *present)[0] / fwd_s / _clone_bandwidth(x, clone_s)
+                step_bytes(shape, k, *_terms(weights))[0] / fwd_s / _clone_bandwidth(x, clone_s)
             )
             out[f"{name}_{k}x{k}"] = best
     finally:
@@ -289,7 +294,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
         weights = _weights(name, k, aff, att)
-        present = (weights[1] is not None, weights[2] is not None, len(weights) > 3)  # self, anchor, ring scale
+        present = _terms(weights)
         min_bytes, bwd_bytes = step_bytes(shape, k, *present)
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)
         fast_s, step_s, clone_s = _step_times(x, x0, weights, k, repeats * 3)
