@@ -111,7 +111,7 @@ def test_state_survives_the_search_checkpoint(tmp_path):
     config = searcher.suggest("t0")
     searcher.on_trial_complete("t0", {"score": _score(config)})
     running = searcher.suggest("t1")
-    assert searcher.suggest("t2") is not None and searcher.skipped >= 0
+    assert searcher.suggest("t2") is not None
     searcher.on_trial_complete("t2", None, error=True)
     generator.save_to_dir(str(tmp_path), session_str="s")
 
