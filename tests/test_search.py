@@ -376,7 +376,8 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     from spntune.tune import SearchOptions, run_search
 
     marker = tmp_path / "crashed"
-    # Ray workers get the variable from the runtime environment; run_search reuses this Ray instance.
+    # Ray workers get the variable from the runtime environment; run_search reuses this Ray instance and
+    # leaves it running: a Ray the caller started is the caller's to shut down.
     # "start": the crash comes right after epoch 1's report (Ray may not have synced its result yet);
     # "report": epoch 2 is trained and evaluated, but neither MLflow nor Ray hears of it.
     node_tmp = tmp_path / "node-tmp"  # the workers' TMPDIR: where trials stage their checkpoints
@@ -387,8 +388,12 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     space = SearchSpace(
         name="retry", base={**SEARCH_SMOKE_OVERRIDES, "train.epochs": 3, "data.train_size": 8, "data.limit_train": 8}
     )
-    summary = run_search(SearchOptions(space=space, trials=1, scheduler="none", max_failures=1, storage=tmp_path / "ray",
-                                       name="retry", tracking_uri=uri))  # fmt: skip
+    try:
+        summary = run_search(SearchOptions(space=space, trials=1, scheduler="none", max_failures=1,
+                                           storage=tmp_path / "ray", name="retry", tracking_uri=uri))  # fmt: skip
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
     assert marker.exists()  # it did crash, in epoch 2
     (row,) = summary.rows
     assert row.status == "completed" and row.epochs == 3
@@ -577,8 +582,9 @@ def test_ray_workers_start_with_the_malloc_settings(monkeypatch):
         with open("/proc/self/environ", "rb") as fh:
             return fh.read()
 
-    _init_ray(None)
+    assert _init_ray(None) is True  # started it: run_search shuts down only a Ray it started
     try:
+        assert _init_ray(None) is False  # already up: kept as it is
         environ = ray.get(start_environment.remote(), timeout=120).split(b"\0")
     finally:
         ray.shutdown()

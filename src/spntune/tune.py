@@ -241,11 +241,12 @@ def _drop_token_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
-def _init_ray(address: str | None) -> None:
+def _init_ray(address: str | None) -> bool:
+    """Starts (or connects to) Ray unless this process already did; whether it started or connected now."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy engine: verbose=0 is silent, our table shows progress
     if ray.is_initialized():
-        return
+        return False
     if not address:
         # A Ray started here uses token authentication (Ray's default for local clusters since 2.60;
         # the token lives in ~/.ray/auth_token). Ray says so in a warning on every start that the user
@@ -265,6 +266,7 @@ def _init_ray(address: str | None) -> None:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:400]
         raise ClusterError(f"could not start or reach {where}: {first}") from None
+    return True
 
 
 def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> SearchSummary:
@@ -297,7 +299,7 @@ def _run_search(
         overrides |= {"tracking.uri": uri, "tracking.experiment": opts.experiment, "tracking.parent_run_id": parent.run_id,
                       "tracking.search_name": opts.name, "tracking.viz": opts.viz}  # fmt: skip
         callbacks.append(TrackingCallback(uri, opts.experiment, parent.run_id, opts.space, overrides))
-    _init_ray(opts.address)
+    started = _init_ray(opts.address)
     if listener is not None:
         _LISTENERS[str(experiment)] = listener
     watch = _InterruptWatch()
@@ -322,7 +324,7 @@ def _run_search(
     write_history(rows, experiment / "history.csv")
     if parent is not None and uri is not None:
         _finish_parent_run(parent, uri, opts, summary, mode)
-    if not opts.address:
+    if started and not opts.address:  # a local Ray of its own; a Ray the caller started stays theirs
         ray.shutdown()
     return summary
 
