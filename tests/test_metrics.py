@@ -83,8 +83,36 @@ def test_all_ignore_image():
 
 
 def test_out_of_range_ids_are_rejected():
-    with pytest.raises(ValueError, match="outside 0..2"):
+    with pytest.raises(ValueError, match="target has class ids outside 0..2"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
+    with pytest.raises(ValueError, match="target has class ids outside 0..2"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([-1, 1]), 3)
+    with pytest.raises(ValueError, match="pred has class ids outside 0..2"):
+        confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="pred has class ids outside 0..2"):
+        confusion_matrix(torch.tensor([-1, 1]), torch.tensor([0, 1]), 3)
+    # a prediction where the target is void is not scored, so not checked either
+    assert confusion_matrix(torch.tensor([0, 9]), torch.tensor([0, 255]), 3).tolist() == [
+        [1, 0, 0],
+        [0, 0, 0],
+        [0, 0, 0],
+    ]
+    assert confusion_matrix(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 2).tolist() == [
+        [0, 0], [0, 0]]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+def test_confusion_matrix_counts_every_valid_pixel_once(dtype):
+    """Against counting pixel by pixel, with void pixels (255) spread through the batch."""
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 5, (3, 17, 23), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = 255
+    pred = torch.randint(0, 5, (3, 17, 23), generator=g)
+    expected = [[0] * 5 for _ in range(5)]
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist(), strict=True):
+        if t != 255:
+            expected[t][p] += 1
+    assert confusion_matrix(pred.to(dtype), target.to(dtype), 5).tolist() == expected
 
 
 def test_boundary_band_by_hand():
