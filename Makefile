@@ -44,8 +44,8 @@ demo: $(STAMP)
 	rm -rf runs/ray/demo
 	$(BIN)/spntune search --space smoke --trials 6 --concurrency 2 --name demo --storage runs/ray
 
-# tests/run.py: pytest, then os._exit with its status (skips interpreter teardown, where threads Ray leaves
-# behind after a dozen in-process ray.init/shutdown cycles once crashed the process after all tests passed).
+# tests/run.py: pytest, then os._exit with its status (skips interpreter teardown: once the process crashed
+# there after all tests passed, likely under the threads Ray leaves behind after each in-process ray.shutdown).
 test: $(STAMP)
 	$(BIN)/python tests/run.py -q --durations=12
 

@@ -7,8 +7,9 @@ Why: tests start and stop Ray in this process a dozen times (``run_search`` with
 service, OpenCensus' harvester loop; Ray's own issue 31145: restarting Ray in one process is not safe), as
 do Arrow's and OpenBLAS' thread pools. A CI run ended in a segmentation fault (exit 139) *after* every test
 passed and pytest printed "587 passed"; the likely cause is C++ static destructors running at interpreter
-exit under those threads, which Ray's own workers avoid by leaving through os._exit too. Nothing is lost here: pytest has finished and written everything by then; only Python's atexit
-handlers and module teardown are skipped, and every test that starts Ray shuts it down itself.
+exit under those threads, which Ray's own workers avoid by leaving through os._exit too. Nothing is lost
+here: pytest has finished and written everything by then; only Python's atexit handlers and module teardown
+are skipped, and every test that starts Ray shuts it down itself.
 
 Plain ``python -m pytest`` still works; it is only exposed to that teardown crash.
 """
@@ -20,13 +21,8 @@ import sys
 
 import pytest
 
-
-def main(argv: list[str]) -> int:
-    return int(pytest.main(argv))
-
-
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    code = int(pytest.main(sys.argv[1:]))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
