@@ -19,6 +19,7 @@ import yaml
 from fixtures import PROCESS_MARKER, end_processes, free_port, make_folder
 
 from spntune.cli import main
+from spntune.search_options import read_settings
 
 SPNTUNE = [sys.executable, "-m", "spntune.cli"]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -263,17 +264,18 @@ def test_resume_after_killing_the_driver(tmp_path, mlflow_sqlite):
     finished_before = {d.name: len(_results(d)) for d in experiment.glob("run_trial_*") if len(_results(d)) == 3}
     assert finished_before
 
-    try:
-        resumed = subprocess.run([*SPNTUNE, *args, "--resume"], capture_output=True, text=True, env=env, timeout=900)
+    try:  # the same command with --resume, and one trial more (search_options.resumed, tune.GrowableSearch)
+        resumed = subprocess.run([*SPNTUNE, *args, "--resume", "--trials", "4"], capture_output=True, text=True,
+                                 env=env, timeout=900)  # fmt: skip
     finally:
         end_processes(tag)  # a Ray left behind by a resume that timed out
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     # the live table follows the resumed search: a line per epoch of every trial that still had epochs to run
     followed = {line.split()[1] for line in resumed.stdout.splitlines() if re.match(r"trial \S+ epoch \d", line)}
-    assert len(followed) >= 3 - len(finished_before), resumed.stdout
+    assert len(followed) >= 4 - len(finished_before), resumed.stdout
     rows = leaderboard(experiment)
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows), rows
-    assert len({r["trial_id"] for r in rows}) == 3
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
+    assert len({r["trial_id"] for r in rows}) == 4
     for trial, count in finished_before.items():
         assert len(_results(experiment / trial)) == count  # finished trials were not re-run
     trials = history(experiment)
@@ -283,11 +285,41 @@ def test_resume_after_killing_the_driver(tmp_path, mlflow_sqlite):
     # MLflow: the same parent run, one child run per trial (a resumed trial continues its run)
     _, parents, children = mlflow_runs(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
-    assert len({c.data.tags["spntune.ray_trial_id"] for c in children}) == 3
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags["spntune.ray_trial_id"] for c in children}) == 4
     # the resumed search found the repeat-skipping searcher Ray restored (its state came from the checkpoint)
     tags = parents[0].data.tags  # (the killed first run never got to set them)
     assert tags["spntune.space_exhausted"] == "False" and "spntune.repeats_skipped" in tags
+    assert parents[0].data.params["trials"] == "3" and tags["spntune.trials"] == "4"
+    assert read_settings(experiment)["trials"] == 4
+
+
+@pytest.mark.slow  # two real searches, 45-50 s: make test-slow (the killed-driver test grows a search by one trial)
+def test_a_finished_search_grows_with_more_trials(tmp_path, capsys):
+    """``--resume --trials N`` on a finished search runs only the new trials: the finished one is not re-run
+    and the new one is a configuration not run before (TPE and DistinctSearcher go on from what they saw)."""
+    args = ["search", "--smoke-test", "--trials", "1", "--scheduler", "none", "--no-mlflow", "--storage", str(tmp_path),
+            "--name", "grow", *TINY]  # fmt: skip
+    assert main(args) == 0
+    experiment = tmp_path / "grow"
+    first = {d.name: _results(d) for d in experiment.glob("run_trial_*")}
+    assert len(first) == 1 and read_settings(experiment)["trials"] == 1
+    capsys.readouterr()
+    # a bare resume: every setting (--smoke-test's and --set's keys, --no-mlflow...) is the search's own
+    assert main(["search", "--storage", str(tmp_path), "--name", "grow", "--resume", "--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials" in out, out
+    rows = leaderboard(experiment)
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    for trial, results in first.items():
+        assert _results(experiment / trial) == results  # not run again
+    new = {r["trial_id"] for r in rows} - {trial.split("_")[2] for trial in first}
+    assert len(new) == 1
+    followed = {line.split()[1] for line in out.splitlines() if re.match(r"trial \S+ epoch \d", line)}
+    assert followed == new, out
+    assert len({r["pipeline"] for r in rows}) == 2  # a configuration not run before
+    assert read_settings(experiment)["trials"] == 2
+    assert not list(experiment.glob(".spntune_search.json.*"))  # the settings were replaced atomically
 
 
 @pytest.fixture

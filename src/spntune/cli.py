@@ -44,39 +44,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from spntune.config import SEARCH_SMOKE_OVERRIDES, parse_set_args
-    from spntune.search_options import SearchOptions, check_search
+    from spntune.search_options import SearchOptions, check_search, resumed
     from spntune.space import builtin_space_path, load_space
 
-    space = load_space(args.space)
+    space_arg = args.space or "smoke"
+    space = load_space(space_arg)
+    sets = parse_set_args(args.set or [])
+    # The options set on this command line (None: not given). A new search takes SearchOptions' defaults for
+    # the others; --resume takes the settings the search started with (search_options.resumed).
+    flags = {
+        "trials": args.trials, "concurrency": args.concurrency, "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial, "scheduler": args.scheduler, "grace_period": args.grace_period,
+        "reduction_factor": args.reduction_factor, "metric": args.metric,
+        "objectives": None if args.objective is None else [o.strip() for o in args.objective.split(",") if o.strip()],
+        "max_failures": args.max_failures, "seed": args.seed, "experiment": args.experiment,
+        "overrides": {**(SEARCH_SMOKE_OVERRIDES if args.smoke_test else {}), **sets} or None,
+        "tracking_uri": "none" if args.no_mlflow else args.tracking_uri, "viz": False if args.no_viz else None,
+    }  # fmt: skip
+    given = {key: value for key, value in flags.items() if value is not None}
     opts = SearchOptions(
         space=space,
-        trials=args.trials if args.trials is not None else (2 if args.smoke_test else 8),
-        concurrency=args.concurrency,
-        gpus_per_trial=args.gpus_per_trial,
-        cpus_per_trial=args.cpus_per_trial,
-        scheduler=args.scheduler,
-        grace_period=args.grace_period,
-        reduction_factor=args.reduction_factor,
-        metric=args.metric,
-        objectives=[o.strip() for o in args.objective.split(",") if o.strip()],
+        **{"trials": 2 if args.smoke_test else 8, **given},
         address=args.address,
         name=args.name or space.name,
         storage=Path(args.storage),
         resume=args.resume,
-        max_failures=args.max_failures,
-        overrides={**(SEARCH_SMOKE_OVERRIDES if args.smoke_test else {}), **parse_set_args(args.set or [])},
-        seed=args.seed,
         top=args.top,
-        tracking_uri="none" if args.no_mlflow else args.tracking_uri,
-        experiment=args.experiment,
-        viz=not args.no_viz,
-        space_file=Path(args.space) if Path(args.space).is_file() else builtin_space_path(args.space),
+        space_file=Path(space_arg) if Path(space_arg).is_file() else builtin_space_path(space_arg),
     )
+    opts = resumed(opts, given.keys() | ({"space"} if args.space else set()))
     check_search(opts)  # refuse bad input before importing torch, Ray and MLflow
     from spntune.console import LiveTable, print_search_summary
     from spntune.tune import run_search
 
-    with LiveTable(args.metric or space.metric) as table:
+    with LiveTable(opts.metric or opts.space.metric) as table:
         summary = run_search(opts, table)
     print_search_summary(summary, opts.top)
     return 130 if summary.interrupted else 0  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -151,23 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     search = sub.add_parser("search", help="hyperparameter search with Ray Tune + Optuna")
-    search.add_argument("--space", default="smoke", help="search space YAML, or a built-in: smoke, pets, voc, camvid")
+    search.add_argument("--space", help="search space YAML, or a built-in: smoke, pets, voc, camvid (default smoke)")
     search.add_argument("--trials", type=int, help="number of trials (default 8; 2 with --smoke-test)")
-    search.add_argument("--concurrency", type=int, default=2, help="trials running at once")
-    search.add_argument("--gpus-per-trial", type=float, default=0.0, help="fraction of a GPU per trial, e.g. 0.5")
-    search.add_argument("--cpus-per-trial", type=float, default=1.0)
-    search.add_argument("--scheduler", choices=["asha", "none"], default="asha", help="ASHA early stopping on epochs")
-    search.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
-    search.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep 1/factor at each rung")
+    search.add_argument("--concurrency", type=int, help="trials running at once (default 2)")
+    search.add_argument("--gpus-per-trial", type=float, help="fraction of a GPU per trial, e.g. 0.5 (default 0)")
+    search.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    search.add_argument("--scheduler", choices=["asha", "none"], help="ASHA early stopping on epochs (default asha)")
+    search.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be stopped (default 1)")
+    search.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/factor at each rung (default 2)")
     search.add_argument("--metric", help="metric to optimise (default: the space's, refined_miou)")
-    search.add_argument("--objective", default="miou", help="miou, or miou,latency for a Pareto search")
+    search.add_argument("--objective", help="miou (default), or miou,latency for a Pareto search")
     search.add_argument("--address", help="Ray cluster address (auto or HOST:PORT); default: start Ray here")
     search.add_argument("--name", help="search name (default: the space's name)")
     search.add_argument("--storage", default="runs/ray", help="folder for Ray results and checkpoints")
-    search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
-    search.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial from its checkpoint")
+    search.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the search of this name with its own settings; a larger --trials adds trials to it",
+    )
+    search.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 1)")
     search.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a trial key for every trial")
-    search.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    search.add_argument("--seed", type=int, help="TPE sampler seed (default 0)")
     search.add_argument("--top", type=int, default=10, help="leaderboard rows to print")
     search.add_argument(
         "--smoke-test",
@@ -175,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="2 tiny trials of seconds each, without pictures (--space smoke alone logs them, as make demo does)",
     )
     search.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow_runs)")
-    search.add_argument("--experiment", default="spntune", help="MLflow experiment name")
+    search.add_argument("--experiment", help="MLflow experiment name (default spntune)")
     search.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
     search.add_argument(
         "--no-viz", action="store_true", help="skip mask panels and Grad-CAM artifacts (large searches)"

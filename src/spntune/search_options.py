@@ -5,11 +5,14 @@ roots in well under a second, before it imports torch, Ray or MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hashlib
+import json
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +21,33 @@ from typing import Any
 from spntune import allocator
 from spntune.config import ConfigError, TrialConfig
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
-from spntune.space import SearchSpace
+from spntune.space import BUILTIN_SPACES, SearchSpace, builtin_space_path, load_space
 
-__all__ = ["OBJECTIVES", "SearchOptions", "check_data", "check_search", "check_storage", "search_lock"]
+__all__ = ["KEPT_ON_RESUME", "OBJECTIVES", "SETTINGS_FILE", "SearchOptions", "check_data", "check_search",
+           "check_storage", "read_settings", "resumed", "search_lock", "write_settings"]  # fmt: skip
 
 #: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "miou": ("refined_miou", "max"),
     "latency": ("infer_ms_per_image", "min"),
 }
+
+
+#: The settings a search started with, in its folder (``write_settings``): what ``--resume`` keeps.
+SETTINGS_FILE = "spntune_search.json"
+
+#: What a resumed search keeps from its start, ``SearchOptions`` field -> the flag that sets it. Ray restores
+#: the searcher (space, metric, objectives, seed), the scheduler, the concurrency limit, the retries, the
+#: resources and the callbacks (tracking) from the search's own state, and every trial of a search runs
+#: one space with the same ``--set`` keys; a flag that asks otherwise on ``--resume`` would be ignored, so
+#: it is refused instead (``resumed``). ``--trials`` may grow on a resume: the search runs the new trials.
+KEPT_ON_RESUME: dict[str, str] = {
+    "space": "--space", "concurrency": "--concurrency", "gpus_per_trial": "--gpus-per-trial",
+    "cpus_per_trial": "--cpus-per-trial", "scheduler": "--scheduler", "grace_period": "--grace-period",
+    "reduction_factor": "--reduction-factor", "metric": "--metric", "objectives": "--objective",
+    "max_failures": "--max-failures", "overrides": "--set", "seed": "--seed",
+    "tracking_uri": "--tracking-uri / --no-mlflow", "experiment": "--experiment", "viz": "--no-viz",
+}  # fmt: skip
 
 
 @dataclass
@@ -95,6 +116,8 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     if bad:
         raise ConfigError("; ".join(bad))
     objectives = opts.objective_list()
+    if opts.resume:  # the options (after resumed()) are the search's own: any other is refused
+        resumed(opts, given=KEPT_ON_RESUME.keys() | {"trials"})
     _check_resources(opts)
     cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
     if cfg.data.root and not Path(cfg.data.root).is_dir():
@@ -185,3 +208,133 @@ def _check_resources(opts: SearchOptions) -> None:
             f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus} GPU{'s' * (gpus != 1)}, so no "
             "trial could ever start; use 0 here, or --address to run on a cluster with GPUs"
         )
+
+
+def _space_ref(opts: SearchOptions) -> tuple[str, str | None]:
+    """How the settings name the space (a built-in's name, else the file's absolute path) and the sha256
+    of its file (None where there is no file: a space built in code)."""
+    path = opts.space_file
+    if path is None or not path.is_file():
+        return opts.space.name, None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    builtin = next((n for n in BUILTIN_SPACES if builtin_space_path(n).resolve() == path.resolve()), None)
+    return builtin or str(path.resolve()), digest
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, keys strings): settings compare so."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def settings(opts: SearchOptions) -> dict[str, Any]:
+    """What ``write_settings`` records: the trial budget, and every ``KEPT_ON_RESUME`` option."""
+    space, digest = _space_ref(opts)
+    kept = {key: _jsonable(getattr(opts, key)) for key in KEPT_ON_RESUME if key != "space"}
+    return {"version": 1, "trials": opts.trials, "space": space, "space_sha256": digest, **kept}
+
+
+def write_settings(opts: SearchOptions) -> None:
+    """Record the search's settings in its folder (atomically: a reader sees the old file or the new one).
+    A new search writes them as it starts, a resume that adds trials its new ``trials``."""
+    path = opts.experiment_path / SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{SETTINGS_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(settings(opts), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_settings(experiment: Path) -> dict[str, Any] | None:
+    """The settings recorded in a search's folder; None for a search started before they were recorded."""
+    path = experiment / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the search's settings {path}: {exc}") from None
+    missing = [key for key in ("trials", "space", *KEPT_ON_RESUME) if key not in stored]
+    if not isinstance(stored, dict) or missing:
+        raise ConfigError(f"{path} is not a search's settings file (missing {', '.join(missing) or 'everything'})")
+    return stored
+
+
+def _stored_space(stored: dict[str, Any], experiment: Path) -> tuple[SearchSpace, Path]:
+    ref = stored["space"]
+    path = builtin_space_path(ref) if ref in BUILTIN_SPACES else Path(ref)
+    if not path.is_file():
+        raise ConfigError(
+            f"the search at {experiment} ran the space {ref}, which is gone; pass --space with that space's file"
+        )
+    if hashlib.sha256(path.read_bytes()).hexdigest() != stored["space_sha256"]:
+        raise ConfigError(
+            f"the space file {path} changed since the search at {experiment} started; its trials must all come "
+            "from one space: put the file back as it was, or start a new search (another --name)"
+        )
+    return load_space(path), path
+
+
+def resumed(opts: SearchOptions, given: Collection[str]) -> SearchOptions:
+    """The options of ``--resume``: what the user did not give (``given``: ``SearchOptions`` fields set on
+    the command line) comes from the settings the search started with, what they gave must match them,
+    and ``--trials`` may grow (never shrink). A search from before settings were recorded resumes with
+    its options unchecked, as it always did.
+
+    Raises:
+        ConfigError: naming every flag that differs from the search's own setting, and both values.
+    """
+    experiment = opts.experiment_path
+    stored = read_settings(experiment) if opts.resume else None
+    if stored is None:
+        return opts
+    changes: dict[str, Any] = {}
+    bad = []
+    if "space" in given:
+        ref, digest = _space_ref(opts)
+        if digest != stored["space_sha256"]:
+            bad.append(f"--space {ref} is not the space this search ran ({stored['space']}"
+                       + (", changed since" if ref == stored["space"] else "") + ")")  # fmt: skip
+    else:
+        changes["space"], changes["space_file"] = _stored_space(stored, experiment)
+    for key, flag in KEPT_ON_RESUME.items():
+        if key == "space":
+            continue
+        if key not in given:
+            changes[key] = stored[key]
+        elif _jsonable(getattr(opts, key)) != stored[key]:
+            bad.append(_difference(key, flag, _jsonable(getattr(opts, key)), stored[key]))
+    if "trials" not in given:
+        changes["trials"] = stored["trials"]
+    elif opts.trials < stored["trials"]:
+        bad.append(f"--trials {opts.trials}: the search has {stored['trials']}; a resume can add trials, not drop them")
+    if bad:
+        raise ConfigError(
+            f"--resume continues the search at {experiment} with the settings it started with: "
+            + "; ".join(bad)
+            + ". Leave these flags out to keep them, or start a new search (another --name)"
+        )
+    if isinstance(changes.get("overrides"), dict):
+        changes["overrides"] = dict(changes["overrides"])
+    if isinstance(changes.get("objectives"), list):
+        changes["objectives"] = list(changes["objectives"])
+    return dataclasses.replace(opts, **changes)
+
+
+def _difference(key: str, flag: str, value: Any, stored: Any) -> str:
+    """One refused flag of a resume, in the words of its flag: what it asks, what the search has."""
+    if key == "overrides":
+        changed = [f"{k}={value[k]} where the search has {k}={stored[k]}" for k in sorted(value) if k in stored
+                   and value[k] != stored[k]]  # fmt: skip
+        added = [f"{k}={value[k]}, which the search does not set" for k in sorted(value) if k not in stored]
+        missing = sorted(set(stored) - set(value))
+        left = [f"without {', '.join(missing)}, which the search sets"] if missing else []
+        return "--set (and --smoke-test): " + "; ".join(changed + added + left)
+    if key == "viz":
+        return "--no-viz, where the search draws mask pictures"
+    if key == "tracking_uri":
+        asked = (
+            "--no-mlflow" if value == "none" else f"--tracking-uri {value}" if value else "MLflow at the default URI"
+        )
+        had = "no MLflow" if stored == "none" else f"MLflow at {stored}" if stored else "MLflow at the default URI"
+        return f"{asked}, where the search tracks {had}"
+    shown = {"objectives": lambda v: ",".join(v)}.get(key, lambda v: "(default)" if v is None else str(v))
+    return f"{flag} {shown(value)} where the search has {shown(stored)}"

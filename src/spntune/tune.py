@@ -4,7 +4,9 @@ One trial = ``train_segmentation`` behind a ``RayReporter``. The driver checks t
 the search's MLflow parent run, starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` (TPE,
 behind ``DistinctSearcher``: no configuration is trained twice) and ASHA, and turns Ray's results
 into leaderboard rows (``leaderboard.py``). ``--resume`` continues an interrupted search from its
-storage folder (the Optuna study included).
+storage folder (the Optuna study included), with the settings it started with
+(``search_options.resumed``); a larger ``--trials`` adds trials to a search, interrupted or finished
+(``GrowableSearch``).
 
 Two Ray callbacks watch the trials from the driver. ``TrackingCallback`` gives each trial's MLflow
 run its final status as the trial ends; it pickles with its settings, so it keeps working after
@@ -29,6 +31,7 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from spntune.allocator import worker_env
@@ -54,7 +57,9 @@ from spntune.search_options import (
     check_data,
     check_search,
     check_storage,
+    read_settings,
     search_lock,
+    write_settings,
 )
 from spntune.space import SearchSpace
 from spntune.status import TrialStatus
@@ -70,6 +75,7 @@ from spntune.trainables import HISTORY_FILE, read_history, train_segmentation
 
 __all__ = [
     "OBJECTIVES",
+    "GrowableSearch",
     "ListenerCallback",
     "RayReporter",
     "SearchOptions",
@@ -309,6 +315,8 @@ def _run_search(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
             tuner = _tuner(opts, overrides, objectives, callbacks)
+            if not opts.resume or read_settings(experiment) is not None:
+                write_settings(opts)  # a new search's settings, or a resume's larger --trials
             results = tuner.fit()
     finally:
         _LISTENERS.pop(str(experiment), None)
@@ -367,15 +375,22 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if opts.resume:  # finished trials are not re-run
-        return tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False)  # fmt: skip
+        tuner = tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False)  # fmt: skip
+        alg = _search_alg(tuner)
+        if isinstance(alg, GrowableSearch):
+            alg.trials = opts.trials  # Ray restores the budget the search had; the settings say this one
+        return tuner
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
     sampler = tpe_sampler(opts.seed, opts.trials)
     optuna_search = OptunaSearch(space=opts.space.define_by_run, metric=metrics if len(metrics) > 1 else metric,
                                  mode=modes if len(modes) > 1 else mode, sampler=sampler,
                                  points_to_evaluate=opts.space.points_to_evaluate or None)  # fmt: skip
-    searcher = DistinctSearcher(optuna_search)  # a configuration that ran is not run again
+    # A configuration that ran is not run again (DistinctSearcher); at most --concurrency trials at once
+    # (what TuneConfig.max_concurrent_trials would wrap around a Searcher, built here because GrowableSearch
+    # is already a SearchGenerator, which Ray does not wrap).
+    searcher = GrowableSearch(ConcurrencyLimiter(DistinctSearcher(optuna_search), max_concurrent=opts.concurrency))
     scheduler = (
         ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode, max_t=1000,
                       grace_period=opts.grace_period, reduction_factor=opts.reduction_factor)
@@ -384,11 +399,34 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
     # A fresh actor re-imports torch + smp (~5 s here); the trainable is a pure function of its
     # config (it reseeds itself), so actors can be reused safely.
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=opts.trials,
-                                  max_concurrent_trials=opts.concurrency, reuse_actors=True)  # fmt: skip
+                                  reuse_actors=True)  # fmt: skip
     run_config = tune.RunConfig(name=opts.name, storage_path=str(opts.storage.resolve()), verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks)  # fmt: skip
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+class GrowableSearch(SearchGenerator):
+    """Ray's ``SearchGenerator`` (which runs a ``Searcher`` for a budget of ``num_samples`` trials) whose budget
+    a resume can raise. Ray keeps the budget in the search's state and restores it on ``Tuner.restore``,
+    whatever the new command asks; ``trials``, set on the restored object before ``fit``, replaces it once the
+    state is loaded. Nothing else changes: the finished trials stay finished, the Optuna study (TPE) and
+    ``DistinctSearcher`` keep what they learnt, and the new trials come on top."""
+
+    def __init__(self, searcher: Any) -> None:
+        super().__init__(searcher)
+        self.trials: int | None = None  # None: the restored budget
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if self.trials is not None and self.trials > self._total_samples:
+            self._total_samples = self.trials
+
+
+def _search_alg(tuner: tune.Tuner) -> Any:
+    """The search algorithm a Tuner holds (the one ``_tuner`` built, or on ``--resume`` the one Ray unpickled),
+    through Ray's private ``Tuner._local_tuner`` (absent under Ray Client: None)."""
+    return getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None), "search_alg", None)
 
 
 def _distinct_searcher(tuner: tune.Tuner) -> DistinctSearcher | None:
@@ -396,7 +434,7 @@ def _distinct_searcher(tuner: tune.Tuner) -> DistinctSearcher | None:
     ``--resume`` the one Ray unpickled and gave the saved state (``set_state``). Read through Ray's private
     ``Tuner._local_tuner`` (absent under Ray Client): None where it cannot be found, and the summary is
     silent about repeats."""
-    alg = getattr(getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None), "search_alg", None)
+    alg = _search_alg(tuner)
     while alg is not None and not isinstance(alg, DistinctSearcher):
         alg = getattr(alg, "searcher", None)
     return alg
@@ -465,6 +503,7 @@ def _finish_parent_run(parent: SearchRun, uri: str, opts: SearchOptions, summary
     # What DistinctSearcher did (over the whole search, resumes included)
     repeats = {"spntune.repeats_skipped": summary.repeats_skipped, "spntune.space_exhausted": summary.space_exhausted}
     tags = {k: str(v) for k, v in repeats.items()} if summary.repeats_skipped is not None else {}
+    tags["spntune.trials"] = str(opts.trials)  # the run's trials param is the first budget; a resume may add
     parent.finish(experiment / "leaderboard.csv", files, best.trial_id if best else None,
                   "KILLED" if summary.interrupted else "FINISHED", tags)  # fmt: skip
     summary.parent_run_id, summary.tracking_uri = parent.run_id, uri
