@@ -191,3 +191,52 @@ def test_a_refused_resume_imports_nothing_heavy(started):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "2 []", out.stdout + out.stderr
     assert "--seed 1 where the search has 5" in out.stderr
+
+
+def test_a_space_given_in_code_without_a_file_resumes_by_its_name(tmp_path, handed):
+    opts = SearchOptions(space=load_space("smoke"), name="code", storage=tmp_path)  # no space_file: no sha recorded
+    write_settings(opts)
+    assert read_settings(opts.experiment_path)["space_sha256"] is None
+    for flags in ([], ["--space", "smoke"]):
+        with pytest.raises(Handed) as caught:
+            main(["search", "--name", "code", "--storage", str(tmp_path), "--resume", *flags])
+        assert caught.value.opts.space.name == "smoke"
+
+
+def test_growing_records_only_the_budget(started, tmp_path):
+    """A resume that names a copy of the space keeps the original's path in the settings."""
+    from spntune.search_options import grow_settings
+
+    before = read_settings(started.experiment_path)
+    grow_settings(started.experiment_path, 9)
+    assert read_settings(started.experiment_path) == {**before, "trials": 9}
+
+
+def test_growth_that_cannot_take_effect_is_refused_and_not_recorded(started):
+    """Where the restored search algorithm is not a GrowableSearch (a search from before it, Ray Client), a
+    larger --trials would be ignored by Ray: refused, and the settings keep their budget."""
+    from dataclasses import replace
+
+    from spntune.tune import _record_settings
+
+    grown = replace(started, resume=True, trials=9)
+    with pytest.raises(ConfigError, match="--trials 9: the search at .* cannot add trials here"):
+        _record_settings(grown, object())
+    assert read_settings(started.experiment_path)["trials"] == 4
+    _record_settings(replace(started, resume=True), object())  # the same budget: nothing to take effect
+
+
+@pytest.mark.parametrize("content", ["null", "5", "[1, 2]", '{"trials": "many"}'])
+def test_settings_that_are_not_an_object_of_settings_are_refused(started, content):
+    (started.experiment_path / SETTINGS_FILE).write_text(content)
+    with pytest.raises(ConfigError, match="is not a search's settings file"):
+        read_settings(started.experiment_path)
+
+
+def test_pictures_asked_where_the_search_has_none_are_named_that_way(started):
+    from dataclasses import replace
+
+    from spntune.search_options import check_search
+
+    with pytest.raises(ConfigError, match="mask pictures, where the search has --no-viz"):
+        check_search(replace(started, resume=True, viz=True))

@@ -24,7 +24,7 @@ from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.space import BUILTIN_SPACES, SearchSpace, builtin_space_path, load_space
 
 __all__ = ["KEPT_ON_RESUME", "OBJECTIVES", "SETTINGS_FILE", "SearchOptions", "check_data", "check_search",
-           "check_storage", "read_settings", "resumed", "search_lock", "write_settings"]  # fmt: skip
+           "check_storage", "grow_settings", "read_settings", "resumed", "search_lock", "write_settings"]  # fmt: skip
 
 #: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -52,6 +52,10 @@ KEPT_ON_RESUME: dict[str, str] = {
 
 @dataclass
 class SearchOptions:
+    """A search's options. On ``resume`` every field of ``KEPT_ON_RESUME`` must match the search's settings,
+    and ``trials`` is the search's new total: more than it had grows it (code that resumes a search passes
+    the budget it wants, as the CLI does after ``resumed``)."""
+
     space: SearchSpace
     trials: int = 8
     concurrency: int = 2
@@ -234,12 +238,24 @@ def settings(opts: SearchOptions) -> dict[str, Any]:
 
 
 def write_settings(opts: SearchOptions) -> None:
-    """Record the search's settings in its folder (atomically: a reader sees the old file or the new one).
-    A new search writes them as it starts, a resume that adds trials its new ``trials``."""
-    path = opts.experiment_path / SETTINGS_FILE
+    """Record a new search's settings in its folder, as it starts."""
+    _write(opts.experiment_path, settings(opts))
+
+
+def grow_settings(experiment: Path, trials: int) -> None:
+    """Record a resume's larger trial budget; every other setting stays as the search started (the space's
+    file among them, even where the resume named a copy of it)."""
+    stored = read_settings(experiment)
+    if stored is not None:
+        _write(experiment, {**stored, "trials": trials})
+
+
+def _write(experiment: Path, record: dict[str, Any]) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    path = experiment / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{SETTINGS_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps(settings(opts), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
@@ -252,9 +268,11 @@ def read_settings(experiment: Path) -> dict[str, Any] | None:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the search's settings {path}: {exc}") from None
-    missing = [key for key in ("trials", "space", *KEPT_ON_RESUME) if key not in stored]
-    if not isinstance(stored, dict) or missing:
-        raise ConfigError(f"{path} is not a search's settings file (missing {', '.join(missing) or 'everything'})")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path} is not a search's settings file (a JSON object)")
+    missing = [key for key in ("trials", "space", "space_sha256", *KEPT_ON_RESUME) if key not in stored]
+    if missing or not isinstance(stored["trials"], int):
+        raise ConfigError(f"{path} is not a search's settings file (missing {', '.join(missing) or 'trials'})")
     return stored
 
 
@@ -265,7 +283,8 @@ def _stored_space(stored: dict[str, Any], experiment: Path) -> tuple[SearchSpace
         raise ConfigError(
             f"the search at {experiment} ran the space {ref}, which is gone; pass --space with that space's file"
         )
-    if hashlib.sha256(path.read_bytes()).hexdigest() != stored["space_sha256"]:
+    # (no sha: a search started from code with a space of no file; its name is all there is to go by)
+    if stored["space_sha256"] is not None and hashlib.sha256(path.read_bytes()).hexdigest() != stored["space_sha256"]:
         raise ConfigError(
             f"the space file {path} changed since the search at {experiment} started; its trials must all come "
             "from one space: put the file back as it was, or start a new search (another --name)"
@@ -290,7 +309,8 @@ def resumed(opts: SearchOptions, given: Collection[str]) -> SearchOptions:
     bad = []
     if "space" in given:
         ref, digest = _space_ref(opts)
-        if digest != stored["space_sha256"]:
+        same = digest == stored["space_sha256"] if stored["space_sha256"] is not None else ref == stored["space"]
+        if not same:
             bad.append(f"--space {ref} is not the space this search ran ({stored['space']}"
                        + (", changed since" if ref == stored["space"] else "") + ")")  # fmt: skip
     else:
@@ -329,7 +349,11 @@ def _difference(key: str, flag: str, value: Any, stored: Any) -> str:
         left = [f"without {', '.join(missing)}, which the search sets"] if missing else []
         return "--set (and --smoke-test): " + "; ".join(changed + added + left)
     if key == "viz":
-        return "--no-viz, where the search draws mask pictures"
+        return (
+            "--no-viz, where the search draws mask pictures"
+            if not value
+            else "mask pictures, where the search has --no-viz"
+        )
     if key == "tracking_uri":
         asked = (
             "--no-mlflow" if value == "none" else f"--tracking-uri {value}" if value else "MLflow at the default URI"

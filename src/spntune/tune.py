@@ -57,6 +57,7 @@ from spntune.search_options import (
     check_data,
     check_search,
     check_storage,
+    grow_settings,
     read_settings,
     search_lock,
     write_settings,
@@ -315,8 +316,7 @@ def _run_search(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
             tuner = _tuner(opts, overrides, objectives, callbacks)
-            if not opts.resume or read_settings(experiment) is not None:
-                write_settings(opts)  # a new search's settings, or a resume's larger --trials
+            _record_settings(opts, tuner)
             results = tuner.fit()
     finally:
         _LISTENERS.pop(str(experiment), None)
@@ -404,6 +404,24 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks)  # fmt: skip
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _record_settings(opts: SearchOptions, tuner: tune.Tuner) -> None:
+    """A new search's settings (``search_options.write_settings``), or a resume's larger trial budget once
+    the restored search algorithm has taken it (``GrowableSearch``): the file never claims trials that
+    will not run."""
+    if not opts.resume:
+        write_settings(opts)
+        return
+    stored = read_settings(opts.experiment_path)
+    if stored is None or opts.trials <= stored["trials"]:
+        return
+    if not isinstance(_search_alg(tuner), GrowableSearch):  # not one spntune built, or not reachable (Ray Client)
+        raise ConfigError(
+            f"--trials {opts.trials}: the search at {opts.experiment_path} cannot add trials here (its search "
+            f"algorithm is not reachable as spntune's GrowableSearch); resume it without --trials ({stored['trials']})"
+        )
+    grow_settings(opts.experiment_path, opts.trials)
 
 
 class GrowableSearch(SearchGenerator):
