@@ -70,9 +70,12 @@ def _kept(opts: SearchOptions) -> dict:
     return values
 
 
-def test_a_bare_resume_takes_every_setting_the_search_started_with(started, handed):
+def test_a_bare_resume_takes_every_setting_the_search_started_with(started, handed, capsys):
     with pytest.raises(Handed) as caught:
         main(_resume(started))
+    assert f"resuming {started.experiment_path} with the settings it started with (space mine; 4 trials)" in (
+        capsys.readouterr().out.replace("\n", "")
+    )
     opts = caught.value.opts
     assert _kept(opts) == _kept(started)
     assert opts.space_file == started.space_file.resolve()
@@ -89,9 +92,10 @@ def test_repeating_the_first_command_with_resume_is_accepted(started, handed, tm
     assert _kept(caught.value.opts) == _kept(started)
 
 
-def test_a_larger_trials_grows_the_search(started, handed):
+def test_a_larger_trials_grows_the_search(started, handed, capsys):
     with pytest.raises(Handed) as caught:
         main(_resume(started, "--trials", "9"))
+    assert "(space mine; 4 -> 9 trials)" in capsys.readouterr().out
     assert caught.value.opts.trials == 9
     assert caught.value.opts.concurrency == 3  # the rest stays the search's
     assert read_settings(started.experiment_path)["trials"] == 4  # run_search records it, once it runs

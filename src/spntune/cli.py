@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from spntune.config import SEARCH_SMOKE_OVERRIDES, parse_set_args
-    from spntune.search_options import SearchOptions, check_search, resumed
+    from spntune.search_options import SearchOptions, check_search, read_settings, resumed
     from spntune.space import builtin_space_path, load_space
 
     space_arg = args.space or "smoke"
@@ -74,8 +74,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
     opts = resumed(opts, given.keys() | ({"space"} if args.space else set()))
     check_search(opts)  # refuse bad input before importing torch, Ray and MLflow
-    from spntune.console import LiveTable, print_search_summary
+    from spntune.console import LiveTable, print_resume, print_search_summary
     from spntune.tune import run_search
+
+    stored = read_settings(opts.experiment_path) if opts.resume else None
+    if stored is not None:
+        print_resume(opts.experiment_path, opts.space.name, stored["trials"], opts.trials)
 
     with LiveTable(opts.metric or opts.space.metric) as table:
         summary = run_search(opts, table)

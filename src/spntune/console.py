@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ __all__ = [
     "make_console",
     "print_best",
     "print_results",
+    "print_resume",
     "print_search_summary",
     "print_ui_banner",
     "print_written",
@@ -244,6 +246,15 @@ def print_ui_banner(uri: str, host: str, port: int, console: Console | None = No
         f"listening on {host}: {reach}); Ctrl-C stops it",
         soft_wrap=True,
     )
+
+
+def print_resume(experiment: Path, space: str, trials_before: int, trials: int, console: Console | None = None) -> None:
+    """What `spntune search --resume` continues: the search, its space, and its trial budget (grown or not)."""
+    budget = f"{trials_before} -> {trials} trials" if trials > trials_before else f"{trials} trials"
+    (console or make_console()).print(
+        f"resuming {experiment} with the settings it started with (space {space}; {budget})",
+        soft_wrap=True, highlight=False,
+    )  # fmt: skip
 
 
 def print_written(lines: list[str], console: Console | None = None) -> None:

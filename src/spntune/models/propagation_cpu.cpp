@@ -458,7 +458,12 @@ inline void shifted_fmas(V& acc, const V* w, V a, V b, std::integer_sequence<int
 // shifts of one row come from two aligned loads and lane shifts instead of 2R+1 unaligned loads, all but
 // one of which cross a cache line (rows must start vector-aligned: RowRing's do). Positions without a
 // neighbour (the centre) point at a row of zeros: 1 / (2R+1)^2 of the FMAs are spent on them.
-// [4, 11, 192, 256] 7x7 forward on a 2-core Xeon VM: 2.7-2.8 ms through window_row, 2.2-2.3 ms here.
+// [4, 11, 192, 256] 7x7 forward on a 2-core Xeon VM: 2.7-2.8 ms through window_row, 2.2-2.3 ms here. On the
+// 2-core Zen 3 VM (AVX2: no one-instruction shift across a pair of 32-byte vectors, as valignd is), packed
+// weights with 2R+1 unaligned loads per row instead of the shifts (centre skipped), one step's forward on
+// preallocated buffers, both builds alternating 15 rounds in one process, best of each, results identical:
+// CSPN 3x3 / 5x5 / 7x7, DySPN 7x7 1.489 / 2.774 / 4.694 / 5.386 -> 1.424 / 3.076 / 5.433 / 6.573 ms. The
+// shifts stay.
 template <class P, int CB, int R, bool SCALED, typename T, class Init, class Store>
 inline void stencil_block(long t, long wt, int c0, long cs, const T* const* w, const T* const* sc,
                           const T* const* rows, Init& init, Store& store) {
