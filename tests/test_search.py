@@ -298,8 +298,9 @@ def test_resume_after_killing_the_driver(tmp_path, mlflow_sqlite):
 def test_a_finished_search_grows_with_more_trials(tmp_path, capsys):
     """``--resume --trials N`` on a finished search runs only the new trials: the finished one is not re-run
     and the new one is a configuration not run before (TPE and DistinctSearcher go on from what they saw)."""
-    args = ["search", "--smoke-test", "--trials", "1", "--scheduler", "none", "--no-mlflow", "--storage", str(tmp_path),
-            "--name", "grow", *TINY]  # fmt: skip
+    # ASHA (the default scheduler): its rungs must come back too
+    args = ["search", "--smoke-test", "--trials", "1", "--no-mlflow", "--storage", str(tmp_path), "--name", "grow",
+            *TINY]  # fmt: skip
     assert main(args) == 0
     experiment = tmp_path / "grow"
     first = {d.name: _results(d) for d in experiment.glob("run_trial_*")}
@@ -310,7 +311,7 @@ def test_a_finished_search_grows_with_more_trials(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 trials" in out, out
     rows = leaderboard(experiment)
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] in ("completed", "stopped") for r in rows), rows
     for trial, results in first.items():
         assert _results(experiment / trial) == results  # not run again
     new = {r["trial_id"] for r in rows} - {trial.split("_")[2] for trial in first}
@@ -320,6 +321,14 @@ def test_a_finished_search_grows_with_more_trials(tmp_path, capsys):
     assert len({r["pipeline"] for r in rows}) == 2  # a configuration not run before
     assert read_settings(experiment)["trials"] == 2
     assert not list(experiment.glob(".spntune_search.json.*"))  # the settings were replaced atomically
+    # ASHA's rungs came back (tune.SchedulerState): the grown search's last checkpoint (Ray's callback-state
+    # file) records, at the first milestone, the first trial (which never reported again) beside the new one
+    import cloudpickle
+
+    newest = sorted(experiment.glob("callback-states-*.pkl"))[-1]
+    states = [s for s in cloudpickle.loads(newest.read_bytes()).values() if s and "scheduler" in s]
+    rungs = {milestone: set(recorded) for milestone, recorded in states[0]["scheduler"]["_brackets"][0]._rungs}
+    assert rungs[1.0] == {r["trial_id"] for r in rows}, rungs
 
 
 @pytest.fixture

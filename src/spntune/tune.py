@@ -8,6 +8,9 @@ storage folder (the Optuna study included), with the settings it started with
 (``search_options.resumed``); a larger ``--trials`` adds trials to a search, interrupted or finished
 (``GrowableSearch``).
 
+``SchedulerState``, a third callback, keeps ASHA's rung records in the search's checkpoints (Ray does
+not), so a resumed or grown search's trials are still compared with every trial before them.
+
 Two Ray callbacks watch the trials from the driver. ``TrackingCallback`` gives each trial's MLflow
 run its final status as the trial ends; it pickles with its settings, so it keeps working after
 ``--resume`` (Ray restores callbacks from the pickled run config). ``ListenerCallback`` forwards
@@ -30,7 +33,7 @@ from typing import Any, Protocol
 import optuna
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -79,6 +82,7 @@ __all__ = [
     "GrowableSearch",
     "ListenerCallback",
     "RayReporter",
+    "SchedulerState",
     "SearchOptions",
     "TrackingCallback",
     "TrialListener",
@@ -184,6 +188,29 @@ class TrialListener(Protocol):
 
 #: Listeners of the searches running in this process, by search path (see ``ListenerCallback``).
 _LISTENERS: dict[str, TrialListener] = {}
+
+
+class SchedulerState(tune.Callback):
+    """Keeps the scheduler's state (ASHA's rungs: each milestone's recorded trial results) in the search's
+    checkpoints. Ray 2.60 checkpoints the searcher's state and the callbacks', not the scheduler's: a resumed
+    search started ASHA with empty rungs, so the trials that reported after ``--resume`` (a grown search's new
+    ones among them) were compared only with each other, and the first at each rung always went on.
+
+    Ray pickles the run config's callbacks and the tune config's scheduler into one ``tuner.pkl``, so the
+    callback a resume unpickles holds the scheduler it unpickles. Ray restores callback state before it
+    re-adds the unfinished trials to the scheduler (``TuneController.resume``), so those get their brackets
+    from the restored rungs."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict[str, Any] | None:
+        if not isinstance(self.scheduler, AsyncHyperBandScheduler):
+            return None  # FIFO: nothing to keep
+        return {"scheduler": dict(self.scheduler.__dict__)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.__dict__.update(state["scheduler"])
 
 
 class ListenerCallback(tune.Callback):
@@ -402,7 +429,8 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
                                   reuse_actors=True)  # fmt: skip
     run_config = tune.RunConfig(name=opts.name, storage_path=str(opts.storage.resolve()), verbose=0,
                                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=callbacks)  # fmt: skip
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                callbacks=[*callbacks, SchedulerState(scheduler)])  # fmt: skip
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
