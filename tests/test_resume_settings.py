@@ -244,3 +244,12 @@ def test_pictures_asked_where_the_search_has_none_are_named_that_way(started):
 
     with pytest.raises(ConfigError, match="mask pictures, where the search has --no-viz"):
         check_search(replace(started, resume=True, viz=True))
+
+
+def test_retry_errored_needs_resume_and_reaches_the_search(started, handed, capsys):
+    args = ["search", "--name", "other", "--storage", str(started.storage), "--retry-errored"]
+    assert main(args) == 2
+    assert "--retry-errored continues the errored trials of a search: use it with --resume" in capsys.readouterr().err
+    with pytest.raises(Handed) as caught:
+        main(_resume(started, "--retry-errored"))
+    assert caught.value.opts.retry_errored

@@ -182,6 +182,7 @@ def test_failing_trials_do_not_stop_the_search(tmp_path, capsys, mlflow_sqlite):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "3 errored" in out and "split 'nosuchsplit' not found" in out
+    assert "--resume --retry-errored continues them from their last checkpoint" in out.replace("\n", " ")
     rows = leaderboard(tmp_path / "ray" / "err")
     assert sorted(r["status"] for r in rows) == ["completed", "error", "error", "error"]
     expected = {"2": "nosuchsplit", "1": "training loss became nan at epoch 1, batch 2",
@@ -453,6 +454,43 @@ def test_crashed_trial_is_retried_from_its_last_checkpoint(tmp_path, point, caps
     assert "│ 3 " in best_row and "completed" in best_row
     # the crashed attempt and the retry left no staged checkpoints behind on the node
     assert list(node_tmp.glob("spntune-trial-*")) == []
+
+
+@pytest.mark.slow  # two real searches in one Ray, ~40 s: make test-slow
+def test_errored_trials_continue_from_their_checkpoint_with_retry_errored(tmp_path, mlflow_sqlite):
+    import dataclasses
+
+    import ray
+
+    from spntune.config import SEARCH_SMOKE_OVERRIDES
+    from spntune.space import SearchSpace
+    from spntune.tune import SearchOptions, run_search
+
+    marker = tmp_path / "crashed"  # one crash, at the start of epoch 2 (after epoch 1's checkpoint)
+    ray.init(runtime_env={"env_vars": {"SPNTUNE_CRASH_ONCE": f"{marker}:2"}}, include_dashboard=False)
+    space = SearchSpace(
+        name="errored", base={**SEARCH_SMOKE_OVERRIDES, "train.epochs": 3, "data.train_size": 8, "data.limit_train": 8}
+    )
+    opts = SearchOptions(space=space, trials=1, scheduler="none", max_failures=0, storage=tmp_path / "ray",
+                         name="errored", tracking_uri=mlflow_sqlite)  # fmt: skip
+    experiment = tmp_path / "ray" / "errored"
+    try:
+        first = run_search(opts)  # no retries: the trial errors
+        (row,) = first.rows
+        assert row.status == "error" and "injected crash" in row.error, row
+        epoch_1 = history(experiment)[row.trial_id]
+        assert [int(h["epoch"]) for h in epoch_1] == [1]
+        again = run_search(dataclasses.replace(opts, resume=True, retry_errored=True))
+    finally:
+        ray.shutdown()
+    (row,) = again.rows
+    assert row.status == "completed" and row.epochs == 3, row
+    epochs = history(experiment)[row.trial_id]
+    assert [int(h["epoch"]) for h in epochs] == [1, 2, 3]
+    # epoch 1 (its wall-clock seconds included) came from the checkpoint (the final file has final_* columns more)
+    assert {k: epochs[0][k] for k in epoch_1[0]} == epoch_1[0] and "train_seconds" in epoch_1[0]
+    _, _, children = mlflow_runs(mlflow_sqlite)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"  # the errored run, continued and closed
 
 
 @pytest.mark.parametrize(

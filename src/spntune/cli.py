@@ -69,6 +69,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         name=args.name or space.name,
         storage=Path(args.storage),
         resume=args.resume,
+        retry_errored=args.retry_errored,
         top=args.top,
         space_file=Path(space_arg) if Path(space_arg).is_file() else builtin_space_path(space_arg),
     )
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the search of this name with its own settings; a larger --trials adds trials to it",
+    )
+    search.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="with --resume: errored trials run again from their last checkpoint (default: they stay errored)",
     )
     search.add_argument("--max-failures", type=int, help="retries of a crashed trial from its checkpoint (default 1)")
     search.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a trial key for every trial")

@@ -193,6 +193,12 @@ def print_search_summary(summary: SearchSummary, top: int, console: Console | No
         )
     for r in summary.errored:
         console.print(f"  [red]errored[/red] {r.trial_id} ({r.summary}): {r.error}")
+    if summary.errored:
+        console.print(
+            "  errored trials stay so on --resume; where the cause was passing (a node lost, a full disk), "
+            "--resume --retry-errored continues them from their last checkpoint",
+            soft_wrap=True, highlight=False,
+        )  # fmt: skip
     for note in summary.tracking_notes:
         console.print(f"  [yellow]MLflow[/yellow] {note}", soft_wrap=True, highlight=False)
     if summary.pareto:

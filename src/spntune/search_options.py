@@ -70,6 +70,7 @@ class SearchOptions:
     name: str = "search"
     storage: Path = Path("runs/ray")
     resume: bool = False
+    retry_errored: bool = False  # with resume: errored trials run again from their last checkpoint
     max_failures: int = 1
     overrides: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -111,6 +112,8 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
               ("--max-failures", opts.max_failures, opts.max_failures >= 0, "an integer >= 0"),
               ("--top", opts.top, opts.top >= 1, "an integer >= 1")]  # fmt: skip
     bad = [f"{flag} must be {expected}, got {value}" for flag, value, ok, expected in ranges if not ok]
+    if opts.retry_errored and not opts.resume:
+        bad.append("--retry-errored continues the errored trials of a search: use it with --resume")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.name):
         bad.append(f"--name must be a folder name (letters, digits, '.', '_', '-'), got {opts.name!r}")
     try:

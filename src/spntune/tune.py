@@ -401,9 +401,9 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
         tune.with_parameters(run_trial, space=opts.space, overrides=overrides),
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
-    if opts.resume:  # finished trials are not re-run
+    if opts.resume:  # finished trials are not re-run; errored ones with --retry-errored, from their checkpoints
         tuner = tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False)  # fmt: skip
+                                   resume_errored=opts.retry_errored)  # fmt: skip
         alg = _search_alg(tuner)
         if isinstance(alg, GrowableSearch):
             alg.trials = opts.trials  # Ray restores the budget the search had; the settings say this one
