@@ -44,6 +44,7 @@ def started(tmp_path: Path) -> SearchOptions:
                          tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e1", viz=False, name="grow",
                          storage=tmp_path / "ray")  # fmt: skip
     write_settings(opts)
+    (opts.experiment_path / "tuner.pkl").write_bytes(b"")  # where Ray keeps a search's state (never read here)
     return opts
 
 
@@ -200,6 +201,7 @@ def test_a_refused_resume_imports_nothing_heavy(started):
 def test_a_space_given_in_code_without_a_file_resumes_by_its_name(tmp_path, handed):
     opts = SearchOptions(space=load_space("smoke"), name="code", storage=tmp_path)  # no space_file: no sha recorded
     write_settings(opts)
+    (opts.experiment_path / "tuner.pkl").write_bytes(b"")
     assert read_settings(opts.experiment_path)["space_sha256"] is None
     for flags in ([], ["--space", "smoke"]):
         with pytest.raises(Handed) as caught:
@@ -253,3 +255,10 @@ def test_retry_errored_needs_resume_and_reaches_the_search(started, handed, caps
     with pytest.raises(Handed) as caught:
         main(_resume(started, "--retry-errored"))
     assert caught.value.opts.retry_errored
+
+
+def test_a_folder_without_ray_state_is_refused_on_resume(started, capsys):
+    (started.experiment_path / "tuner.pkl").unlink()
+    assert main(_resume(started)) == 2
+    err = capsys.readouterr().err
+    assert f"nothing to resume at {started.experiment_path}: it holds no search state (Ray's tuner.pkl)" in err

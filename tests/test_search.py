@@ -616,6 +616,24 @@ def test_bad_data_is_refused_before_ray_starts(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no storage, no MLflow store
 
 
+def test_a_ray_that_cannot_start_leaves_no_search_folder_and_no_mlflow_run(tmp_path, capsys, monkeypatch):
+    """Ray starts before the MLflow parent run is opened: a Ray that fails leaves nothing behind, so the same
+    command can simply be run again (a folder without Ray's state could be neither started nor resumed)."""
+    import spntune.tune
+    from spntune.errors import ClusterError
+
+    def no_ray(address: str | None) -> bool:
+        raise ClusterError("could not start or reach a local Ray: no space left on device")
+
+    monkeypatch.setattr(spntune.tune, "_init_ray", no_ray)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--smoke-test", "--storage", str(tmp_path / "ray"), "--name", "x", "--tracking-uri", uri]
+    assert main(args) == 2
+    assert "could not start or reach a local Ray" in capsys.readouterr().err
+    assert not (tmp_path / "ray" / "x").exists()
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run: MLflow was never opened
+
+
 def test_storage_under_a_file_is_refused(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

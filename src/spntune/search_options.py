@@ -145,6 +145,11 @@ def check_storage(opts: SearchOptions) -> None:
         raise ConfigError(f"--storage {opts.storage}: cannot write under {existing} (no permission)")
     if opts.resume and not experiment.is_dir():
         raise ConfigError(f"nothing to resume: no search at {experiment}")
+    if opts.resume and not (experiment / "tuner.pkl").is_file():
+        raise ConfigError(
+            f"nothing to resume at {experiment}: it holds no search state (Ray's tuner.pkl), so that search never "
+            "got to start; remove the folder to start it again, or use another --name"
+        )
     if not opts.resume and experiment.exists():
         raise ConfigError(
             f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"

@@ -1,7 +1,7 @@
 """``spntune search``: the Ray Tune + Optuna driver.
 
-One trial = ``train_segmentation`` behind a ``RayReporter``. The driver checks the options, opens
-the search's MLflow parent run, starts or joins Ray, runs a ``Tuner`` with ``OptunaSearch`` (TPE,
+One trial = ``train_segmentation`` behind a ``RayReporter``. The driver checks the options, starts or
+joins Ray, opens the search's MLflow parent run, runs a ``Tuner`` with ``OptunaSearch`` (TPE,
 behind ``DistinctSearcher``: no configuration is trained twice) and ASHA, and turns Ray's results
 into leaderboard rows (``leaderboard.py``). ``--resume`` continues an interrupted search from its
 storage folder (the Optuna study included), with the settings it started with
@@ -321,6 +321,9 @@ def _run_search(
     start = time.perf_counter()
     experiment = opts.experiment_path
     uri = None if (opts.tracking_uri or "").lower() == "none" else (opts.tracking_uri or default_tracking_uri())
+    # Ray first: where it cannot start, no MLflow run is left RUNNING and no search folder half made (a folder
+    # without Ray's state could be neither started again nor resumed)
+    started = _init_ray(opts.address)
     parent = _open_parent_run(opts, uri, metric) if uri else None
     overrides = dict(opts.overrides)
     # Two-stage trials share coarse networks through a cache in the storage (every search there, and on
@@ -333,7 +336,6 @@ def _run_search(
         overrides |= {"tracking.uri": uri, "tracking.experiment": opts.experiment, "tracking.parent_run_id": parent.run_id,
                       "tracking.search_name": opts.name, "tracking.viz": opts.viz}  # fmt: skip
         callbacks.append(TrackingCallback(uri, opts.experiment, parent.run_id, opts.space, overrides))
-    started = _init_ray(opts.address)
     if listener is not None:
         _LISTENERS[str(experiment)] = listener
     watch = _InterruptWatch()
