@@ -133,10 +133,11 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     return objectives
 
 
-def check_storage(opts: SearchOptions) -> None:
+def check_storage(opts: SearchOptions, locked: bool = False) -> None:
     """The storage folder is writable, and the search's folder exists exactly when ``--resume`` says so.
-    ``run_search`` repeats this once it holds the search's lock: another process may have started or
-    removed a search of that name since the first check."""
+    ``run_search`` repeats this once it holds the search's lock (``locked``): another process may have started
+    or removed a search of that name since the first check; only then is a resumed folder required to hold
+    Ray's state."""
     experiment = opts.experiment_path
     existing = next(p for p in (experiment, *experiment.parents) if p.exists())
     if not existing.is_dir():
@@ -145,7 +146,9 @@ def check_storage(opts: SearchOptions) -> None:
         raise ConfigError(f"--storage {opts.storage}: cannot write under {existing} (no permission)")
     if opts.resume and not experiment.is_dir():
         raise ConfigError(f"nothing to resume: no search at {experiment}")
-    if opts.resume and not (experiment / "tuner.pkl").is_file():
+    # Under the search's lock only: a search that runs now has not always written its state yet, and the
+    # lock's refusal ("running now") is the one that says what is going on
+    if locked and opts.resume and not (experiment / "tuner.pkl").is_file():
         raise ConfigError(
             f"nothing to resume at {experiment}: it holds no search state (Ray's tuner.pkl), so that search never "
             "got to start; remove the folder to start it again, or use another --name"

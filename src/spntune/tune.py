@@ -310,7 +310,7 @@ def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> Se
     objectives = check_search(opts)
     check_data(opts)
     with search_lock(opts):
-        check_storage(opts)  # what may have changed before the lock was ours
+        check_storage(opts, locked=True)  # what may have changed before the lock was ours
         return _run_search(opts, objectives, listener)
 
 
