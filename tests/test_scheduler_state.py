@@ -5,6 +5,7 @@ restored. ``test_search.py::test_a_finished_search_grows_with_more_trials`` chec
 from types import SimpleNamespace
 
 import cloudpickle
+import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from spntune.search_options import SearchOptions
@@ -40,6 +41,7 @@ def test_a_fifo_scheduler_has_no_state_to_keep():
     assert SchedulerState(FIFOScheduler()).get_state() is None
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # group TPE, as run_search ignores it
 def test_a_restored_search_callback_holds_the_restored_scheduler(tmp_path):
     """The callback and the scheduler come back from one tuner.pkl as one object graph: the callback's
     set_state reaches the scheduler the resumed search runs."""
