@@ -231,9 +231,13 @@ def _space_ref(opts: SearchOptions) -> tuple[str, str | None]:
     path = opts.space_file
     if path is None or not path.is_file():
         return opts.space.name, None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _file_sha256(path)
     builtin = next((n for n in BUILTIN_SPACES if builtin_space_path(n).resolve() == path.resolve()), None)
     return builtin or str(path.resolve()), digest
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
@@ -295,7 +299,7 @@ def _stored_space(stored: dict[str, Any], experiment: Path) -> tuple[SearchSpace
             f"the search at {experiment} ran the space {ref}, which is gone; pass --space with that space's file"
         )
     # (no sha: a search started from code with a space of no file; its name is all there is to go by)
-    if stored["space_sha256"] is not None and hashlib.sha256(path.read_bytes()).hexdigest() != stored["space_sha256"]:
+    if stored["space_sha256"] is not None and _file_sha256(path) != stored["space_sha256"]:
         raise ConfigError(
             f"the space file {path} changed since the search at {experiment} started; its trials must all come "
             "from one space: put the file back as it was, or start a new search (another --name)"
@@ -331,8 +335,8 @@ def resumed(opts: SearchOptions, given: Collection[str]) -> SearchOptions:
             continue
         if key not in given:
             changes[key] = stored[key]
-        elif _jsonable(getattr(opts, key)) != stored[key]:
-            bad.append(_difference(key, flag, _jsonable(getattr(opts, key)), stored[key]))
+        elif (value := _jsonable(getattr(opts, key))) != stored[key]:
+            bad.append(_difference(key, flag, value, stored[key]))
     if "trials" not in given:
         changes["trials"] = stored["trials"]
     elif opts.trials < stored["trials"]:
@@ -343,11 +347,7 @@ def resumed(opts: SearchOptions, given: Collection[str]) -> SearchOptions:
             + "; ".join(bad)
             + ". Leave these flags out to keep them, or start a new search (another --name)"
         )
-    if isinstance(changes.get("overrides"), dict):
-        changes["overrides"] = dict(changes["overrides"])
-    if isinstance(changes.get("objectives"), list):
-        changes["objectives"] = list(changes["objectives"])
-    return dataclasses.replace(opts, **changes)
+    return dataclasses.replace(opts, **changes)  # (read_settings parses the file afresh: nothing is shared)
 
 
 def _difference(key: str, flag: str, value: Any, stored: Any) -> str:

@@ -404,12 +404,8 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
         {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
     )
     if opts.resume:  # finished trials are not re-run; errored ones with --retry-errored, from their checkpoints
-        tuner = tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=opts.retry_errored)  # fmt: skip
-        alg = _search_alg(tuner)
-        if isinstance(alg, GrowableSearch):
-            alg.trials = opts.trials  # Ray restores the budget the search had; the settings say this one
-        return tuner
+        return tune.Tuner.restore(str(opts.experiment_path), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=opts.retry_errored)  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     (metric, mode), metrics, modes = objectives[0], [m for m, _ in objectives], [mo for _, mo in objectives]
     sampler = tpe_sampler(opts.seed, opts.trials)
@@ -437,20 +433,22 @@ def _tuner(opts: SearchOptions, overrides: dict[str, Any], objectives: list[tupl
 
 
 def _record_settings(opts: SearchOptions, tuner: tune.Tuner) -> None:
-    """A new search's settings (``search_options.write_settings``), or a resume's larger trial budget once
-    the restored search algorithm has taken it (``GrowableSearch``): the file never claims trials that
-    will not run."""
+    """A new search's settings (``search_options.write_settings``); on a resume with a larger trial budget,
+    that budget handed to the restored search algorithm (``GrowableSearch``: Ray restores the budget the
+    search had) and then recorded, so the file never claims trials that will not run."""
     if not opts.resume:
         write_settings(opts)
         return
     stored = read_settings(opts.experiment_path)
     if stored is None or opts.trials <= stored["trials"]:
         return
-    if not isinstance(_search_alg(tuner), GrowableSearch):  # not one spntune built, or not reachable (Ray Client)
+    alg = _search_alg(tuner)
+    if not isinstance(alg, GrowableSearch):  # not one spntune built, or not reachable (Ray Client)
         raise ConfigError(
             f"--trials {opts.trials}: the search at {opts.experiment_path} cannot add trials here (its search "
             f"algorithm is not reachable as spntune's GrowableSearch); resume it without --trials ({stored['trials']})"
         )
+    alg.trials = opts.trials
     grow_settings(opts.experiment_path, opts.trials)
 
 
