@@ -218,6 +218,21 @@ def test_growing_records_only_the_budget(started, tmp_path):
     assert read_settings(started.experiment_path) == {**before, "trials": 9}
 
 
+def test_a_failed_write_keeps_the_old_settings_and_leaves_no_temporary_file(started, monkeypatch):
+    from spntune.search_options import grow_settings
+
+    before = read_settings(started.experiment_path)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("spntune.search_options.os.replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        grow_settings(started.experiment_path, 9)
+    assert read_settings(started.experiment_path) == before
+    assert sorted(p.name for p in started.experiment_path.iterdir() if SETTINGS_FILE in p.name) == [SETTINGS_FILE]
+
+
 def test_growth_that_cannot_take_effect_is_refused_and_not_recorded(started):
     """Where the restored search algorithm is not a GrowableSearch (a search from before it, Ray Client), a
     larger --trials would be ignored by Ray: refused, and the settings keep their budget."""

@@ -104,6 +104,25 @@ def test_smoke_search_two_trials(tmp_path, capsys):
         assert [f.path for f in client.list_artifacts(child.info.run_id) if f.path == "config.yaml"]
 
 
+@pytest.mark.parametrize(("statuses", "line"), [
+    (["completed", "completed"], "2 trials in 3 s: 2 completed, 0 errored"),
+    (["completed", "stopped", "error"], "3 trials in 3 s: 1 completed, 1 stopped early (ASHA), 1 errored"),
+])  # fmt: skip
+def test_the_summary_counts_trials_stopped_early_only_where_there_are_some(tmp_path, statuses, line):
+    """A search without ASHA (--scheduler none) stops nothing early: its summary does not say "0 stopped early
+    (ASHA)"."""
+    from rich.console import Console
+
+    from spntune.console import print_search_summary
+    from spntune.leaderboard import SearchSummary, TrialRow
+    from spntune.status import TrialStatus
+
+    rows = [TrialRow(f"t{i}", TrialStatus(s), "unet", 1, 0.5, {}) for i, s in enumerate(statuses)]
+    console = Console(record=True, width=200)
+    print_search_summary(SearchSummary(rows, tmp_path, "refined_miou", 3.0), top=5, console=console)
+    assert line in console.export_text()
+
+
 def test_a_configuration_that_ran_is_not_trained_again(tmp_path, capsys):
     """A space of two configurations, two trials at once and four asked for: TPE proposes the two again and
     again; while both run the repeats wait for their results, each trains once (two trials), and the search

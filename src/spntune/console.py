@@ -175,7 +175,8 @@ def print_search_summary(summary: SearchSummary, top: int, console: Console | No
     counts = summary.counts()
     console.print(
         f"{len(summary.rows)} trials in {summary.seconds:.0f} s: {counts[TrialStatus.COMPLETED]} completed, "
-        f"{counts[TrialStatus.STOPPED]} stopped early (ASHA), {counts[TrialStatus.ERROR]} errored"
+        + (f"{counts[TrialStatus.STOPPED]} stopped early (ASHA), " if counts[TrialStatus.STOPPED] else "")
+        + f"{counts[TrialStatus.ERROR]} errored"
         + (f", {counts[TrialStatus.INTERRUPTED]} interrupted" if counts[TrialStatus.INTERRUPTED] else "")
     )
     if summary.repeats_skipped:
