@@ -4,6 +4,7 @@ No Ray here: a search's folder with its settings file is enough for every refusa
 hands to ``run_search`` are caught at that seam. ``test_search.py`` grows real searches with ``--trials``.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +253,29 @@ def test_settings_that_are_not_an_object_of_settings_are_refused(started, conten
     (started.experiment_path / SETTINGS_FILE).write_text(content)
     with pytest.raises(ConfigError, match="is not a search's settings file"):
         read_settings(started.experiment_path)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("concurrency", "abc", "concurrency is \"abc\", expected an integer >= 1"),
+    ("space", 5, "space is 5, expected a space's name or file"),
+    ("overrides", "x", "overrides is \"x\", expected an object of config keys"),
+    ("objectives", 5, "objectives is 5, expected a list of miou, latency"),
+    ("tracking_uri", 5, "tracking_uri is 5, expected null or an MLflow URI"),
+    ("seed", "x", "seed is \"x\", expected an integer"),
+    ("scheduler", "bogus", "scheduler is \"bogus\", expected \"asha\" or \"none\""),
+    ("experiment", None, "experiment is null, expected an MLflow experiment's name"),
+    ("viz", "no", "viz is \"no\", expected true or false"),
+    ("trials", -5, "trials is -5, expected an integer >= 1"),
+    ("grace_period", True, "grace_period is true, expected an integer >= 1"),
+])  # fmt: skip
+def test_settings_changed_by_hand_are_refused_naming_the_file_and_the_value(started, capsys, key, value, expected):
+    """Each value of the settings file is checked as it is read: a bad one is named with the file, before
+    Ray starts (a traceback, or a value taken silently, before)."""
+    path = started.experiment_path / SETTINGS_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    assert main(_resume(started)) == 2
+    err = capsys.readouterr().err
+    assert f"the search's settings {path} were changed by hand: {expected}." in err and "Traceback" not in err
 
 
 def test_pictures_asked_where_the_search_has_none_are_named_that_way(started):

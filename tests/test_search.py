@@ -103,6 +103,39 @@ def test_smoke_search_two_trials(tmp_path, capsys):
         } <= files
         assert [f.path for f in client.list_artifacts(child.info.run_id) if f.path == "config.yaml"]
 
+    # A damaged search folder is not resumed: Ray would start the search over (finished trials dropped from
+    # leaderboard.csv), propose trials past the budget or rank a trial without its folder last
+    experiment = tmp_path / "smoke"
+    state = max(experiment.glob("experiment_state-*.json"))
+    trial_dir = Path(rows[0]["path"]).name
+    damages = {
+        "truncated_state": (lambda d: (d / state.name).write_text(state.read_text()[:200]), state.name),
+        "no_searcher": (lambda d: [p.unlink() for p in d.glob("searcher-state-*.pkl")], "searcher-state-*.pkl is missing"),
+        "no_trial": (lambda d: shutil.rmtree(d / trial_dir), "are gone"),
+        "truncated_tuner": (lambda d: (d / "tuner.pkl").write_bytes((experiment / "tuner.pkl").read_bytes()[:100]),
+                            "tuner.pkl cannot be read"),
+    }  # fmt: skip
+    for kind, (damage, message) in damages.items():
+        copy = tmp_path / kind / "smoke"
+        shutil.copytree(experiment, copy)
+        damage(copy)
+        assert main(["search", "--storage", str(copy.parent), "--name", "smoke", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot resume the search at {copy}" in err and message in err, err
+        assert (copy / "leaderboard.csv").read_text() == (experiment / "leaderboard.csv").read_text()
+    # damage only Ray can see (a trial's runtime state): Ray fails to restore, the resume stops before a trial
+    # runs, and the parent run gets back the status it had
+    copy = tmp_path / "bad_runtime" / "smoke"
+    shutil.copytree(experiment, copy)
+    saved = json.loads(state.read_text())
+    saved["trial_data"][0][1] = "{not json"
+    (copy / state.name).write_text(json.dumps(saved))
+    assert main(["search", "--storage", str(copy.parent), "--name", "smoke", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume the search at {copy}: Ray could not restore its state" in err, err
+    assert (copy / "leaderboard.csv").read_text() == (experiment / "leaderboard.csv").read_text()
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
 
 @pytest.mark.parametrize(("statuses", "line"), [
     (["completed", "completed"], "2 trials in 3 s: 2 completed, 0 errored"),

@@ -9,6 +9,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 from spntune import allocator
 from spntune.config import ConfigError, TrialConfig
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
+from spntune.ray_state import check_resumable
 from spntune.space import BUILTIN_SPACES, SearchSpace, builtin_space_path, load_space
 
 __all__ = ["KEPT_ON_RESUME", "OBJECTIVES", "SETTINGS_FILE", "SearchOptions", "check_data", "check_search",
@@ -153,6 +155,8 @@ def check_storage(opts: SearchOptions, locked: bool = False) -> None:
             f"nothing to resume at {experiment}: it holds no search state (Ray's tuner.pkl), so that search never "
             "got to start; remove the folder to start it again, or use another --name"
         )
+    if locked and opts.resume:
+        check_resumable(experiment)
     if not opts.resume and experiment.exists():
         raise ConfigError(
             f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
@@ -289,9 +293,52 @@ def read_settings(experiment: Path) -> dict[str, Any] | None:
     if not isinstance(stored, dict):
         raise ConfigError(f"{path} is not a search's settings file (a JSON object)")
     missing = [key for key in ("trials", "space", "space_sha256", *KEPT_ON_RESUME) if key not in stored]
-    if missing or not isinstance(stored["trials"], int):
-        raise ConfigError(f"{path} is not a search's settings file (missing {', '.join(missing) or 'trials'})")
+    if missing:
+        raise ConfigError(f"{path} is not a search's settings file (missing {', '.join(missing)})")
+    bad = [f"{key} is {json.dumps(stored[key])}, expected {expected}" for key, (ok, expected) in _SETTING_CHECKS.items()
+           if not ok(stored[key])]  # fmt: skip
+    if bad:
+        raise ConfigError(
+            f"the search's settings {path} were changed by hand: {'; '.join(bad)}. spntune search wrote them as "
+            "the search started: put those values back, or start a new search (another --name)"
+        )
     return stored
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_str_or_none(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+#: What each recorded setting must be (``read_settings``): key -> (test, what it expects).
+_SETTING_CHECKS: dict[str, tuple[Any, str]] = {
+    "trials": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "space": (lambda v: isinstance(v, str) and bool(v), "a space's name or file"),
+    "space_sha256": (lambda v: v is None or (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None),
+                     "null or a sha256 in hex"),
+    "concurrency": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "gpus_per_trial": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "cpus_per_trial": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "scheduler": (lambda v: v in ("asha", "none"), '"asha" or "none"'),
+    "grace_period": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "reduction_factor": (lambda v: _is_number(v) and v > 1, "a number > 1"),
+    "metric": (_is_str_or_none, "null or a metric's name"),
+    "objectives": (lambda v: isinstance(v, list) and bool(v) and all(o in OBJECTIVES for o in v),
+                   f"a list of {', '.join(OBJECTIVES)}"),
+    "max_failures": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "overrides": (lambda v: isinstance(v, dict), "an object of config keys"),
+    "seed": (_is_int, "an integer"),
+    "tracking_uri": (_is_str_or_none, "null or an MLflow URI"),
+    "experiment": (lambda v: isinstance(v, str) and bool(v), "an MLflow experiment's name"),
+    "viz": (lambda v: isinstance(v, bool), "true or false"),
+}  # fmt: skip
 
 
 def _stored_space(stored: dict[str, Any], experiment: Path) -> tuple[SearchSpace, Path]:

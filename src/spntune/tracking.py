@@ -458,10 +458,11 @@ def _git_commit() -> str | None:
 class SearchRun:
     """The parent run of a search; ``open`` creates it or, on resume, finds it again."""
 
-    def __init__(self, uri: str, experiment: str, run_id: str) -> None:
+    def __init__(self, uri: str, experiment: str, run_id: str, previous_status: str | None = None) -> None:
         self.uri = uri
         self.experiment = experiment
         self.run_id = run_id
+        self.previous_status = previous_status  # a resumed run's status before the resume set it RUNNING
         self.safe = _Safe()
 
     @classmethod
@@ -473,8 +474,9 @@ class SearchRun:
             client = _client(uri)
             if resume and marker.is_file():
                 run_id = marker.read_text().strip()
+                previous = client.get_run(run_id).info.status
                 client.update_run(run_id, status="RUNNING")
-                return cls(uri, experiment, run_id)
+                return cls(uri, experiment, run_id, previous)
             experiment_id = _experiment_id(client, uri, experiment)
             tags = {TAG_SEARCH: search_name, "ray_storage_path": str(experiment_dir)}
             commit = _git_commit()
@@ -512,6 +514,17 @@ class SearchRun:
             client.set_terminated(self.run_id, status)
 
         self.safe("finish search run", close)
+
+    def fail(self, reason: str) -> None:
+        """The search stopped on an error before it finished: a resumed run gets back the status it had (its
+        trials are as they were), a new one ends FAILED; either way with the reason as a tag."""
+
+        def close() -> None:
+            client = _client(self.uri)
+            client.set_tag(self.run_id, "spntune.reason", reason[:5000])
+            client.set_terminated(self.run_id, self.previous_status or "FAILED")
+
+        self.safe("close search run", close)
 
 
 def serve_ui(uri: str, port: int, host: str = "127.0.0.1") -> int:

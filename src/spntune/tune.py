@@ -338,18 +338,26 @@ def _run_search(
         callbacks.append(TrackingCallback(uri, opts.experiment, parent.run_id, opts.space, overrides))
     if listener is not None:
         _LISTENERS[str(experiment)] = listener
-    watch = _InterruptWatch()
-    ray_tune_log = logging.getLogger("ray.tune.tune")
+    watch, guard = _InterruptWatch(), _RestoreGuard(experiment)
+    ray_tune_log, controller_log = logging.getLogger("ray.tune.tune"), logging.getLogger(_RestoreGuard.LOGGER)
     ray_tune_log.addFilter(watch)
+    controller_log.addFilter(guard)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
             tuner = _tuner(opts, overrides, objectives, callbacks)
             _record_settings(opts, tuner)
             results = tuner.fit()
+    except Exception as exc:  # no trial result is lost (each is in its folder); nothing is left RUNNING
+        if parent is not None:
+            parent.fail(_first_line(exc))
+        if started and not opts.address:
+            ray.shutdown()
+        raise
     finally:
         _LISTENERS.pop(str(experiment), None)
         ray_tune_log.removeFilter(watch)
+        controller_log.removeFilter(guard)
     rows = rank([_row(r, opts.space, metric, mode, overrides, watch.interrupted) for r in results], mode)
     summary = SearchSummary(rows, experiment, metric, time.perf_counter() - start)
     summary.interrupted, summary.trials_asked = watch.interrupted, opts.trials
@@ -378,6 +386,29 @@ class _InterruptWatch(logging.Filter):
         if "has been interrupted" in record.getMessage():
             self.interrupted = True
             return False
+        return True
+
+
+class _RestoreGuard(logging.Filter):
+    """Where ``--resume`` finds a search state Ray cannot read, Ray 2.60 logs "Failed to restore the run state"
+    and starts the search over, its finished trials dropped from the results. ``ray_state.check_resumable``
+    refuses the damage it can see before Ray starts; any other failure to restore stops the resume here, as
+    Ray logs it and before a trial starts: a filter's exception leaves through Ray's ``logger.exception``."""
+
+    LOGGER = "ray.tune.execution.tune_controller"
+
+    def __init__(self, experiment: Path) -> None:
+        super().__init__()
+        self.experiment = experiment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Failed to restore the run state"):
+            cause = record.exc_info[1] if record.exc_info and record.exc_info[1] else None
+            raise ConfigError(
+                f"cannot resume the search at {self.experiment}: Ray could not restore its state"
+                + (f" ({_first_line(cause)})" if cause is not None else "")
+                + "; nothing was run. Put the search's files back as they were, or start a new search (another --name)"
+            )
         return True
 
 
