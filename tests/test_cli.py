@@ -1,5 +1,8 @@
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +92,38 @@ def test_switching_the_refiner_kind_from_the_command_line_starts_its_section_afr
     assert (dyspn.refiner.kind, dyspn.refiner.kernel_size) == ("dyspn", 7)
     same = TrialConfig.from_dict(layer_config(camvid, ["refiner.kind=cspn", "refiner.iterations=3"], smoke=False))
     assert (same.refiner.kernel_size, same.refiner.iterations) == (3, 3)  # same kind: the file's keys stay
+
+
+def test_train_that_finds_bad_data_leaves_the_output_folder_as_it_was(tmp_path, capsys):
+    """A mask found out of range while decoding (after the listing passed) stops training before the first
+    checkpoint: config.yaml is written with the weights it describes, so an earlier run's config.yaml in the
+    same folder still describes its checkpoint.pt (it was overwritten before)."""
+    from fixtures import make_folder, write_png
+
+    root = make_folder(tmp_path / "data")
+    write_png(root / "masks" / "train" / "img0.png", np.full((40, 50), 50, np.uint8))  # 3 classes: 50 is none
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier: run\n")
+    args = ["train", "--smoke-test", "--set", "data.name=folder", "--set", f"data.root={root}", "--output", str(out)]
+    assert main(args) == 2
+    assert "has values [50] outside the dataset's classes" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "earlier: run\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only where there is no CUDA device")
+def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    assert main(["train", "--smoke-test", "--set", "train.device=cuda", "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "train.device='cuda' but no CUDA device is available" in err and "Traceback" not in err
+
+
+def test_train_refuses_a_missing_data_root_before_importing_torch(tmp_path):
+    code = (
+        "import sys; from spntune.cli import main; "
+        f"rc = main(['train', '--set', 'data.name=folder', '--set', 'data.root={tmp_path}/nope']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert f"data.root '{tmp_path}/nope' is not a directory" in done.stderr

@@ -557,7 +557,12 @@ def test_errored_trials_continue_from_their_checkpoint_with_retry_errored(tmp_pa
      ("--address", "nohost", "--address takes auto or HOST:PORT"),
      ("--cpus-per-trial", "0", "--cpus-per-trial must be a number > 0"),
      ("--grace-period", "0", "--grace-period must be an integer >= 1"),
-     ("--reduction-factor", "1", "--reduction-factor must be a number > 1"),
+     ("--reduction-factor", "1", "--reduction-factor must be a finite number > 1"),
+     ("--reduction-factor", "inf", "--reduction-factor must be a finite number > 1, got inf"),
+     ("--gpus-per-trial", "inf", "--gpus-per-trial must be a number >= 0"),
+     ("--seed", "-1", "--seed must be an integer in 0 .. 2**32 - 1"),  # Optuna failed on it after Ray started
+     ("--seed", str(2**32), "--seed must be an integer in 0 .. 2**32 - 1"),
+     ("--name", "a" * 250, "--name must be a folder name of at most 200 characters"),  # the lock file's name
      ("--max-failures", "-1", "--max-failures must be an integer >= 0"),
      ("--objective", "accuracy", "--objective takes miou, latency"),
      ("--metric", "nosuch", "--metric 'nosuch' is not a metric trials report; valid: coarse_miou")],
@@ -684,6 +689,26 @@ def test_a_ray_that_cannot_start_leaves_no_search_folder_and_no_mlflow_run(tmp_p
     assert "could not start or reach a local Ray" in capsys.readouterr().err
     assert not (tmp_path / "ray" / "x").exists()
     assert not (tmp_path / "mlflow.db").exists()  # no parent run: MLflow was never opened
+
+
+def test_a_search_that_fails_before_ray_saved_it_leaves_no_folder_and_no_running_run(tmp_path, capsys, monkeypatch):
+    """A failure after Ray started and the parent run opened, before Ray wrote the search's state (once
+    an out-of-range seed failed in Optuna there): the parent run ends FAILED with the reason, and no
+    folder is left that could be neither started again nor resumed."""
+    import spntune.tune
+
+    def broken_sampler(seed: int, trials: int) -> None:
+        raise ValueError("Seed must be between 0 and 2**32 - 1")
+
+    monkeypatch.setattr(spntune.tune, "tpe_sampler", broken_sampler)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["search", "--smoke-test", "--storage", str(tmp_path / "ray"), "--name", "x", "--tracking-uri", uri]
+    with pytest.raises(ValueError, match="Seed must be"):
+        main(args)
+    assert not (tmp_path / "ray" / "x").exists()
+    _, parents, _ = mlflow_runs(uri)
+    assert [p.info.status for p in parents] == ["FAILED"]
+    assert parents[0].data.tags["spntune.reason"] == "ValueError: Seed must be between 0 and 2**32 - 1"
 
 
 def test_storage_under_a_file_is_refused(tmp_path, capsys):

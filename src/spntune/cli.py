@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from spntune.config import TrialConfig, layer_config
+    from spntune.config import ConfigError, TrialConfig, layer_config
     from spntune.tracking import default_tracking_uri
 
     raw = layer_config(args.config, args.set or [], args.smoke_test)
@@ -29,6 +29,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.mlflow or args.tracking_uri:
         raw.setdefault("tracking", {})["uri"] = args.tracking_uri or default_tracking_uri()
     cfg = TrialConfig.from_dict(raw)  # refuse bad input before importing torch
+    if cfg.data.root and not Path(cfg.data.root).is_dir():
+        raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")
     reuse_freed_memory()
     from spntune.console import ConsoleReporter, make_console, print_results, print_written
     from spntune.trainables import train_segmentation
@@ -90,14 +92,23 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from spntune.console import print_ui_banner
-    from spntune.tracking import default_tracking_uri, serve_ui
+    from spntune.tracking import check_ui, default_tracking_uri, serve_ui
 
     uri = args.tracking_uri or default_tracking_uri()
+    check_ui(uri, args.host, args.port)  # refuse before the banner: a bad port, host or store
     print_ui_banner(uri, args.host, args.port)
-    return serve_ui(uri, args.port, args.host)
+    code = serve_ui(uri, args.port, args.host)
+    if code:
+        print(f"spntune: error: the MLflow server stopped by itself (exit code {code}); its output above says why",
+              file=sys.stderr)  # fmt: skip
+    return code
 
 
 def cmd_best(args: argparse.Namespace) -> int:
+    from spntune.errors import ConfigError
+
+    if args.top < 1:  # as `spntune search` refuses it
+        raise ConfigError(f"--top must be an integer >= 1, got {args.top}")
     from spntune.console import print_best
     from spntune.tracking import default_tracking_uri, search_rows
 
@@ -106,39 +117,62 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_store_of_run(args: argparse.Namespace) -> None:
+    """``--run``: the MLflow store it is read from exists (refused before torch, MLflow writes nothing)."""
+    from spntune.tracking import check_store, default_tracking_uri
+
+    check_store(args.tracking_uri or default_tracking_uri())
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     reuse_freed_memory()
+    from spntune.predict_input import check_checkpoint_path, check_predict_inputs
+
+    # refuse bad input (every image is decoded) before importing torch and loading the model
+    if args.checkpoint:
+        check_checkpoint_path(args.checkpoint)
+    else:
+        _check_store_of_run(args)
+    images = check_predict_inputs(args.images, args.out)
     from spntune.console import print_written
     from spntune.predict import load_pipeline, predict_images
     from spntune.tracking import default_tracking_uri
 
     pipeline = load_pipeline(args.checkpoint, args.run, args.tracking_uri or default_tracking_uri())
-    written = predict_images(pipeline, [Path(p) for p in args.images], Path(args.out))
+    written = predict_images(pipeline, images, Path(args.out), checked=True)
     print_written([f"{image} -> {mask}, {overlay.name}" for image, mask, overlay in written])
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from spntune.config import parse_set_args
+    from spntune.predict_input import check_checkpoint_path, check_data_sets, check_json_path, check_split
 
-    sets = parse_set_args(args.set or [])  # refuse bad syntax before importing torch
+    # refuse bad input before importing torch and loading the model
+    sets = parse_set_args(args.set or [])
+    check_data_sets(sets)
+    if args.json:
+        check_json_path(args.json)
+    if args.split and (sets.get("data.name") == "synthetic" or ("data.name" in sets and "data.root" in sets)):
+        check_split(sets["data.name"], sets.get("data.root"), args.split)  # else: known once the checkpoint is
     reuse_freed_memory()
-    import json
-
+    if args.checkpoint:
+        check_checkpoint_path(args.checkpoint)
+    else:
+        _check_store_of_run(args)
     from spntune.config import TrialConfig, flatten
     from spntune.console import make_console, print_results, print_written
-    from spntune.predict import evaluate_split, load_pipeline
+    from spntune.predict import evaluate_split, load_pipeline, write_json
     from spntune.tracking import default_tracking_uri
 
     pipeline = load_pipeline(args.checkpoint, args.run, args.tracking_uri or default_tracking_uri())
     data = TrialConfig.from_dict({**flatten(pipeline.cfg.to_dict()), **sets}).data
     metrics = evaluate_split(pipeline, data, args.split)
-    class_names = metrics.pop("class_names")
-    split = args.split or data.val_split or "validation"
+    class_names, split = metrics.pop("class_names"), metrics.pop("split")
     print_results(make_console(), metrics, class_names,
                   title=f"{data.name} {split}: {metrics['images']} images at their original size")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"split": split, "class_names": class_names, **metrics}, indent=2))
+        write_json(Path(args.json), {"split": split, "class_names": class_names, **metrics})
         print_written([f"wrote {args.json}"])
     return 0
 
@@ -198,14 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(func=cmd_search)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on, 1-65535 (default 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
     ui.set_defaults(func=cmd_ui)
 
     best = sub.add_parser("best", help="leaderboard of a search, read from MLflow")
     best.add_argument("--search", help="search name (default: the latest search)")
-    best.add_argument("--top", type=int, default=10)
+    best.add_argument("--top", type=int, default=10, help="leaderboard rows to print (default 10)")
     best.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
     best.add_argument("--experiment", default="spntune")
     best.set_defaults(func=cmd_best)
@@ -214,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="MLflow run id of a trial (its best checkpoint)")
     source.add_argument("--checkpoint", help="a checkpoint.pt (or its folder) from spntune train")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files (a mask and an overlay each, named by file stem)")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
     predict.set_defaults(func=cmd_predict)
@@ -223,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="MLflow run id of a trial (its best checkpoint)")
     source.add_argument("--checkpoint", help="a checkpoint.pt (or its folder) from spntune train")
-    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a data key, e.g. data.root")
+    evaluate.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a data key (data.* only), e.g. data.root"
+    )
     evaluate.add_argument("--split", help="split to score (default: the dataset's validation split)")
-    evaluate.add_argument("--json", help="also write the numbers to this JSON file")
+    evaluate.add_argument("--json", help="also write the numbers to this JSON file (its folder must exist)")
     evaluate.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow_runs")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

@@ -247,9 +247,10 @@ def print_best(search: dict[str, str], rows: list[TrialRow], top: int, console: 
 
 def print_ui_banner(uri: str, host: str, port: int, console: Console | None = None) -> None:
     """Where `spntune ui` serves, what it shows, and who can reach it."""
-    reach = "this machine only" if host in ("127.0.0.1", "localhost") else f"anyone who can reach {host}"
+    reach = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else f"anyone who can reach {host}"
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
     (console or make_console()).print(
-        f"MLflow UI: http://{host}:{port}/#/experiments?workflowType=machine_learning  (tracking {masked(uri)}; "
+        f"MLflow UI: http://{address}:{port}/#/experiments?workflowType=machine_learning  (tracking {masked(uri)}; "
         f"listening on {host}: {reach}); Ctrl-C stops it",
         soft_wrap=True,
     )

@@ -107,17 +107,20 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     """Everything that can be refused before Ray starts or anything is written; returns the objectives."""
     ranges = [("--trials", opts.trials, opts.trials >= 1, "an integer >= 1"),
               ("--concurrency", opts.concurrency, opts.concurrency >= 1, "an integer >= 1"),
-              ("--cpus-per-trial", opts.cpus_per_trial, opts.cpus_per_trial > 0, "a number > 0"),
-              ("--gpus-per-trial", opts.gpus_per_trial, opts.gpus_per_trial >= 0, "a number >= 0 (0.5 = half a GPU)"),
+              ("--cpus-per-trial", opts.cpus_per_trial, 0 < opts.cpus_per_trial < math.inf, "a number > 0"),
+              ("--gpus-per-trial", opts.gpus_per_trial, 0 <= opts.gpus_per_trial < math.inf,
+               "a number >= 0 (0.5 = half a GPU)"),
               ("--grace-period", opts.grace_period, opts.grace_period >= 1, "an integer >= 1 (epochs)"),
-              ("--reduction-factor", opts.reduction_factor, opts.reduction_factor > 1, "a number > 1"),
+              ("--reduction-factor", opts.reduction_factor, 1 < opts.reduction_factor < math.inf, "a finite number > 1"),
               ("--max-failures", opts.max_failures, opts.max_failures >= 0, "an integer >= 0"),
+              ("--seed", opts.seed, 0 <= opts.seed < 2**32, "an integer in 0 .. 2**32 - 1 (Optuna's and NumPy's range)"),
               ("--top", opts.top, opts.top >= 1, "an integer >= 1")]  # fmt: skip
     bad = [f"{flag} must be {expected}, got {value}" for flag, value, ok, expected in ranges if not ok]
     if opts.retry_errored and not opts.resume:
         bad.append("--retry-errored continues the errored trials of a search: use it with --resume")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", opts.name):
-        bad.append(f"--name must be a folder name (letters, digits, '.', '_', '-'), got {opts.name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", opts.name):
+        bad.append(f"--name must be a folder name of at most 200 characters (letters, digits, '.', '_', '-'), got "
+                   f"{opts.name if len(opts.name) <= 60 else opts.name[:60] + '...'!r}")  # fmt: skip
     try:
         allocator.enabled()  # SPNTUNE_MALLOC_REUSE, which the Ray workers are started with
     except ConfigError as exc:
@@ -219,14 +222,22 @@ def _check_resources(opts: SearchOptions) -> None:
         raise ConfigError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus} CPUs")
     if opts.gpus_per_trial <= 0:
         return
-    import torch  # only a search that asks for GPUs pays for counting them
-
-    gpus = torch.cuda.device_count()
+    gpus = _gpu_count()
     if opts.gpus_per_trial > gpus:
         raise ConfigError(
             f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus} GPU{'s' * (gpus != 1)}, so no "
             "trial could ever start; use 0 here, or --address to run on a cluster with GPUs"
         )
+
+
+def _gpu_count() -> int:
+    """The GPUs torch sees; 0 without importing torch (seconds) where no GPU driver shows a device (CUDA's
+    /dev/nvidia*, ROCm's /dev/kfd): a refusal on a machine without GPUs answers at once."""
+    if not Path("/dev/kfd").exists() and not any(Path("/dev").glob("nvidia[0-9]*")):
+        return 0
+    import torch  # only a search that asks for GPUs on a machine with a GPU driver pays for counting them
+
+    return torch.cuda.device_count()
 
 
 def _space_ref(opts: SearchOptions) -> tuple[str, str | None]:

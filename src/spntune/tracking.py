@@ -7,27 +7,38 @@ warning, and training goes on -- an unreachable tracking server never kills a tr
 reconciles statuses as each trial ends (``finish_trial_run``; ``TrialStatus`` maps to MLflow's), so
 no run is left RUNNING even when a worker dies without a chance to close its run.
 
+The read commands (``best``, ``ui``, ``predict --run``, ``evaluate --run``) open the store through
+``_read_client`` / ``check_store`` instead: a URI that names no MLflow store is refused by name and
+nothing is created (MLflow would create a missing SQLite database and read it empty).
+
 ``mlflow`` itself is imported inside the functions that call it: it takes seconds to import and
 ``spntune --help`` or a refused search must not pay for it.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import math
 import os
 import re
+import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
 from spntune.config import TrackingConfig, TrialConfig, describe_pipeline, flatten
+from spntune.errors import ConfigError
 from spntune.leaderboard import TrialRow, best_of, metric_mode, rank
 from spntune.reporting import EpochReport, Reporter
 from spntune.status import TrialStatus
@@ -37,6 +48,8 @@ __all__ = [
     "MLflowReporter",
     "SearchRun",
     "artifact_root",
+    "check_store",
+    "check_ui",
     "complete_trial_runs",
     "default_tracking_uri",
     "download_checkpoint",
@@ -91,6 +104,127 @@ def _client(uri: str) -> Any:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
+
+
+#: URI schemes MLflow opens without a plugin (a plugin adds its own as an ``mlflow.tracking_store`` entry point).
+_MLFLOW_SCHEMES = frozenset({"file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks",
+                             "databricks-uc", "uc"})  # fmt: skip
+_EXPECTED_STORE = ("expected sqlite:///path/to/mlflow.db (the store searches write), http(s)://HOST:PORT of an MLflow "
+                   "tracking server, or a database URL (postgresql://, mysql://, mssql://)")  # fmt: skip
+_WRITE_ONE = ("searches and `spntune train --mlflow` write one (e.g. `spntune search --smoke-test`); pass "
+              "--tracking-uri for a store elsewhere")  # fmt: skip
+#: The tables every MLflow SQL store has.
+_MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs"})
+
+
+def check_store(uri: str) -> None:
+    """Read commands (``best``, ``ui``, ``predict --run``, ``evaluate --run``): refuse a tracking URI that names no
+    MLflow store, before MLflow is imported (seconds) and without writing anything: MLflow itself would create a
+    missing SQLite database (or folder) and read it empty. A server or a database server is asked by MLflow, in
+    ``_read_client``.
+
+    Raises:
+        ConfigError: naming the URI (password masked) or the path, what is there, and what was expected.
+    """
+    shown = masked(uri)
+    scheme = urlsplit(uri).scheme.lower()
+    base = scheme.split("+")[0]  # postgresql+psycopg2
+    if base == "sqlite":
+        _check_sqlite(uri, shown)
+    elif base in ("", "file"):
+        _check_file_store(Path(unquote(urlsplit(uri).path)) if base else Path(uri), shown)
+    elif base not in _MLFLOW_SCHEMES and base not in _plugin_schemes():
+        raise ConfigError(f"tracking URI {shown!r}: MLflow has no store for the scheme {scheme!r}; {_EXPECTED_STORE}")
+
+
+def _plugin_schemes() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+
+
+def _check_sqlite(uri: str, shown: str) -> None:
+    rest = uri.split("://", 1)[1].split("?", 1)[0]
+    if rest and not rest.startswith("/"):  # sqlite://mlflow.db: SQLAlchemy reads 'mlflow.db' as a host
+        raise ConfigError(f"tracking URI {shown!r}: expected sqlite:///relative/path.db or "
+                          "sqlite:////absolute/path.db (three slashes, then the path)")  # fmt: skip
+    if rest.removeprefix("/") in ("", ":memory:"):
+        raise ConfigError(f"tracking URI {shown!r} is an in-memory SQLite database, which holds no runs; "
+                          f"{_EXPECTED_STORE}")  # fmt: skip
+    path = Path(rest[1:])
+    if not path.exists():
+        raise ConfigError(f"no MLflow store at {path}{_blocked(path)}: {_WRITE_ONE}")
+    if path.is_dir():
+        raise ConfigError(f"tracking URI {shown!r}: {path} is a folder; expected the MLflow SQLite database "
+                          f"file (e.g. sqlite:///{path.resolve() / 'mlflow.db'})")  # fmt: skip
+    try:  # read-only: a file that is no MLflow store is left exactly as it is
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise ConfigError(f"tracking URI {shown!r}: {path} is not a readable SQLite database ({exc}); expected "
+                          f"an MLflow store: {_WRITE_ONE}") from None  # fmt: skip
+    if not _MLFLOW_TABLES <= tables:
+        raise ConfigError(f"tracking URI {shown!r}: {path} is a SQLite database but not an MLflow store (it lacks "
+                          f"the tables {', '.join(sorted(_MLFLOW_TABLES - tables))}); expected an MLflow store: "
+                          f"{_WRITE_ONE}")  # fmt: skip
+
+
+def _check_file_store(path: Path, shown: str) -> None:
+    """A plain path: MLflow's file store (a folder), which MLflow 3 opens only when told to."""
+    if not path.exists():
+        raise ConfigError(f"no MLflow store at {path}{_blocked(path)}: {_WRITE_ONE}")
+    if path.is_file():
+        raise ConfigError(f"tracking URI {shown!r} is a file's path, which MLflow would read as a file-store "
+                          f"folder; for this SQLite database pass sqlite:///{path.resolve()}")  # fmt: skip
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("1", "true"):
+        inside = path / "mlflow.db"
+        hint = f"; the store in it is sqlite:///{inside.resolve()}" if inside.is_file() else ""
+        raise ConfigError(f"tracking URI {shown!r} is a folder: MLflow's old file store, which this MLflow opens "
+                          "only with MLFLOW_ALLOW_FILE_STORE=true (`mlflow migrate-filestore` converts it to a "
+                          f"database){hint}; {_EXPECTED_STORE}")  # fmt: skip
+
+
+def _blocked(path: Path) -> str:
+    """Why ``path`` cannot exist: its nearest existing ancestor is a file, not a folder."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return "" if parent.is_dir() else f" ({parent} is a file, not a folder)"
+    return ""
+
+
+@contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """What MLflow, SQLAlchemy or HTTP raise while a read command reads the store, as one error naming it."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, SQLAlchemyError, RequestException, sqlite3.Error) as exc:
+        full = masked(str(exc)).strip()
+        text = full.splitlines()[0][:300] if full else type(exc).__name__
+        if urlsplit(uri).scheme.lower() in ("http", "https"):
+            reason = "connection refused: nothing listens there" if "Connection refused" in full else text
+            raise ConfigError(f"no MLflow tracking server answers at {masked(uri)} ({reason}); expected a running "
+                              "`mlflow server` there, or pass --tracking-uri for another store") from None  # fmt: skip
+        raise ConfigError(f"the MLflow store at {masked(uri)} cannot be read ({type(exc).__name__}: {text}); "
+                          "expected an intact MLflow store (`mlflow db upgrade URI` upgrades an older MLflow's "
+                          "database)") from None  # fmt: skip
+
+
+def _read_client(uri: str) -> Any:
+    """The client of every read command: the store must exist (``check_store``) and answer; none is created."""
+    check_store(uri)
+    # as in _client: one quick retry, not MLflow's minutes of them
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    with _reading(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # a server that does not answer says so here
+    return client
 
 
 class _Safe:
@@ -408,35 +542,37 @@ def search_rows(uri: str, experiment: str, search: str | None) -> tuple[dict[str
     from MLflow alone (works after the Ray results folder is gone). ``search`` None: the latest.
 
     Raises:
+        ConfigError: no readable MLflow store at ``uri`` (``check_store``); nothing is created there.
         FileNotFoundError: no such experiment or search at ``uri``.
     """
-    client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise FileNotFoundError(f"no MLflow experiment {experiment!r} at {masked(uri)}")
-    searches = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
-                if TAG_SEARCH in r.data.tags and TAG_PARENT not in r.data.tags and r.data.tags[TAG_SEARCH] == (search or r.data.tags[TAG_SEARCH])]  # fmt: skip
-    if not searches:
-        raise FileNotFoundError(
-            f"no search {search + ' ' if search else ''}in experiment {experiment!r} at {masked(uri)}"
+    client = _read_client(uri)
+    with _reading(uri):  # a server or database that fails half-way
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise FileNotFoundError(f"no MLflow experiment {experiment!r} at {masked(uri)}")
+        searches = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5000)
+                    if TAG_SEARCH in r.data.tags and TAG_PARENT not in r.data.tags and r.data.tags[TAG_SEARCH] == (search or r.data.tags[TAG_SEARCH])]  # fmt: skip
+        if not searches:
+            raise FileNotFoundError(
+                f"no search {search + ' ' if search else ''}in experiment {experiment!r} at {masked(uri)}"
+            )
+        parent = searches[0]
+        metric = parent.data.params.get("metric", "refined_miou")
+        mode = metric_mode(metric)
+        children = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", max_results=5000
         )
-    parent = searches[0]
-    metric = parent.data.params.get("metric", "refined_miou")
-    mode = metric_mode(metric)
-    children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'", max_results=5000
-    )
-    rows = []
-    for run in children:
-        history = client.get_metric_history(run.info.run_id, metric)
-        by_step = {h.step: h.value for h in history}  # a retried epoch logged twice counts once (the last)
-        status = _status_of(run)
-        rows.append(TrialRow(run.data.tags.get(TAG_TRIAL, ""), status, describe_pipeline(run.data.params),
-                             len(by_step), best_of(list(by_step.values()), mode), dict(run.data.metrics),
-                             path=run.info.artifact_uri, error=run.data.tags.get(TAG_REASON, "") if status is TrialStatus.ERROR else "",
-                             config=dict(run.data.params), run_id=run.info.run_id))  # fmt: skip
-    info = {**parent.data.tags, "run_id": parent.info.run_id, "metric": metric, "mode": mode}
-    return info, rank(rows, mode)
+        rows = []
+        for run in children:
+            history = client.get_metric_history(run.info.run_id, metric)
+            by_step = {h.step: h.value for h in history}  # a retried epoch logged twice counts once (the last)
+            status = _status_of(run)
+            rows.append(TrialRow(run.data.tags.get(TAG_TRIAL, ""), status, describe_pipeline(run.data.params),
+                                 len(by_step), best_of(list(by_step.values()), mode), dict(run.data.metrics),
+                                 path=run.info.artifact_uri, error=run.data.tags.get(TAG_REASON, "") if status is TrialStatus.ERROR else "",
+                                 config=dict(run.data.params), run_id=run.info.run_id))  # fmt: skip
+        info = {**parent.data.tags, "run_id": parent.info.run_id, "metric": metric, "mode": mode}
+        return info, rank(rows, mode)
 
 
 def _status_of(run: Any) -> TrialStatus:
@@ -527,16 +663,78 @@ class SearchRun:
         self.safe("close search run", close)
 
 
+def check_ui(uri: str, host: str, port: int) -> None:
+    """``spntune ui`` before it says where it serves: the port is one, the store exists on this machine
+    (``check_store``; none is created), and ``host:port`` can be listened on now. Without this, MLflow prints
+    its banner and starts for seconds before its web server fails -- and ``mlflow server`` still exits 0.
+
+    Raises:
+        ConfigError: naming the port, host or URI and what was expected.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be an integer 1-65535, got {port}")
+    if urlsplit(uri).scheme.lower() in ("http", "https", "databricks", "databricks-uc", "uc"):
+        raise ConfigError(f"`spntune ui` serves a store on this machine; {masked(uri)} is a tracking server, which "
+                          "has its own UI: open it in a browser")  # fmt: skip
+    check_store(uri)
+    _check_listen(host, port)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (its address family, SO_REUSEADDR) and let it go again."""
+    examples = "expected an address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    if re.fullmatch(r"[0-9.]+", host):  # refused here, not after a DNS lookup of '999.1.1.1'
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"--host {host!r} is not an IPv4 address (four numbers 0-255); {examples}") from None
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free, as for uvicorn
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise ConfigError(f"--host {host!r} cannot be resolved ({exc.strerror}); {examples}") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use (another `spntune ui` or server?); pick a free "
+                                  f"one with --port, e.g. --port {_free_port(host, port)}") from None  # fmt: skip
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host!r} is not an address of this machine; {examples}") from None
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"port {port} needs root (ports below 1024 do); pick one above 1023 with --port, "
+                                  "e.g. --port 5000") from None  # fmt: skip
+            raise ConfigError(f"cannot listen on {host} port {port} ({exc.strerror}); pick another --port or "
+                              "--host") from None  # fmt: skip
+
+
+def _free_port(host: str, port: int) -> int:
+    """A port near ``port`` that ``host`` can listen on now (to suggest; the OS's pick if none near is)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for candidate in [*range(port + 1, min(port + 20, 65535) + 1), 0]:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    return 5000
+
+
 def serve_ui(uri: str, port: int, host: str = "127.0.0.1") -> int:
-    """Run the MLflow UI for ``uri`` on ``host:port`` until Ctrl-C; returns its exit code. MLflow's own
-    host-header and CORS protection stay on."""
+    """Run the MLflow UI for ``uri`` on ``host:port`` until Ctrl-C (``check_ui`` first: this creates nothing).
+    MLflow's own host-header and CORS protection stay on.
+
+    Returns:
+        0 after Ctrl-C; otherwise the server stopped by itself, which is a failure: its exit code, or 1 where
+        that is 0 (``mlflow server`` exits 0 even when its web server could not start).
+    """
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     root = artifact_root(uri)
     if root:
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         cmd += ["--default-artifact-root", root]
     try:
-        return subprocess.run(cmd, check=False).returncode
+        return subprocess.run(cmd, check=False).returncode or 1
     except KeyboardInterrupt:
         return 0
 
@@ -549,9 +747,10 @@ def download_checkpoint(uri: str, run_id: str, folder: Path) -> Path:
     """A trial run's best checkpoint (``checkpoint/checkpoint.pt``), downloaded into ``folder``.
 
     Raises:
+        ConfigError: no readable MLflow store at ``uri`` (``check_store``); nothing is created there.
         FileNotFoundError: the run does not exist or has no checkpoint artifact.
     """
-    client = _client(uri)
+    client = _read_client(uri)
     try:
         return Path(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(folder)))
     except Exception as exc:

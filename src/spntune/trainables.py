@@ -83,7 +83,7 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -343,23 +343,27 @@ def save_checkpoint(
     """Everything needed to resume or predict; loads with ``torch.load(weights_only=True)``.
 
     ``extra["history"]`` (the per-epoch metrics so far) is also written as ``history.json`` beside
-    the checkpoint, so the driver reads it without loading weights.
+    the checkpoint, so the driver reads it without loading weights. The checkpoint is written to a
+    temporary file and renamed: a crash mid-write keeps the previous one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if "history" in extra:
         (path.parent / HISTORY_FILE).write_text(json.dumps(extra["history"]))
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "config": cfg.to_dict(),
-            "epoch": epoch,
-            "phase": phase,
-            "optimizer": optimiser.state_dict() if optimiser is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "extra": extra,
-        },
-        path,
-    )
+    state = {
+        "model": model.state_dict(),
+        "config": cfg.to_dict(),
+        "epoch": epoch,
+        "phase": phase,
+        "optimizer": optimiser.state_dict() if optimiser is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "extra": extra,
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -383,7 +387,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("model", "config", "epoch", "extra") if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a spntune checkpoint: it lacks {', '.join(missing)}")
+    problems = _structure_problems(state)
+    if problems:
+        raise CheckpointError(f"{path} is not a usable spntune checkpoint: {'; '.join(problems)}")
     return state
+
+
+def _structure_problems(state: dict[str, Any]) -> list[str]:
+    """What is wrong with the values of a checkpoint that has the right keys (empty: nothing)."""
+
+    def kind(value: Any) -> str:
+        return f"{type(value).__name__} {value!r}"[:80]
+
+    problems = []
+    weights, extra = state["model"], state["extra"]
+    if not isinstance(weights, dict):
+        problems.append(f"'model' is a {kind(weights)}, expected a dict of weight tensors")
+    elif not weights:
+        problems.append("'model' holds no weights")
+    elif bad := [str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, Tensor)]:
+        problems.append(f"'model' holds entries that are not named tensors: {', '.join(bad[:3])}")
+    if not isinstance(state["config"], dict):
+        problems.append(f"'config' is a {kind(state['config'])}, expected a dict (the trial config)")
+    if not isinstance(state["epoch"], int) or isinstance(state["epoch"], bool):
+        problems.append(f"'epoch' is a {kind(state['epoch'])}, expected an integer")
+    if not isinstance(extra, dict):
+        problems.append(f"'extra' is a {kind(extra)}, expected a dict holding class_names")
+    elif "class_names" not in extra:
+        problems.append("'extra' lacks class_names (the names of the classes the model predicts)")
+    elif not (
+        isinstance(extra["class_names"], list)
+        and extra["class_names"]
+        and all(isinstance(name, str) for name in extra["class_names"])
+    ):
+        problems.append(f"'extra' class_names is a {kind(extra['class_names'])}, expected a list of class names")
+    return problems
 
 
 def restore_model(state: dict[str, Any], source: str | Path) -> tuple[TrialConfig, RefinedSegmenter]:
@@ -396,18 +434,44 @@ def restore_model(state: dict[str, Any], source: str | Path) -> tuple[TrialConfi
         cfg = TrialConfig.from_dict(state["config"])
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {source} holds a config this version cannot use: {exc}") from None
-    model = build_model(cfg, len(state["extra"].get("class_names", [])))
+    model = build_model(cfg, len(state["extra"]["class_names"]))
     load_weights(model, state, source)
     return cfg, model
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], source: str | Path) -> None:
-    """Load a checkpoint's weights into ``model``; a checkpoint of another architecture is refused."""
+    """Load a checkpoint's weights into ``model``; a checkpoint of another architecture is refused,
+    naming the first weights that do not fit."""
+    problems = _weight_mismatches(model.state_dict(), state["model"])
+    if problems:
+        raise CheckpointError(f"checkpoint {source}: its weights do not fit this model: {'; '.join(problems)}")
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # what the comparison above cannot see
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {source}: its weights do not fit this model ({first[:300]})") from None
+
+
+def _weight_mismatches(expected: dict[str, Tensor], found: dict[str, Any], shown: int = 3) -> list[str]:
+    """The first ``shown`` missing, unexpected and wrongly shaped weights of ``found`` against ``expected``."""
+
+    def listed(names: list[str]) -> str:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} (checkpoint {list(found[k].shape) if isinstance(found[k], Tensor) else type(found[k]).__name__}, "
+        f"model {list(v.shape)})"
+        for k, v in expected.items()
+        if k in found and not (isinstance(found[k], Tensor) and found[k].shape == v.shape)
+    ]
+    return [
+        f"{len(names)} {what}: {listed(names)}"
+        for names, what in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+        if names
+    ]
 
 
 def read_history(text: str) -> list[dict[str, Any]]:
@@ -513,10 +577,7 @@ def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | N
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         load_weights(run.model, state, resume_path)
-    if run.output_dir is not None:
-        run.output_dir.mkdir(parents=True, exist_ok=True)
-        (run.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = _train_loop(run, reporter, state)
+    metrics = _train_loop(run, reporter, state)  # config.yaml goes with each checkpoint (save_checkpoint)
     if run.output_dir is not None and cfg.train.viz_samples > 0:
         _write_pictures(run, run.output_dir, gradcam=False)
     return {"metrics": metrics, "class_names": run.class_names,
@@ -596,6 +657,9 @@ def _train_loop(run: _Run, reporter: Reporter, state: dict[str, Any] | None) -> 
                 # Persist before reporting: a reporter may stop the trial (ASHA, interruption).
                 if run.output_dir is not None:
                     checkpoint(run.output_dir, True)
+                    # with the weights it describes: a run that fails before (bad data found while decoding)
+                    # leaves no config.yaml, nor one beside another run's weights in the same folder
+                    (run.output_dir / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
                 _maybe_inject_crash(epoch, "report")
                 pictures = functools.partial(_write_pictures, run)
                 reporter.report(EpochReport(metrics, is_best, steps_miou, checkpoint, pictures))

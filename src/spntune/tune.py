@@ -56,6 +56,7 @@ from spntune.leaderboard import (
 from spntune.reporting import EpochReport, Reporter, TrialStopped
 from spntune.search_options import (
     OBJECTIVES,
+    SETTINGS_FILE,
     SearchOptions,
     check_data,
     check_search,
@@ -350,9 +351,11 @@ def _run_search(
             results = tuner.fit()
     except Exception as exc:  # no trial result is lost (each is in its folder); nothing is left RUNNING
         if parent is not None:
-            parent.fail(_first_line(exc))
+            parent.fail(f"{type(exc).__name__}: {_first_line(exc)}")
         if started and not opts.address:
             ray.shutdown()
+        if not opts.resume and not (experiment / "tuner.pkl").exists():
+            _remove_unstarted(experiment)  # else its name could be neither started again nor resumed
         raise
     finally:
         _LISTENERS.pop(str(experiment), None)
@@ -387,6 +390,16 @@ class _InterruptWatch(logging.Filter):
             self.interrupted = True
             return False
         return True
+
+
+def _remove_unstarted(experiment: Path) -> None:
+    """A new search's folder that Ray never wrote its state into, with the files spntune put there first."""
+    for name in ("mlflow_parent_run_id", SETTINGS_FILE):
+        (experiment / name).unlink(missing_ok=True)
+    try:
+        experiment.rmdir()
+    except OSError:  # something else is there: left for the user to see
+        pass
 
 
 class _RestoreGuard(logging.Filter):

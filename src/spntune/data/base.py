@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from spntune.errors import DatasetError
+from spntune.images import open_image, read_rgb
 
 __all__ = [
     "IGNORE_INDEX",
     "DatasetError",
     "PairedFileDataset",
     "read_split_file",
+    "read_text_file",
     "require_dir",
     "require_file",
     "require_pairs",
@@ -53,11 +55,21 @@ def require_pairs(pairs: Sequence[tuple[Path, Path]], listed_in: Path) -> None:
                 raise DatasetError(f"{what} {path} (listed in {listed_in}) does not exist")
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content; a file that is not text is refused naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 def read_split_file(path: Path) -> list[str]:
     """Ids from a split list: the first whitespace-separated field per line; '#' comments skipped."""
     require_file(path, "split file")
     ids = []
-    for line in path.read_text().splitlines():
+    for line in read_text_file(path, "split file").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             ids.append(line.split()[0])
@@ -67,19 +79,19 @@ def read_split_file(path: Path) -> list[str]:
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()
-    except FileNotFoundError:
-        raise DatasetError(f"{what} file missing: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DatasetError(f"cannot read {what} {path}: {exc}") from None
-    return img
+    return open_image(path, what)
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB ``[H, W, 3]`` uint8; greyscale, RGBA, palette and CMYK files are converted."""
-    return np.asarray(_open(path, "image").convert("RGB"))
+    """RGB ``[H, W, 3]`` uint8; greyscale, RGBA, palette and CMYK files are converted, 16-bit greyscale
+    is scaled to 8 bits and float greyscale in 0..1 to 0..255 (``spntune.images``, which refuses a
+    float image outside 0..1).
+
+    Raises:
+        DatasetError: naming the file: missing, corrupt, too large to decode, or of a value range
+            that cannot be scaled.
+    """
+    return read_rgb(path)
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -110,7 +110,7 @@ def train_cache_size(dataset: PairedFileDataset, image_size: tuple[int, int]) ->
         try:
             with Image.open(image_path) as img:
                 sizes.add(img.size)  # (width, height)
-        except (OSError, SyntaxError):  # unreadable: the build names the file
+        except (OSError, SyntaxError, Image.DecompressionBombError):  # unreadable: the build names the file
             return None
         if len(sizes) > 1:
             return None

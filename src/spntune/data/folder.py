@@ -11,6 +11,7 @@ from spntune.data.base import (
     PairedFileDataset,
     PairTransform,
     lookup,
+    read_text_file,
     require_dir,
     require_file,
 )
@@ -22,7 +23,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def read_classes(root: Path) -> list[str]:
     path = require_file(Path(root) / "classes.txt", "classes.txt (one class name per line)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_text_file(path, "classes.txt").splitlines() if line.strip()]
     if not 1 <= len(names) <= 255:
         raise DatasetError(f"{path} must list 1..255 class names, found {len(names)}")
     if len(set(names)) != len(names):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spntune.data.base import (
+    DatasetError,
     PairedFileDataset,
     PairTransform,
     lookup,
@@ -35,9 +36,11 @@ def load_pets(
 ) -> PairedFileDataset:
     """Pets split ``trainval`` or ``test``; ``target`` is a key of ``PETS_TARGETS``."""
     if split not in PETS_SPLITS:
-        raise ValueError(f"pets split must be one of {PETS_SPLITS}, got {split!r}")
+        raise DatasetError(
+            f"data.train_split / data.val_split: Oxford-IIIT Pet has the splits {', '.join(PETS_SPLITS)}, got {split!r}"
+        )
     if target not in PETS_TARGETS:
-        raise ValueError(f"pets target must be one of {sorted(PETS_TARGETS)}, got {target!r}")
+        raise DatasetError(f"data.target for Oxford-IIIT Pet takes {', '.join(sorted(PETS_TARGETS))}, got {target!r}")
     root = require_dir(Path(root), "Oxford-IIIT Pet root")
     images = require_dir(root / "images", "Oxford-IIIT Pet images folder")
     trimaps = require_dir(root / "annotations" / "trimaps", "Oxford-IIIT Pet trimaps folder")

@@ -1,0 +1,218 @@
+"""Checks of what ``spntune predict`` and ``spntune evaluate`` are given, light enough to run before
+torch and the model load (numpy, PIL and pydantic only): a bad image, output path, ``--set`` key or
+split is refused at once, before anything is written.
+
+Also the names ``predict`` writes (``mask_name``, ``overlay_name``, ``CLASSES_FILE``), so the checks
+and the writer agree on them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from spntune.config import DataConfig
+from spntune.errors import ConfigError, DatasetError
+from spntune.images import read_rgb
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CLASSES_FILE",
+    "SPLITS",
+    "available_splits",
+    "check_checkpoint_path",
+    "check_data_sets",
+    "check_json_path",
+    "check_out_dir",
+    "check_predict_images",
+    "check_predict_inputs",
+    "check_split",
+    "mask_name",
+    "overlay_name",
+]
+
+CHECKPOINT_FILE = "checkpoint.pt"  # trainables.CHECKPOINT_FILE (the test file checks they agree)
+CLASSES_FILE = "classes.txt"
+
+#: Splits of the datasets whose splits are fixed: synthetic builds "train" and "val" (any other name
+#: would silently be val), pets has its two list files (``data.pets.PETS_SPLITS``). A folder or VOC
+#: dataset's splits are what its files hold (``available_splits``).
+SPLITS: dict[str, tuple[str, ...]] = {"synthetic": ("train", "val"), "pets": ("trainval", "test")}
+
+
+def mask_name(image: Path) -> str:
+    return f"{image.stem}_mask.png"
+
+
+def overlay_name(image: Path) -> str:
+    return f"{image.stem}_overlay.png"
+
+
+def check_checkpoint_path(checkpoint: str | Path) -> None:
+    """A checkpoint file, or a folder holding ``checkpoint.pt``, is there (``load_checkpoint``'s message).
+
+    Raises:
+        FileNotFoundError: nothing there.
+    """
+    path = Path(checkpoint)
+    path = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+
+
+def check_predict_images(images: Iterable[str | Path]) -> list[Path]:
+    """Every input is an image file that decodes, and no two would write the same mask.
+
+    Each image is decoded here and again when predicted: decoding them all first is what lets a
+    corrupt one be refused before the first mask is written.
+
+    Raises:
+        DatasetError: naming a folder, missing files, two inputs with one stem, or a file that does
+            not decode (``images.read_rgb``).
+    """
+    paths = [Path(p) for p in images]
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise DatasetError(
+            f"{folders[0]} is a folder: predict takes image files (e.g. {folders[0] / '*.png'})"
+            + (f"; {len(folders) - 1} more inputs are folders" if len(folders) > 1 else "")
+        )
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DatasetError(f"image not found: {', '.join(missing)}")
+    by_name: dict[str, Path] = {}
+    for path in paths:
+        first = by_name.setdefault(mask_name(path), path)
+        if first is not path:
+            same = first.resolve() == path.resolve()
+            raise DatasetError(
+                f"image {path} is given twice: give each image once"
+                if same
+                else f"images {first} and {path} would both be written as {mask_name(path)} and "
+                f"{overlay_name(path)}: predict them into separate --out folders, or rename one"
+            )
+    for path in paths:
+        read_rgb(path)
+    return paths
+
+
+def check_predict_inputs(images: Iterable[str | Path], out: str | Path) -> list[Path]:
+    """``check_predict_images``, then ``check_out_dir`` for the files predict writes, none of which may be
+    one of the inputs (``predict a.png a_mask.png --out .`` would overwrite the second before reading it).
+    Returns the images as paths."""
+    paths = check_predict_images(images)
+    names = [CLASSES_FILE, *(name for p in paths for name in (mask_name(p), overlay_name(p)))]
+    check_out_dir(out, names)
+    inputs = {p.resolve(): p for p in paths}
+    clash = next((Path(out) / name for name in names if (Path(out) / name).resolve() in inputs), None)
+    if clash is not None:
+        raise ConfigError(
+            f"--out {out}: predict would overwrite the input {inputs[clash.resolve()]} with its output {clash}"
+        )
+    return paths
+
+
+def _first_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())  # a relative path ends at '.'
+
+
+def check_out_dir(out: str | Path, names: Iterable[str]) -> Path:
+    """``out`` is, or can be made as, a writable folder in which ``names`` can be written as files.
+
+    Raises:
+        ConfigError: naming ``--out`` and what stands in the way.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: expected a folder for the masks (created if missing)")
+    existing = _first_existing(out)
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable (by this user)")
+    if existing == out:
+        for name in names:
+            target = out / name
+            if target.is_dir():
+                raise ConfigError(f"--out {out}: {target} is a folder, where predict writes the file {name}")
+            if target.exists() and not os.access(target, os.W_OK):
+                raise ConfigError(f"--out {out}: {target} exists and is not writable (by this user)")
+    return out
+
+
+def check_json_path(path: str | Path) -> Path:
+    """``path`` names a file that can be written in an existing folder.
+
+    Raises:
+        ConfigError: naming ``--json`` and what stands in the way.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--json {path} is a folder: expected the name of a file to write")
+    parent = path.parent
+    if not parent.is_dir():
+        existing = _first_existing(parent)
+        raise ConfigError(
+            f"--json {path}: {existing} is a file, not a folder"
+            if not existing.is_dir()
+            else f"--json {path}: the folder {parent} does not exist"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--json {path}: not writable (by this user)")
+    return path
+
+
+def check_data_sets(sets: dict[str, Any]) -> None:
+    """``evaluate --set`` keys are ``data.<field>``: evaluate scores the checkpoint's own model.
+
+    Raises:
+        ConfigError: naming every other key.
+    """
+    fields = sorted(DataConfig.model_fields)
+    other = [k for k in sets if not k.startswith("data.")]
+    unknown = [k for k in sets if k.startswith("data.") and k.removeprefix("data.") not in fields]
+    lines = [f"  {k}: not a data key; evaluate scores the checkpoint's own model, so only data.* keys apply"
+             for k in other] + [f"  {k}: unknown data key" for k in unknown]  # fmt: skip
+    if lines:
+        valid = ", ".join(f"data.{f}" for f in fields)
+        raise ConfigError("evaluate --set takes data keys only:\n" + "\n".join(lines) + f"\n  (valid: {valid})")
+
+
+def _voc_lists(root: Path) -> Path | None:
+    for voc in (root / "VOC2012", root):  # root = VOCdevkit or VOC2012, as data.voc takes it
+        if (voc / "JPEGImages").is_dir():
+            return voc / "ImageSets" / "Segmentation"
+    return None
+
+
+def available_splits(name: str, root: str | None) -> tuple[list[str], str] | None:
+    """The splits a dataset has, and where they were found ("" for a fixed set); None where its files
+    cannot tell (no root: the dataset's loader refuses that, naming what it expected)."""
+    if name in SPLITS:
+        return list(SPLITS[name]), ""
+    folder = Path(root or "")
+    images = folder / "images"
+    if name == "folder" and images.is_dir():
+        return sorted(p.name for p in images.iterdir() if p.is_dir()), f"the folders in {images}"
+    lists = _voc_lists(folder) if name == "voc" else None
+    if lists is not None and lists.is_dir():
+        return sorted(p.stem for p in lists.glob("*.txt")), f"the lists in {lists}"
+    return None
+
+
+def check_split(name: str, root: str | None, split: str) -> None:
+    """``split`` is one of the dataset's splits, where they can be known.
+
+    Raises:
+        ConfigError: naming the split and the ones there are.
+    """
+    found = available_splits(name, root)
+    if found is not None and split not in found[0]:
+        splits, source = found
+        there = ", ".join(splits) if splits else "none"
+        raise ConfigError(
+            f"split {split!r}: dataset {name} has no such split; its splits: {there}"
+            + (f" ({source})" if source else "")
+        )
