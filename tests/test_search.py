@@ -560,6 +560,9 @@ def test_errored_trials_continue_from_their_checkpoint_with_retry_errored(tmp_pa
      ("--reduction-factor", "1", "--reduction-factor must be a finite number > 1"),
      ("--reduction-factor", "inf", "--reduction-factor must be a finite number > 1, got inf"),
      ("--gpus-per-trial", "inf", "--gpus-per-trial must be a number >= 0"),
+     ("--set", "refiner.kind=none", "--set refiner.kind=none conflicts with search space 'smoke'"),  # trials erred
+     ("--set", "model.encoder=nosuch", "unknown encoder 'nosuch'"),  # every trial errored, exit 0
+     ("--space", "", "--space: empty path"),  # was the smoke space
      ("--seed", "-1", "--seed must be an integer in 0 .. 2**32 - 1"),  # Optuna failed on it after Ray started
      ("--seed", str(2**32), "--seed must be an integer in 0 .. 2**32 - 1"),
      ("--name", "a" * 250, "--name must be a folder name of at most 200 characters"),  # the lock file's name

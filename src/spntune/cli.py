@@ -49,7 +49,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from spntune.search_options import SearchOptions, check_search, read_settings, resumed
     from spntune.space import builtin_space_path, load_space
 
-    space_arg = args.space or "smoke"
+    space_arg = "smoke" if args.space is None else args.space  # --space '' is refused, not the smoke space
     space = load_space(space_arg)
     sets = parse_set_args(args.set or [])
     # The options set on this command line (None: not given). A new search takes SearchOptions' defaults for

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spntune.errors import ConfigError
-from spntune.names import ARCHITECTURES, DATASET_NAMES, parse_loss_spec
+from spntune.names import ARCHITECTURES, DATASET_NAMES, check_encoder, parse_loss_spec
 
 __all__ = [
     "REFINER_CONFIGS",
@@ -36,12 +36,15 @@ __all__ = [
     "layer_config",
     "load_yaml",
     "parse_set_args",
+    "parse_yaml",
+    "read_yaml",
     "unflatten",
 ]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float setting must be a finite number (YAML's .inf / .nan are refused)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -116,6 +119,11 @@ class ModelConfig(_Strict):
             raise ValueError(f"unknown coarse architecture {v!r}; valid: {list(ARCHITECTURES)}")
         return v
 
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, v: str) -> str:
+        return check_encoder(v)
+
     @field_validator("encoder_weights", mode="before")
     @classmethod
     def _null_words(cls, v: Any) -> Any:
@@ -143,6 +151,11 @@ class _PropagationConfig(_Strict):
     # Recompute each step (its weights and propagation) in backward: saved memory for T steps is
     # then T x [B, C, H, W] plus the guidance, instead of every step's k*k-1 weight maps (DySPN).
     checkpoint_steps: bool = False
+
+    @field_validator("affinity_encoder")
+    @classmethod
+    def _known_encoder(cls, v: str) -> str:
+        return check_encoder(v)
 
     @field_validator("kernel_size")
     @classmethod
@@ -183,6 +196,13 @@ class OptimConfig(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = Field(5.0, gt=0)  # max global grad norm; None = off
 
+    @field_validator("grad_clip", mode="before")
+    @classmethod
+    def _clip_off_is_null(cls, v: Any) -> Any:
+        if isinstance(v, float) and v == float("inf"):
+            raise ValueError("must be a finite number > 0; null turns clipping off, got inf")
+        return v
+
 
 class TrainConfig(_Strict):
     stage: Literal["joint", "two_stage"] = "joint"
@@ -192,7 +212,7 @@ class TrainConfig(_Strict):
     coarse_loss_weight: float = Field(0.5, ge=0)  # joint: total = refined + w * coarse
     loss: str = "ce"
     batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's and torch's generators take 0 <= seed < 2**32
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # cuda only: float16 autocast with a gradient scaler
     # bfloat16 autocast on a CPU with native bf16 instructions (AVX512-BF16 or AMX; elsewhere float32, with
@@ -205,7 +225,8 @@ class TrainConfig(_Strict):
     # off until measured there. true / false force it.
     channels_last: Literal["auto", True, False] = "auto"
     viz_samples: int = Field(4, ge=0)  # validation images drawn into panels
-    memory_limit_gb: float | None = Field(None, gt=0)  # host memory a trial may allocate (Linux RLIMIT_DATA)
+    # host memory a trial may allocate (Linux RLIMIT_DATA); at most 2**30 GiB, which keeps it a C long
+    memory_limit_gb: float | None = Field(None, gt=0, le=2**30)
     # After the last epoch, score the best epoch's weights on the validation images at their original
     # sizes (final_* metrics: what published results report); costs one pass over the validation set.
     final_eval: bool = True
@@ -381,14 +402,66 @@ def yaml_error(path: str | Path, exc: yaml.YAMLError) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently:
+    a second ``data:`` section would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the base constructor says so
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {first_line[key] + 1}); give each key once",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parse the YAML file ``what`` (e.g. "config file") at ``path``.
+
+    Raises:
+        ConfigError: naming the file: missing, unreadable, not UTF-8 text, bad YAML (with line and column),
+            or a key given twice in one mapping.
+    """
+    if not str(path).strip():  # Path("") is ".", the current folder
+        raise ConfigError(f"{what}: empty path (an unset variable?)")
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        utf16 = "; it looks like UTF-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        byte = exc.object[exc.start]
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {byte:#04x} at offset {exc.start}{utf16}): save it as UTF-8 YAML"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return parse_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(yaml_error(path, exc)) from None
+        raise ConfigError(f"{what} {yaml_error(path, exc)}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A trial config file (``spntune train --config``) as a dict; ``ConfigError`` naming the file."""
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -401,9 +474,17 @@ def parse_set_args(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value (e.g. refiner.kind=cspn), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key] = parse_yaml(value)
+        except yaml.YAMLError as exc:
+            problem = " ".join(p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({problem or exc}); quote a string that holds "
+                "YAML punctuation, e.g. --set 'data.root=\"[my] data\"'"
+            ) from None
     return out
 
 
@@ -437,7 +518,9 @@ def layer_config(config_file: str | Path | None, sets: list[str], smoke: bool) -
     afresh (the file's settings belong to the other refiner; ``none`` takes none at all), keeping only
     the refiner keys set alongside it: ``--config camvid.yaml --set refiner.kind=none`` just works.
     """
-    merged = flatten(unflatten(dict(load_yaml(config_file)))) if config_file else {}
+    if config_file is not None and not str(config_file).strip():
+        raise ConfigError("--config: empty path (an unset variable?); leave --config out to train the defaults")
+    merged = flatten(unflatten(dict(load_yaml(config_file)))) if config_file is not None else {}
     if smoke:
         merged |= SMOKE_OVERRIDES
     sets_flat = flatten(unflatten(parse_set_args(sets)))

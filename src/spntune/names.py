@@ -8,9 +8,11 @@ refused at once. Each registry holds the implementations under exactly these nam
 
 from __future__ import annotations
 
+import difflib
 import math
+from functools import cache
 
-__all__ = ["ARCHITECTURES", "DATASET_NAMES", "LOSS_NAMES", "parse_loss_spec"]
+__all__ = ["ARCHITECTURES", "DATASET_NAMES", "ENCODERS", "LOSS_NAMES", "check_encoder", "parse_loss_spec"]
 
 #: Coarse networks: every segmentation_models.pytorch architecture, plus our FCN.
 ARCHITECTURES = (
@@ -19,6 +21,56 @@ ARCHITECTURES = (
 )  # fmt: skip
 
 DATASET_NAMES = ("folder", "pets", "synthetic", "voc")
+
+#: The encoder names segmentation_models.pytorch 0.6 registers (``smp.encoders.get_encoder_names()``),
+#: held here so that a typo in ``model.encoder`` or ``refiner.affinity_encoder`` is refused at once:
+#: importing smp to ask it takes seconds (torch). tests/test_config_input.py checks that they agree
+#: with the installed smp. Every coarse network (our FCN too) and the U-Net affinity network build their
+#: encoder through smp's ``get_encoder``, so these, and ``tu-<timm model>``, are all the names there are.
+ENCODERS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x4d",
+    "resnext101_32x8d", "resnext101_32x16d", "resnext101_32x32d", "resnext101_32x48d", "dpn68", "dpn68b", "dpn92",
+    "dpn98", "dpn107", "dpn131", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "senet154", "se_resnet50", "se_resnet101", "se_resnet152", "se_resnext50_32x4d", "se_resnext101_32x4d",
+    "densenet121", "densenet169", "densenet201", "densenet161", "inceptionresnetv2", "inceptionv4",
+    "efficientnet-b0", "efficientnet-b1", "efficientnet-b2", "efficientnet-b3", "efficientnet-b4",
+    "efficientnet-b5", "efficientnet-b6", "efficientnet-b7", "mobilenet_v2", "xception", "timm-efficientnet-b0",
+    "timm-efficientnet-b1", "timm-efficientnet-b2", "timm-efficientnet-b3", "timm-efficientnet-b4",
+    "timm-efficientnet-b5", "timm-efficientnet-b6", "timm-efficientnet-b7", "timm-efficientnet-b8",
+    "timm-efficientnet-l2", "timm-tf_efficientnet_lite0", "timm-tf_efficientnet_lite1",
+    "timm-tf_efficientnet_lite2", "timm-tf_efficientnet_lite3", "timm-tf_efficientnet_lite4", "timm-skresnet18",
+    "timm-skresnet34", "timm-skresnext50_32x4d", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
+    "mobileone_s0", "mobileone_s1", "mobileone_s2", "mobileone_s3", "mobileone_s4",
+)  # fmt: skip
+
+
+@cache
+def _timm_has_model(name: str) -> bool:
+    import timm  # torch: only a ``tu-`` encoder pays for it, and its trial imports it anyway
+
+    return bool(timm.is_model(name))
+
+
+def check_encoder(name: str) -> str:
+    """``name`` if smp can build an encoder of that name, else ``ValueError`` listing the valid names.
+
+    smp's own names are checked against ``ENCODERS`` (no import); ``tu-<model>`` against timm's registry,
+    which imports torch (seconds), so only a config that names a timm encoder waits for it.
+    """
+    if name in ENCODERS:
+        return name
+    if name.startswith("tu-") and len(name) > 3:
+        try:
+            known = _timm_has_model(name[3:])
+        except ImportError:
+            raise ValueError(f"encoder {name!r} is a timm model, and timm is not installed") from None
+        if known:
+            return name
+        raise ValueError(f"unknown encoder {name!r}: timm has no model {name[3:]!r} (see timm.list_models())")
+    close = difflib.get_close_matches(name, ENCODERS, n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    raise ValueError(f"unknown encoder {name!r}{hint}; valid: {', '.join(ENCODERS)}, or 'tu-<timm model>'")
+
 
 LOSS_NAMES = ("ce", "dice", "focal", "jaccard", "lovasz")
 

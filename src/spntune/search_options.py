@@ -131,6 +131,7 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     if opts.resume:  # the options (after resumed()) are the search's own: any other is refused
         resumed(opts, given=KEPT_ON_RESUME.keys() | {"trials"})
     _check_resources(opts)
+    opts.space.check_overrides(opts.overrides)  # every branch of the space with --set applied, as trials get it
     cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
     if cfg.data.root and not Path(cfg.data.root).is_dir():
         raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")

@@ -23,13 +23,14 @@ values; ``to_trial_config`` maps the suggested names back onto a flat trial conf
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spntune.config import ConfigError, TrialConfig, flatten, unflatten, yaml_error
+from spntune.config import ConfigError, TrialConfig, flatten, read_yaml, unflatten
 
 __all__ = ["BUILTIN_SPACES", "Param", "SearchSpace", "builtin_space_path", "load_space"]
 
@@ -41,7 +42,8 @@ _MAX_ENUMERATED = 64  # int ranges up to this size are checked value by value
 class Param(BaseModel):
     """One searched dimension: exactly one of ``choice``, ``int``, ``float`` or ``value``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: range bounds and steps are finite numbers (a trial cannot use .inf)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     choice: list[Any] | None = None
     int_range: tuple[int, int] | None = Field(None, alias="int")
@@ -68,6 +70,8 @@ class Param(BaseModel):
             raise ValueError("log and step cannot be combined (Optuna)")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"step must be > 0, got {self.step}")
+        if self.int_range is not None and self.step is not None and not float(self.step).is_integer():
+            raise ValueError(f"step of an int range must be a whole number, got {self.step}")
         if (self.log or self.step is not None) and self.int_range is None and self.float_range is None:
             raise ValueError("log/step apply to int or float ranges only")
         return self
@@ -89,11 +93,38 @@ class Param(BaseModel):
         if self.kind == "int":
             low, high = self.int_range  # type: ignore[misc]
             step = int(self.step or 1)
-            values = list(range(low, high + 1, step))
-            return values if len(values) <= _MAX_ENUMERATED else [low, high]
+            count = (high - low) // step + 1  # counted, not listed: a range may span 10**11 values
+            if count <= _MAX_ENUMERATED:
+                return list(range(low, high + 1, step))
+            return [low, low + (count - 1) * step]  # the ends Optuna can suggest
         if self.kind == "float":
             return list(self.float_range)  # type: ignore[arg-type]
         return [self.value]
+
+    def refuses(self, value: Any) -> str:
+        """Why Optuna cannot take ``value`` for this dimension (a seed point's value), '' if it can."""
+        if self.kind == "choice":
+            options = self.choice or []
+            # Optuna finds a point's option by ==, so 1 == 1.0 == True; bools are kept apart from numbers
+            if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in options):
+                return f"is not one of its choices {options}"
+            return ""
+        if self.kind == "value":
+            return "" if value == self.value else f"differs from its fixed value {self.value!r}"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind == "int" and not (number and float(value).is_integer()):
+            return "is not an integer"
+        if not number or not math.isfinite(value):
+            return "is not a finite number"
+        low, high = self.int_range if self.kind == "int" else self.float_range  # type: ignore[misc]
+        if not low <= value <= high:
+            return f"is outside its range [{low}, {high}]"
+        if self.step is not None:
+            steps = (value - low) / self.step
+            if abs(steps - round(steps)) > 1e-8:  # Optuna's own tolerance
+                step = int(self.step) if self.kind == "int" else self.step
+                return f"is not on its grid of step {step} from {low}"
+        return ""
 
     def _optuna(self) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
         """The one switch over kinds: Optuna's ``suggest_<kind>`` / ``<Kind>Distribution`` arguments."""
@@ -134,11 +165,44 @@ class SearchSpace(BaseModel):
     when: dict[str, dict[str, dict[str, Param]]] = Field(default_factory=dict)
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
 
+    @field_validator("metric")
+    @classmethod
+    def _reported_metric(cls, v: str) -> str:
+        from spntune.leaderboard import TRIAL_METRICS, is_trial_metric  # leaderboard imports this module
+
+        if not is_trial_metric(v):
+            raise ValueError(
+                f"{v!r} is not a metric trials report; valid: {', '.join(TRIAL_METRICS)}, coarse_iou_<class>, "
+                "refined_iou_<class>, refined_miou_t<step>, and final_<any of these> (original size)"
+            )
+        return v
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _branch_values_as_text(cls, v: Any) -> Any:
+        """Branches are matched by the text of the suggested value (``define_by_run``), so a branch written
+        ``2:`` or ``true:`` (YAML's int and bool keys) is the branch of the value 2 or True."""
+        if not isinstance(v, dict):
+            return v
+        return {
+            cond: {_as_text(value): params for value, params in branches.items()} if isinstance(branches, dict)
+            else branches
+            for cond, branches in v.items()
+        }  # fmt: skip
+
     # ----------------------------------------------------------------- names
 
     def branch_name(self, value: Any, key: str) -> str:
         """Optuna name of a branch parameter: ``cspn.kernel_size`` for ``refiner.kernel_size``."""
         return f"{value}.{key.rsplit('.', 1)[-1]}"
+
+    def named_params(self) -> dict[str, Param]:
+        """Every Optuna parameter name (top-level key or ``<branch value>.<last key part>``) -> its ``Param``."""
+        named = dict(self.params)
+        for branches in self.when.values():
+            for value, params in branches.items():
+                named |= {self.branch_name(value, key): p for key, p in params.items()}
+        return named
 
     def optuna_to_config_key(self) -> dict[str, str]:
         """Every Optuna parameter name -> the dotted trial-config key it sets."""
@@ -183,21 +247,50 @@ class SearchSpace(BaseModel):
 
     @model_validator(mode="after")
     def _check_against_trial_config(self) -> SearchSpace:
+        errors = self._structure_errors() + self._value_errors({})
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    def check_overrides(self, overrides: dict[str, Any]) -> None:
+        """Refuse ``--set`` overrides under which some of this space's trials would not validate.
+
+        A trial runs ``{**base, **suggested, **overrides}`` (``tune.trial_config``): an override replaces a
+        searched value, while the ``when:`` branches still follow the value Optuna suggested. So
+        ``--set refiner.kind=none`` on a space whose ``cspn`` branch searches ``refiner.channels`` would
+        fail every trial; here it is refused before anything starts, naming the ``--set`` key and the
+        space's parameter.
+
+        Raises:
+            ConfigError: listing each parameter (with the value and branch) that the overrides invalidate.
+        """
+        if not overrides:
+            return
+        errors = self._value_errors(overrides, hints=False)
+        if not errors:
+            return
+        base_fails = errors[0].startswith("base: ")
+        if base_fails:  # every parameter line would repeat it
+            errors = errors[:1]
+        # The overrides to blame: those that break the space on their own (else all of them together)
+        culprits = [k for k, v in overrides.items() if self._value_errors({k: v}, hints=False)] or list(overrides)
+        searched = set(self.optuna_to_config_key().values())
+        replaced = [k for k in culprits if k in searched]
+        why = (
+            f" (the space searches {', '.join(replaced)}: --set replaces each value suggested for it, while its "
+            "when: branches still follow the suggested value)"
+            if replaced and not base_fails
+            else ""
+        )
+        sets = ", ".join(f"--set {k}={_yaml_text(overrides[k])}" for k in culprits)
+        verb = "conflicts" if len(culprits) == 1 else "conflict"
+        fix = "" if base_fails else "\n  drop the --set, or use a space that does not search these parameters"
+        raise ConfigError(f"{sets} {verb} with search space {self.name!r}{why}:\n  " + "\n  ".join(errors) + fix)
+
+    def _structure_errors(self) -> list[str]:
+        """What is wrong with the space's shape: branches, seed points (independent of any override)."""
         errors: list[str] = []
-        try:
-            TrialConfig.from_dict(self.base)
-        except ConfigError as exc:
-            errors.append(f"base: {exc}")
         base_flat = flatten(unflatten(dict(self.base)))
-        # Each parameter alone first; then in combination with the others that are valid alone (so
-        # one bad key is reported once, not again as the context of every other parameter).
-        alone = {key: _first_invalid(key, param, [{}], base_flat) for key, param in self.params.items()}
-        errors += [error for error in alone.values() if error]
-        valid = {key for key, error in alone.items() if not error}
-        for key, param, contexts in self._params_in_context(base_flat, valid):
-            error = _first_invalid(key, param, contexts, base_flat)
-            if error:
-                errors.append(error)
         for cond_key, branches in self.when.items():
             if cond_key in self.params:
                 options = [str(v) for v in self.params[cond_key].candidates()]
@@ -215,19 +308,49 @@ class SearchSpace(BaseModel):
                 for key in params:
                     if key in self.params:
                         errors.append(f"when {cond_key}.{value}: {key} is also a top-level param")
-        mapping = self.optuna_to_config_key()
+        named = self.named_params()
         for i, point in enumerate(self.points_to_evaluate):
-            unknown = sorted(set(point) - set(mapping))
+            unknown = sorted(set(point) - set(named))
             if unknown:
-                errors.append(f"points_to_evaluate[{i}]: unknown parameters {unknown}; known: {sorted(mapping)}")
-                continue
+                errors.append(f"points_to_evaluate[{i}]: unknown parameters {unknown}; known: {sorted(named)}")
+            # Optuna takes a seed point's values as they are: an unknown option stops the search driver
+            # mid-run, an out-of-range number is only warned about and then trained
+            errors += [
+                f"points_to_evaluate[{i}]: {name}: {value!r} {problem}"
+                for name, value in point.items()
+                if name in named and (problem := named[name].refuses(value))
+            ]
+        return errors
+
+    def _value_errors(self, overrides: dict[str, Any], hints: bool = True) -> list[str]:
+        """Every base value, searched value and seed point that does not validate as a trial config, with
+        ``overrides`` applied last (as each trial applies ``--set``)."""
+        errors: list[str] = []
+        base_flat = flatten(unflatten(dict(self.base)))
+        try:
+            TrialConfig.from_dict({**base_flat, **overrides})
+        except ConfigError as exc:
+            errors.append(f"base: {_details(exc)}")
+        # Each parameter alone first; then in combination with the others that are valid alone (so
+        # one bad key is reported once, not again as the context of every other parameter).
+        alone = {
+            key: _first_invalid(key, param, [{}], base_flat, overrides, hints) for key, param in self.params.items()
+        }
+        errors += [error for error in alone.values() if error]
+        valid = {key for key, error in alone.items() if not error}
+        for key, param, contexts in self._params_in_context(base_flat, valid):
+            error = _first_invalid(key, param, contexts, base_flat, overrides, hints)
+            if error:
+                errors.append(error)
+        named = self.named_params()
+        for i, point in enumerate(self.points_to_evaluate):
+            if set(point) - set(named):
+                continue  # a structure error
             try:
-                TrialConfig.from_dict(self.to_trial_config(point))
+                TrialConfig.from_dict({**self.to_trial_config(point), **overrides})
             except ConfigError as exc:
-                errors.append(f"points_to_evaluate[{i}]: {str(exc).split(chr(10), 1)[-1].strip()}")
-        if errors:
-            raise ValueError("\n".join(errors))
-        return self
+                errors.append(f"points_to_evaluate[{i}]: {_details(exc)}")
+        return errors
 
     def _params_in_context(
         self, base_flat: dict[str, Any], valid: set[str]
@@ -251,18 +374,34 @@ class SearchSpace(BaseModel):
         return top + out
 
 
-def _first_invalid(key: str, param: Param, contexts: list[dict[str, Any]], base_flat: dict[str, Any]) -> str:
+def _first_invalid(key: str, param: Param, contexts: list[dict[str, Any]], base_flat: dict[str, Any],
+                   overrides: dict[str, Any], hints: bool = True) -> str:  # fmt: skip
     """The first ``(context, candidate)`` of a parameter that does not validate, as an error line ('' if none)."""
     for context in contexts:
         for candidate in param.candidates():
             try:
-                TrialConfig.from_dict({**base_flat, **context, key: candidate})
+                TrialConfig.from_dict({**base_flat, **context, key: candidate, **overrides})
             except ConfigError as exc:
-                detail = str(exc).split("\n", 1)[-1].strip()
+                detail = _details(exc)
                 where = "".join(f" when {k}={v}" for k, v in context.items())
                 hint = "".join(f" (search it under when: {k}: for the values that take it)" for k in context)
-                return f"params {key}: value {candidate!r} is invalid{where}: {detail}{hint}"
+                return f"params {key}: value {candidate!r} is invalid{where}: {detail}{hint if hints else ''}"
     return ""
+
+
+def _details(exc: ConfigError) -> str:
+    """A trial-config error's lines (after its heading) as one line."""
+    return "; ".join(line.strip() for line in str(exc).splitlines()[1:]) or str(exc)
+
+
+def _as_text(value: Any) -> Any:
+    """A ``when:`` branch key as the text ``define_by_run`` matches (``str`` of the suggested value)."""
+    return str(value) if value is None or isinstance(value, (bool, int, float)) else value
+
+
+def _yaml_text(value: Any) -> str:
+    """A ``--set`` value as the user typed it (``none``, ``[64, 64]``), not as Python prints it."""
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _get(flat_or_nested: dict[str, Any], key: str) -> Any:
@@ -279,15 +418,14 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
     Raises:
         ConfigError: missing file, bad YAML, or a schema error naming the key.
     """
+    if not str(path_or_name).strip():  # Path("") is ".", the current folder
+        raise ConfigError(f"--space: empty path (an unset variable?); built-in spaces: {', '.join(BUILTIN_SPACES)}")
     path = Path(path_or_name)
     if not path.is_file() and str(path_or_name) in BUILTIN_SPACES:
         path = builtin_space_path(str(path_or_name))
     if not path.is_file():
         raise ConfigError(f"search space file not found: {path} (built-in spaces: {', '.join(BUILTIN_SPACES)})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"search space {yaml_error(path, exc)}") from None
+    data = read_yaml(path, "search space") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"search space {path} must be a mapping")
     try:
@@ -299,9 +437,14 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
 def _space_errors(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"] if p not in ("int_range", "float_range"))
+        loc = [str(p) for p in err["loc"] if p not in ("int_range", "float_range")]
+        if len(loc) >= 2 and loc[-2] in ("int", "float") and loc[-1] in ("0", "1"):
+            loc[-1] = ("low", "high")[int(loc[-1])]  # params.KEY.float.high, not .float.1
+        key = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] != "value_error" and not isinstance(err.get("input"), (dict, list)):
+            msg += f" (got {err.get('input')!r})"
         lines.append(f"  {key}: {msg}" if key else "  " + msg.replace("\n", "\n  "))
     return "\n".join(lines)
