@@ -302,3 +302,10 @@ def test_when_branches_may_be_keyed_by_numbers_and_bools(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"when train.batch_size: branch '3' is not one of its values \['2', '4'\]"):
         load_space(bad)
+
+
+@pytest.mark.parametrize("workers", [65, 1000, -1])
+def test_loader_workers_are_bounded(workers):
+    """data.num_workers=1000 started a thousand loader processes and hung the machine."""
+    with pytest.raises(ConfigError, match=rf"data.num_workers: .*must be an integer in 0..64 or auto, got {workers}"):
+        TrialConfig.from_dict({"data.num_workers": workers})

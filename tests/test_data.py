@@ -230,9 +230,12 @@ def _truncated(root):
       r"img0\.png has values \[7\].*0\.\.2 \(classes\.txt\) or 255"),
      (lambda r: write_jpg(r / "images" / "train" / "img1.png", h=41), r"size mismatch: image .*img1\.png is 50x41"),
      (lambda r: write_png(r / "masks" / "train" / "img9.png", np.zeros((40, 50), np.uint8)),
-      r"mask .*img9\.png has no image in .*images/train")],
+      r"mask .*img9\.png has no image in .*images/train"),
+     (lambda r: write_jpg(r / "images" / "train" / "img0.jpg"),  # one was dropped without a word
+      r"images .*img0\.jpg and .*img0\.png share the name 'img0', and so one mask")],
     ids=["no-root", "no-classes", "empty-classes", "duplicate-class", "no-split", "empty-split", "no-mask",
-         "not-an-image", "truncated-image", "colour-mask", "value-outside-classes", "size-mismatch", "orphan-mask"],
+         "not-an-image", "truncated-image", "colour-mask", "value-outside-classes", "size-mismatch", "orphan-mask",
+         "two-images-one-stem"],
 )  # fmt: skip
 def test_bad_folder_data_is_refused_naming_the_file(tmp_path, damage, expected):
     root = make_folder(tmp_path / "mine")

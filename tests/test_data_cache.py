@@ -152,7 +152,7 @@ def test_num_workers_auto_and_bad_values():
     assert loader_workers(3, cpu, 1) == 3
     assert TrialConfig.model_validate({"data": {"num_workers": "auto"}}).data.num_workers == "auto"
     for bad in (-1, "many", 1.5, True):
-        with pytest.raises(Exception, match="must be an integer >= 0 or auto"):
+        with pytest.raises(Exception, match="must be an integer in 0..64 or auto"):
             TrialConfig.model_validate({"data": {"num_workers": bad}})
 
 

@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 
+#: ``data.num_workers``' ceiling: loader processes of one trial (``auto`` takes the trial's CPUs).
+MAX_LOADER_WORKERS = 64
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float setting must be a finite number (YAML's .inf / .nan are refused)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -79,9 +83,10 @@ class DataConfig(_Strict):
     @field_validator("num_workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        # at most 64: each worker is a process holding a copy of the dataset's state (1000 hung the machine)
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LOADER_WORKERS):
             return v
-        raise ValueError(f"must be an integer >= 0 or auto, got {v!r}")
+        raise ValueError(f"must be an integer in 0..{MAX_LOADER_WORKERS} or auto, got {v!r}")
 
     @field_validator("image_size", mode="before")
     @classmethod

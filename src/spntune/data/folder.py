@@ -37,7 +37,13 @@ def load_folder(root: Path, split: str, transform: PairTransform | None = None) 
     names = read_classes(root)
     image_dir = require_dir(root / "images" / split, f"images folder for split {split!r}")
     mask_dir = require_dir(root / "masks" / split, f"masks folder for split {split!r}")
-    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    images: dict[str, Path] = {}
+    for p in sorted(image_dir.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.stem in images:  # one mask per stem: which image it labels is not known
+                raise DatasetError(f"images {images[p.stem]} and {p} share the name {p.stem!r}, and so one mask; "
+                                   "rename or remove one")  # fmt: skip
+            images[p.stem] = p
     masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.suffix.lower() == ".png"}
     if not images:
         raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
