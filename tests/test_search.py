@@ -704,6 +704,7 @@ def test_a_search_that_fails_before_ray_saved_it_leaves_no_folder_and_no_running
         raise ValueError("Seed must be between 0 and 2**32 - 1")
 
     monkeypatch.setattr(spntune.tune, "tpe_sampler", broken_sampler)
+    monkeypatch.setattr(spntune.tune, "_init_ray", lambda address: False)  # the failure comes first: no Ray needed
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["search", "--smoke-test", "--storage", str(tmp_path / "ray"), "--name", "x", "--tracking-uri", uri]
     with pytest.raises(ValueError, match="Seed must be"):
