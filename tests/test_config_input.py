@@ -309,3 +309,10 @@ def test_loader_workers_are_bounded(workers):
     """data.num_workers=1000 started a thousand loader processes and hung the machine."""
     with pytest.raises(ConfigError, match=rf"data.num_workers: .*must be an integer in 0..64 or auto, got {workers}"):
         TrialConfig.from_dict({"data.num_workers": workers})
+
+
+@pytest.mark.parametrize("name", ["timm-regnetx_002", "timm-resnest14d", "timm-mobilenetv3_large_100", "timm-gernet_s",
+                                  "timm-res2net50_26w_4s", "tu-hf-hub:timm/resnet18.a1_in1k"])  # fmt: skip
+def test_encoder_names_smp_renames_to_timm_are_accepted(name):
+    """smp 0.6 builds these older timm- names as tu- encoders; refusing them broke configs that trained."""
+    assert TrialConfig.from_dict({"model.encoder": name}).model.encoder == name

@@ -72,6 +72,9 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
         assert rgb.shape == (40, 50, 3) and rgb.dtype == np.uint8
         np.testing.assert_allclose(rgb[..., 0], expected, atol=1)  # a ramp, not black and white
         assert (rgb[..., 0] == rgb[..., 2]).all()
+    # 8-bit data in a 32-bit container keeps its values (divided by 257 it was nearly black)
+    Image.fromarray(expected.astype(np.int32)).save(tmp_path / "grey32_8bit.tiff")
+    np.testing.assert_array_equal(read_image(tmp_path / "grey32_8bit.tiff")[..., 0], expected)
     # grey, RGBA and palette still convert as before
     grey = np.arange(40 * 50, dtype=np.uint8).reshape(40, 50)
     Image.fromarray(grey).save(tmp_path / "grey.png")

@@ -154,6 +154,8 @@ def _bad_stores(tmp_path: Path, good_db: Path) -> dict[str, list[str]]:
         "bogus://x": ["tracking URI 'bogus://x': MLflow has no store for the scheme 'bogus'", "sqlite:///"],
         str(tmp_path / "random.db"): ["is a file's path", f"pass sqlite:///{tmp_path / 'random.db'}"],
         "sqlite://mlflow.db": ["three slashes, then the path"],
+        "sqlite:mlflow.db": ["three slashes, then the path"],  # an IndexError before
+        "postgresql://u:secret@127.0.0.1:1/db": ["needs the Python package", "u:***@"],  # no driver: a traceback
     }  # fmt: skip
 
 
@@ -181,7 +183,8 @@ def test_ui_refuses_a_tracking_server_and_a_bad_store(tmp_path, in_empty_folder,
     assert main(["ui", "--tracking-uri", "http://127.0.0.1:5000"]) == 2
     assert "MLflow UI" not in _refused(capsys, "http://127.0.0.1:5000 is a tracking server, which has its own UI")
     stores = _bad_stores(tmp_path / "stores", Path(mlflow_sqlite.removeprefix("sqlite:///")))
-    for uri in [u for u in stores if "damaged" not in u]:  # a store MLflow itself fails on: the server says why
+    # a store MLflow itself fails on (damaged pages, a database server without its driver): the server says why
+    for uri in [u for u in stores if "damaged" not in u and not u.startswith("postgresql")]:
         assert main(["ui", "--tracking-uri", uri]) == 2, uri
         assert "MLflow UI" not in _refused(capsys, *stores[uri])
 
@@ -215,6 +218,12 @@ def test_an_existing_store_is_read_as_before(tmp_path, mlflow_sqlite, capsys, mo
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's file store, where the user opts in
     tracking.check_store(str(tmp_path / "mlruns"))
+    spaced = tmp_path / "my runs"
+    spaced.mkdir()
+    shutil.copyfile(mlflow_sqlite.removeprefix("sqlite:///"), spaced / "mlflow.db")
+    tracking.check_store(f"sqlite:///{tmp_path}/my%20runs/mlflow.db")  # as MLflow writes a space; SQLAlchemy reads it
+    for databricks in ("databricks", "databricks-uc", "uc"):  # MLflow's bare scheme names, not paths
+        tracking.check_store(databricks)
 
 
 # --- best --top ---

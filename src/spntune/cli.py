@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from spntune.config import ConfigError, TrialConfig, layer_config
+    from spntune.config import TrialConfig, check_data_root, layer_config
     from spntune.tracking import default_tracking_uri
 
     raw = layer_config(args.config, args.set or [], args.smoke_test)
@@ -29,8 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.mlflow or args.tracking_uri:
         raw.setdefault("tracking", {})["uri"] = args.tracking_uri or default_tracking_uri()
     cfg = TrialConfig.from_dict(raw)  # refuse bad input before importing torch
-    if cfg.data.root and not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")
+    check_data_root(cfg.data)
     reuse_freed_memory()
     from spntune.console import ConsoleReporter, make_console, print_results, print_written
     from spntune.trainables import train_segmentation
@@ -91,7 +90,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from spntune.console import print_ui_banner
+    from spntune.console import print_ui_banner, print_ui_stopped
     from spntune.tracking import check_ui, default_tracking_uri, serve_ui
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -99,8 +98,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print_ui_banner(uri, args.host, args.port)
     code = serve_ui(uri, args.port, args.host)
     if code:
-        print(f"spntune: error: the MLflow server stopped by itself (exit code {code}); its output above says why",
-              file=sys.stderr)  # fmt: skip
+        print_ui_stopped(code)
     return code
 
 

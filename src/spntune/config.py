@@ -31,6 +31,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "TrialConfig",
+    "check_data_root",
     "describe_pipeline",
     "flatten",
     "layer_config",
@@ -49,6 +50,12 @@ MAX_LOADER_WORKERS = 64
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float setting must be a finite number (YAML's .inf / .nan are refused)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def check_data_root(data: DataConfig) -> None:
+    """A ``data.root`` that is given is a folder: refused at once (listing the dataset imports torch)."""
+    if data.root and not Path(data.root).is_dir():
+        raise ConfigError(f"data.root {data.root!r} is not a directory (set it with --set data.root=PATH)")
 
 
 class DataConfig(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ __all__ = [
     "print_resume",
     "print_search_summary",
     "print_ui_banner",
+    "print_ui_stopped",
     "print_written",
 ]
 
@@ -243,6 +245,12 @@ def print_best(search: dict[str, str], rows: list[TrialRow], top: int, console: 
     title = f"search {search.get('spntune.search', '?')} (run {search['run_id']}): best {search['metric']} per trial"
     _print_leaderboard(console, title, search["metric"], rows[:top])
     console.print(f"{len(rows)} trial runs; best: {search.get('best_trial_run_id', '-')}")
+
+
+def print_ui_stopped(code: int) -> None:
+    """`spntune ui`'s line when the MLflow server ended without Ctrl-C (it said why above)."""
+    print(f"spntune: error: the MLflow server stopped by itself (exit code {code}); its output above says why",
+          file=sys.stderr)  # fmt: skip
 
 
 def print_ui_banner(uri: str, host: str, port: int, console: Console | None = None) -> None:

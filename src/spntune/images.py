@@ -7,7 +7,8 @@ What a file holds becomes 0..255 per channel:
 - 8-bit greyscale, palette, RGBA, CMYK and 16-bit RGB(A) PNGs: converted by PIL (16-bit colour keeps
   its high byte).
 - 16-bit greyscale (PNG or TIFF; PIL modes ``I;16*``, and ``I`` holding values up to 65535): divided
-  by 257, so 65535 is 255. PIL's own conversion clips such an image to black and white.
+  by 257, so 65535 is 255. PIL's own conversion clips such an image to black and white. One whose values
+  all lie in 0..255 is 8-bit data in a wider container (a 32-bit TIFF) and keeps its values.
 - Floating-point greyscale (TIFF, mode ``F``): values in 0..1 are multiplied by 255. Values outside
   0..1 (or NaN) are refused rather than guessed at: such a file may hold 0..255, 0..65535 or HDR
   radiance, and a wrong guess gives a plausible but wrong mask.
@@ -78,7 +79,13 @@ def rgb_array(img: Image.Image, path: Path) -> np.ndarray:
                 f"image {path} holds integer values from {low} to {high} (PIL mode {img.mode}): expected "
                 f"0..{_UINT16_MAX} (a 16-bit image); save it as an 8- or 16-bit image"
             )
-        grey = np.rint(values.astype(np.float32) / _UINT16_TO_UINT8).astype(np.uint8)
+        # values within 0..255 are 8-bit data in a wider container (a 32-bit TIFF): kept, as PIL's own
+        # conversion keeps them; a 16-bit image that dark is rarer than that
+        grey = (
+            values.astype(np.uint8)
+            if high <= 255
+            else np.rint(values.astype(np.float32) / _UINT16_TO_UINT8).astype(np.uint8)
+        )
     else:
         return np.asarray(img.convert("RGB"))
     return np.repeat(grey[..., None], 3, axis=2)

@@ -51,6 +51,20 @@ def _timm_has_model(name: str) -> bool:
     return bool(timm.is_model(name))
 
 
+#: Older ``timm-`` names smp 0.6 still builds, as the timm encoders it renames them to (its
+#: ``is_equivalent_to_timm_universal``): ``timm-regnetx_002`` is ``tu-regnetx_002``, and a mobilenetv3
+#: ``tu-tf_mobilenetv3_...``.
+TIMM_RENAMED_PREFIXES = ("timm-regnet", "timm-res2", "timm-resnest", "timm-mobilenetv3", "timm-gernet")
+
+
+def _timm_model(name: str) -> str | None:
+    """The timm model an encoder name stands for (``tu-<model>``, a renamed ``timm-`` name), else None."""
+    if name.startswith(TIMM_RENAMED_PREFIXES):
+        model = name.removeprefix("timm-")
+        return f"tf_{model}" if "mobilenetv3" in model else model
+    return name[3:] if name.startswith("tu-") and len(name) > 3 else None
+
+
 def check_encoder(name: str) -> str:
     """``name`` if smp can build an encoder of that name, else ``ValueError`` listing the valid names.
 
@@ -59,14 +73,17 @@ def check_encoder(name: str) -> str:
     """
     if name in ENCODERS:
         return name
-    if name.startswith("tu-") and len(name) > 3:
+    model = _timm_model(name)
+    if model is not None:
+        if model.startswith("hf-hub:"):  # timm fetches it from the Hugging Face hub when the trial builds it
+            return name
         try:
-            known = _timm_has_model(name[3:])
+            known = _timm_has_model(model)
         except ImportError:
             raise ValueError(f"encoder {name!r} is a timm model, and timm is not installed") from None
         if known:
             return name
-        raise ValueError(f"unknown encoder {name!r}: timm has no model {name[3:]!r} (see timm.list_models())")
+        raise ValueError(f"unknown encoder {name!r}: timm has no model {model!r} (see timm.list_models())")
     close = difflib.get_close_matches(name, ENCODERS, n=3)
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     raise ValueError(f"unknown encoder {name!r}{hint}; valid: {', '.join(ENCODERS)}, or 'tu-<timm model>'")

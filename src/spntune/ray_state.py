@@ -49,7 +49,7 @@ def check_resumable(experiment: Path) -> None:
     path = _newest(experiment, CALLBACK_STATES)  # only where a callback had state (ASHA's rungs)
     if path is not None:
         _whole_pickle(path, experiment)
-    gone = [t for t in trials if t["status"] != "PENDING" and not (experiment / t["relative_logdir"]).is_dir()]
+    gone = [t for t in trials if t["results"] and not (experiment / t["relative_logdir"]).is_dir()]
     if gone:
         names = ", ".join(f"{t['trial_id']} ({t['relative_logdir']})" for t in gone)
         raise ConfigError(
@@ -87,13 +87,19 @@ def _json(path: Path, experiment: Path) -> Any:
 
 
 def _trials(state_file: Path, experiment: Path) -> list[dict[str, Any]]:
-    """Each trial's id, status and folder (relative to the search's) from Ray's experiment state."""
+    """Each trial's id, status, folder (relative to the search's) and whether it has results (ended, or
+    reported): a trial that only started may have no folder yet, and Ray runs it again from the start."""
     state = _json(state_file, experiment)
     trials = []
     try:
-        for meta, _runtime in state["trial_data"]:
+        for meta, runtime in state["trial_data"]:
             trial = json.loads(meta)
-            trials.append({key: str(trial[key]) for key in ("trial_id", "status", "relative_logdir")})
+            try:  # (unreadable: Ray's restore fails on it, and _RestoreGuard stops the resume)
+                reported = bool(json.loads(runtime).get("last_result"))
+            except (ValueError, AttributeError):
+                reported = False
+            trials.append({key: str(trial[key]) for key in ("trial_id", "status", "relative_logdir")}
+                          | {"results": reported or trial["status"] in ("TERMINATED", "ERROR")})  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         _refuse(experiment, f"{state_file} is not Ray's experiment state ({type(exc).__name__}: {exc})")
     return trials

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spntune import allocator
-from spntune.config import ConfigError, TrialConfig
+from spntune.config import ConfigError, TrialConfig, check_data_root
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.ray_state import check_resumable
 from spntune.space import BUILTIN_SPACES, SearchSpace, builtin_space_path, load_space
@@ -132,9 +132,7 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
         resumed(opts, given=KEPT_ON_RESUME.keys() | {"trials"})
     _check_resources(opts)
     opts.space.check_overrides(opts.overrides)  # every branch of the space with --set applied, as trials get it
-    cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
-    if cfg.data.root and not Path(cfg.data.root).is_dir():
-        raise ConfigError(f"data.root {cfg.data.root!r} is not a directory (set it with --set data.root=PATH)")
+    check_data_root(TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides}).data)
     check_storage(opts)
     return objectives
 
@@ -232,9 +230,11 @@ def _check_resources(opts: SearchOptions) -> None:
 
 
 def _gpu_count() -> int:
-    """The GPUs torch sees; 0 without importing torch (seconds) where no GPU driver shows a device (CUDA's
-    /dev/nvidia*, ROCm's /dev/kfd): a refusal on a machine without GPUs answers at once."""
-    if not Path("/dev/kfd").exists() and not any(Path("/dev").glob("nvidia[0-9]*")):
+    """The GPUs torch sees; 0 without importing torch (seconds) where no GPU driver shows a device file
+    (CUDA's /dev/nvidia*, WSL2's /dev/dxg, Jetson's /dev/nvhost-*, ROCm's /dev/kfd): a refusal on a machine
+    without GPUs answers at once."""
+    dev = Path("/dev")
+    if not any(any(dev.glob(pattern)) for pattern in ("nvidia*", "dxg", "nvhost-*", "nvmap", "kfd")):
         return 0
     import torch  # only a search that asks for GPUs on a machine with a GPU driver pays for counting them
 

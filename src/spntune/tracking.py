@@ -127,7 +127,8 @@ def check_store(uri: str) -> None:
         ConfigError: naming the URI (password masked) or the path, what is there, and what was expected.
     """
     shown = masked(uri)
-    scheme = urlsplit(uri).scheme.lower()
+    # MLflow reads the bare names databricks, databricks-uc and uc as schemes (Databricks' usual setting)
+    scheme = uri.lower() if uri.lower() in ("databricks", "databricks-uc", "uc") else urlsplit(uri).scheme.lower()
     base = scheme.split("+")[0]  # postgresql+psycopg2
     if base == "sqlite":
         _check_sqlite(uri, shown)
@@ -144,14 +145,14 @@ def _plugin_schemes() -> set[str]:
 
 
 def _check_sqlite(uri: str, shown: str) -> None:
-    rest = uri.split("://", 1)[1].split("?", 1)[0]
+    rest = uri.split("://", 1)[1].split("?", 1)[0] if "://" in uri else uri  # sqlite:mlflow.db: no slashes
     if rest and not rest.startswith("/"):  # sqlite://mlflow.db: SQLAlchemy reads 'mlflow.db' as a host
         raise ConfigError(f"tracking URI {shown!r}: expected sqlite:///relative/path.db or "
                           "sqlite:////absolute/path.db (three slashes, then the path)")  # fmt: skip
     if rest.removeprefix("/") in ("", ":memory:"):
         raise ConfigError(f"tracking URI {shown!r} is an in-memory SQLite database, which holds no runs; "
                           f"{_EXPECTED_STORE}")  # fmt: skip
-    path = Path(rest[1:])
+    path = Path(unquote(rest[1:]))  # as SQLAlchemy reads it (MLflow writes a space as %20)
     if not path.exists():
         raise ConfigError(f"no MLflow store at {path}{_blocked(path)}: {_WRITE_ONE}")
     if path.is_dir():
@@ -201,6 +202,9 @@ def _reading(uri: str) -> Iterator[None]:
 
     try:
         yield
+    except ImportError as exc:  # a database URL whose driver is not installed (postgresql:// without psycopg)
+        raise ConfigError(f"the MLflow store at {masked(uri)} needs the Python package {exc.name or exc}, which is "
+                          "not installed here: pip install it (e.g. psycopg for postgresql)") from None  # fmt: skip
     except (MlflowException, SQLAlchemyError, RequestException, sqlite3.Error) as exc:
         full = masked(str(exc)).strip()
         text = full.splitlines()[0][:300] if full else type(exc).__name__
@@ -651,14 +655,16 @@ class SearchRun:
 
         self.safe("finish search run", close)
 
-    def fail(self, reason: str) -> None:
-        """The search stopped on an error before it finished: a resumed run gets back the status it had (its
-        trials are as they were), a new one ends FAILED; either way with the reason as a tag."""
+    def fail(self, reason: str, nothing_ran: bool = False) -> None:
+        """The search stopped on an error before it finished, with the reason as a tag: FAILED, except that a
+        resumed run where ``nothing_ran`` gets back the status it had (its trials are as they were; a run
+        left RUNNING by a driver that died becomes FAILED)."""
+        kept = self.previous_status if nothing_ran and self.previous_status != "RUNNING" else None
 
         def close() -> None:
             client = _client(self.uri)
             client.set_tag(self.run_id, "spntune.reason", reason[:5000])
-            client.set_terminated(self.run_id, self.previous_status or "FAILED")
+            client.set_terminated(self.run_id, kept or "FAILED")
 
         self.safe("close search run", close)
 

@@ -577,7 +577,7 @@ def _run_trial(cfg: TrialConfig, reporter: Reporter, resume_from: str | Path | N
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         load_weights(run.model, state, resume_path)
-    metrics = _train_loop(run, reporter, state)  # config.yaml goes with each checkpoint (save_checkpoint)
+    metrics = _train_loop(run, reporter, state)  # config.yaml goes with each checkpoint of output_dir
     if run.output_dir is not None and cfg.train.viz_samples > 0:
         _write_pictures(run, run.output_dir, gradcam=False)
     return {"metrics": metrics, "class_names": run.class_names,

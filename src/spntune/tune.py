@@ -339,7 +339,7 @@ def _run_search(
         callbacks.append(TrackingCallback(uri, opts.experiment, parent.run_id, opts.space, overrides))
     if listener is not None:
         _LISTENERS[str(experiment)] = listener
-    watch, guard = _InterruptWatch(), _RestoreGuard(experiment)
+    watch, guard, fitting = _InterruptWatch(), _RestoreGuard(experiment), False
     ray_tune_log, controller_log = logging.getLogger("ray.tune.tune"), logging.getLogger(_RestoreGuard.LOGGER)
     ray_tune_log.addFilter(watch)
     controller_log.addFilter(guard)
@@ -348,10 +348,11 @@ def _run_search(
             warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for multivariate/group TPE
             tuner = _tuner(opts, overrides, objectives, callbacks)
             _record_settings(opts, tuner)
+            fitting = True
             results = tuner.fit()
     except Exception as exc:  # no trial result is lost (each is in its folder); nothing is left RUNNING
-        if parent is not None:
-            parent.fail(f"{type(exc).__name__}: {_first_line(exc)}")
+        if parent is not None:  # a resumed search's run keeps its status where no trial ran (guard: before any)
+            parent.fail(f"{type(exc).__name__}: {_first_line(exc)}", nothing_ran=not fitting or guard.fired)
         if started and not opts.address:
             ray.shutdown()
         if not opts.resume and not (experiment / "tuner.pkl").exists():
@@ -413,9 +414,11 @@ class _RestoreGuard(logging.Filter):
     def __init__(self, experiment: Path) -> None:
         super().__init__()
         self.experiment = experiment
+        self.fired = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith("Failed to restore the run state"):
+            self.fired = True
             cause = record.exc_info[1] if record.exc_info and record.exc_info[1] else None
             raise ConfigError(
                 f"cannot resume the search at {self.experiment}: Ray could not restore its state"

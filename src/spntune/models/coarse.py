@@ -16,6 +16,7 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
 from spntune.errors import WeightsUnavailableError
+from spntune.names import check_encoder
 
 __all__ = ["COARSE", "FCN", "WeightsUnavailableError", "build_coarse", "cpu_bf16_native", "feature_channels",
            "feature_layer"]  # fmt: skip
@@ -124,11 +125,6 @@ def feature_channels(coarse: nn.Module) -> int:
     return conv.in_channels
 
 
-def encoder_names() -> list[str]:
-    """Encoder names smp knows (``tu-<timm name>`` works too)."""
-    return list(smp.encoders.get_encoder_names())
-
-
 def build_coarse(
     arch: str,
     encoder: str,
@@ -144,8 +140,10 @@ def build_coarse(
     """
     if arch not in COARSE:
         raise KeyError(f"unknown coarse architecture {arch!r}; valid: {sorted(COARSE)}")
-    if not encoder.startswith("tu-") and encoder not in encoder_names():
-        raise KeyError(f"unknown encoder {encoder!r}; valid: {encoder_names()} or 'tu-<timm model>'")
+    try:
+        check_encoder(encoder)  # the names configs are checked against (names.py), renamed timm- ones too
+    except ValueError as exc:
+        raise KeyError(str(exc)) from None
     try:
         return COARSE[arch](encoder_name=encoder, encoder_weights=encoder_weights, classes=num_classes, **kwargs)
     except (KeyError, ValueError, TypeError):
