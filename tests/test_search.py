@@ -641,6 +641,25 @@ def test_a_running_search_holds_its_name(tmp_path, capsys):
         pass
 
 
+def test_a_running_search_is_refused_before_torch_and_ray_load(tmp_path):
+    """The lock is probed with the other checks: a second search (or a --resume) of a running one is refused
+    at once, not after importing Ray (9-14 s here)."""
+    from spntune.search_options import SearchOptions, search_lock
+    from spntune.space import load_space
+
+    storage = tmp_path / "ray"
+    opts = SearchOptions(space=load_space("smoke"), name="busy", storage=storage)
+    code = (
+        "import sys; from spntune.cli import main; "
+        f"rc = main(['search', '--smoke-test', '--storage', '{storage}', '--name', 'busy', '--no-mlflow']); "
+        "print(rc, sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    with search_lock(opts):  # as a running search holds it, from another process
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split("\n")[0] == "2 []", done.stdout + done.stderr
+    assert "the search 'busy'" in done.stderr and "is running now" in done.stderr
+
+
 @pytest.mark.slow  # two real searches racing, 24-41 s: make test-slow
 def test_two_searches_started_at_once_with_one_name(tmp_path):
     """Two real searches race for one name: exactly one runs, the other is refused (exit 2, no

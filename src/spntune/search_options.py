@@ -148,6 +148,8 @@ def check_storage(opts: SearchOptions, locked: bool = False) -> None:
         raise ConfigError(f"--storage {opts.storage}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--storage {opts.storage}: cannot write under {existing} (no permission)")
+    if not locked:
+        _refuse_if_running(opts)
     if opts.resume and not experiment.is_dir():
         raise ConfigError(f"nothing to resume: no search at {experiment}")
     # Under the search's lock only: a search that runs now has not always written its state yet, and the
@@ -185,20 +187,37 @@ def search_lock(opts: SearchOptions) -> Iterator[None]:
     storage = opts.storage.resolve()
     storage.mkdir(parents=True, exist_ok=True)
     with (storage / f".{opts.name}.lock").open("a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise ConfigError(
-                f"the search {opts.name!r} in {opts.storage} is running now ({holder}); "
-                "wait for it to end (then --resume it if it was interrupted), or use another --name"
-            ) from None
+        _take_lock(fh, opts)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         fh.flush()
         yield  # the lock goes with the file's close
+
+
+def _take_lock(fh: Any, opts: SearchOptions) -> None:
+    """``flock`` the open lock file, or refuse naming the search's holder (pid and host)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        raise ConfigError(
+            f"the search {opts.name!r} in {opts.storage} is running now ({holder}); "
+            "wait for it to end (then --resume it if it was interrupted), or use another --name"
+        ) from None
+
+
+def _refuse_if_running(opts: SearchOptions) -> None:
+    """A search of this name that runs now is refused at once, before torch and Ray are imported (``search_lock``
+    refuses it again, for certain, once they are). Only an existing lock file is opened: nothing is written."""
+    path = opts.storage.resolve() / f".{opts.name}.lock"
+    try:
+        fh = path.open("r")
+    except OSError:  # no lock file: no search of that name has run here
+        return
+    with fh:
+        _take_lock(fh, opts)  # released as the file closes
 
 
 def _check_resources(opts: SearchOptions) -> None:
