@@ -5,6 +5,7 @@ hands to ``run_search`` are caught at that seam. ``test_search.py`` grows real s
 """
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def started(tmp_path: Path) -> SearchOptions:
                          tracking_uri=f"sqlite:///{tmp_path}/m.db", experiment="e1", viz=False, name="grow",
                          storage=tmp_path / "ray")  # fmt: skip
     write_settings(opts)
-    (opts.experiment_path / "tuner.pkl").write_bytes(b"")  # where Ray keeps a search's state (never read here)
+    (opts.experiment_path / "tuner.pkl").write_bytes(pickle.dumps({}))  # Ray's state: a whole pickle
     return opts
 
 
@@ -202,7 +203,7 @@ def test_a_refused_resume_imports_nothing_heavy(started):
 def test_a_space_given_in_code_without_a_file_resumes_by_its_name(tmp_path, handed):
     opts = SearchOptions(space=load_space("smoke"), name="code", storage=tmp_path)  # no space_file: no sha recorded
     write_settings(opts)
-    (opts.experiment_path / "tuner.pkl").write_bytes(b"")
+    (opts.experiment_path / "tuner.pkl").write_bytes(pickle.dumps({}))
     assert read_settings(opts.experiment_path)["space_sha256"] is None
     for flags in ([], ["--space", "smoke"]):
         with pytest.raises(Handed) as caught:

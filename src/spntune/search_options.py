@@ -140,8 +140,8 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
 def check_storage(opts: SearchOptions, locked: bool = False) -> None:
     """The storage folder is writable, and the search's folder exists exactly when ``--resume`` says so.
     ``run_search`` repeats this once it holds the search's lock (``locked``): another process may have started
-    or removed a search of that name since the first check; only then is a resumed folder required to hold
-    Ray's state."""
+    or removed a search of that name since the first check. Before that, the lock is probed (a running search
+    is refused as running), and a resumed folder must hold Ray's state whole (``ray_state``)."""
     experiment = opts.experiment_path
     existing = next(p for p in (experiment, *experiment.parents) if p.exists())
     if not existing.is_dir():
@@ -152,14 +152,14 @@ def check_storage(opts: SearchOptions, locked: bool = False) -> None:
         _refuse_if_running(opts)
     if opts.resume and not experiment.is_dir():
         raise ConfigError(f"nothing to resume: no search at {experiment}")
-    # Under the search's lock only: a search that runs now has not always written its state yet, and the
-    # lock's refusal ("running now") is the one that says what is going on
-    if locked and opts.resume and not (experiment / "tuner.pkl").is_file():
+    # After the lock (held, or probed just above): a search that runs now has not always written its state
+    # yet, and the lock's refusal ("running now") is the one that says what is going on
+    if opts.resume and not (experiment / "tuner.pkl").is_file():
         raise ConfigError(
             f"nothing to resume at {experiment}: it holds no search state (Ray's tuner.pkl), so that search never "
             "got to start; remove the folder to start it again, or use another --name"
         )
-    if locked and opts.resume:
+    if opts.resume:
         check_resumable(experiment)
     if not opts.resume and experiment.exists():
         raise ConfigError(
