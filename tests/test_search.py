@@ -693,6 +693,9 @@ def test_bad_data_is_refused_before_ray_starts(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "img1.png has no mask: expected" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no storage, no MLflow store
+    code = f"import sys; from spntune.cli import main; rc = main({args!r}); print(rc, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr  # listed without torch (8-9 s before)
 
 
 def test_a_ray_that_cannot_start_leaves_no_search_folder_and_no_mlflow_run(tmp_path, capsys, monkeypatch):

@@ -134,6 +134,7 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
     opts.space.check_overrides(opts.overrides)  # every branch of the space with --set applied, as trials get it
     check_data_root(TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides}).data)
     check_storage(opts)
+    check_data(opts)
     return objectives
 
 
@@ -170,12 +171,11 @@ def check_storage(opts: SearchOptions, locked: bool = False) -> None:
 def check_data(opts: SearchOptions) -> None:
     """The dataset of the space's base config (with ``--set``) is listed as every trial will list it:
     a missing split, an image without a mask or a bad ``classes.txt`` is refused before Ray starts,
-    naming the file. (Images are decoded only by the trials, which name a file that cannot be read.)"""
-    from spntune.data import build_datasets  # torch: only a search that passed check_search pays for it
+    naming the file. (Images are decoded only by the trials, which name a file that cannot be read.) No torch:
+    ``check_search`` runs it last, so a bad dataset is refused as fast as a bad flag."""
+    from spntune.data.listing import check_listing
 
-    cfg = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides})
-    if cfg.data.name != "synthetic":
-        build_datasets(cfg.data, cfg.train.seed)
+    check_listing(TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides}).data)
 
 
 @contextmanager

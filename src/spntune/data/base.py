@@ -3,20 +3,26 @@
 Every loader produces ``(image_path, mask_path)`` pairs and a lookup table that maps raw mask
 values to class indices (255 = void). Decoding checks each file and raises ``DatasetError``
 naming it: unreadable image, size mismatch, mask values that are not classes.
+
+No torch at import: listing a dataset (``listing.check_listing``, before a search starts) needs none;
+``PairedFileDataset`` is a map-style dataset by its ``__len__`` / ``__getitem__``, as ``DataLoader`` takes
+one, and imports torch when it makes tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from spntune.errors import DatasetError
 from spntune.images import open_image, read_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IGNORE_INDEX",
@@ -108,7 +114,7 @@ def read_mask(path: Path) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
-class PairedFileDataset(Dataset):
+class PairedFileDataset:
     """Image/mask file pairs with value mapping, validation and a paired transform.
 
     Args:
@@ -177,6 +183,8 @@ def to_tensors(
     image: np.ndarray, mask: np.ndarray, transform: PairTransform | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the paired transform, normalise with ImageNet statistics, convert to tensors."""
+    import torch  # the dataset's items only: listing a dataset imports none
+
     if transform is not None:
         image, mask = transform(image, mask)
     x = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD

@@ -1,0 +1,51 @@
+"""The file datasets' listings, without torch: what a search checks before Ray starts.
+
+``check_listing`` lists both splits of a ``pets``, ``voc`` or ``folder`` dataset as a trial will (split
+files, folders, ``classes.txt``, every image's mask), so a missing file is refused at once, naming it.
+Images are decoded only by trials. ``registry.DATASETS`` takes these datasets' default splits from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spntune.data.folder import load_folder
+from spntune.data.pets import load_pets
+from spntune.data.voc import load_voc
+
+if TYPE_CHECKING:
+    from spntune.config import DataConfig
+
+__all__ = ["FILE_DATASETS", "FileDataset", "check_listing"]
+
+
+@dataclass(frozen=True)
+class FileDataset:
+    """A dataset of image and mask files: ``load(cfg, split)`` lists one split (no transform)."""
+
+    load: Callable[[DataConfig, str], Any]
+    train_split: str
+    val_split: str
+
+
+#: The file datasets by their config names (``synthetic`` has no files).
+FILE_DATASETS: dict[str, FileDataset] = {
+    "pets": FileDataset(lambda cfg, split: load_pets(Path(cfg.root or ""), split, cfg.target), "trainval", "test"),
+    "voc": FileDataset(lambda cfg, split: load_voc(Path(cfg.root or ""), split), "train", "val"),
+    "folder": FileDataset(lambda cfg, split: load_folder(Path(cfg.root or ""), split), "train", "val"),
+}
+
+
+def check_listing(cfg: DataConfig) -> None:
+    """List the train and validation splits of a file dataset (nothing for ``synthetic``).
+
+    Raises:
+        DatasetError: naming the missing or bad file.
+    """
+    spec = FILE_DATASETS.get(cfg.name)
+    if spec is not None:
+        spec.load(cfg, cfg.train_split or spec.train_split)
+        spec.load(cfg, cfg.val_split or spec.val_split)
