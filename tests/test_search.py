@@ -156,6 +156,7 @@ def test_the_summary_counts_trials_stopped_early_only_where_there_are_some(tmp_p
     assert line in console.export_text()
 
 
+@pytest.mark.slow  # a real search, 17-22 s: keeps the default suite near 10 min (test_distinct.py covers the wrapper)
 def test_a_configuration_that_ran_is_not_trained_again(tmp_path, capsys):
     """A space of two configurations, two trials at once and four asked for: TPE proposes the two again and
     again; while both run the repeats wait for their results, each trains once (two trials), and the search
