@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from spntune.config import DataConfig
+from spntune.data.pets import PETS_SPLITS
+from spntune.data.voc import find_voc2012
 from spntune.errors import ConfigError, DatasetError
 from spntune.images import read_rgb
 
@@ -33,13 +35,13 @@ __all__ = [
     "overlay_name",
 ]
 
-CHECKPOINT_FILE = "checkpoint.pt"  # trainables.CHECKPOINT_FILE (the test file checks they agree)
+CHECKPOINT_FILE = "checkpoint.pt"  # a trial's checkpoint in its folder (trainables imports it from here)
 CLASSES_FILE = "classes.txt"
 
 #: Splits of the datasets whose splits are fixed: synthetic builds "train" and "val" (any other name
-#: would silently be val), pets has its two list files (``data.pets.PETS_SPLITS``). A folder or VOC
-#: dataset's splits are what its files hold (``available_splits``).
-SPLITS: dict[str, tuple[str, ...]] = {"synthetic": ("train", "val"), "pets": ("trainval", "test")}
+#: would silently be val), pets has its two list files. A folder or VOC dataset's splits are what its
+#: files hold (``available_splits``).
+SPLITS: dict[str, tuple[str, ...]] = {"synthetic": ("train", "val"), "pets": PETS_SPLITS}
 
 
 def mask_name(image: Path) -> str:
@@ -50,8 +52,9 @@ def overlay_name(image: Path) -> str:
     return f"{image.stem}_overlay.png"
 
 
-def check_checkpoint_path(checkpoint: str | Path) -> None:
-    """A checkpoint file, or a folder holding ``checkpoint.pt``, is there (``load_checkpoint``'s message).
+def check_checkpoint_path(checkpoint: str | Path) -> Path:
+    """The checkpoint file ``checkpoint`` names: itself, or ``checkpoint.pt`` in a folder (what
+    ``trainables.load_checkpoint`` loads).
 
     Raises:
         FileNotFoundError: nothing there.
@@ -60,6 +63,7 @@ def check_checkpoint_path(checkpoint: str | Path) -> None:
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    return path
 
 
 def check_predict_images(images: Iterable[str | Path]) -> list[Path]:
@@ -180,13 +184,6 @@ def check_data_sets(sets: dict[str, Any]) -> None:
         raise ConfigError("evaluate --set takes data keys only:\n" + "\n".join(lines) + f"\n  (valid: {valid})")
 
 
-def _voc_lists(root: Path) -> Path | None:
-    for voc in (root / "VOC2012", root):  # root = VOCdevkit or VOC2012, as data.voc takes it
-        if (voc / "JPEGImages").is_dir():
-            return voc / "ImageSets" / "Segmentation"
-    return None
-
-
 def available_splits(name: str, root: str | None) -> tuple[list[str], str] | None:
     """The splits a dataset has, and where they were found ("" for a fixed set); None where its files
     cannot tell (no root: the dataset's loader refuses that, naming what it expected)."""
@@ -196,7 +193,8 @@ def available_splits(name: str, root: str | None) -> tuple[list[str], str] | Non
     images = folder / "images"
     if name == "folder" and images.is_dir():
         return sorted(p.name for p in images.iterdir() if p.is_dir()), f"the folders in {images}"
-    lists = _voc_lists(folder) if name == "voc" else None
+    voc = find_voc2012(folder) if name == "voc" else None
+    lists = voc / "ImageSets" / "Segmentation" if voc is not None else None
     if lists is not None and lists.is_dir():
         return sorted(p.stem for p in lists.glob("*.txt")), f"the lists in {lists}"
     return None

@@ -49,6 +49,7 @@ from spntune.metrics import SegmentationMeter, class_ids
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
 from spntune.models.coarse import cpu_bf16_native, feature_channels
 from spntune.models.memory import release_buffers
+from spntune.predict_input import CHECKPOINT_FILE, check_checkpoint_path
 from spntune.reporting import EpochReport, Reporter, Reporters, TrialStopped
 from spntune.scoring import flat_metrics, score_at_original_size
 from spntune.status import TrialStatus
@@ -67,7 +68,6 @@ __all__ = [
     "train_segmentation",
 ]
 
-CHECKPOINT_FILE = "checkpoint.pt"
 #: Beside every checkpoint: the trial's per-epoch metrics up to that checkpoint, one dict per epoch.
 #: It travels with the checkpoint, so a retried or resumed trial continues it: after any number of
 #: crashes it holds each epoch that led to the final model exactly once. (Ray's own ``result.json``
@@ -374,11 +374,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: nothing there.
         CheckpointError: not a spntune checkpoint (truncated, another kind of file, an arbitrary pickle).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    path = check_checkpoint_path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, a pickle weights_only refuses, not a torch file at all

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spntune.data.base import PairTransform
 from spntune.data.folder import load_folder
 from spntune.data.pets import load_pets
 from spntune.data.voc import load_voc
@@ -24,18 +25,23 @@ __all__ = ["FILE_DATASETS", "FileDataset", "check_listing"]
 
 @dataclass(frozen=True)
 class FileDataset:
-    """A dataset of image and mask files: ``load(cfg, split)`` lists one split (no transform)."""
+    """A dataset of image and mask files: ``load(cfg, split, transform)`` lists one split (transform None:
+    only listed, as ``check_listing`` does; ``registry`` builds the datasets trials read with it)."""
 
-    load: Callable[[DataConfig, str], Any]
+    load: Callable[[DataConfig, str, PairTransform | None], Any]
     train_split: str
     val_split: str
 
 
 #: The file datasets by their config names (``synthetic`` has no files).
 FILE_DATASETS: dict[str, FileDataset] = {
-    "pets": FileDataset(lambda cfg, split: load_pets(Path(cfg.root or ""), split, cfg.target), "trainval", "test"),
-    "voc": FileDataset(lambda cfg, split: load_voc(Path(cfg.root or ""), split), "train", "val"),
-    "folder": FileDataset(lambda cfg, split: load_folder(Path(cfg.root or ""), split), "train", "val"),
+    "pets": FileDataset(
+        lambda cfg, split, transform: load_pets(Path(cfg.root or ""), split, cfg.target, transform), "trainval", "test"
+    ),
+    "voc": FileDataset(lambda cfg, split, transform: load_voc(Path(cfg.root or ""), split, transform), "train", "val"),
+    "folder": FileDataset(
+        lambda cfg, split, transform: load_folder(Path(cfg.root or ""), split, transform), "train", "val"
+    ),
 }
 
 
@@ -47,5 +53,5 @@ def check_listing(cfg: DataConfig) -> None:
     """
     spec = FILE_DATASETS.get(cfg.name)
     if spec is not None:
-        spec.load(cfg, cfg.train_split or spec.train_split)
-        spec.load(cfg, cfg.val_split or spec.val_split)
+        spec.load(cfg, cfg.train_split or spec.train_split, None)
+        spec.load(cfg, cfg.val_split or spec.val_split, None)

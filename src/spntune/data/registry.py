@@ -9,19 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset, Subset
 
 from spntune.data.base import IGNORE_INDEX, DatasetError, PairedFileDataset, PairTransform
 from spntune.data.cache import CachedDataset, ImageCache, train_cache_size
-from spntune.data.folder import load_folder
-from spntune.data.listing import FILE_DATASETS
-from spntune.data.pets import load_pets
+from spntune.data.listing import FILE_DATASETS, FileDataset
 from spntune.data.synthetic import SyntheticShapes
 from spntune.data.transforms import build_transform
-from spntune.data.voc import load_voc
 
 if TYPE_CHECKING:
     from spntune.config import DataConfig
@@ -40,16 +36,10 @@ class DatasetSpec:
     val_split: str
 
 
-def _pets(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    return load_pets(Path(cfg.root or ""), split, cfg.target, transform)
-
-
-def _voc(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    return load_voc(Path(cfg.root or ""), split, transform)
-
-
-def _folder(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
-    return load_folder(Path(cfg.root or ""), split, transform)
+def _file_dataset(spec: FileDataset) -> DatasetSpec:
+    """A file dataset of ``listing.FILE_DATASETS`` (its loader and default splits), as the registry builds it."""
+    return DatasetSpec(lambda cfg, split, transform, seed: spec.load(cfg, split, transform), spec.train_split,
+                       spec.val_split)  # fmt: skip
 
 
 def _synthetic(cfg: DataConfig, split: str, transform: PairTransform, seed: int) -> Dataset:
@@ -60,10 +50,7 @@ def _synthetic(cfg: DataConfig, split: str, transform: PairTransform, seed: int)
 
 #: Datasets by the names used in configs and search spaces.
 DATASETS: dict[str, DatasetSpec] = {
-    **{
-        name: DatasetSpec(build, FILE_DATASETS[name].train_split, FILE_DATASETS[name].val_split)
-        for name, build in (("pets", _pets), ("voc", _voc), ("folder", _folder))
-    },
+    **{name: _file_dataset(spec) for name, spec in FILE_DATASETS.items()},
     "synthetic": DatasetSpec(_synthetic, "train", "val"),
 }
 

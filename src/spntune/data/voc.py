@@ -20,7 +20,7 @@ from spntune.data.base import (
     require_pairs,
 )
 
-__all__ = ["VOC_CLASSES", "load_voc", "voc_palette"]
+__all__ = ["VOC_CLASSES", "find_voc2012", "load_voc", "voc_palette"]
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -44,11 +44,16 @@ def voc_palette() -> list[int]:
     return palette
 
 
+def find_voc2012(root: Path) -> Path | None:
+    """The ``VOC2012`` folder of ``root`` (``VOCdevkit/`` or ``VOC2012/`` itself), or None."""
+    return next((c for c in (root / "VOC2012", root) if (c / "JPEGImages").is_dir()), None)
+
+
 def _voc2012_dir(root: Path) -> Path:
     root = require_dir(Path(root), "VOC root")
-    for candidate in (root / "VOC2012", root):
-        if (candidate / "JPEGImages").is_dir():
-            return candidate
+    voc = find_voc2012(root)
+    if voc is not None:
+        return voc
     raise DatasetError(
         f"no VOC 2012 data under {root}: expected {root}/VOC2012/JPEGImages (root = VOCdevkit) "
         f"or {root}/JPEGImages (root = VOC2012)"
