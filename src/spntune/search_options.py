@@ -21,11 +21,12 @@ from typing import Any
 
 from spntune import allocator
 from spntune.config import ConfigError, TrialConfig, check_data_root
+from spntune.data.listing import check_listing
 from spntune.leaderboard import TRIAL_METRICS, is_trial_metric, metric_mode
 from spntune.ray_state import check_resumable
 from spntune.space import BUILTIN_SPACES, SearchSpace, builtin_space_path, load_space
 
-__all__ = ["KEPT_ON_RESUME", "OBJECTIVES", "SETTINGS_FILE", "SearchOptions", "check_data", "check_search",
+__all__ = ["KEPT_ON_RESUME", "OBJECTIVES", "SETTINGS_FILE", "SearchOptions", "check_search",
            "check_storage", "grow_settings", "read_settings", "resumed", "search_lock", "write_settings"]  # fmt: skip
 
 #: Objective names -> (metric, mode). ``latency`` is measured inference ms per image.
@@ -132,9 +133,13 @@ def check_search(opts: SearchOptions) -> list[tuple[str, str]]:
         resumed(opts, given=KEPT_ON_RESUME.keys() | {"trials"})
     _check_resources(opts)
     opts.space.check_overrides(opts.overrides)  # every branch of the space with --set applied, as trials get it
-    check_data_root(TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides}).data)
+    data = TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides}).data
+    check_data_root(data)
     check_storage(opts)
-    check_data(opts)
+    # Last: the dataset of the space's base config (with --set), listed as every trial will list it (no torch):
+    # a missing split, an image without a mask or a bad classes.txt is named before Ray starts. (Images are
+    # decoded only by the trials, which name a file that cannot be read.)
+    check_listing(data)
     return objectives
 
 
@@ -166,16 +171,6 @@ def check_storage(opts: SearchOptions, locked: bool = False) -> None:
         raise ConfigError(
             f"a search named {opts.name!r} already exists at {experiment}; use --resume or another --name"
         )
-
-
-def check_data(opts: SearchOptions) -> None:
-    """The dataset of the space's base config (with ``--set``) is listed as every trial will list it:
-    a missing split, an image without a mask or a bad ``classes.txt`` is refused before Ray starts,
-    naming the file. (Images are decoded only by the trials, which name a file that cannot be read.) No torch:
-    ``check_search`` runs it last, so a bad dataset is refused as fast as a bad flag."""
-    from spntune.data.listing import check_listing
-
-    check_listing(TrialConfig.from_dict({**opts.space.to_trial_config({}), **opts.overrides}).data)
 
 
 @contextmanager

@@ -307,7 +307,7 @@ def run_search(opts: SearchOptions, listener: TrialListener | None = None) -> Se
     """Run (or resume) a search; ``listener`` (e.g. the live table) follows its trials. Bad options and
     data are refused before anything is written; the search's lock is held throughout (a second search
     of the same name is refused), and the storage checks run again under it."""
-    objectives = check_search(opts)  # the dataset's listing too (check_data)
+    objectives = check_search(opts)  # the dataset's listing too
     with search_lock(opts):
         check_storage(opts, locked=True)  # what may have changed before the lock was ours
         return _run_search(opts, objectives, listener)
