@@ -692,6 +692,7 @@ def test_the_group_budget_is_half_the_last_level_cache(tmp_path, monkeypatch):
     try:
         cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 8 << 20)
+        monkeypatch.setattr(cpu_propagation, "usable_cpus", lambda: 2)
         assert cpu_propagation.group_bytes() == 4 << 20
         h0 = torch.zeros(8, 11, 64, 64)  # 180 KB per item's map (h, h0 and the output count)
         nw = torch.zeros(8, 48, 64, 64)  # 786 KB of 7x7 weights per item
@@ -699,5 +700,13 @@ def test_the_group_budget_is_half_the_last_level_cache(tmp_path, monkeypatch):
         cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: None)
         assert cpu_propagation.group_bytes() == 16 << 20  # unknown: the default
+        # a server's L3 seen from a VM with 2 CPUs (480 MB in sysfs): at most 16 MB per usable CPU is counted
+        cpu_propagation._machine_cache_bytes.cache_clear()
+        monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 480 << 20)
+        monkeypatch.setattr(cpu_propagation, "usable_cpus", lambda: 2)
+        assert (cpu_propagation.cache_bytes(), cpu_propagation.group_bytes()) == (32 << 20, 16 << 20)
+        cpu_propagation._machine_cache_bytes.cache_clear()
+        monkeypatch.setattr(cpu_propagation, "usable_cpus", lambda: 64)  # the whole socket: all of it
+        assert (cpu_propagation.cache_bytes(), cpu_propagation.group_bytes()) == (480 << 20, 240 << 20)
     finally:
         cpu_propagation._machine_cache_bytes.cache_clear()  # the next call reads this machine's caches again

@@ -295,23 +295,46 @@ def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cach
     return best[1] if best else None
 
 
+# At most this much last-level cache per CPU this process may run on. No CPU sold has more than 12 MB of L3 per
+# core (Zen 4 X3D: 96 MB for 8), so a larger share means the cache is shared with CPUs this process cannot
+# see: a VM's slice of a server's L3. Seen: a 2-vCPU VM on a Xeon with AMX whose sysfs reports the socket's
+# 480 MB L3. Taken at face value, no step there spread its prefetches or streamed its stores, and item-major
+# groups took the whole batch. At 32 MB instead (16 MB x 2 CPUs), the kernels' library built once, the two
+# settings alternating in one process (best of 12): the backward alone at [4, 11, 192, 256] 2.89 / 6.81 /
+# 8.08 -> 1.95 / 6.17 / 7.05 ms (CSPN 3x3 / 7x7, DySPN 7x7), the forward at [8, 21, 256, 256] 8.43 / 15.56 /
+# 16.24 -> 5.30 / 14.02 / 14.96 ms; T=6 steps through propagate forward+backward at [8, 21, 256, 256] 148 /
+# 299 / 375 -> 109 / 267 / 315 ms (at [4, 11, 192, 256] 25.9 / 75.7 / 86.1 -> 24.1 / 74.3 / 83.7 ms). On the
+# EPYC VM where the kernels were tuned (32 MB L3, 2 CPUs) the cap changes nothing.
+_MAX_CACHE_PER_CPU = 16 << 20
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 @cache
 def _machine_cache_bytes() -> int:
-    return last_level_cache_bytes() or _DEFAULT_CACHE_BYTES
+    """The last-level cache's size, at most ``_MAX_CACHE_PER_CPU`` per usable CPU; 32 MB where unknown."""
+    size = last_level_cache_bytes() or _DEFAULT_CACHE_BYTES
+    return min(size, _MAX_CACHE_PER_CPU * usable_cpus())
 
 
 def cache_bytes() -> int:
     """The cache size the kernels get (``_CACHE_BYTES`` where a test or benchmark fixes it, else the last-level
-    cache's, read once; 32 MB where it cannot be read). They prefetch the rows of a step that moves more
-    than this spread over the row before, a smaller step's in bursts (``RowPrefetch`` in
-    ``propagation_cpu.cpp``). Results do not depend on it."""
+    cache's, read once, at most 16 MB per usable CPU (``_machine_cache_bytes``); 32 MB where it cannot be read).
+    They prefetch the rows of a step that moves more than this spread over the row before, a smaller step's in
+    bursts (``RowPrefetch`` in ``propagation_cpu.cpp``). Results do not depend on it."""
     return _CACHE_BYTES if _CACHE_BYTES is not None else _machine_cache_bytes()
 
 
 def group_bytes() -> int:
     """The step traffic one group of batch items may take (``fused_propagation.group_size``): half the
-    last-level cache, so that a group's maps and weights stay there from step to step (16 MB where the cache
-    size is unknown). Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``. Not moved
+    last-level cache as ``_machine_cache_bytes`` counts it, so that a group's maps and weights stay there from
+    step to step (16 MB where the cache size is unknown). Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``. Not moved
     by ``_CACHE_BYTES`` (``fused_propagation._GROUP_BYTES`` fixes it)."""
     return _machine_cache_bytes() // 2
 
