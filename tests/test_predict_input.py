@@ -5,9 +5,11 @@ cheap checks before torch is imported. Images are made with PIL here; one untrai
 
 import io
 import json
+import pickle
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from spntune.config import TrialConfig
 from spntune.data.base import read_image
 from spntune.data.synthetic import SYNTHETIC_CLASSES
 from spntune.errors import CheckpointError, ConfigError, DatasetError
-from spntune.predict_input import CHECKPOINT_FILE, SPLITS, check_split
+from spntune.predict_input import CHECKPOINT_FILE, SPLITS, check_split, checkpoint_config
 from spntune.trainables import build_model, load_checkpoint, restore_model, save_checkpoint
 
 
@@ -237,6 +239,30 @@ def test_evaluate_refuses_unknown_splits_naming_the_ones_there_are(checkpoint, t
     check_split("voc", str(voc), "val")
 
 
+def test_the_config_of_a_checkpoint_is_read_without_torch_and_nothing_else_in_it_runs(checkpoint, tmp_path):
+    saved = torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["config"]
+    assert checkpoint_config(checkpoint / CHECKPOINT_FILE) == saved
+    assert saved["data"]["name"] == "synthetic" and saved["data"]["image_size"] == [64, 64]
+    # not torch's zip format, or no config in it: None (the loader names what is wrong later)
+    (tmp_path / "notes.txt").write_text("x")
+    torch.save({"model": {}}, tmp_path / "no_config.pt")
+    whole = (checkpoint / CHECKPOINT_FILE).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    for name in ("notes.txt", "no_config.pt", "cut.pt"):
+        assert checkpoint_config(tmp_path / name) is None, name
+    # a file that names a function to call: it is never imported nor called, its place is None
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    with zipfile.ZipFile(tmp_path / "hostile.pt", "w") as archive:
+        archive.writestr("hostile/data.pkl", pickle.dumps({"config": {"data": {"name": "x"}}, "x": Hostile()}))
+    assert checkpoint_config(tmp_path / "hostile.pt") == {"data": {"name": "x"}}
+    assert not marker.exists()
+
+
 def test_the_fixed_splits_and_file_names_agree_with_the_datasets():
     from spntune.data import DATASETS
     from spntune.data.pets import PETS_SPLITS
@@ -325,6 +351,7 @@ def test_refusals_import_nothing_heavy(checkpoint, tmp_path):
         ["evaluate", "--checkpoint", ck, "--json", str(tmp_path / "missing" / "s.json")],
         ["evaluate", "--checkpoint", ck, "--set", "model.arch=fpn"],
         ["evaluate", "--checkpoint", ck, "--set", "data.name=synthetic", "--split", "test"],
+        ["evaluate", "--checkpoint", ck, "--split", "test"],  # the dataset from the checkpoint's config
         ["evaluate", "--checkpoint", str(tmp_path / "none.pt")],
     ]
     code = (

@@ -8,7 +8,11 @@ and the writer agree on them.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ __all__ = [
     "check_predict_images",
     "check_predict_inputs",
     "check_split",
+    "checkpoint_config",
     "mask_name",
     "overlay_name",
 ]
@@ -64,6 +69,42 @@ def check_checkpoint_path(checkpoint: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return path
+
+
+def _left_out(*args: Any, **kwargs: Any) -> None:
+    """What ``checkpoint_config``'s reader puts where a checkpoint pickles anything but plain data."""
+    return None
+
+
+_PLAIN_CLASSES: dict[tuple[str, str], Any] = {("collections", "OrderedDict"): OrderedDict}
+
+
+class _PlainDataReader(pickle.Unpickler):
+    """Reads a pickle's plain data (dicts, lists, strings, numbers); anything else (every class or
+    function it names: torch's tensor rebuilders, or whatever a hostile file names) becomes None and is
+    never imported or called; tensors' storages (persistent ids) are None too."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _PLAIN_CLASSES.get((module, name), _left_out)
+
+    def persistent_load(self, pid: Any) -> None:
+        return None
+
+
+def checkpoint_config(path: Path) -> dict[str, Any] | None:
+    """The trial config a checkpoint file holds (``trainables.save_checkpoint``'s ``"config"``), read
+    without torch: the ``data.pkl`` of torch's zip format through ``_PlainDataReader``, the weights left
+    out. None where the file holds no such thing that way (another format: its loader says what is wrong)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            if name is None:
+                return None
+            state = _PlainDataReader(io.BytesIO(archive.read(name))).load()
+    except Exception:  # anything unreadable here is for the real loader to name
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def check_predict_images(images: Iterable[str | Path]) -> list[Path]:
