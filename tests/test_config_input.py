@@ -103,6 +103,41 @@ def test_encoder_names_agree_with_smp_and_timm():
         TrialConfig.from_dict({"model.encoder": "tu-nosuch"})
 
 
+def test_model_kwargs_agree_with_the_architectures_and_a_typo_is_refused():
+    """ARCHITECTURE_KWARGS is each constructor's own keywords (and the deprecated ones smp pops from its
+    **kwargs), less those spntune sets: a key smp would hand to one of its own encoders, which drop it
+    unread, is refused naming the keys there are; a timm encoder takes more."""
+    import inspect
+    import re
+
+    import segmentation_models_pytorch as smp
+
+    from spntune.models.coarse import FCN, build_coarse, feature_channels
+    from spntune.names import ARCHITECTURE_KWARGS, ARCHITECTURES, MODEL_KWARGS_TAKEN
+
+    assert sorted(ARCHITECTURE_KWARGS) == sorted(ARCHITECTURES)
+    for arch in ARCHITECTURES:
+        cls = FCN if arch == "fcn" else smp.MODEL_ARCHITECTURES_MAPPING[arch]
+        params = inspect.signature(cls.__init__).parameters
+        named = {n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+        popped = set(re.findall(r"kwargs\.pop\(\s*[\"'](\w+)[\"']", inspect.getsource(cls.__init__)))
+        assert set(ARCHITECTURE_KWARGS[arch]) == (named | popped) - set(MODEL_KWARGS_TAKEN), arch
+    with pytest.raises(ConfigError, match=r"model.kwargs.decoder_channel: unet takes no such keyword \(did you "
+                       r"mean 'decoder_channels'.*it takes encoder_depth, "):  # fmt: skip
+        TrialConfig.from_dict({"model.kwargs": {"decoder_channel": [8, 8, 8, 8, 8]}})
+    with pytest.raises(ConfigError, match=r"model.kwargs.activation: not settable here \(the losses and metrics"):
+        TrialConfig.from_dict({"model.kwargs": {"activation": "softmax"}})
+    with pytest.raises(ConfigError, match=r"model.kwargs.varant: fcn takes no such keyword \(did you mean 'variant'"):
+        TrialConfig.from_dict({"model.arch": "fcn", "model.kwargs": {"varant": "16s"}})
+    ok = {"model.kwargs": {"decoder_channels": [64, 32, 16, 16, 8], "decoder_use_batchnorm": True}}
+    model = TrialConfig.from_dict(ok).model
+    coarse = build_coarse(model.arch, model.encoder, None, 3, **model.kwargs)  # what a trial builds
+    assert feature_channels(coarse) == 8
+    # a timm encoder takes keywords of its own (hf-hub: checked when the trial builds it, no timm import here)
+    timm = {"model.encoder": "tu-hf-hub:org/model", "model.kwargs": {"drop_path_rate": 0.1}}
+    assert TrialConfig.from_dict(timm).model.kwargs == {"drop_path_rate": 0.1}
+
+
 def test_validation_imports_no_torch_and_refuses_at_once(tmp_path):
     """Configs and spaces are validated before torch is imported (seconds): a bad encoder is refused without
     it, and no valid built-in space or config imports torch, smp or timm either (no timing asserted: shared

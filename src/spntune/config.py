@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spntune.errors import ConfigError
-from spntune.names import ARCHITECTURES, DATASET_NAMES, check_encoder, parse_loss_spec
+from spntune.names import ARCHITECTURES, DATASET_NAMES, check_encoder, check_model_kwargs, parse_loss_spec
 
 __all__ = [
     "REFINER_CONFIGS",
@@ -140,6 +140,11 @@ class ModelConfig(_Strict):
     @classmethod
     def _null_words(cls, v: Any) -> Any:
         return None if isinstance(v, str) and v.lower() in ("null", "none", "") else v
+
+    @model_validator(mode="after")
+    def _known_kwargs(self) -> ModelConfig:
+        check_model_kwargs(self.arch, self.encoder, self.kwargs)
+        return self
 
 
 class NoRefinerConfig(_Strict):

@@ -12,7 +12,17 @@ import difflib
 import math
 from functools import cache
 
-__all__ = ["ARCHITECTURES", "DATASET_NAMES", "ENCODERS", "LOSS_NAMES", "check_encoder", "parse_loss_spec"]
+__all__ = [
+    "ARCHITECTURES",
+    "ARCHITECTURE_KWARGS",
+    "DATASET_NAMES",
+    "ENCODERS",
+    "LOSS_NAMES",
+    "MODEL_KWARGS_TAKEN",
+    "check_encoder",
+    "check_model_kwargs",
+    "parse_loss_spec",
+]
 
 #: Coarse networks: every segmentation_models.pytorch architecture, plus our FCN.
 ARCHITECTURES = (
@@ -87,6 +97,73 @@ def check_encoder(name: str) -> str:
     close = difflib.get_close_matches(name, ENCODERS, n=3)
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     raise ValueError(f"unknown encoder {name!r}{hint}; valid: {', '.join(ENCODERS)}, or 'tu-<timm model>'")
+
+
+#: The keywords ``model.kwargs`` may set, by architecture: its constructor's own parameters in
+#: segmentation_models.pytorch 0.6 (our FCN's for ``fcn``) and the deprecated ones smp still takes from its
+#: ``**kwargs`` (``decoder_use_batchnorm``...), less ``MODEL_KWARGS_TAKEN``. smp hands any other keyword to
+#: the encoder, and only a timm encoder (``tu-...``) takes one: smp's own encoders drop it without a word,
+#: so a typo (``decoder_channel``) would train the default. tests/test_config_input.py checks this table
+#: against the installed smp.
+ARCHITECTURE_KWARGS: dict[str, tuple[str, ...]] = {
+    "deeplabv3": ("encoder_depth", "encoder_output_stride", "decoder_channels", "decoder_atrous_rates",
+                  "decoder_aspp_separable", "decoder_aspp_dropout", "upsampling"),
+    "deeplabv3plus": ("encoder_depth", "encoder_output_stride", "decoder_channels", "decoder_atrous_rates",
+                      "decoder_aspp_separable", "decoder_aspp_dropout", "upsampling"),
+    "dpt": ("encoder_depth", "encoder_output_indices", "decoder_readout", "decoder_intermediate_channels",
+            "decoder_fusion_channels"),
+    "fcn": ("variant", "head_channels"),
+    "fpn": ("encoder_depth", "decoder_pyramid_channels", "decoder_segmentation_channels", "decoder_merge_policy",
+            "decoder_dropout", "decoder_interpolation", "upsampling"),
+    "linknet": ("encoder_depth", "decoder_use_norm", "decoder_use_batchnorm"),
+    "manet": ("encoder_depth", "decoder_use_norm", "decoder_channels", "decoder_pab_channels",
+              "decoder_interpolation", "decoder_use_batchnorm"),
+    "pan": ("encoder_depth", "encoder_output_stride", "decoder_channels", "decoder_interpolation", "upsampling",
+            "upscale_mode"),
+    "pspnet": ("encoder_depth", "psp_out_channels", "decoder_use_norm", "psp_dropout", "upsampling",
+               "psp_use_batchnorm"),
+    "segformer": ("encoder_depth", "decoder_segmentation_channels", "upsampling"),
+    "unet": ("encoder_depth", "decoder_use_norm", "decoder_channels", "decoder_attention_type",
+             "decoder_interpolation", "decoder_use_batchnorm"),
+    "unetplusplus": ("encoder_depth", "decoder_use_norm", "decoder_channels", "decoder_attention_type",
+                     "decoder_interpolation", "decoder_use_batchnorm"),
+    "upernet": ("encoder_depth", "decoder_channels", "decoder_use_norm", "upsampling"),
+}  # fmt: skip
+
+#: Constructor keywords of every architecture that ``model.kwargs`` may not set, and why.
+MODEL_KWARGS_TAKEN = {
+    "encoder_name": "model.encoder sets it",
+    "encoder_weights": "model.encoder_weights sets it",
+    "classes": "the dataset's classes set it",
+    "in_channels": "the images are RGB: 3 channels",
+    "activation": "the losses and metrics take the network's logits",
+    "aux_params": "a trial trains masks only (no classification head)",
+}
+
+
+def check_model_kwargs(arch: str, encoder: str, kwargs: dict[str, object]) -> None:
+    """``model.kwargs`` for ``arch`` with ``encoder``: every key one the architecture takes
+    (``ARCHITECTURE_KWARGS``); with a timm encoder (``tu-...``) other keys go to timm, except for ``fcn``.
+
+    Raises:
+        ValueError: naming the key and what is expected.
+    """
+    takes = ARCHITECTURE_KWARGS.get(arch, ())
+    to_timm = arch != "fcn" and _timm_model(encoder) is not None
+    for key in kwargs:
+        if key in MODEL_KWARGS_TAKEN:
+            raise ValueError(f"model.kwargs.{key}: not settable here ({MODEL_KWARGS_TAKEN[key]})")
+        if key not in takes and not to_timm:
+            close = difflib.get_close_matches(key, takes, n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            where = (
+                ""
+                if arch == "fcn"
+                else " (smp's own encoders drop other keywords unread; a tu-<timm> encoder takes them)"
+            )
+            raise ValueError(
+                f"model.kwargs.{key}: {arch} takes no such keyword{hint}; it takes {', '.join(takes)}{where}"
+            )
 
 
 LOSS_NAMES = ("ce", "dice", "focal", "jaccard", "lovasz")
