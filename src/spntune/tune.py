@@ -279,6 +279,11 @@ def _init_ray(address: str | None) -> bool:
     """Starts (or connects to) Ray unless this process already did; whether it started or connected now."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # legacy engine: verbose=0 is silent, our table shows progress
+    # Ray saves the search's state whenever a trial has written num_to_keep (2) checkpoints since the last save,
+    # which is what lets a search resume without losing a trial; with short epochs that is every few seconds,
+    # and Ray warned about it, three lines each time (seen in `make demo` on a fast machine). 0 turns the
+    # warning off; the saves stay.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return False
     if not address:
