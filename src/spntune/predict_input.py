@@ -77,6 +77,7 @@ def _left_out(*args: Any, **kwargs: Any) -> None:
 
 
 _PLAIN_CLASSES: dict[tuple[str, str], Any] = {("collections", "OrderedDict"): OrderedDict}
+_MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl holds names and numbers (the weights lie beside it): KBs
 
 
 class _PlainDataReader(pickle.Unpickler):
@@ -97,10 +98,10 @@ def checkpoint_config(path: Path) -> dict[str, Any] | None:
     out. None where the file holds no such thing that way (another format: its loader says what is wrong)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
-            if name is None:
+            entry = next((i for i in archive.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"), None)
+            if entry is None or entry.file_size > _MAX_PICKLE_BYTES:
                 return None
-            state = _PlainDataReader(io.BytesIO(archive.read(name))).load()
+            state = _PlainDataReader(io.BytesIO(archive.read(entry))).load()
     except Exception:  # anything unreadable here is for the real loader to name
         return None
     config = state.get("config") if isinstance(state, dict) else None
