@@ -24,7 +24,7 @@ from spntune.config import TrialConfig
 from spntune.data.base import read_image
 from spntune.data.synthetic import SYNTHETIC_CLASSES
 from spntune.errors import CheckpointError, ConfigError, DatasetError
-from spntune.predict_input import CHECKPOINT_FILE, SPLITS, check_split, checkpoint_config
+from spntune.predict_input import CHECKPOINT_FILE, SPLITS, _plain_pickle, check_split, checkpoint_config
 from spntune.trainables import build_model, load_checkpoint, restore_model, save_checkpoint
 
 
@@ -239,6 +239,13 @@ def test_evaluate_refuses_unknown_splits_naming_the_ones_there_are(checkpoint, t
     check_split("voc", str(voc), "val")
 
 
+def test_a_data_value_of_the_wrong_type_with_split_is_refused_without_a_traceback(checkpoint, capsys):
+    """The early split check leaves a data config it cannot validate to evaluate's own (it took YAML's int
+    2024 as a folder path and ended in a TypeError)."""
+    assert _evaluate(checkpoint, "--set", "data.name=folder", "--set", "data.root=2024", "--split", "val") == 2
+    _refused(capsys, "data.root: Input should be a valid string (got 2024)")
+
+
 def test_the_config_of_a_checkpoint_is_read_without_torch_and_nothing_else_in_it_runs(checkpoint, tmp_path):
     saved = torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["config"]
     assert checkpoint_config(checkpoint / CHECKPOINT_FILE) == saved
@@ -261,6 +268,21 @@ def test_the_config_of_a_checkpoint_is_read_without_torch_and_nothing_else_in_it
         archive.writestr("hostile/data.pkl", pickle.dumps({"config": {"data": {"name": "x"}}, "x": Hostile()}))
     assert checkpoint_config(tmp_path / "hostile.pt") == {"data": {"name": "x"}}
     assert not marker.exists()
+    # read only where every opcode is plain data and memo indices count up: one PUT at index 2**26 in 9 bytes
+    # took C pickle 1 GB of memo; sets (8 MB of "add an empty set" took 957 MB) and NEWOBJ are not plain data
+    odd = {
+        "memo": b"\x80\x04N" + b"r" + struct.pack("<I", 1 << 26) + b".",
+        "sets": b"\x80\x04}(\x8c\x06config}\x8c\x01x]" + b"\x8fa" * 1000 + b"u.",
+        "newobj": b"\x80\x02}(X\x06\x00\x00\x00config}X\x01\x00\x00\x00xcbuiltins\nobject\n)\x81u.",
+    }
+    for name, data in odd.items():
+        with zipfile.ZipFile(tmp_path / f"{name}.pt", "w") as archive:
+            archive.writestr(f"{name}/data.pkl", data)
+        assert checkpoint_config(tmp_path / f"{name}.pt") is None, name
+        assert not _plain_pickle(data), name  # refused before unpickling, not by what unpickling did
+    with zipfile.ZipFile(checkpoint / CHECKPOINT_FILE) as archive:
+        real = next(archive.read(n) for n in archive.namelist() if n.endswith("/data.pkl"))
+    assert _plain_pickle(real)
 
 
 def test_the_fixed_splits_and_file_names_agree_with_the_datasets():

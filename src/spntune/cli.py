@@ -147,8 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from spntune.predict_input import (
         check_checkpoint_path,
         check_data_sets,
+        check_evaluate_split,
         check_json_path,
-        check_split,
         checkpoint_config,
     )
 
@@ -157,21 +157,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_data_sets(sets)
     if args.json:
         check_json_path(args.json)
-    if args.split and (sets.get("data.name") == "synthetic" or ("data.name" in sets and "data.root" in sets)):
-        check_split(sets["data.name"], sets.get("data.root"), args.split)  # else: known from the checkpoint's
     reuse_freed_memory()
-    from spntune.config import TrialConfig, flatten
-
     if args.checkpoint:
         path = check_checkpoint_path(args.checkpoint)
-        # the split against the dataset of the checkpoint's config (read without torch), before the model loads
-        saved = checkpoint_config(path) if args.split else None
-        if saved is not None and isinstance(saved.get("data"), dict):
-            data = {**flatten({"data": saved["data"]}), **sets}
-            if isinstance(data.get("data.name"), str):
-                check_split(data["data.name"], data.get("data.root"), args.split)
+        if args.split:  # against the dataset of the checkpoint's own config, read without torch
+            check_evaluate_split(args.split, sets, checkpoint_config(path))
     else:
+        if args.split:
+            check_evaluate_split(args.split, sets, None)
         _check_store_of_run(args)
+    from spntune.config import TrialConfig, flatten
     from spntune.console import make_console, print_results, print_written
     from spntune.predict import evaluate_split, load_pipeline, write_json
     from spntune.tracking import default_tracking_uri

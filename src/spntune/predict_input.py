@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ __all__ = [
     "available_splits",
     "check_checkpoint_path",
     "check_data_sets",
+    "check_evaluate_split",
     "check_json_path",
     "check_out_dir",
     "check_predict_images",
@@ -71,22 +73,47 @@ def check_checkpoint_path(checkpoint: str | Path) -> Path:
     return path
 
 
-def _left_out(*args: Any, **kwargs: Any) -> None:
-    """What ``checkpoint_config``'s reader puts where a checkpoint pickles anything but plain data."""
-    return None
-
-
 _PLAIN_CLASSES: dict[tuple[str, str], Any] = {("collections", "OrderedDict"): OrderedDict}
-_MAX_PICKLE_BYTES = 64 << 20  # a checkpoint's data.pkl holds names and numbers (the weights lie beside it): KBs
+_MAX_PICKLE_BYTES = 4 << 20  # a checkpoint's data.pkl holds names and numbers, the weights lie beside it: ~60 KB
+#: The pickle opcodes a checkpoint's data.pkl may hold (torch's own use protocol 2: dicts, tuples, lists,
+#: strings, numbers, GLOBAL + REDUCE for OrderedDict and the tensor rebuilders, BINPERSID for storages, one BUILD
+#: for a state dict's metadata). Sets, bytearrays, buffers, INST / OBJ / NEWOBJ and extension codes are not.
+_PLAIN_OPCODES = frozenset(
+    "PROTO FRAME STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG LONG1 LONG4 FLOAT "
+    "BINFLOAT STRING BINSTRING SHORT_BINSTRING UNICODE SHORT_BINUNICODE BINUNICODE BINUNICODE8 BINBYTES "
+    "SHORT_BINBYTES BINBYTES8 EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST LIST APPEND APPENDS EMPTY_DICT DICT "
+    "SETITEM SETITEMS GLOBAL STACK_GLOBAL REDUCE BUILD BINPERSID PUT BINPUT LONG_BINPUT MEMOIZE GET BINGET "
+    "LONG_BINGET".split()
+)
+
+
+def _plain_pickle(data: bytes) -> bool:
+    """Whether ``data`` is a whole pickle of only ``_PLAIN_OPCODES`` whose memo indices count up from 0: read
+    with ``pickletools.genops``, which builds nothing. The index bound matters: C pickle keeps its memo in an
+    array as long as the largest index, so one PUT of index 2**26 in a 9-byte file took 1 GB."""
+    puts = 0
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name not in _PLAIN_OPCODES:
+                return False
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if op.name != "MEMOIZE" and int(arg) > puts:
+                    return False
+                puts += 1
+            elif op.name in ("GET", "BINGET", "LONG_BINGET") and int(arg) >= puts:
+                return False
+    except (ValueError, TypeError):  # not a whole pickle
+        return False
+    return True
 
 
 class _PlainDataReader(pickle.Unpickler):
-    """Reads a pickle's plain data (dicts, lists, strings, numbers); anything else (every class or
-    function it names: torch's tensor rebuilders, or whatever a hostile file names) becomes None and is
-    never imported or called; tensors' storages (persistent ids) are None too."""
+    """Reads a pickle's plain data; every class or function it names (torch's tensor rebuilders, or
+    whatever a hostile file names) becomes a fresh placeholder that returns None, never imported or called;
+    tensors' storages (persistent ids) are None too. Run only on what ``_plain_pickle`` passed."""
 
     def find_class(self, module: str, name: str) -> Any:
-        return _PLAIN_CLASSES.get((module, name), _left_out)
+        return _PLAIN_CLASSES.get((module, name)) or (lambda *args, **kwargs: None)
 
     def persistent_load(self, pid: Any) -> None:
         return None
@@ -94,14 +121,18 @@ class _PlainDataReader(pickle.Unpickler):
 
 def checkpoint_config(path: Path) -> dict[str, Any] | None:
     """The trial config a checkpoint file holds (``trainables.save_checkpoint``'s ``"config"``), read
-    without torch: the ``data.pkl`` of torch's zip format through ``_PlainDataReader``, the weights left
-    out. None where the file holds no such thing that way (another format: its loader says what is wrong)."""
+    without torch: the ``data.pkl`` of torch's zip format, if at most 4 MB and plain (``_plain_pickle``),
+    through ``_PlainDataReader``, the weights left out. None where the file holds no such thing that way
+    (another format, or anything odd: the real loader, which runs next, names what is wrong)."""
     try:
         with zipfile.ZipFile(path) as archive:
             entry = next((i for i in archive.infolist() if i.filename.rsplit("/", 1)[-1] == "data.pkl"), None)
             if entry is None or entry.file_size > _MAX_PICKLE_BYTES:
                 return None
-            state = _PlainDataReader(io.BytesIO(archive.read(entry))).load()
+            data = archive.read(entry)
+        if not _plain_pickle(data):
+            return None
+        state = _PlainDataReader(io.BytesIO(data)).load()
     except Exception:  # anything unreadable here is for the real loader to name
         return None
     config = state.get("config") if isinstance(state, dict) else None
@@ -240,6 +271,28 @@ def available_splits(name: str, root: str | None) -> tuple[list[str], str] | Non
     if lists is not None and lists.is_dir():
         return sorted(p.stem for p in lists.glob("*.txt")), f"the lists in {lists}"
     return None
+
+
+def check_evaluate_split(split: str, sets: dict[str, Any], saved: dict[str, Any] | None) -> None:
+    """``evaluate --split``: ``split`` is one of the splits of the dataset evaluate would score, where that is
+    known before the model loads: the data section of the checkpoint's config (``saved``, from
+    ``checkpoint_config``) under the ``data.*`` of ``sets``, or ``sets`` alone where they name the dataset.
+    Where these do not make a valid data config (a missing root, a value of the wrong type), nothing is
+    checked here: evaluate builds the same config once the model is loaded, and refuses it naming the key.
+
+    Raises:
+        ConfigError: naming the split and the ones there are (``check_split``).
+    """
+    section = saved.get("data") if saved is not None else None
+    if not isinstance(section, dict) and "data.name" not in sets:
+        return  # the dataset is the checkpoint's, known once it loads
+    fields = dict(section) if isinstance(section, dict) else {}
+    fields |= {key.removeprefix("data."): value for key, value in sets.items() if key.startswith("data.")}
+    try:
+        data = DataConfig.model_validate(fields)
+    except Exception:  # pydantic's ValidationError, or anything odd in a saved config: evaluate names it later
+        return
+    check_split(data.name, data.root, split)
 
 
 def check_split(name: str, root: str | None, split: str) -> None:
