@@ -111,6 +111,7 @@ def test_model_kwargs_agree_with_the_architectures_and_a_typo_is_refused():
     import re
 
     import segmentation_models_pytorch as smp
+    import torch
 
     from spntune.models.coarse import FCN, build_coarse, feature_channels
     from spntune.names import ARCHITECTURE_KWARGS, ARCHITECTURES, MODEL_KWARGS_TAKEN
@@ -121,10 +122,24 @@ def test_model_kwargs_agree_with_the_architectures_and_a_typo_is_refused():
         params = inspect.signature(cls.__init__).parameters
         named = {n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
         popped = set(re.findall(r"kwargs\.pop\(\s*[\"'](\w+)[\"']", inspect.getsource(cls.__init__)))
-        assert set(ARCHITECTURE_KWARGS[arch]) == (named | popped) - set(MODEL_KWARGS_TAKEN), arch
+        strides = {"output_stride"} if "output_stride" in ARCHITECTURE_KWARGS[arch] else set()
+        assert set(ARCHITECTURE_KWARGS[arch]) == (named | popped | strides) - set(MODEL_KWARGS_TAKEN), arch
+        # output_stride goes to smp's get_encoder: listed where the decoder follows it, and only there
+        if arch not in ("fcn", "dpt") and "encoder_output_stride" not in named:
+            try:
+                with torch.no_grad():
+                    out = build_coarse(arch, "resnet18", None, 2, output_stride=16).eval()(torch.zeros(1, 3, 64, 64))
+                works = out.shape == (1, 2, 64, 64)
+            except RuntimeError:  # a decoder that needs every stride: tensor sizes do not match
+                works = False
+            assert works == bool(strides), arch
     with pytest.raises(ConfigError, match=r"model.kwargs.decoder_channel: unet takes no such keyword \(did you "
                        r"mean 'decoder_channels'.*it takes encoder_depth, "):  # fmt: skip
         TrialConfig.from_dict({"model.kwargs": {"decoder_channel": [8, 8, 8, 8, 8]}})
+    with pytest.raises(ConfigError, match=r"model.kwargs.output_stride: deeplabv3 sets it from encoder_output_stride"):
+        TrialConfig.from_dict({"model.arch": "deeplabv3", "model.encoder": "tu-hf-hub:o/m",
+                               "model.kwargs": {"output_stride": 16}})  # fmt: skip
+    assert TrialConfig.from_dict({"model.kwargs": {"output_stride": 16}}).model.kwargs == {"output_stride": 16}
     with pytest.raises(ConfigError, match=r"model.kwargs.activation: not settable here \(the losses and metrics"):
         TrialConfig.from_dict({"model.kwargs": {"activation": "softmax"}})
     with pytest.raises(ConfigError, match=r"model.kwargs.varant: fcn takes no such keyword \(did you mean 'variant'"):

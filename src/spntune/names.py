@@ -103,8 +103,10 @@ def check_encoder(name: str) -> str:
 #: segmentation_models.pytorch 0.6 (our FCN's for ``fcn``) and the deprecated ones smp still takes from its
 #: ``**kwargs`` (``decoder_use_batchnorm``...), less ``MODEL_KWARGS_TAKEN``. smp hands any other keyword to
 #: the encoder, and only a timm encoder (``tu-...``) takes one: smp's own encoders drop it without a word,
-#: so a typo (``decoder_channel``) would train the default. tests/test_config_input.py checks this table
-#: against the installed smp.
+#: so a typo (``decoder_channel``) would train the default. One exception: ``get_encoder`` takes
+#: ``output_stride`` (dilated last stages), which the decoders of unet, pspnet, upernet and segformer follow;
+#: fpn, linknet, manet and unetplusplus fail on it, and deeplabv3(plus) and pan set it themselves
+#: (``encoder_output_stride``). tests/test_config_input.py checks this table against the installed smp.
 ARCHITECTURE_KWARGS: dict[str, tuple[str, ...]] = {
     "deeplabv3": ("encoder_depth", "encoder_output_stride", "decoder_channels", "decoder_atrous_rates",
                   "decoder_aspp_separable", "decoder_aspp_dropout", "upsampling"),
@@ -121,13 +123,13 @@ ARCHITECTURE_KWARGS: dict[str, tuple[str, ...]] = {
     "pan": ("encoder_depth", "encoder_output_stride", "decoder_channels", "decoder_interpolation", "upsampling",
             "upscale_mode"),
     "pspnet": ("encoder_depth", "psp_out_channels", "decoder_use_norm", "psp_dropout", "upsampling",
-               "psp_use_batchnorm"),
-    "segformer": ("encoder_depth", "decoder_segmentation_channels", "upsampling"),
+               "psp_use_batchnorm", "output_stride"),
+    "segformer": ("encoder_depth", "decoder_segmentation_channels", "upsampling", "output_stride"),
     "unet": ("encoder_depth", "decoder_use_norm", "decoder_channels", "decoder_attention_type",
-             "decoder_interpolation", "decoder_use_batchnorm"),
+             "decoder_interpolation", "decoder_use_batchnorm", "output_stride"),
     "unetplusplus": ("encoder_depth", "decoder_use_norm", "decoder_channels", "decoder_attention_type",
                      "decoder_interpolation", "decoder_use_batchnorm"),
-    "upernet": ("encoder_depth", "decoder_channels", "decoder_use_norm", "upsampling"),
+    "upernet": ("encoder_depth", "decoder_channels", "decoder_use_norm", "upsampling", "output_stride"),
 }  # fmt: skip
 
 #: Constructor keywords of every architecture that ``model.kwargs`` may not set, and why.
@@ -153,6 +155,10 @@ def check_model_kwargs(arch: str, encoder: str, kwargs: dict[str, object]) -> No
     for key in kwargs:
         if key in MODEL_KWARGS_TAKEN:
             raise ValueError(f"model.kwargs.{key}: not settable here ({MODEL_KWARGS_TAKEN[key]})")
+        if key == "output_stride" and "encoder_output_stride" in takes:
+            raise ValueError(f"model.kwargs.output_stride: {arch} sets it from encoder_output_stride; set that")
+        if key.startswith("_"):
+            raise ValueError(f"model.kwargs.{key}: smp drops keywords that start with '_'")
         if key not in takes and not to_timm:
             close = difflib.get_close_matches(key, takes, n=2)
             hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""

@@ -304,7 +304,8 @@ def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cach
 # 8.08 -> 1.95 / 6.17 / 7.05 ms (CSPN 3x3 / 7x7, DySPN 7x7), the forward at [8, 21, 256, 256] 8.43 / 15.56 /
 # 16.24 -> 5.30 / 14.02 / 14.96 ms; T=6 steps through propagate forward+backward at [8, 21, 256, 256] 148 /
 # 299 / 375 -> 109 / 267 / 315 ms (at [4, 11, 192, 256] 25.9 / 75.7 / 86.1 -> 24.1 / 74.3 / 83.7 ms). On the
-# EPYC VM where the kernels were tuned (32 MB L3, 2 CPUs) the cap changes nothing.
+# EPYC VM where the kernels were tuned (32 MB L3, 2 CPUs) the cap changes nothing, unless the process is pinned
+# to one of the two CPUs (taskset): 16 MB then.
 _MAX_CACHE_PER_CPU = 16 << 20
 
 
