@@ -338,6 +338,26 @@ def test_a_checkpoint_with_values_of_the_wrong_kind_is_refused_naming_them(tmp_p
     _refused(capsys, message)
 
 
+def test_a_checkpoint_saved_with_a_model_kwarg_smp_dropped_still_loads(checkpoint, tmp_path):
+    """Configs refuse a model.kwargs key the architecture does not take; one saved before they did is left
+    out with a warning (smp dropped it unread, so the weights fit the model built without it). A key that
+    was used (activation) still makes the config one this version cannot use."""
+    state = torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    for kwargs in ({"decoder_channel": [8, 8, 8, 8, 8]}, {"activation": "softmax"}):
+        state["config"]["model"]["kwargs"] = kwargs
+        torch.save(state, tmp_path / "old.pt")
+        saved = load_checkpoint(tmp_path / "old.pt")
+        if "activation" in kwargs:
+            with pytest.raises(
+                CheckpointError, match=r"(?s)holds a config this version cannot use: .*model.kwargs.activation"
+            ):
+                restore_model(saved, tmp_path / "old.pt")
+        else:
+            with pytest.warns(UserWarning, match=r"model.kwargs decoder_channel left out: unet takes no such keyword"):
+                cfg, _ = restore_model(saved, tmp_path / "old.pt")
+            assert cfg.model.kwargs == {}
+
+
 def test_weights_that_do_not_fit_are_named(checkpoint, tmp_path):
     state = load_checkpoint(checkpoint)
     weights = dict(state["model"])

@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_KWARGS_TAKEN",
     "check_encoder",
     "check_model_kwargs",
+    "dropped_model_kwargs",
     "parse_loss_spec",
 ]
 
@@ -170,6 +171,17 @@ def check_model_kwargs(arch: str, encoder: str, kwargs: dict[str, object]) -> No
             raise ValueError(
                 f"model.kwargs.{key}: {arch} takes no such keyword{hint}; it takes {', '.join(takes)}{where}"
             )
+
+
+def dropped_model_kwargs(arch: str, encoder: str, kwargs: dict[str, object]) -> list[str]:
+    """The keys of ``kwargs`` smp drops unread when it builds ``arch`` with ``encoder``: those
+    ``check_model_kwargs`` refuses as no keyword of the architecture (now; a checkpoint saved before it did
+    may hold one). The model built with them is the model built without them."""
+    if arch == "fcn":  # our FCN raises on an unknown keyword: no model was built with one
+        return []
+    takes, to_timm = ARCHITECTURE_KWARGS.get(arch, ()), _timm_model(encoder) is not None
+    known = (*takes, *MODEL_KWARGS_TAKEN, "output_stride")  # those that were used, or failed the build
+    return [key for key in kwargs if key.startswith("_") or (key not in known and not to_timm)]
 
 
 LOSS_NAMES = ("ce", "dice", "focal", "jaccard", "lovasz")

@@ -49,6 +49,7 @@ from spntune.metrics import SegmentationMeter, class_ids
 from spntune.models import REFINERS, RefinedSegmenter, build_coarse
 from spntune.models.coarse import cpu_bf16_native, feature_channels
 from spntune.models.memory import release_buffers
+from spntune.names import dropped_model_kwargs
 from spntune.predict_input import CHECKPOINT_FILE, check_checkpoint_path
 from spntune.reporting import EpochReport, Reporter, Reporters, TrialStopped
 from spntune.scoring import flat_metrics, score_at_original_size
@@ -420,6 +421,24 @@ def _structure_problems(state: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _without_dropped_kwargs(config: Any, source: str | Path) -> Any:
+    """``config`` without the ``model.kwargs`` smp dropped unread when the checkpoint's model was built
+    (``names.dropped_model_kwargs``; configs refuse them since 2026-12-07), with a warning naming them: the
+    weights fit the model built without them."""
+    model = config.get("model") if isinstance(config, dict) else None
+    kwargs = model.get("kwargs") if isinstance(model, dict) else None
+    if not isinstance(kwargs, dict):
+        return config
+    arch, encoder = str(model.get("arch", "unet")), str(model.get("encoder", "resnet18"))
+    dropped = dropped_model_kwargs(arch, encoder, kwargs)
+    if not dropped:
+        return config
+    warnings.warn(f"checkpoint {source}: model.kwargs {', '.join(dropped)} left out: {arch} takes no such "
+                  "keyword, and segmentation_models_pytorch dropped it unread when this model was built",
+                  stacklevel=3)  # fmt: skip
+    return {**config, "model": {**model, "kwargs": {k: v for k, v in kwargs.items() if k not in dropped}}}
+
+
 def restore_model(state: dict[str, Any], source: str | Path) -> tuple[TrialConfig, RefinedSegmenter]:
     """The config and model a checkpoint holds, its weights loaded.
 
@@ -427,7 +446,7 @@ def restore_model(state: dict[str, Any], source: str | Path) -> tuple[TrialConfi
         CheckpointError: its config is not valid for this version, or the weights do not fit it.
     """
     try:
-        cfg = TrialConfig.from_dict(state["config"])
+        cfg = TrialConfig.from_dict(_without_dropped_kwargs(state["config"], source))
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {source} holds a config this version cannot use: {exc}") from None
     model = build_model(cfg, len(state["extra"]["class_names"]))
