@@ -59,7 +59,18 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu} x{len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+    return (f"{cpu} x{len(os.sched_getaffinity(0))} CPUs, {_caches()}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads){gpu}")  # fmt: skip
+
+
+def _caches() -> str:
+    """The last-level cache as sysfs gives it and as the CPU kernels count it (at most 16 MB per usable CPU:
+    a VM's sysfs can show the whole host socket's L3)."""
+    from spntune.models import cpu_propagation
+
+    sysfs = cpu_propagation.last_level_cache_bytes()
+    shown = f"{sysfs >> 20} MB" if sysfs else "unknown"
+    return f"last-level cache {shown} in sysfs, {cpu_propagation.cache_bytes() >> 20} MB for the kernels"
 
 
 def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
