@@ -287,11 +287,16 @@ def test_the_config_of_a_checkpoint_is_read_without_torch_and_nothing_else_in_it
 
 def test_the_fixed_splits_and_file_names_agree_with_the_datasets():
     from spntune.data import DATASETS
+    from spntune.data.listing import FILE_DATASETS
     from spntune.data.pets import PETS_SPLITS
+    from spntune.names import DATASET_NAMES
+    from spntune.predict_input import available_splits
     from spntune.trainables import CHECKPOINT_FILE as WRITTEN
 
-    assert SPLITS["pets"] == PETS_SPLITS and CHECKPOINT_FILE == WRITTEN
+    assert available_splits("pets", "/nowhere") == (list(PETS_SPLITS), "") and CHECKPOINT_FILE == WRITTEN
     assert {DATASETS["synthetic"].train_split, DATASETS["synthetic"].val_split} == set(SPLITS["synthetic"])
+    assert sorted([*SPLITS, *FILE_DATASETS]) == sorted(DATASET_NAMES)  # each dataset's splits known one way
+    assert available_splits("folder", "/nowhere") is None and available_splits("voc", "/nowhere") is None
 
 
 def test_evaluate_refuses_json_paths_it_could_not_write(checkpoint, tmp_path, capsys):

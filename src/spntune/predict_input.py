@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spntune.config import DataConfig
-from spntune.data.pets import PETS_SPLITS
-from spntune.data.voc import find_voc2012
+from spntune.data.listing import FILE_DATASETS
 from spntune.errors import ConfigError, DatasetError
 from spntune.images import read_rgb
 
@@ -45,10 +44,9 @@ __all__ = [
 CHECKPOINT_FILE = "checkpoint.pt"  # a trial's checkpoint in its folder (trainables imports it from here)
 CLASSES_FILE = "classes.txt"
 
-#: Splits of the datasets whose splits are fixed: synthetic builds "train" and "val" (any other name
-#: would silently be val), pets has its two list files. A folder or VOC dataset's splits are what its
-#: files hold (``available_splits``).
-SPLITS: dict[str, tuple[str, ...]] = {"synthetic": ("train", "val"), "pets": PETS_SPLITS}
+#: Splits of the dataset without files: synthetic builds "train" and "val" (any other name would silently
+#: be val). A file dataset's splits are what ``listing.FILE_DATASETS`` finds (pets: its two list files).
+SPLITS: dict[str, tuple[str, ...]] = {"synthetic": ("train", "val")}
 
 
 def mask_name(image: Path) -> str:
@@ -262,15 +260,8 @@ def available_splits(name: str, root: str | None) -> tuple[list[str], str] | Non
     cannot tell (no root: the dataset's loader refuses that, naming what it expected)."""
     if name in SPLITS:
         return list(SPLITS[name]), ""
-    folder = Path(root or "")
-    images = folder / "images"
-    if name == "folder" and images.is_dir():
-        return sorted(p.name for p in images.iterdir() if p.is_dir()), f"the folders in {images}"
-    voc = find_voc2012(folder) if name == "voc" else None
-    lists = voc / "ImageSets" / "Segmentation" if voc is not None else None
-    if lists is not None and lists.is_dir():
-        return sorted(p.stem for p in lists.glob("*.txt")), f"the lists in {lists}"
-    return None
+    spec = FILE_DATASETS.get(name)
+    return spec.splits(Path(root or "")) if spec is not None else None
 
 
 def check_evaluate_split(split: str, sets: dict[str, Any], saved: dict[str, Any] | None) -> None:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from spntune.data.base import PairTransform
 from spntune.data.folder import load_folder
-from spntune.data.pets import load_pets
-from spntune.data.voc import load_voc
+from spntune.data.pets import PETS_SPLITS, load_pets
+from spntune.data.voc import find_voc2012, load_voc
 
 if TYPE_CHECKING:
     from spntune.config import DataConfig
@@ -26,21 +26,51 @@ __all__ = ["FILE_DATASETS", "FileDataset", "check_listing"]
 @dataclass(frozen=True)
 class FileDataset:
     """A dataset of image and mask files: ``load(cfg, split, transform)`` lists one split (transform None:
-    only listed, as ``check_listing`` does; ``registry`` builds the datasets trials read with it)."""
+    only listed, as ``check_listing`` does; ``registry`` builds the datasets trials read with it).
+    ``splits(root)``: the splits it has and where they were found ("" for a fixed set), None where the
+    files under ``root`` cannot tell (its loader refuses that root, naming what it expected)."""
 
     load: Callable[[DataConfig, str, PairTransform | None], Any]
     train_split: str
     val_split: str
+    splits: Callable[[Path], tuple[list[str], str] | None]
+
+
+def _pets_splits(root: Path) -> tuple[list[str], str]:
+    return list(PETS_SPLITS), ""
+
+
+def _voc_splits(root: Path) -> tuple[list[str], str] | None:
+    voc = find_voc2012(root)
+    lists = voc / "ImageSets" / "Segmentation" if voc is not None else None
+    if lists is None or not lists.is_dir():
+        return None
+    return sorted(p.stem for p in lists.glob("*.txt")), f"the lists in {lists}"
+
+
+def _folder_splits(root: Path) -> tuple[list[str], str] | None:
+    images = root / "images"
+    if not images.is_dir():
+        return None
+    return sorted(p.name for p in images.iterdir() if p.is_dir()), f"the folders in {images}"
 
 
 #: The file datasets by their config names (``synthetic`` has no files).
 FILE_DATASETS: dict[str, FileDataset] = {
     "pets": FileDataset(
-        lambda cfg, split, transform: load_pets(Path(cfg.root or ""), split, cfg.target, transform), "trainval", "test"
+        lambda cfg, split, transform: load_pets(Path(cfg.root or ""), split, cfg.target, transform),
+        "trainval",
+        "test",
+        _pets_splits,
     ),
-    "voc": FileDataset(lambda cfg, split, transform: load_voc(Path(cfg.root or ""), split, transform), "train", "val"),
+    "voc": FileDataset(
+        lambda cfg, split, transform: load_voc(Path(cfg.root or ""), split, transform), "train", "val", _voc_splits
+    ),
     "folder": FileDataset(
-        lambda cfg, split, transform: load_folder(Path(cfg.root or ""), split, transform), "train", "val"
+        lambda cfg, split, transform: load_folder(Path(cfg.root or ""), split, transform),
+        "train",
+        "val",
+        _folder_splits,
     ),
 }
 
