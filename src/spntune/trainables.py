@@ -39,7 +39,7 @@ from spntune.coarse_cache import (
     data_fingerprint,
     replay_row,
 )
-from spntune.config import TrialConfig
+from spntune.config import ModelConfig, TrialConfig
 from spntune.data import build_datasets
 from spntune.data.cache import CachedDataset
 from spntune.data.transforms import build_transform
@@ -429,7 +429,9 @@ def _without_dropped_kwargs(config: Any, source: str | Path) -> Any:
     kwargs = model.get("kwargs") if isinstance(model, dict) else None
     if not isinstance(kwargs, dict):
         return config
-    arch, encoder = str(model.get("arch", "unet")), str(model.get("encoder", "resnet18"))
+    defaults = ModelConfig.model_fields  # what a config that omits them builds
+    arch = str(model.get("arch", defaults["arch"].default))
+    encoder = str(model.get("encoder", defaults["encoder"].default))
     dropped = dropped_model_kwargs(arch, encoder, kwargs)
     if not dropped:
         return config
