@@ -135,6 +135,11 @@ def test_the_other_vector_width_matches_the_reference(tmp_path, monkeypatch):
     for variant in VARIANTS:
         for k, shape in ((3, (2, 3, 9, 21)), (7, (1, 11, 12, 40))):
             test_propagate_runs_all_steps_as_one_node_equal_to_step_by_step(variant, k, shape)
+    # streamed outputs (with 64-byte vectors the weight gradients go straight from dot_stencil to grad_nw)
+    for variant in ("cspn-h0", "dyspn-factored"):
+        test_weight_gradients_of_32_mb_and_more_match_the_reference(variant)
+    for k in (3, 7):
+        test_spread_prefetching_gives_the_same_results(k, torch.float64, monkeypatch)
     # the normalisation and ring-sum kernels against torch's ops (those tests end on the torch backend)
     for shape, dtype, tol in (((3, 24, 19, 37), torch.float64, 1e-12), ((2, 48, 13, 40), torch.float32, 1e-5)):
         set_propagation_backend("cpp")
@@ -166,7 +171,8 @@ def test_self_and_anchor_gradients_without_neighbour_gradients(k, shape):
 @pytest.mark.parametrize("variant", ["cspn-h0", "dyspn-factored"])
 def test_weight_gradients_of_32_mb_and_more_match_the_reference(variant):
     # [2, 48, 176, 256] float64 is 34.6 MB: the backward writes such weight gradients with non-temporal
-    # stores (st_stream), from dot_stencil (CSPN) and from the factored weights' loop (DySPN)
+    # stores (st_stream): with 64-byte vectors straight from dot_stencil, the ring scale's gradient summed
+    # there too (DySPN); with 32-byte vectors through the scratch block
     errors = _errors(propagate_step, 7, variant, (2, 2, 176, 256), torch.float64)
     assert max(errors.values()) <= 1e-12, errors
 

@@ -655,6 +655,11 @@ struct Extras {
     T* gaw = nullptr;
     const T* h0 = nullptr;
     long hs = 0;
+    // Factored weights written straight from dot_stencil_rows (by window position): the output is the
+    // gradient times scale[p], and gring[p] (the ring scale's gradient row) gets the gradient times aff[p].
+    const T* const* scale = nullptr;
+    const T* const* aff = nullptr;
+    T* const* gring = nullptr;
 };
 
 // Extras for the chunk at t (any offset), h[c] read from hc + c * cs.
@@ -706,7 +711,7 @@ inline void shifted_products(V* acc, V g, V a, V b, std::integer_sequence<int, I
 // and with AW the pass sums e.gaw too.
 template <class P, int R, int NY, bool AW, typename T>
 inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
-                             T* const* out, const Extras<T>& e) {
+                             T* const* out, const Extras<T>& e, bool stream) {
     using V = typename P::V;
     constexpr int D = 2 * R + 1;
     static_assert(2 * R < P::lanes, "a shift must stay inside the pair of vectors");
@@ -720,6 +725,9 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
 #pragma GCC unroll 8
     for (int i = 0; i < NY; ++i) row[i] = rows[dy0 + i] + t;
     V saw = V{} + T(0);
+    if (e.scale)  // the affinity's lines two chunks on (backward_rows says why)
+        for (int i = 0; i < NY; ++i)
+            for (int s = 0; s < D; ++s) __builtin_prefetch(e.aff[(dy0 + i) * D + s] + t + 2 * P::lanes, 0, 2);
     for (long c = 0; c < C; ++c) {
         const V gv = ld<V>(g[c] + t);
 #pragma GCC unroll 8
@@ -733,7 +741,16 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
     for (int i = 0; i < NY; ++i)
 #pragma GCC unroll 8
         for (int s = 0; s < D; ++s)
-            if (T* o = out[(dy0 + i) * D + s]) st(o + t, acc[i][s]);
+            if (T* o = out[(dy0 + i) * D + s]) {
+                V v = acc[i][s];
+                if (e.scale) {
+                    const int p = (dy0 + i) * D + s;
+                    T* gr = e.gring[p] + t;
+                    st(gr, ld<V>(gr) + v * ld<V>(e.aff[p] + t));
+                    v *= ld<V>(e.scale[p] + t);
+                }
+                put(o + t, v, stream);
+            }
     if (e.gsw && dy0 <= R && R < dy0 + NY) st(e.gsw + t, acc[R - dy0][R]);
     if constexpr (AW) st(e.gaw + t, saw);
 }
@@ -741,11 +758,11 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
 // One pass of dot_stencil_rows, summing e.gaw where it holds the centre row and gaw is wanted.
 template <class P, int R, int NY, typename T>
 inline void dot_stencil_pass(long t, int dy0, long C, long cs, const T* const* g, const T* const* rows,
-                             T* const* out, const Extras<T>& e) {
+                             T* const* out, const Extras<T>& e, bool stream) {
     if (e.gaw && dy0 <= R && R < dy0 + NY)
-        dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, e);
+        dot_stencil_rows<P, R, NY, true>(t, dy0, C, cs, g, rows, out, e, stream);
     else
-        dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, e);
+        dot_stencil_rows<P, R, NY, false>(t, dy0, C, cs, g, rows, out, e, stream);
 }
 
 // dot_stencil_rows over the whole window, NY window rows at a time: fewer rows per pass leave fewer
@@ -753,11 +770,11 @@ inline void dot_stencil_pass(long t, int dy0, long C, long cs, const T* const* g
 // is its centre accumulator).
 template <class P, int R, int NY, typename T>
 inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* const* rows, T* const* out,
-                        const Extras<T>& e) {
+                        const Extras<T>& e, bool stream) {
     constexpr int D = 2 * R + 1;
     int dy0 = 0;
-    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_pass<P, R, NY>(t, dy0, C, cs, g, rows, out, e);
-    if constexpr (D % NY != 0) dot_stencil_pass<P, R, D % NY>(t, dy0, C, cs, g, rows, out, e);
+    for (; dy0 + NY <= D; dy0 += NY) dot_stencil_pass<P, R, NY>(t, dy0, C, cs, g, rows, out, e, stream);
+    if constexpr (D % NY != 0) dot_stencil_pass<P, R, D % NY>(t, dy0, C, cs, g, rows, out, e, stream);
 }
 
 // The weight gradients of one row, out[j] = sum_c g[c] * shift_j(h[c]): chunks at multiples of the vector
@@ -778,18 +795,18 @@ inline void dot_stencil(long t, long C, long cs, const T* const* g, const T* con
 template <class P, typename T>
 inline void dot_row(int radius, long W, long C, int K, long cs, const T* const* g, const T* const* src,
                     T* const* out, const T* const* rows, T* const* wout, const T* hc,
-                    const Extras<T>& e) {
+                    const Extras<T>& e, bool stream = false) {
     const bool extras = e.gsw || e.gaw;
     for_chunks<P::lanes>(W, [&](long t) {
         if (radius > 0 && t % P::lanes == 0) {
             if constexpr (P::lanes > 2) {
-                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, e);
+                if (radius == 1) return dot_stencil<P, 1, 3>(t, C, cs, g, rows, wout, e, stream);
             }
             if constexpr (P::lanes > 4) {
-                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, e);
+                if (radius == 2) return dot_stencil<P, 2, 1>(t, C, cs, g, rows, wout, e, stream);
             }
             if constexpr (P::lanes > 6) {
-                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, e);
+                if (radius == 3) return dot_stencil<P, 3, 1>(t, C, cs, g, rows, wout, e, stream);
             }
         }
         int j0 = 0;
@@ -933,6 +950,18 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // alternating in one process, 2-core Zen 3 VM, CSPN 3x3 / 7x7: [4, 11, 192, 256] 3.62 / 13.10 -> 2.96 /
     // 9.96 ms and 4.90 / 13.51 -> 3.79 / 10.29 ms, [8, 21, 256, 256] 17.92 / 62.30 -> 16.37 / 43.01 ms,
     // [1, 11, 192, 256] 0.63 / 2.86 -> 0.64 / 2.18 ms. Scratch rows padded by a line apart: no difference.
+    // Where the weight gradients are streamed and a vector fills a line (AVX-512), they skip the scratch
+    // block (direct): dot_stencil streams each chunk's whole lines into grad_nw, so no line is left half
+    // written, and for factored weights sums the ring scale's gradient in its R rows (they stay in L1) from
+    // the affinity's lines, asked for two chunks ahead. The backward alone, staged -> direct, the two builds
+    // alternating in one process, 2-core Xeon VM (AVX-512), four runs: CSPN 7x7 [4, 11, 192, 256] 7.03 / 7.10
+    // / 7.07 / 7.17 -> 6.62 / 6.67 / 6.51 / 6.96 ms, [8, 21, 256, 256] 29.2 / 29.2 / 28.5 / 29.2 -> 27.5 /
+    // 27.9 / 26.9 / 27.4 ms; DySPN 7x7 10.23 / 9.51 / 9.87 / 9.67 -> 9.22 / 8.97 / 9.22 / 9.03 ms and 38.2 /
+    // 37.1 / 37.9 / 35.8 -> 36.3 / 33.6 / 38.1 / 32.5 ms (the host was slower than in the morning); CSPN 3x3
+    // 2.01 / 2.02 / 2.35 / 2.23 -> 2.06 / 1.88 / 2.20 / 2.16 ms. Without the prefetch the DySPN backward was
+    // 6 % slower than staged. Adding into grad_nw the same way (the T-step backward's later steps, W a
+    // multiple of the vector) was slower: T=6 CSPN 7x7 propagate forward+backward at [8, 11, 96, 128] 51.2 ->
+    // 65.4 ms, at [8, 21, 256, 256] 338 -> 367 ms.
     const bool want_w = gnw || grs;
     std::vector<T> scratch(want_w ? K * W : 0);
     std::vector<long> slots(2 * r + 1);
@@ -947,8 +976,14 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // (spreads says more).
     const bool stream_w = !accumulate && (spread || streams(B * K * HW * long(sizeof(T))));
     const bool stream_g = !accumulate && spread;
-    std::vector<const T*> hrows(D);
-    std::vector<T*> wouts(D * D, nullptr);  // by window position; the centre stays null
+    // Weight gradients streamed straight from dot_stencil into grad_nw (and for factored weights the ring
+    // scale's gradient summed there too), not through the scratch block: where they are streamed, each
+    // store fills a whole line (the scratch block's comment says more), and every chunk goes through
+    // dot_stencil (factored weights: no overlapping last chunk, which dot_block would store unscaled).
+    const bool direct = gnw && stream_w && sizeof(V) >= 64 && stencil_fits<P>(r) &&
+                        (!rs || (grs && W % P::lanes == 0));
+    std::vector<const T*> hrows(D), fscale(D * D), faff(D * D);
+    std::vector<T*> wouts(D * D, nullptr), fgring(D * D);  // by window position; wouts' centre stays null
     RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
@@ -1004,16 +1039,28 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
         if (want_w) {  // d nw[j] = sum_c g[c] * shift_j(h[c])
             for (int d = -r; d <= r; ++d) slots[d + r] = hring.slot(b, y + d);
             for (int j = 0; j < K; ++j) {
-                outs[j] = scratch.data() + j * W;
+                outs[j] = direct ? gnw + (b * K + j) * HW + at : scratch.data() + j * W;
                 src[j] = hring.at(slots[off.dy[j] + r], 0) + r + off.dx[j];
             }
             if (stencil_w) {
                 for (int d = 0; d < D; ++d) hrows[d] = hring.at(slots[d], 0);
                 for (int j = 0; j < K; ++j) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
             }
+            if (direct && rs) {
+                for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
+                for (int j = 0; j < K; ++j) {
+                    const int p = (off.dy[j] + r) * D + off.dx[j] + r;
+                    fscale[p] = rs + (b * R + off.ring[j]) * HW + at;
+                    faff[p] = nw + (b * K + j) * HW + at;
+                    fgring[p] = grs + (b * R + off.ring[j]) * HW + at;
+                }
+                e.scale = fscale.data();
+                e.aff = faff.data();
+                e.gring = fgring.data();
+            }
             dot_row<P>(stencil_w ? r : 0, W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data(),
-                       hrows.data(), wouts.data(), hring.at(slots[r], 0) + r, e);
-            if (rs) {
+                       hrows.data(), wouts.data(), hring.at(slots[r], 0) + r, e, direct);
+            if (rs && !direct) {
                 if (grs)
                     for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
                 // The ring scale's gradient reads the affinity's K rows of this row, one map apart: asked for
@@ -1054,7 +1101,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                     T* __restrict__ o = gnw + (b * K + j) * HW + at;
                     for (long x = 0; x < W; ++x) o[x] += d[x];
                 }
-            } else if (gnw) {
+            } else if (gnw && !direct) {
                 for (int j = 0; j < K; ++j) {
                     const T* __restrict__ d = outs[j];
                     T* __restrict__ o = gnw + (b * K + j) * HW + at;
