@@ -1,4 +1,9 @@
 import logging
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +83,45 @@ def test_predict_from_a_run_and_from_a_checkpoint(tmp_path, capsys, mlflow_sqlit
         main(["predict", "--run", "nonexistent", str(image), "--out", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
     )
     assert "nonexistent" in capsys.readouterr().err
+
+
+def test_a_local_run_is_found_and_refused_without_mlflow_or_torch(tmp_path, mlflow_sqlite):
+    """A SQLite store that keeps its artifacts on this machine: `evaluate --run` refuses a split the run's
+    dataset lacks, and `evaluate` / `predict --run` an id the store lacks, from sqlite3 and the checkpoint's zip
+    alone (before MLflow and torch are imported: seconds); the checkpoint is then read where it lies."""
+    from spntune import tracking
+
+    uri = mlflow_sqlite
+    train_segmentation({**TINY, "tracking.uri": uri})
+    db = uri.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(db)) as conn:
+        ((run_id, artifacts),) = conn.execute("SELECT run_uuid, artifact_uri FROM runs").fetchall()
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    cases = {
+        "evaluate-split": (["evaluate", "--run", run_id, "--split", "bogus"],
+                           "split 'bogus': dataset synthetic has no such split; its splits: train, val"),
+        "evaluate-run": (["evaluate", "--run", "nope"], "the store has no run with that id"),
+        "predict-run": (["predict", "--run", "nope", str(image), "--out", str(tmp_path / "out")],
+                        "the store has no run with that id"),
+    }  # fmt: skip
+    for name, (argv, message) in cases.items():
+        code = (f"import sys; from spntune.cli import main; rc = main({[*argv, '--tracking-uri', uri]!r}); "
+                "print(rc, 'torch' in sys.modules, 'mlflow' in sys.modules)")  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["2", "False", "False"], (name, done.stdout + done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
+    assert not (tmp_path / "out").exists()
+    local = tracking.local_checkpoint(uri, run_id)
+    assert local == Path(artifacts.removeprefix("file://")) / "checkpoint" / "checkpoint.pt" and local.is_file()
+    assert tracking.download_checkpoint(uri, run_id, tmp_path) == local  # read in place, not copied
+    local.unlink()
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt does not exist"):
+        tracking.local_checkpoint(uri, run_id)
+    with closing(sqlite3.connect(db)) as conn, conn:  # artifacts elsewhere: MLflow downloads them
+        conn.execute("UPDATE runs SET artifact_uri = 's3://bucket/runs/x'")
+    assert tracking.local_checkpoint(uri, run_id) is None
+    assert tracking.local_checkpoint("http://127.0.0.1:9", run_id) is None  # a server: asked through MLflow
 
 
 def test_best_reads_the_leaderboard_from_mlflow(tmp_path, capsys, mlflow_sqlite):

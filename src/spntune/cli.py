@@ -115,11 +115,15 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_store_of_run(args: argparse.Namespace) -> None:
-    """``--run``: the MLflow store it is read from exists (refused before torch, MLflow writes nothing)."""
-    from spntune.tracking import check_store, default_tracking_uri
+def _check_store_of_run(args: argparse.Namespace) -> Path | None:
+    """``--run``: the MLflow store it is read from exists, and where it is a SQLite store with the artifacts on
+    this machine, the run and its checkpoint too: that checkpoint's path (else None). Refused before torch and
+    MLflow are imported; nothing is written."""
+    from spntune.tracking import check_store, default_tracking_uri, local_checkpoint
 
-    check_store(args.tracking_uri or default_tracking_uri())
+    uri = args.tracking_uri or default_tracking_uri()
+    check_store(uri)
+    return local_checkpoint(uri, args.run)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -163,9 +167,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.split:  # against the dataset of the checkpoint's own config, read without torch
             check_evaluate_split(args.split, sets, checkpoint_config(path))
     else:
-        if args.split:
-            check_evaluate_split(args.split, sets, None)
-        _check_store_of_run(args)
+        local = _check_store_of_run(args)
+        if args.split:  # against the run's checkpoint where it lies on this machine, else --set's dataset alone
+            check_evaluate_split(args.split, sets, checkpoint_config(local) if local is not None else None)
     from spntune.config import TrialConfig, flatten
     from spntune.console import make_console, print_results, print_written
     from spntune.predict import evaluate_split, load_pipeline, write_json
