@@ -44,6 +44,7 @@ from spntune.models.propagation import (
     _chosen_backend,
     cspn_weights,
     dyspn_factored_weights,
+    dyspn_ring_sums,
     dyspn_weights,
     num_rings,
     propagate,
@@ -75,6 +76,22 @@ def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, factored: 
     return dyspn_factored_weights(aff, att, k) if factored else dyspn_weights(aff, att, k)
 
 
+def step_weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, iterations: int,
+                  factored: bool = True) -> list[tuple]:  # type: ignore[type-arg]  # fmt: skip
+    """Every step's weights for T steps, as the refiners form them: CSPN one affinity map for all steps;
+    DySPN one affinity with its ring sums computed once, and each step's own attention, ``att``'s channels
+    ``[t * (R+1), (t+1) * (R+1))`` (``DySPNRefiner.step_weights``; materialised per step where not
+    ``factored``)."""
+    if name == "cspn":
+        return [cspn_weights(aff)] * iterations
+    per_step = att.shape[1] // iterations
+    attention = att.split(per_step, dim=1)[:iterations]
+    if not factored:
+        return [dyspn_weights(aff, a, k) for a in attention]
+    ring_sums = dyspn_ring_sums(aff, k)
+    return [dyspn_factored_weights(aff, a, k, ring_sums) for a in attention]
+
+
 def _terms(weights: tuple) -> tuple[bool, bool, bool]:  # type: ignore[type-arg]
     """Which of the self weight, the anchor weight and DySPN's ring scale a ``_weights`` tuple holds: the
     arguments ``step_bytes`` and ``step_multiply_adds`` take after ``k``."""
@@ -86,10 +103,9 @@ def _call(step, h, x0, weights: tuple, k: int) -> torch.Tensor:  # type: ignore[
 
 
 def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int, factored: bool) -> None:  # type: ignore[no-untyped-def]
-    aff = aff.detach().requires_grad_()
-    weights = _weights(name, k, aff, att, factored)
+    aff, att = aff.detach().requires_grad_(), att.detach().requires_grad_()
     h = x0
-    for _ in range(iterations):
+    for weights in step_weights(name, k, aff, att, iterations, factored):
         h = _call(step, h, x0, weights, k)
     h.sum().backward()
 
@@ -97,9 +113,8 @@ def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int, factored: b
 def _propagate_fwd_bwd(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
     """T steps through ``propagate``, as the refiners run them: one autograd node on the fused CPU kernels
     (the neighbour weights are one tensor for every step), step by step elsewhere."""
-    aff = aff.detach().requires_grad_()
-    weights = _weights(name, k, aff, att)
-    h, _ = propagate(x0, [weights] * iterations, k)
+    aff, att = aff.detach().requires_grad_(), att.detach().requires_grad_()
+    h, _ = propagate(x0, step_weights(name, k, aff, att, iterations), k)
     h.sum().backward()
 
 
@@ -128,7 +143,7 @@ def _clone_bandwidth(x: torch.Tensor, seconds: float) -> float:
 def _propagate_forward(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
     """T steps through ``propagate`` without autograd (the weights included, as in ``_propagate_fwd_bwd``)."""
     with torch.no_grad():
-        propagate(x0, [_weights(name, k, aff, att)] * iterations, k)
+        propagate(x0, step_weights(name, k, aff, att, iterations), k)
 
 
 def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> float | None:  # type: ignore[no-untyped-def, type-arg]
@@ -237,7 +252,7 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
     try:
         for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
             aff = torch.randn(b, k * k - 1, h, w)
-            att = torch.rand(b, num_rings(k) + 1, h, w)
+            att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w)
             best = {"pool_ms": float("inf"), "no_pool_ms": float("inf")}
             for order in (("0", None), (None, "0")):
                 for setting in order:
@@ -249,7 +264,7 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
                     key = "no_pool_ms" if setting else "pool_ms"
                     best[key] = min(best[key], 1000 * s)
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)  # the pool on (the loop ended with it off)
-            weights = _weights(name, k, aff, att)
+            weights = _weights(name, k, aff, att[:, : num_rings(k) + 1])
             fwd_s, step_s, clone_s = _step_times(x, x0, weights, k, 4 * repeats)
             best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * fwd_s, 1000 * step_s
             # the forward's fraction of the map's clone bandwidth where the map (44 MB) is larger than the L3:
@@ -292,8 +307,8 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
                            "matmul_gfma_per_s": fma_rate / 1e9, "iterations": iterations, "cases": {}}  # fmt: skip
     for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
-        att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
-        weights = _weights(name, k, aff, att)
+        att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w, device=dev)  # DySPN: each step's attention
+        weights = _weights(name, k, aff, att[:, : num_rings(k) + 1])
         present = _terms(weights)
         min_bytes, bwd_bytes = step_bytes(shape, k, *present)
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)

@@ -26,6 +26,7 @@ from importlib.util import find_spec
 from typing import Any
 
 import torch
+from bench_propagation import step_weights
 from timing import timeit
 
 from spntune.models.propagation import (
@@ -51,9 +52,8 @@ def _forward(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:
 
 
 def _train(x0: torch.Tensor, aff: torch.Tensor, att: torch.Tensor, name: str, k: int, iterations: int) -> None:
-    aff = aff.detach().requires_grad_()
-    weights = _weights(name, k, aff, att)
-    h, _ = propagate(x0, [weights] * iterations, k)  # as the refiners call it: one node on triton
+    aff, att = aff.detach().requires_grad_(), att.detach().requires_grad_()
+    h, _ = propagate(x0, step_weights(name, k, aff, att, iterations), k)  # as the refiners call it: one node
     h.sum().backward()
 
 
@@ -85,8 +85,8 @@ def measure(repeats: int = 20, iterations: int = 6) -> dict[str, Any] | None:
         cases: dict[str, Any] = {}
         for name, k in CASES:
             aff = torch.randn(b, k * k - 1, h, w, device=dev)
-            att = torch.rand(b, num_rings(k) + 1, h, w, device=dev)
-            weights = _weights(name, k, aff, att)
+            att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w, device=dev)  # DySPN: each step's attention
+            weights = _weights(name, k, aff, att[:, : num_rings(k) + 1])
             fwd = _backends(partial(_forward, x, x0, weights, k), repeats)
             train = _backends(partial(_train, x0, aff, att, name, k, iterations), max(1, repeats // 4))
             n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ rings) + self/anchor

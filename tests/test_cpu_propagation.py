@@ -146,6 +146,9 @@ def test_the_other_vector_width_matches_the_reference(tmp_path, monkeypatch):
         test_fused_cspn_normalisation_matches_the_torch_ops(shape, dtype, tol, "both")
         set_propagation_backend("cpp")
         test_fused_ring_sums_match_the_torch_ops(7, (shape[0], 48, *shape[2:]), dtype, tol, "both")
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        set_propagation_backend("cpp")
+        test_fused_dyspn_step_weights_match_the_torch_ops(7, dtype, tol, "all")
 
 
 @pytest.mark.parametrize("k", [3, 7])
@@ -324,6 +327,57 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
     set_propagation_backend("torch")
     for x, y in zip(mine, run(), strict=True):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(("k", "dtype", "tol"), [(3, torch.float64, 1e-12), (5, torch.float64, 1e-12),
+                                                  (7, torch.float64, 1e-12), (7, torch.float32, 1e-5)])  # fmt: skip
+@pytest.mark.parametrize("use", ["all", "self", "anchor", "ring_scale"])
+def test_fused_dyspn_step_weights_match_the_torch_ops(k, dtype, tol, use):
+    """One DySPN step's self, anchor and ring-scale maps from its attention (``_DySPNStepWeights``) on the C++
+    kernels against ``dyspn_factored_weights``' torch ops, forward and the gradients of affinity and attention,
+    with every output used or one alone; the attention a slice of a larger guidance, as the refiner's split
+    (14 x 37 pixels: a whole block of the kernels' pixel loop and a part of one); and that the kernels ran."""
+    g = torch.Generator().manual_seed(11)
+    b, h, w, rings = 2, 14, 37, num_rings(k)
+    aff = torch.randn(b, k * k - 1, h, w, generator=g, dtype=dtype)
+    guidance = torch.rand(b, 2 * (rings + 1), h, w, generator=g, dtype=dtype)
+    names = ("self", "anchor", "ring_scale")
+    grads = [torch.randn(b, n, h, w, generator=g, dtype=dtype) if use in (name, "all") else None
+             for name, n in zip(names, (1, 1, rings), strict=True)]  # fmt: skip
+    calls = []
+
+    def run():
+        a, gd = aff.clone().requires_grad_(), guidance.clone().requires_grad_()
+        attention = gd[:, rings + 1 :]  # the second step's attention: a view, not contiguous
+        _, *maps = dyspn_factored_weights(a, attention, k)
+        pairs = [(t, gr) for t, gr in zip(maps, grads, strict=True) if gr is not None]
+        torch.autograd.backward([t for t, _ in pairs], [gr for _, gr in pairs])
+        return (*[t.detach() for t in maps], a.grad, gd.grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("dyspn_step_weights", "dyspn_step_weights_backward"):
+            fn = getattr(cpu_propagation, name)
+            mp.setattr(cpu_propagation, name,
+                       lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+        mine = run()
+    assert calls == ["dyspn_step_weights", "dyspn_step_weights_backward"]
+    set_propagation_backend("torch")
+    for x, y in zip(mine, run(), strict=True):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
+def test_fused_dyspn_step_weights_gradcheck_and_mismatched_shapes():
+    k = 7
+    g = torch.Generator().manual_seed(12)
+    aff = torch.randn(1, 48, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    att = (torch.rand(1, 4, 4, 5, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
+    _, sw, _, _ = dyspn_factored_weights(aff, att, k)
+    assert type(sw.grad_fn).__name__ == "_DySPNStepWeightsBackward"
+    assert torch.autograd.gradcheck(lambda a, t: dyspn_factored_weights(a, t, k)[1:], (aff, att))
+    # an attention of another size than the affinity is not given to the kernels (they would read past its
+    # end): torch's ops refuse it
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        dyspn_factored_weights(aff, att[:, :, :3], k)
 
 
 def test_gradcheck_of_chained_steps():

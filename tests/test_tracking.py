@@ -4,6 +4,7 @@ import subprocess
 import sys
 from contextlib import closing
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_predict_from_a_run_and_from_a_checkpoint(tmp_path, capsys, mlflow_sqlit
 def test_a_local_run_is_found_and_refused_without_mlflow_or_torch(tmp_path, mlflow_sqlite):
     """A SQLite store that keeps its artifacts on this machine: `evaluate --run` refuses a split the run's
     dataset lacks, and `evaluate` / `predict --run` an id the store lacks, from sqlite3 and the checkpoint's zip
-    alone (before MLflow and torch are imported: seconds); the checkpoint is then read where it lies."""
+    alone (before MLflow and torch are imported: seconds); the checkpoint is then copied without MLflow."""
     from spntune import tracking
 
     uri = mlflow_sqlite
@@ -113,8 +114,12 @@ def test_a_local_run_is_found_and_refused_without_mlflow_or_torch(tmp_path, mlfl
         assert message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
     assert not (tmp_path / "out").exists()
     local = tracking.local_checkpoint(uri, run_id)
-    assert local == Path(artifacts.removeprefix("file://")) / "checkpoint" / "checkpoint.pt" and local.is_file()
-    assert tracking.download_checkpoint(uri, run_id, tmp_path) == local  # read in place, not copied
+    assert local == Path(unquote(urlsplit(artifacts).path)) / "checkpoint" / "checkpoint.pt" and local.is_file()
+    copied = tracking.download_checkpoint(uri, run_id, tmp_path / "dl")  # a copy: a running trial rewrites it
+    assert copied.parent == tmp_path / "dl" and copied.read_bytes() == local.read_bytes()
+    with closing(sqlite3.connect(db)) as conn, conn:  # a local root MLflow stored as a plain path
+        conn.execute("UPDATE runs SET artifact_uri = ?", (str(local.parent.parent),))
+    assert tracking.local_checkpoint(uri, run_id) == local
     local.unlink()
     with pytest.raises(FileNotFoundError, match="checkpoint.pt does not exist"):
         tracking.local_checkpoint(uri, run_id)

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -780,10 +781,15 @@ def local_checkpoint(uri: str, run_id: str) -> Path | None:
     if row is None:
         raise FileNotFoundError(f"run {run_id} has no {CHECKPOINT_ARTIFACT} artifact at {masked(uri)}: the store "
                                 "has no run with that id (`spntune best` lists a search's runs)")  # fmt: skip
-    parts = urlsplit(str(row[0] or ""))
-    if parts.scheme.lower() != "file" or parts.netloc not in ("", "localhost"):
+    artifacts = str(row[0] or "")
+    parts = urlsplit(artifacts)
+    if parts.scheme.lower() == "file" and parts.netloc in ("", "localhost"):
+        folder = Path(unquote(parts.path))
+    elif not parts.scheme and Path(artifacts).is_absolute():  # MLflow stores a local root as a plain path
+        folder = Path(artifacts)
+    else:
         return None
-    path = Path(unquote(parts.path)) / CHECKPOINT_ARTIFACT
+    path = folder / CHECKPOINT_ARTIFACT
     if not path.is_file():
         raise FileNotFoundError(f"run {run_id} has no {CHECKPOINT_ARTIFACT} artifact at {masked(uri)}: {path} "
                                 "does not exist (a trial that stopped before its first epoch ended saves none)")  # fmt: skip
@@ -791,8 +797,8 @@ def local_checkpoint(uri: str, run_id: str) -> Path | None:
 
 
 def download_checkpoint(uri: str, run_id: str, folder: Path) -> Path:
-    """A trial run's best checkpoint (``CHECKPOINT_ARTIFACT``): the file itself where ``local_checkpoint``
-    finds it, else downloaded into ``folder``.
+    """A trial run's best checkpoint (``CHECKPOINT_ARTIFACT``), copied into ``folder``: without MLflow where
+    ``local_checkpoint`` finds it (a copy, not the file itself: a trial still running rewrites it in place).
 
     Raises:
         ConfigError: no readable MLflow store at ``uri`` (``check_store``); nothing is created there.
@@ -800,7 +806,8 @@ def download_checkpoint(uri: str, run_id: str, folder: Path) -> Path:
     """
     local = local_checkpoint(uri, run_id)
     if local is not None:
-        return local
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(local, folder / local.name))
     client = _read_client(uri)
     try:
         return Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(folder)))

@@ -45,6 +45,8 @@ __all__ = [
     "FusedCPUStep",
     "backward_step",
     "build_library",
+    "dyspn_step_weights",
+    "dyspn_step_weights_backward",
     "forward_step",
     "kernel_cache_dir",
     "library",
@@ -57,7 +59,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -170,6 +172,10 @@ def _load(path: Path) -> ctypes.CDLL:
         rings.argtypes, rings.restype = [ptr] * 3 + [long_, int_, long_, int_], None
         rings_bwd = getattr(lib, f"spn_ring_sums_backward_{suffix}")
         rings_bwd.argtypes, rings_bwd.restype = [ptr] * 4 + [long_, int_, long_, int_], None
+        step_w = getattr(lib, f"spn_dyspn_step_weights_{suffix}")
+        step_w.argtypes, step_w.restype = [ptr] * 6 + [long_] * 3 + [ctypes.c_double, int_], None
+        step_w_bwd = getattr(lib, f"spn_dyspn_step_weights_backward_{suffix}")
+        step_w_bwd.argtypes, step_w_bwd.restype = [ptr] * 9 + [long_] * 3 + [ctypes.c_double, int_], None
     return lib
 
 
@@ -432,3 +438,36 @@ def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: 
     out = empty_like(a)  # type: ignore[arg-type]
     fn(_ptr(a), _ptr(gs), _ptr(ga), _ptr(out), b, kernel_size, h * w, torch.get_num_threads())
     return out
+
+
+def dyspn_step_weights(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor] | None:  # fmt: skip
+    """One DySPN step's ``(self, anchor, ring_scale)`` from its attention ``[B, R+1, H, W]`` and the ring sums
+    ``[B, R, H, W]`` in one pass (``propagation._DySPNStepWeights``), or None where the kernels do not apply."""
+    tensors = (attention, ring_sum, ring_abs_sum)
+    fn = _entry("dyspn_step_weights", *tensors)
+    if fn is None:
+        return None
+    att, rsum, rabs = (t.contiguous() for t in tensors)
+    b, r, h, w = rsum.shape
+    sw, aw = att.new_empty(b, 1, h, w), att.new_empty(b, 1, h, w)
+    scale = att.new_empty(b, r, h, w)
+    fn(*(_ptr(t) for t in (att, rsum, rabs, sw, aw, scale)), b, r, h * w, eps, torch.get_num_threads())
+    return sw, aw, scale
+
+
+def dyspn_step_weights_backward(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor,
+                                grads: tuple[Tensor | None, Tensor | None, Tensor | None], needs: tuple[bool, bool, bool],
+                                eps: float) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:  # fmt: skip
+    """The gradients of ``(attention, ring_sum, ring_abs_sum)`` (each None where ``needs`` says so) from those of
+    ``(self, anchor, ring_scale)`` (None: zero), or None where the kernels do not apply."""
+    fn = _entry("dyspn_step_weights_backward", attention, ring_sum, ring_abs_sum, *grads)
+    if fn is None:
+        return None
+    att, rsum, rabs = (t.contiguous() for t in (attention, ring_sum, ring_abs_sum))
+    gsw, gaw, gscale = (g.contiguous() if g is not None else None for g in grads)
+    out = [torch.empty_like(t) if need else None for t, need in zip((att, rsum, rabs), needs, strict=True)]
+    b, r, h, w = rsum.shape
+    fn(*(_ptr(t) for t in (att, rsum, rabs, gsw, gaw, gscale, out[0], out[1], out[2])), b, r, h * w, eps,
+       torch.get_num_threads())  # fmt: skip
+    return out[0], out[1], out[2]

@@ -587,6 +587,32 @@ def dyspn_ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]
     return ring_sum, ring_abs_sum
 
 
+class _DySPNStepWeights(torch.autograd.Function):
+    """``dyspn_factored_weights``' maps on the C++ backend: ``(self, anchor, ring_scale)`` from one step's
+    attention and the ring sums in one pass forward and one backward (``cpu_propagation.dyspn_step_weights``),
+    where the torch ops take some twenty passes over ``[B, 1..R, H, W]`` maps (slices, products, sums and
+    quotients, and their backward's zero-filled slice gradients), for each of DySPN's T steps."""
+
+    @staticmethod
+    def forward(ctx: Any, attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(attention, ring_sum, ring_abs_sum)
+        out = cpu_propagation.dyspn_step_weights(attention, ring_sum, ring_abs_sum, _EPS)
+        assert out is not None  # the caller checked that the kernels take these tensors
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_self: Tensor | None, grad_anchor: Tensor | None,
+                 grad_scale: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+        attention, ring_sum, ring_abs_sum = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad)
+        out = cpu_propagation.dyspn_step_weights_backward(attention, ring_sum, ring_abs_sum,
+                                                          (grad_self, grad_anchor, grad_scale), needs, _EPS)  # fmt: skip
+        assert out is not None
+        return out
+
+
 def dyspn_factored_weights(
     affinity: Tensor, attention: Tensor, kernel_size: int, ring_sums: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -612,6 +638,11 @@ def dyspn_factored_weights(
             f"attention must have {n_rings + 1} channels for kernel_size={kernel_size}, got {attention.shape[1]}"
         )
     ring_sum, ring_abs_sum = ring_sums if ring_sums is not None else dyspn_ring_sums(affinity, kernel_size)
+    shapes_agree = ring_sum.shape == ring_abs_sum.shape == (attention.shape[0], n_rings, *attention.shape[2:])
+    if shapes_agree and _weights_on_cpu_kernels(affinity) and cpu_propagation.supports(attention, ring_sum, ring_abs_sum) \
+            and cpu_propagation.library() is not None:  # fmt: skip
+        self_weight, anchor, ring_scale = _DySPNStepWeights.apply(attention, ring_sum, ring_abs_sum)
+        return affinity, self_weight, anchor, ring_scale
     pi_ring, pi_self = attention[:, :n_rings], attention[:, n_rings:]
     s_prime = (pi_ring * ring_abs_sum).sum(dim=1, keepdim=True) + pi_self + _EPS
     self_weight = pi_self / s_prime

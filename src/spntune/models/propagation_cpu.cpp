@@ -725,9 +725,10 @@ inline void dot_stencil_rows(long t, int dy0, long C, long cs, const T* const* g
 #pragma GCC unroll 8
     for (int i = 0; i < NY; ++i) row[i] = rows[dy0 + i] + t;
     V saw = V{} + T(0);
-    if (e.scale)  // the affinity's lines two chunks on (backward_rows says why)
+    if (e.scale)  // the affinity's lines two chunks on (backward_rows says why); the centre has none
         for (int i = 0; i < NY; ++i)
-            for (int s = 0; s < D; ++s) __builtin_prefetch(e.aff[(dy0 + i) * D + s] + t + 2 * P::lanes, 0, 2);
+            for (int s = 0; s < D; ++s)
+                if (out[(dy0 + i) * D + s]) __builtin_prefetch(e.aff[(dy0 + i) * D + s] + t + 2 * P::lanes, 0, 2);
     for (long c = 0; c < C; ++c) {
         const V gv = ld<V>(g[c] + t);
 #pragma GCC unroll 8
@@ -978,10 +979,10 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     const bool stream_g = !accumulate && spread;
     // Weight gradients streamed straight from dot_stencil into grad_nw (and for factored weights the ring
     // scale's gradient summed there too), not through the scratch block: where they are streamed, each
-    // store fills a whole line (the scratch block's comment says more), and every chunk goes through
-    // dot_stencil (factored weights: no overlapping last chunk, which dot_block would store unscaled).
-    const bool direct = gnw && stream_w && sizeof(V) >= 64 && stencil_fits<P>(r) &&
-                        (!rs || (grs && W % P::lanes == 0));
+    // store fills a whole line of a row that starts on one (the scratch block's comment says more: with
+    // W no multiple of the vector, rows start off a line and the stores would be plain ones to rows one
+    // map apart), and every chunk goes through dot_stencil (no overlapping last chunk).
+    const bool direct = gnw && stream_w && sizeof(V) >= 64 && stencil_fits<P>(r) && W % P::lanes == 0 && (!rs || grs);
     std::vector<const T*> hrows(D), fscale(D * D), faff(D * D);
     std::vector<T*> wouts(D * D, nullptr), fgring(D * D);  // by window position; wouts' centre stays null
     RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
@@ -1393,6 +1394,104 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
     }
 }
 
+// One DySPN step's weights from its attention (propagation._DySPNStepWeights): with a_r = att[r] (r < R),
+// p = att[R], A / S the ring abs sums / sums, s = sum_r a_r A_r + p + eps and Q = sum_r a_r S_r:
+//   self = p / s,  anchor = (s - Q - p) / s,  scale[r] = a_r / s,
+// as dyspn_factored_weights' torch ops (r in order), one pass per block of pixels instead of some twenty
+// passes of torch ops over [B, 1..R, H, W] maps forward and backward. att is [B, R+1, HW], A and S and scale
+// [B, R, HW], self and anchor [B, HW].
+template <typename T>
+void dyspn_step_weights(const T* att, const T* S, const T* A, T* sw, T* aw, T* scale, long B, long R, long HW,
+                        double eps, int threads) {
+    const long per = (HW + kNormBlock - 1) / kNormBlock;
+    const T e = T(eps);
+#pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
+    for (long blk = 0; blk < B * per; ++blk) {
+        const long b = blk / per, x0 = blk % per * kNormBlock, n = std::min(kNormBlock, HW - x0);
+        T sbuf[kNormBlock], qbuf[kNormBlock];
+        std::fill_n(sbuf, n, T(0));
+        std::fill_n(qbuf, n, T(0));
+        for (long r = 0; r < R; ++r) {
+            const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
+            const T* __restrict__ ar = A + (b * R + r) * HW + x0;
+            const T* __restrict__ sr = S + (b * R + r) * HW + x0;
+            for (long x = 0; x < n; ++x) {
+                sbuf[x] += a[x] * ar[x];
+                qbuf[x] += a[x] * sr[x];
+            }
+        }
+        const T* __restrict__ p = att + (b * (R + 1) + R) * HW + x0;
+        T* __restrict__ so = sw + b * HW + x0;
+        T* __restrict__ ao = aw + b * HW + x0;
+        for (long x = 0; x < n; ++x) {
+            const T sp = sbuf[x] + p[x] + e;
+            sbuf[x] = sp;
+            so[x] = p[x] / sp;
+            ao[x] = (sp - qbuf[x] - p[x]) / sp;
+        }
+        for (long r = 0; r < R; ++r) {
+            const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
+            T* __restrict__ o = scale + (b * R + r) * HW + x0;
+            for (long x = 0; x < n; ++x) o[x] = a[x] / sbuf[x];
+        }
+    }
+}
+
+// Its backward, from the gradients of self, anchor and scale (any null: zero), with G = (-p gs + (Q + p) ga
+// - sum_r a_r gr_r) / s^2:  d p = (gs - ga) / s + G,  d a_r = (gr_r - ga S_r) / s + A_r G,  d A_r = a_r G,
+// d S_r = -ga a_r / s. Writes g_att [B, R+1, HW], g_S and g_A [B, R, HW] (null: not wanted).
+template <typename T>
+void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* gsw, const T* gaw, const T* gscale,
+                                 T* g_att, T* g_S, T* g_A, long B, long R, long HW, double eps, int threads) {
+    const long per = (HW + kNormBlock - 1) / kNormBlock;
+    const T e = T(eps);
+#pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
+    for (long blk = 0; blk < B * per; ++blk) {
+        const long b = blk / per, x0 = blk % per * kNormBlock, n = std::min(kNormBlock, HW - x0);
+        T sbuf[kNormBlock], qbuf[kNormBlock], gbuf[kNormBlock];
+        std::fill_n(sbuf, n, T(0));
+        std::fill_n(qbuf, n, T(0));
+        std::fill_n(gbuf, n, T(0));
+        for (long r = 0; r < R; ++r) {
+            const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
+            const T* __restrict__ ar = A + (b * R + r) * HW + x0;
+            const T* __restrict__ sr = S + (b * R + r) * HW + x0;
+            const T* __restrict__ gr = gscale ? gscale + (b * R + r) * HW + x0 : nullptr;
+            for (long x = 0; x < n; ++x) {
+                sbuf[x] += a[x] * ar[x];
+                qbuf[x] += a[x] * sr[x];
+                if (gr) gbuf[x] -= a[x] * gr[x];  // - sum_r a_r gr_r
+            }
+        }
+        const T* __restrict__ p = att + (b * (R + 1) + R) * HW + x0;
+        const T* __restrict__ gs = gsw ? gsw + b * HW + x0 : nullptr;
+        const T* __restrict__ ga = gaw ? gaw + b * HW + x0 : nullptr;
+        T* __restrict__ gp = g_att ? g_att + (b * (R + 1) + R) * HW + x0 : nullptr;
+        for (long x = 0; x < n; ++x) {
+            const T sp = sbuf[x] + p[x] + e, gsx = gs ? gs[x] : T(0), gax = ga ? ga[x] : T(0);
+            const T G = (gbuf[x] - p[x] * gsx + (qbuf[x] + p[x]) * gax) / (sp * sp);
+            sbuf[x] = sp;
+            gbuf[x] = G;
+            if (gp) gp[x] = (gsx - gax) / sp + G;
+        }
+        for (long r = 0; r < R; ++r) {
+            const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
+            const T* __restrict__ ar = A + (b * R + r) * HW + x0;
+            const T* __restrict__ sr = S + (b * R + r) * HW + x0;
+            const T* __restrict__ gr = gscale ? gscale + (b * R + r) * HW + x0 : nullptr;
+            T* __restrict__ ga_r = g_att ? g_att + (b * (R + 1) + r) * HW + x0 : nullptr;
+            T* __restrict__ gA_r = g_A ? g_A + (b * R + r) * HW + x0 : nullptr;
+            T* __restrict__ gS_r = g_S ? g_S + (b * R + r) * HW + x0 : nullptr;
+            for (long x = 0; x < n; ++x) {
+                const T gax = ga ? ga[x] : T(0);
+                if (ga_r) ga_r[x] = ((gr ? gr[x] : T(0)) - gax * sr[x]) / sbuf[x] + ar[x] * gbuf[x];
+                if (gA_r) gA_r[x] = a[x] * gbuf[x];
+                if (gS_r) gS_r[x] = -gax * a[x] / sbuf[x];
+            }
+        }
+    }
+}
+
 }  // namespace
 
 // Pointers: nw is the neighbour weight (or the affinity where rs is given); rs, sw, aw may be null; of
@@ -1402,7 +1501,7 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
 // cache_bytes: the last-level cache's size, for the choice of RowPrefetch (results do not depend on it).
 extern "C" {
 
-int spn_abi_version() { return 7; }
+int spn_abi_version() { return 8; }
 
 int spn_vector_bytes() { return SPN_VBYTES; }
 
@@ -1472,6 +1571,28 @@ void spn_ring_sums_backward_f32(const float* a, const float* g_sum, const float*
 void spn_ring_sums_backward_f64(const double* a, const double* g_sum, const double* g_abs, double* out, long B,
                                 int k, long HW, int threads) {
     ring_sums_backward<double>(a, g_sum, g_abs, out, B, k, HW, threads);
+}
+
+void spn_dyspn_step_weights_f32(const float* att, const float* S, const float* A, float* sw, float* aw, float* scale,
+                                long B, long R, long HW, double eps, int threads) {
+    dyspn_step_weights<float>(att, S, A, sw, aw, scale, B, R, HW, eps, threads);
+}
+
+void spn_dyspn_step_weights_f64(const double* att, const double* S, const double* A, double* sw, double* aw,
+                                double* scale, long B, long R, long HW, double eps, int threads) {
+    dyspn_step_weights<double>(att, S, A, sw, aw, scale, B, R, HW, eps, threads);
+}
+
+void spn_dyspn_step_weights_backward_f32(const float* att, const float* S, const float* A, const float* gsw,
+                                         const float* gaw, const float* gscale, float* g_att, float* g_S, float* g_A,
+                                         long B, long R, long HW, double eps, int threads) {
+    dyspn_step_weights_backward<float>(att, S, A, gsw, gaw, gscale, g_att, g_S, g_A, B, R, HW, eps, threads);
+}
+
+void spn_dyspn_step_weights_backward_f64(const double* att, const double* S, const double* A, const double* gsw,
+                                         const double* gaw, const double* gscale, double* g_att, double* g_S,
+                                         double* g_A, long B, long R, long HW, double eps, int threads) {
+    dyspn_step_weights_backward<double>(att, S, A, gsw, gaw, gscale, g_att, g_S, g_A, B, R, HW, eps, threads);
 }
 
 }  // extern "C"
