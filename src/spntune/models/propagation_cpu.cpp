@@ -1400,34 +1400,40 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
 // as dyspn_factored_weights' torch ops (r in order), one pass per block of pixels instead of some twenty
 // passes of torch ops over [B, 1..R, H, W] maps forward and backward. att is [B, R+1, HW], A and S and scale
 // [B, R, HW], self and anchor [B, HW].
+// s and Q of the n pixels from x0 of batch item b, into sbuf and qbuf.
+template <typename T>
+inline void step_sums(const T* att, const T* S, const T* A, long b, long R, long HW, long x0, long n, T eps, T* sbuf,
+                      T* qbuf) {
+    std::fill_n(sbuf, n, T(0));
+    std::fill_n(qbuf, n, T(0));
+    for (long r = 0; r < R; ++r) {
+        const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
+        const T* __restrict__ ar = A + (b * R + r) * HW + x0;
+        const T* __restrict__ sr = S + (b * R + r) * HW + x0;
+        for (long x = 0; x < n; ++x) {
+            sbuf[x] += a[x] * ar[x];
+            qbuf[x] += a[x] * sr[x];
+        }
+    }
+    const T* __restrict__ p = att + (b * (R + 1) + R) * HW + x0;
+    for (long x = 0; x < n; ++x) sbuf[x] = sbuf[x] + p[x] + eps;
+}
+
 template <typename T>
 void dyspn_step_weights(const T* att, const T* S, const T* A, T* sw, T* aw, T* scale, long B, long R, long HW,
                         double eps, int threads) {
     const long per = (HW + kNormBlock - 1) / kNormBlock;
-    const T e = T(eps);
 #pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
     for (long blk = 0; blk < B * per; ++blk) {
         const long b = blk / per, x0 = blk % per * kNormBlock, n = std::min(kNormBlock, HW - x0);
         T sbuf[kNormBlock], qbuf[kNormBlock];
-        std::fill_n(sbuf, n, T(0));
-        std::fill_n(qbuf, n, T(0));
-        for (long r = 0; r < R; ++r) {
-            const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
-            const T* __restrict__ ar = A + (b * R + r) * HW + x0;
-            const T* __restrict__ sr = S + (b * R + r) * HW + x0;
-            for (long x = 0; x < n; ++x) {
-                sbuf[x] += a[x] * ar[x];
-                qbuf[x] += a[x] * sr[x];
-            }
-        }
+        step_sums(att, S, A, b, R, HW, x0, n, T(eps), sbuf, qbuf);
         const T* __restrict__ p = att + (b * (R + 1) + R) * HW + x0;
         T* __restrict__ so = sw + b * HW + x0;
         T* __restrict__ ao = aw + b * HW + x0;
         for (long x = 0; x < n; ++x) {
-            const T sp = sbuf[x] + p[x] + e;
-            sbuf[x] = sp;
-            so[x] = p[x] / sp;
-            ao[x] = (sp - qbuf[x] - p[x]) / sp;
+            so[x] = p[x] / sbuf[x];
+            ao[x] = (sbuf[x] - qbuf[x] - p[x]) / sbuf[x];
         }
         for (long r = 0; r < R; ++r) {
             const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
@@ -1444,33 +1450,24 @@ template <typename T>
 void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* gsw, const T* gaw, const T* gscale,
                                  T* g_att, T* g_S, T* g_A, long B, long R, long HW, double eps, int threads) {
     const long per = (HW + kNormBlock - 1) / kNormBlock;
-    const T e = T(eps);
 #pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
     for (long blk = 0; blk < B * per; ++blk) {
         const long b = blk / per, x0 = blk % per * kNormBlock, n = std::min(kNormBlock, HW - x0);
         T sbuf[kNormBlock], qbuf[kNormBlock], gbuf[kNormBlock];
-        std::fill_n(sbuf, n, T(0));
-        std::fill_n(qbuf, n, T(0));
-        std::fill_n(gbuf, n, T(0));
-        for (long r = 0; r < R; ++r) {
+        step_sums(att, S, A, b, R, HW, x0, n, T(eps), sbuf, qbuf);
+        std::fill_n(gbuf, n, T(0));  // - sum_r a_r gr_r
+        for (long r = 0; gscale && r < R; ++r) {
             const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
-            const T* __restrict__ ar = A + (b * R + r) * HW + x0;
-            const T* __restrict__ sr = S + (b * R + r) * HW + x0;
-            const T* __restrict__ gr = gscale ? gscale + (b * R + r) * HW + x0 : nullptr;
-            for (long x = 0; x < n; ++x) {
-                sbuf[x] += a[x] * ar[x];
-                qbuf[x] += a[x] * sr[x];
-                if (gr) gbuf[x] -= a[x] * gr[x];  // - sum_r a_r gr_r
-            }
+            const T* __restrict__ gr = gscale + (b * R + r) * HW + x0;
+            for (long x = 0; x < n; ++x) gbuf[x] -= a[x] * gr[x];
         }
         const T* __restrict__ p = att + (b * (R + 1) + R) * HW + x0;
         const T* __restrict__ gs = gsw ? gsw + b * HW + x0 : nullptr;
         const T* __restrict__ ga = gaw ? gaw + b * HW + x0 : nullptr;
         T* __restrict__ gp = g_att ? g_att + (b * (R + 1) + R) * HW + x0 : nullptr;
         for (long x = 0; x < n; ++x) {
-            const T sp = sbuf[x] + p[x] + e, gsx = gs ? gs[x] : T(0), gax = ga ? ga[x] : T(0);
+            const T sp = sbuf[x], gsx = gs ? gs[x] : T(0), gax = ga ? ga[x] : T(0);
             const T G = (gbuf[x] - p[x] * gsx + (qbuf[x] + p[x]) * gax) / (sp * sp);
-            sbuf[x] = sp;
             gbuf[x] = G;
             if (gp) gp[x] = (gsx - gax) / sp + G;
         }
