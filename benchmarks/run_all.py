@@ -58,8 +58,10 @@ def machine() -> str:
         cpu = names[0] if names else cpu
     except OSError:
         pass
+    from spntune.models.cpu_propagation import usable_cpus
+
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu} x{len(os.sched_getaffinity(0))} CPUs, {_caches()}, torch {torch.__version__} "
+    return (f"{cpu} x{usable_cpus()} CPUs, {_caches()}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads){gpu}")  # fmt: skip
 
 

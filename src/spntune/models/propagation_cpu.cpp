@@ -964,7 +964,6 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // multiple of the vector) was slower: T=6 CSPN 7x7 propagate forward+backward at [8, 11, 96, 128] 51.2 ->
     // 65.4 ms, at [8, 21, 256, 256] 338 -> 367 ms.
     const bool want_w = gnw || grs;
-    std::vector<T> scratch(want_w ? K * W : 0);
     std::vector<long> slots(2 * r + 1);
     const bool stencil = gh && stencil_fits<P>(r);  // grad_h's gather as forward_rows' stencil
     const int D = 2 * r + 1;
@@ -983,6 +982,7 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     // W no multiple of the vector, rows start off a line and the stores would be plain ones to rows one
     // map apart), and every chunk goes through dot_stencil (no overlapping last chunk).
     const bool direct = gnw && stream_w && sizeof(V) >= 64 && stencil_fits<P>(r) && W % P::lanes == 0 && (!rs || grs);
+    std::vector<T> scratch(want_w && !direct ? K * W : 0);  // the scratch block (above)
     std::vector<const T*> hrows(D), fscale(D * D), faff(D * D);
     std::vector<T*> wouts(D * D, nullptr), fgring(D * D);  // by window position; wouts' centre stays null
     RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
