@@ -115,6 +115,7 @@ def test_a_local_run_is_found_and_refused_without_mlflow_or_torch(tmp_path, mlfl
     assert not (tmp_path / "out").exists()
     local = tracking.local_checkpoint(uri, run_id)
     assert local == Path(unquote(urlsplit(artifacts).path)) / "checkpoint" / "checkpoint.pt" and local.is_file()
+    assert tracking.local_checkpoint(uri.replace("sqlite:", "sqlite+pysqlite:", 1), run_id) == local  # a driver named
     copied = tracking.download_checkpoint(uri, run_id, tmp_path / "dl")  # a copy: a running trial rewrites it
     assert copied.parent == tmp_path / "dl" and copied.read_bytes() == local.read_bytes()
     with closing(sqlite3.connect(db)) as conn, conn:  # a local root MLflow stored as a plain path

@@ -770,7 +770,7 @@ def local_checkpoint(uri: str, run_id: str) -> Path | None:
     Raises:
         FileNotFoundError: the store has no such run, or the run has no checkpoint (as ``download_checkpoint``).
     """
-    if urlsplit(uri).scheme.lower() != "sqlite":
+    if urlsplit(uri).scheme.lower().split("+")[0] != "sqlite":  # sqlite+pysqlite:// as SQLAlchemy names a driver
         return None
     db = _sqlite_file(uri)
     try:  # read-only, as check_store
