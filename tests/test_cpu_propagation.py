@@ -267,6 +267,15 @@ def _declined_is_an_error(out):
     return out
 
 
+def _count_kernel_calls(mp, calls, *names):
+    """Each ``cpu_propagation.<name>`` appends its name to ``calls`` when called, and fails where the kernels
+    decline (``_declined_is_an_error``)."""
+    for name in names:
+        fn = getattr(cpu_propagation, name)
+        mp.setattr(cpu_propagation, name,
+                   lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+
+
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_cspn_normalisation_of_a_channels_last_affinity(use_kernels):
     """A channels-last affinity (train.channels_last on the CPU) gives what its contiguous copy gives,
@@ -318,10 +327,7 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
         return (*[t.detach() for t in sums], leaf.grad)
 
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("ring_sums", "ring_sums_backward"):
-            fn = getattr(cpu_propagation, name)
-            mp.setattr(cpu_propagation, name,
-                       lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+        _count_kernel_calls(mp, calls, "ring_sums", "ring_sums_backward")
         mine = run()
     assert calls == ["ring_sums", "ring_sums_backward"]
     set_propagation_backend("torch")
@@ -355,10 +361,7 @@ def test_fused_dyspn_step_weights_match_the_torch_ops(k, dtype, tol, use):
         return (*[t.detach() for t in maps], a.grad, gd.grad)
 
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("dyspn_step_weights", "dyspn_step_weights_backward"):
-            fn = getattr(cpu_propagation, name)
-            mp.setattr(cpu_propagation, name,
-                       lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+        _count_kernel_calls(mp, calls, "dyspn_step_weights", "dyspn_step_weights_backward")
         mine = run()
     assert calls == ["dyspn_step_weights", "dyspn_step_weights_backward"]
     set_propagation_backend("torch")

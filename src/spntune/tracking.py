@@ -146,7 +146,7 @@ def _plugin_schemes() -> set[str]:
 
 
 def _check_sqlite(uri: str, shown: str) -> None:
-    rest = uri.split("://", 1)[1].split("?", 1)[0] if "://" in uri else uri  # sqlite:mlflow.db: no slashes
+    rest = _sqlite_rest(uri)
     if rest and not rest.startswith("/"):  # sqlite://mlflow.db: SQLAlchemy reads 'mlflow.db' as a host
         raise ConfigError(f"tracking URI {shown!r}: expected sqlite:///relative/path.db or "
                           "sqlite:////absolute/path.db (three slashes, then the path)")  # fmt: skip
@@ -171,10 +171,14 @@ def _check_sqlite(uri: str, shown: str) -> None:
                           f"{_WRITE_ONE}")  # fmt: skip
 
 
+def _sqlite_rest(uri: str) -> str:
+    """A ``sqlite:`` URI after its ``://``, without the query (``sqlite:mlflow.db``, no slashes: all of it)."""
+    return uri.split("://", 1)[1].split("?", 1)[0] if "://" in uri else uri
+
+
 def _sqlite_file(uri: str) -> Path:
     """The database file of a ``sqlite:///`` URI, as SQLAlchemy reads it (MLflow writes a space as %20)."""
-    rest = uri.split("://", 1)[1].split("?", 1)[0] if "://" in uri else uri
-    return Path(unquote(rest[1:]))
+    return Path(unquote(_sqlite_rest(uri)[1:]))
 
 
 def _check_file_store(path: Path, shown: str) -> None:

@@ -1047,8 +1047,9 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 for (int d = 0; d < D; ++d) hrows[d] = hring.at(slots[d], 0);
                 for (int j = 0; j < K; ++j) wouts[(off.dy[j] + r) * D + off.dx[j] + r] = outs[j];
             }
-            if (direct && rs) {
+            if (rs && grs)  // the ring scale's gradient rows, summed into by either path below
                 for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
+            if (direct && rs) {
                 for (int j = 0; j < K; ++j) {
                     const int p = (off.dy[j] + r) * D + off.dx[j] + r;
                     fscale[p] = rs + (b * R + off.ring[j]) * HW + at;
@@ -1062,8 +1063,6 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             dot_row<P>(stencil_w ? r : 0, W, C, K, hring.channel_stride(), grow.data(), src.data(), outs.data(),
                        hrows.data(), wouts.data(), hring.at(slots[r], 0) + r, e, direct);
             if (rs && !direct) {
-                if (grs)
-                    for (long q = 0; q < R; ++q) std::fill_n(grs + (b * R + q) * HW + at, W, T(0));
                 // The ring scale's gradient reads the affinity's K rows of this row, one map apart: asked for
                 // SPN_AHEAD ahead (the row loop says why). DySPN's backward alone, both builds alternating, Zen 3
                 // VM: 7x7 at [4, 11, 192, 256] 17.01 / 16.80 / 15.74 -> 16.38 / 15.46 / 15.49 ms (three runs),
@@ -1394,13 +1393,7 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
     }
 }
 
-// One DySPN step's weights from its attention (propagation._DySPNStepWeights): with a_r = att[r] (r < R),
-// p = att[R], A / S the ring abs sums / sums, s = sum_r a_r A_r + p + eps and Q = sum_r a_r S_r:
-//   self = p / s,  anchor = (s - Q - p) / s,  scale[r] = a_r / s,
-// as dyspn_factored_weights' torch ops (r in order), one pass per block of pixels instead of some twenty
-// passes of torch ops over [B, 1..R, H, W] maps forward and backward. att is [B, R+1, HW], A and S and scale
-// [B, R, HW], self and anchor [B, HW].
-// s and Q of the n pixels from x0 of batch item b, into sbuf and qbuf.
+// dyspn_step_weights' s and Q (below) of the n pixels from x0 of batch item b, into sbuf and qbuf.
 template <typename T>
 inline void step_sums(const T* att, const T* S, const T* A, long b, long R, long HW, long x0, long n, T eps, T* sbuf,
                       T* qbuf) {
@@ -1419,6 +1412,12 @@ inline void step_sums(const T* att, const T* S, const T* A, long b, long R, long
     for (long x = 0; x < n; ++x) sbuf[x] = sbuf[x] + p[x] + eps;
 }
 
+// One DySPN step's weights from its attention (propagation._DySPNStepWeights): with a_r = att[r] (r < R),
+// p = att[R], A / S the ring abs sums / sums, s = sum_r a_r A_r + p + eps and Q = sum_r a_r S_r:
+//   self = p / s,  anchor = (s - Q - p) / s,  scale[r] = a_r / s,
+// as dyspn_factored_weights' torch ops (r in order), one pass per block of pixels instead of some twenty
+// passes of torch ops over [B, 1..R, H, W] maps forward and backward. att is [B, R+1, HW], A and S and scale
+// [B, R, HW], self and anchor [B, HW].
 template <typename T>
 void dyspn_step_weights(const T* att, const T* S, const T* A, T* sw, T* aw, T* scale, long B, long R, long HW,
                         double eps, int threads) {
