@@ -267,13 +267,20 @@ def _declined_is_an_error(out):
     return out
 
 
-def _count_kernel_calls(mp, calls, *names):
-    """Each ``cpu_propagation.<name>`` appends its name to ``calls`` when called, and fails where the kernels
-    decline (``_declined_is_an_error``)."""
-    for name in names:
-        fn = getattr(cpu_propagation, name)
-        mp.setattr(cpu_propagation, name,
-                   lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+def _kernels_match_torch(run, names, tol):
+    """``run()`` on the C++ backend, where it must call the kernels ``cpu_propagation.<names>`` in that order,
+    each taking its tensors (``_declined_is_an_error``), against ``run()`` on torch's ops: equal within ``tol``."""
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            fn = getattr(cpu_propagation, name)
+            mp.setattr(cpu_propagation, name,
+                       lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+        mine = run()
+    assert calls == list(names)
+    set_propagation_backend("torch")
+    for x, y in zip(mine, run(), strict=True):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
@@ -317,7 +324,6 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
     b, _, h, w = shape
     grads = [torch.randn(b, num_rings(k), h, w, generator=g, dtype=dtype) if use in (name, "both") else None
              for name in ("sum", "abs_sum")]  # fmt: skip
-    calls = []
 
     def run():
         leaf = a.clone().requires_grad_()
@@ -326,13 +332,7 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
         torch.autograd.backward([t for t, _ in pairs], [gr for _, gr in pairs])
         return (*[t.detach() for t in sums], leaf.grad)
 
-    with pytest.MonkeyPatch.context() as mp:
-        _count_kernel_calls(mp, calls, "ring_sums", "ring_sums_backward")
-        mine = run()
-    assert calls == ["ring_sums", "ring_sums_backward"]
-    set_propagation_backend("torch")
-    for x, y in zip(mine, run(), strict=True):
-        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    _kernels_match_torch(run, ("ring_sums", "ring_sums_backward"), tol)
 
 
 @pytest.mark.parametrize(("k", "dtype", "tol"), [(3, torch.float64, 1e-12), (5, torch.float64, 1e-12),
@@ -350,7 +350,6 @@ def test_fused_dyspn_step_weights_match_the_torch_ops(k, dtype, tol, use):
     names = ("self", "anchor", "ring_scale")
     grads = [torch.randn(b, n, h, w, generator=g, dtype=dtype) if use in (name, "all") else None
              for name, n in zip(names, (1, 1, rings), strict=True)]  # fmt: skip
-    calls = []
 
     def run():
         a, gd = aff.clone().requires_grad_(), guidance.clone().requires_grad_()
@@ -360,13 +359,7 @@ def test_fused_dyspn_step_weights_match_the_torch_ops(k, dtype, tol, use):
         torch.autograd.backward([t for t, _ in pairs], [gr for _, gr in pairs])
         return (*[t.detach() for t in maps], a.grad, gd.grad)
 
-    with pytest.MonkeyPatch.context() as mp:
-        _count_kernel_calls(mp, calls, "dyspn_step_weights", "dyspn_step_weights_backward")
-        mine = run()
-    assert calls == ["dyspn_step_weights", "dyspn_step_weights_backward"]
-    set_propagation_backend("torch")
-    for x, y in zip(mine, run(), strict=True):
-        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    _kernels_match_torch(run, ("dyspn_step_weights", "dyspn_step_weights_backward"), tol)
 
 
 def test_fused_dyspn_step_weights_gradcheck_and_mismatched_shapes():
