@@ -10,8 +10,9 @@ Prints, for CSPN 3x3, CSPN 7x7 and DySPN 7x7 steps on a [B, C, H, W] map:
   issue's yardstick; 8.6 MB sits in a server CPU's L3, so this is cache bandwidth), ``copy_`` of a
   buffer moving the step's own byte count (the floor at that size: the step cannot beat it), and
   ``copy_`` of 256 MiB, larger than any cache (the memory's own speed);
-- the same ratio for the kernels alone (gradient buffers preallocated: no autograd, no fresh memory)
-  and for T steps through ``propagate`` (forward+backward over forward, what a refiner's training costs);
+- the same ratio for the kernels alone (gradient buffers preallocated: no autograd, no fresh memory),
+  for T steps through ``propagate`` (forward+backward over forward, what a refiner's training costs), and
+  for one step with each call timed from a cold cache (1 GiB written before it, ``timing.cache_flusher``);
 - T chained steps forward+backward: picked backend step by step, shifted slices, autograd through the
   loop, unfold, and ``propagate`` (what the refiners call: on the fused CPU kernels, one autograd node
   for all T steps whose backward adds every step's neighbour-weight gradient into one buffer).
@@ -35,7 +36,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from timing import malloc_settings, timeit, timeit_interleaved
+from timing import cache_flusher, malloc_settings, timeit, timeit_interleaved
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spntune.models import memory
@@ -133,6 +134,25 @@ def _step_times(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int, repea
                                "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k),
                                "clone": x.clone}, repeats)  # fmt: skip
     return best["forward"], best["step"], best["clone"]
+
+
+def _cold_step_times(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    weights: tuple,
+    k: int,
+    repeats: int,  # type: ignore[type-arg]
+    flush: Any,
+) -> tuple[float, float]:
+    """``_step_times``' forward and forward+backward, each call after ``flush`` (``timing.cache_flusher``):
+    what the step costs when its data comes from memory, as in a training step, where the rest of the network
+    runs between two calls. Timed back to back, the forward finds much of its data in the cache left by the
+    call before (on the Xeon VM the host's 480 MB L3 holds all of it), the backward, which moves twice the
+    bytes, less of it."""
+    best = timeit_interleaved({"forward": partial(_call, propagate_step, x, x0, weights, k),
+                               "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k)},
+                              repeats, before=flush)  # fmt: skip
+    return best["forward"], best["step"]
 
 
 def _clone_bandwidth(x: torch.Tensor, seconds: float) -> float:
@@ -283,12 +303,14 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
 
 
 def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int = 5, iterations: int = 6,
-            device: str = "cpu", pool_shape: tuple[int, int, int, int] | None = (8, 21, 256, 256)) -> dict[str, Any]:  # fmt: skip
+            device: str = "cpu", pool_shape: tuple[int, int, int, int] | None = (8, 21, 256, 256),
+            flush_bytes: int = 1 << 30) -> dict[str, Any]:  # fmt: skip
     """Every number this benchmark prints, measured in one run: per case (``cspn_3x3``, ...) the picked
     backend's step forward and forward+backward ms and their ratio, the forward's fraction of the map's
     ``clone`` bandwidth and of the same-bytes ``copy_`` floor, speed-ups over the shifted-slice path and
     unfold, the allocation ratio, and T-step forward+backward per implementation; on the CPU also
-    ``measure_pool`` at ``pool_shape`` (None: not measured)."""
+    ``measure_pool`` at ``pool_shape`` (None: not measured). The cold-cache times write ``flush_bytes``
+    before each call."""
     b, c, h, w = shape
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -299,6 +321,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
     # map's clone can run in cache, 8.6 MB against a 32 MB L3 on the EPYC VM)
     memory_bw = (512 << 20) / _copy_floor_s(512 << 20, repeats, dev)
     fma_rate = matmul_fma_rate(dev, repeats * 2)
+    flush = cache_flusher(dev, flush_bytes)
     backend = _chosen_backend()
     if backend == "auto":
         backend = "triton" if dev.type == "cuda" else "cpp"
@@ -336,6 +359,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         train |= {label: timeit(fn, max(1, repeats // 2)) for label, fn in chains.items() if label not in close}
         prop_fwd_s = timeit(partial(_propagate_forward, x0, aff, att, name, k, iterations), repeats)
         kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
+        cold_fwd_s, cold_step_s = _cold_step_times(x, x0, weights, k, repeats * 2, flush)
         # the roofline's compute side: the forward's multiply-adds at matmul's FMA rate, and the forward at one
         # batch item (1/B of the working set: inside a server CPU's L3 at the bench shape)
         fwd_fma, bwd_fma = step_multiply_adds(shape, k, *present)
@@ -358,6 +382,8 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "T_propagate_forward_ms": 1000 * prop_fwd_s,
             "T_propagate_fwd_bwd_over_fwd": train["propagate"] / prop_fwd_s,
             "kernel_fwd_bwd_over_fwd": kernel_ratio,
+            "cold_forward_ms": 1000 * cold_fwd_s, "cold_forward_backward_ms": 1000 * cold_step_s,
+            "cold_fwd_bwd_over_fwd": cold_step_s / cold_fwd_s,
             "forward_multiply_adds": fwd_fma, "backward_multiply_adds": bwd_fma,
             "fwd_bwd_over_fwd_in_multiply_adds": (fwd_fma + bwd_fma) / fwd_fma,
             "forward_bytes": min_bytes, "backward_bytes": bwd_bytes,
@@ -405,7 +431,9 @@ def main(argv: list[str] | None = None) -> None:
         kr = m["kernel_fwd_bwd_over_fwd"]
         print(f"{case} forward+backward / forward: one step {m['fwd_bwd_over_fwd']:.1f}x, its kernels alone "
               + (f"{kr:.1f}x" if kr is not None else "n/a")
-              + f", T={args.iterations} propagate {m['T_propagate_fwd_bwd_over_fwd']:.1f}x")  # fmt: skip
+              + f", T={args.iterations} propagate {m['T_propagate_fwd_bwd_over_fwd']:.1f}x; each call from a cold "
+              f"cache: forward {m['cold_forward_ms']:.2f} ms, forward+backward {m['cold_forward_backward_ms']:.2f} ms, "
+              f"{m['cold_fwd_bwd_over_fwd']:.1f}x")  # fmt: skip
         print(
             f"{case} roofline: forward {m['forward_multiply_adds'] / 1e6:.0f} M multiply-adds, {m['compute_floor_ms']:.2f} ms "
             f"at matmul's FMA rate (the forward at {m['forward_of_compute_floor']:.2f} of that floor; one batch item "

@@ -26,6 +26,7 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     assert {"propagation", "loader", "coarse_cache", "repeats"} <= benches
     measures = {row["measure"] for row in report["table"]}
     assert "dyspn_7x7 step forward+backward / forward" in measures
+    assert "cspn_7x7 same, each call from a cold cache (1 GiB written before)" in measures
     assert "cspn_3x3 the target's forward time / memory floor (256 MiB copy bandwidth)" in measures
     assert any(m.startswith("dyspn_7x7 forward, fraction of the map's clone bandwidth at [") for m in measures)
     assert all(isinstance(row["value"], float) for row in report["table"])
