@@ -77,6 +77,12 @@ def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, factored: 
     return dyspn_factored_weights(aff, att, k) if factored else dyspn_weights(aff, att, k)
 
 
+def first_step_weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]
+    """The first step's factored weights: ``_weights`` of ``att``'s first R+1 channels (with ``att`` laid out
+    as ``step_weights`` takes it, DySPN's step-0 attention; CSPN ignores it)."""
+    return _weights(name, k, aff, att[:, : num_rings(k) + 1])
+
+
 def step_weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, iterations: int,
                   factored: bool = True) -> list[tuple]:  # type: ignore[type-arg]  # fmt: skip
     """Every step's weights for T steps, as the refiners form them: CSPN one affinity map for all steps;
@@ -284,7 +290,7 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
                     key = "no_pool_ms" if setting else "pool_ms"
                     best[key] = min(best[key], 1000 * s)
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)  # the pool on (the loop ended with it off)
-            weights = _weights(name, k, aff, att[:, : num_rings(k) + 1])
+            weights = first_step_weights(name, k, aff, att)
             fwd_s, step_s, clone_s = _step_times(x, x0, weights, k, 4 * repeats)
             best["step_forward_ms"], best["step_fwd_bwd_ms"] = 1000 * fwd_s, 1000 * step_s
             # the forward's fraction of the map's clone bandwidth where the map (44 MB) is larger than the L3:
@@ -331,7 +337,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
     for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
         aff = torch.randn(b, k * k - 1, h, w, device=dev)
         att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w, device=dev)  # DySPN: each step's attention
-        weights = _weights(name, k, aff, att[:, : num_rings(k) + 1])
+        weights = first_step_weights(name, k, aff, att)
         present = _terms(weights)
         min_bytes, bwd_bytes = step_bytes(shape, k, *present)
         floor_s = _copy_floor_s(min_bytes, repeats * 2, dev)

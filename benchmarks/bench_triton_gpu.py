@@ -26,12 +26,10 @@ from importlib.util import find_spec
 from typing import Any
 
 import torch
-from bench_propagation import step_weights
+from bench_propagation import first_step_weights, step_weights
 from timing import timeit
 
 from spntune.models.propagation import (
-    cspn_weights,
-    dyspn_factored_weights,
     num_rings,
     propagate,
     propagate_step,
@@ -40,10 +38,6 @@ from spntune.models.propagation import (
 
 SHAPES = ([4, 11, 192, 256], [8, 21, 512, 512])
 CASES = (("cspn", 3), ("cspn", 7), ("dyspn", 7))
-
-
-def _weights(name: str, k: int, aff: torch.Tensor, att: torch.Tensor) -> tuple:  # type: ignore[type-arg]
-    return cspn_weights(aff) if name == "cspn" else dyspn_factored_weights(aff, att, k)
 
 
 def _forward(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[type-arg]
@@ -86,7 +80,7 @@ def measure(repeats: int = 20, iterations: int = 6) -> dict[str, Any] | None:
         for name, k in CASES:
             aff = torch.randn(b, k * k - 1, h, w, device=dev)
             att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w, device=dev)  # DySPN: each step's attention
-            weights = _weights(name, k, aff, att[:, : num_rings(k) + 1])
+            weights = first_step_weights(name, k, aff, att)
             fwd = _backends(partial(_forward, x, x0, weights, k), repeats)
             train = _backends(partial(_train, x0, aff, att, name, k, iterations), max(1, repeats // 4))
             n_maps = (k * k - 1) + (1 if name == "cspn" else 2 + num_rings(k))  # neighbour (+ rings) + self/anchor

@@ -53,6 +53,7 @@ __all__ = [
     "propagate_cpu",
     "propagate_step_cpu",
     "supports",
+    "takes",
     "vector_bytes",
 ]
 
@@ -370,11 +371,17 @@ def propagate_cpu(
     return run_steps(sys.modules[__name__], h0, neighbour_weight, per_step, kernel_size)
 
 
+def takes(*tensors: Tensor | None) -> bool:
+    """Whether the kernels run on these tensors: ``supports`` them, and the library is built (or builds now)."""
+    return supports(*tensors) and library() is not None
+
+
 def _entry(name: str, *tensors: Tensor | None) -> Any | None:
     """The library's ``spn_<name>_<dtype>`` for these tensors (dtype of the first), or None where the kernels
     do not apply (no library, dtype, device)."""
-    lib = library() if supports(*tensors) else None
-    return None if lib is None else getattr(lib, f"spn_{name}_{_DTYPES[tensors[0].dtype]}")  # type: ignore[union-attr]
+    if not takes(*tensors):
+        return None
+    return getattr(library(), f"spn_{name}_{_DTYPES[tensors[0].dtype]}")  # type: ignore[union-attr]
 
 
 def cspn_normalise(affinity: Tensor, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:

@@ -639,8 +639,7 @@ def dyspn_factored_weights(
         )
     ring_sum, ring_abs_sum = ring_sums if ring_sums is not None else dyspn_ring_sums(affinity, kernel_size)
     shapes_agree = ring_sum.shape == ring_abs_sum.shape == (attention.shape[0], n_rings, *attention.shape[2:])
-    if shapes_agree and _weights_on_cpu_kernels(affinity) and cpu_propagation.supports(attention, ring_sum, ring_abs_sum) \
-            and cpu_propagation.library() is not None:  # fmt: skip
+    if shapes_agree and _weights_on_cpu_kernels(affinity) and cpu_propagation.takes(attention, ring_sum, ring_abs_sum):
         self_weight, anchor, ring_scale = _DySPNStepWeights.apply(attention, ring_sum, ring_abs_sum)
         return affinity, self_weight, anchor, ring_scale
     pi_ring, pi_self = attention[:, :n_rings], attention[:, n_rings:]
