@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -142,14 +143,8 @@ def _step_times(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int, repea
     return best["forward"], best["step"], best["clone"]
 
 
-def _cold_step_times(
-    x: torch.Tensor,
-    x0: torch.Tensor,
-    weights: tuple,
-    k: int,
-    repeats: int,  # type: ignore[type-arg]
-    flush: Any,
-) -> tuple[float, float]:
+def _cold_step_times(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int, repeats: int,  # type: ignore[type-arg]
+                     flush: Callable[[], object]) -> tuple[float, float]:  # fmt: skip
     """``_step_times``' forward and forward+backward, each call after ``flush`` (``timing.cache_flusher``):
     what the step costs when its data comes from memory, as in a training step, where the rest of the network
     runs between two calls. Timed back to back, the forward finds much of its data in the cache left by the
