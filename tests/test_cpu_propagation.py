@@ -26,6 +26,7 @@ from spntune.models.propagation import (
     _RingSums,
     cspn_weights,
     dyspn_factored_weights,
+    dyspn_guidance_weights,
     dyspn_ring_sums,
     dyspn_weights,
     num_rings,
@@ -374,6 +375,79 @@ def test_fused_dyspn_step_weights_gradcheck_and_mismatched_shapes():
     # end): torch's ops refuse it
     with pytest.raises(RuntimeError, match="size of tensor"):
         dyspn_factored_weights(aff, att[:, :, :3], k)
+
+
+def _guidance(k, iterations, shape, dtype, seed=13):
+    b, _, h, w = shape
+    channels = k * k - 1 + (num_rings(k) + 1) * iterations
+    return torch.randn(b, channels, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("k, iterations", [(3, 1), (5, 2), (7, 3)])
+def test_dyspn_weights_from_the_guidance_in_one_node_equal_the_op_by_op_path(k, iterations, dtype, tol,
+                                                                             monkeypatch):  # fmt: skip
+    """DySPNRefiner.step_weights on the CPU kernels is one node (dyspn_guidance_weights); forced off, the refiner
+    forms the same weights op by op (split, sigmoid, ring sums, per-step weights): equal values, and equal
+    gradients of the guidance through T propagation steps."""
+    from spntune.models import refiners
+
+    shape = (2, 3, 9, 11)
+    refiner = refiners.DySPNRefiner(3, k, iterations)
+    h0 = torch.rand(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    loss_weight = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+
+    def run(fused):
+        if not fused:
+            monkeypatch.setattr(refiners, "dyspn_guidance_weights", lambda *args: None)
+        g = _guidance(k, iterations, shape, dtype)
+        weights = refiner.step_weights(g)
+        assert (type(weights[0][1].grad_fn).__name__ == "_DySPNGuidanceWeightsBackward") == fused
+        assert all(step[0] is weights[0][0] for step in weights)  # one affinity tensor: one propagation node
+        out, _ = propagate(h0, weights, k)
+        (out * loss_weight).sum().backward()
+        monkeypatch.undo()
+        return [t.detach() for step in weights for t in step], out.detach(), g.grad
+
+    fused, plain = run(True), run(False)
+    for a, b in zip(fused[0], plain[0], strict=True):
+        assert torch.equal(a, b)  # the same kernels and ops forward
+    assert torch.equal(fused[1], plain[1])
+    torch.testing.assert_close(fused[2], plain[2], rtol=tol, atol=tol)  # sums taken in another order
+
+
+def test_dyspn_weights_from_the_guidance_gradcheck_with_unused_steps():
+    k, iterations = 5, 3
+    g = _guidance(k, iterations, (1, 0, 4, 6), torch.float64)
+    h0 = torch.rand(1, 2, 4, 6, dtype=torch.float64)
+
+    def through_propagation(x):
+        return propagate(h0, dyspn_guidance_weights(x, k, iterations), k)[0]
+
+    def some_outputs(x):  # step 0's ring scale and step 2's anchor only: the other steps get no gradient
+        weights = dyspn_guidance_weights(x, k, iterations)
+        return weights[0][3].pow(2).sum() + 2 * weights[2][2].sum()
+
+    assert torch.autograd.gradcheck(through_propagation, (g,))
+    assert torch.autograd.gradcheck(some_outputs, (g,))
+    weights = dyspn_guidance_weights(g, k, iterations)
+    weights[1][1].sum().backward()  # only step 1's self weight: the affinity's and the other steps' channels
+    n, per = k * k - 1, num_rings(k) + 1  # get the ring sums' share or zeros
+    assert g.grad[:, n : n + per].abs().sum() == 0 and g.grad[:, n + 2 * per :].abs().sum() == 0
+    assert g.grad[:, n + per : n + 2 * per].abs().sum() > 0 and g.grad[:, :n].abs().sum() > 0
+
+
+def test_dyspn_weights_from_the_guidance_decline_what_the_kernels_do_not_run():
+    k, iterations = 3, 2
+    g = _guidance(k, iterations, (1, 0, 4, 6), torch.float32)
+    assert dyspn_guidance_weights(g[:, :-1], k, iterations) is None  # not k*k-1 + (R+1)*T channels
+    assert dyspn_guidance_weights(g.detach().half(), k, iterations) is None  # a dtype the kernels do not take
+    set_propagation_backend("torch")
+    assert dyspn_guidance_weights(g, k, iterations) is None  # the shifted-slice backend: torch's ops
+    with torch.no_grad():
+        set_propagation_backend("cpp")
+        weights = dyspn_guidance_weights(g, k, iterations)  # no autograd: the forward alone
+    assert len(weights) == iterations and weights[0][0].grad_fn is None
 
 
 def test_gradcheck_of_chained_steps():

@@ -41,13 +41,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from spntune.models import cpu_propagation
-from spntune.models.memory import empty_like
+from spntune.models.memory import contiguous, empty_like
 
 __all__ = [
     "AFFINITY_NORMS",
     "CENTRE_PLACEMENTS",
     "cspn_weights",
     "dyspn_factored_weights",
+    "dyspn_guidance_weights",
     "dyspn_ring_sums",
     "dyspn_weights",
     "neighbour_offsets",
@@ -647,6 +648,85 @@ def dyspn_factored_weights(
     self_weight = pi_self / s_prime
     anchor = (s_prime - (pi_ring * ring_sum).sum(dim=1, keepdim=True) - pi_self) / s_prime
     return affinity, self_weight, anchor, pi_ring / s_prime
+
+
+class _DySPNGuidanceWeights(torch.autograd.Function):
+    """Every DySPN step's factored weights from the guidance tensor, as one autograd node on the C++ kernels
+    (``dyspn_guidance_weights``): the affinity's contiguous copy, its ring sums, and per step the attention's
+    sigmoid and ``cpu_propagation.dyspn_step_weights``. The backward writes the guidance's gradient into one
+    buffer: the affinity's channels get the propagation's gradient plus the ring sums' (whose per-step
+    gradients it sums itself), each step's attention channels its sigmoid's. Step by step, autograd joined a
+    split's gradients with a ``cat``, added the affinity's two gradients and the ring sums' 2T, and ran 2T + 3
+    nodes, each paying Python and dispatcher code on caches the kernel before it had evicted."""
+
+    @staticmethod
+    def forward(ctx: Any, guidance: Tensor, kernel_size: int, iterations: int) -> tuple[Tensor, ...]:
+        n, per = num_neighbours(kernel_size), num_rings(kernel_size) + 1
+        ctx.kernel_size, ctx.n, ctx.per, ctx.shape = kernel_size, n, per, guidance.shape
+        ctx.set_materialize_grads(False)
+        affinity = contiguous(guidance[:, :n])
+        sums = cpu_propagation.ring_sums(affinity, kernel_size)
+        assert sums is not None  # dyspn_guidance_weights checked that the kernels take the guidance
+        ring_sum, ring_abs_sum, _ = sums
+        attention = [guidance[:, n + per * t : n + per * (t + 1)].sigmoid() for t in range(iterations)]
+        out: list[Tensor] = [affinity]
+        for a in attention:
+            step = cpu_propagation.dyspn_step_weights(a, ring_sum, ring_abs_sum, _EPS)
+            assert step is not None
+            out += step
+        ctx.save_for_backward(affinity, ring_sum, ring_abs_sum, *attention)
+        return tuple(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_affinity: Tensor | None, *grad_steps: Tensor | None
+    ) -> tuple[Tensor | None, None, None]:
+        affinity, ring_sum, ring_abs_sum, *attention = ctx.saved_tensors
+        n, per = ctx.n, ctx.per
+        grad = affinity.new_empty(ctx.shape)
+        grad_sum: Tensor | None = None
+        grad_abs_sum: Tensor | None = None
+        for t, a in enumerate(attention):
+            target = grad[:, n + per * t : n + per * (t + 1)]
+            step_grads = grad_steps[3 * t : 3 * t + 3]
+            if all(g is None for g in step_grads):  # nothing reached this step's weights
+                target.zero_()
+                continue
+            step = cpu_propagation.dyspn_step_weights_backward(a, ring_sum, ring_abs_sum, step_grads,  # type: ignore[arg-type]
+                                                               (True, True, True), _EPS)  # fmt: skip
+            assert step is not None
+            grad_a, g_sum, g_abs = step
+            torch.ops.aten.sigmoid_backward.grad_input(grad_a, a, grad_input=target)
+            grad_sum = g_sum if grad_sum is None else grad_sum.add_(g_sum)  # type: ignore[arg-type]
+            grad_abs_sum = g_abs if grad_abs_sum is None else grad_abs_sum.add_(g_abs)  # type: ignore[arg-type]
+        target = grad[:, :n]
+        through_sums = None
+        if grad_sum is not None:
+            through_sums = cpu_propagation.ring_sums_backward(affinity, grad_sum, grad_abs_sum, ctx.kernel_size)
+            assert through_sums is not None
+        if grad_affinity is None and through_sums is None:
+            target.zero_()
+        elif grad_affinity is None or through_sums is None:
+            target.copy_(grad_affinity if grad_affinity is not None else through_sums)  # type: ignore[arg-type]
+        else:
+            torch.add(grad_affinity, through_sums, out=target)
+        return grad, None, None
+
+
+def dyspn_guidance_weights(guidance: Tensor, kernel_size: int, iterations: int) -> list[tuple[Tensor, ...]] | None:
+    """``DySPNRefiner.step_weights`` as one autograd node on the fused CPU kernels: every step's ``(affinity,
+    self, anchor, ring_scale)`` (``dyspn_factored_weights`` of its sigmoid attention, one affinity tensor for
+    all steps) from the guidance ``[B, k*k-1 + (R+1)*T, H, W]`` (affinities, then each step's R+1 attention
+    logits); None where the CPU kernels do not run it (other backends, devices, dtypes, shapes), and the caller
+    forms them op by op. Tested equal to that, values and gradients."""
+    n, per = num_neighbours(kernel_size), num_rings(kernel_size) + 1
+    if guidance.dim() != 4 or guidance.shape[1] != n + per * iterations or iterations < 1:
+        return None
+    if not (_weights_on_cpu_kernels(guidance) and cpu_propagation.takes(guidance)):
+        return None
+    affinity, *flat = _DySPNGuidanceWeights.apply(guidance, kernel_size, iterations)
+    return [(affinity, *flat[3 * t : 3 * t + 3]) for t in range(iterations)]
 
 
 def propagate(

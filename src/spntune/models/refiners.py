@@ -20,6 +20,7 @@ from spntune.models.memory import contiguous
 from spntune.models.propagation import (
     cspn_weights,
     dyspn_factored_weights,
+    dyspn_guidance_weights,
     dyspn_ring_sums,
     num_neighbours,
     num_rings,
@@ -346,6 +347,9 @@ class DySPNRefiner(_PropagationRefiner):
         return dyspn_factored_weights(guidance[:, :n], attention, self.kernel_size)
 
     def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        fused = dyspn_guidance_weights(guidance, self.kernel_size, self.iterations)  # one node on the C++ kernels
+        if fused is not None:
+            return fused  # type: ignore[return-value]
         # One split, not a slice per step: autograd then joins the parts' gradients once instead of
         # zero-filling a guidance-sized gradient per slice.
         affinity, *attention = guidance.split(
