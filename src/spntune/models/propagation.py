@@ -444,6 +444,12 @@ def _weights_on_cpu_kernels(affinity: Tensor) -> bool:
     return _selects_cpu_kernels(_chosen_backend(), affinity)
 
 
+def _kernels_form_weights(*tensors: Tensor) -> bool:
+    """Whether the weights' own nodes on these tensors run on the fused CPU kernels: the backend sends them
+    there (``_weights_on_cpu_kernels``) and the kernels take the tensors (``cpu_propagation.takes``)."""
+    return _weights_on_cpu_kernels(tensors[0]) and cpu_propagation.takes(*tensors)
+
+
 def _channel_sum(x: Tensor, y: Tensor | None = None, absolute: bool = False) -> Tensor:
     """``sum_j |x_j|`` (with ``absolute``) or ``sum_j x_j * y_j`` (with ``y``) over dim 1, keepdim, one channel
     at a time: ``x.abs().sum(1)`` or ``(x * y).sum(1)`` first makes a temporary the size of x, which at
@@ -640,7 +646,7 @@ def dyspn_factored_weights(
         )
     ring_sum, ring_abs_sum = ring_sums if ring_sums is not None else dyspn_ring_sums(affinity, kernel_size)
     shapes_agree = ring_sum.shape == ring_abs_sum.shape == (attention.shape[0], n_rings, *attention.shape[2:])
-    if shapes_agree and _weights_on_cpu_kernels(affinity) and cpu_propagation.takes(attention, ring_sum, ring_abs_sum):
+    if shapes_agree and _kernels_form_weights(affinity, attention, ring_sum, ring_abs_sum):
         self_weight, anchor, ring_scale = _DySPNStepWeights.apply(attention, ring_sum, ring_abs_sum)
         return affinity, self_weight, anchor, ring_scale
     pi_ring, pi_self = attention[:, :n_rings], attention[:, n_rings:]
@@ -648,6 +654,12 @@ def dyspn_factored_weights(
     self_weight = pi_self / s_prime
     anchor = (s_prime - (pi_ring * ring_sum).sum(dim=1, keepdim=True) - pi_self) / s_prime
     return affinity, self_weight, anchor, pi_ring / s_prime
+
+
+def _attention_channels(kernel_size: int, t: int) -> slice:
+    """Step t's R+1 attention channels in DySPN's guidance (after the k*k-1 affinities)."""
+    n, per = num_neighbours(kernel_size), num_rings(kernel_size) + 1
+    return slice(n + per * t, n + per * (t + 1))
 
 
 class _DySPNGuidanceWeights(torch.autograd.Function):
@@ -661,14 +673,13 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, guidance: Tensor, kernel_size: int, iterations: int) -> tuple[Tensor, ...]:
-        n, per = num_neighbours(kernel_size), num_rings(kernel_size) + 1
-        ctx.kernel_size, ctx.n, ctx.per, ctx.shape = kernel_size, n, per, guidance.shape
+        ctx.kernel_size, ctx.shape = kernel_size, guidance.shape
         ctx.set_materialize_grads(False)
-        affinity = contiguous(guidance[:, :n])
+        affinity = contiguous(guidance[:, : num_neighbours(kernel_size)])
         sums = cpu_propagation.ring_sums(affinity, kernel_size)
         assert sums is not None  # dyspn_guidance_weights checked that the kernels take the guidance
         ring_sum, ring_abs_sum, _ = sums
-        attention = [guidance[:, n + per * t : n + per * (t + 1)].sigmoid() for t in range(iterations)]
+        attention = [guidance[:, _attention_channels(kernel_size, t)].sigmoid() for t in range(iterations)]
         out: list[Tensor] = [affinity]
         for a in attention:
             step = cpu_propagation.dyspn_step_weights(a, ring_sum, ring_abs_sum, _EPS)
@@ -683,12 +694,11 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
         ctx: Any, grad_affinity: Tensor | None, *grad_steps: Tensor | None
     ) -> tuple[Tensor | None, None, None]:
         affinity, ring_sum, ring_abs_sum, *attention = ctx.saved_tensors
-        n, per = ctx.n, ctx.per
         grad = affinity.new_empty(ctx.shape)
         grad_sum: Tensor | None = None
         grad_abs_sum: Tensor | None = None
         for t, a in enumerate(attention):
-            target = grad[:, n + per * t : n + per * (t + 1)]
+            target = grad[:, _attention_channels(ctx.kernel_size, t)]
             step_grads = grad_steps[3 * t : 3 * t + 3]
             if all(g is None for g in step_grads):  # nothing reached this step's weights
                 target.zero_()
@@ -700,7 +710,7 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
             torch.ops.aten.sigmoid_backward.grad_input(grad_a, a, grad_input=target)
             grad_sum = g_sum if grad_sum is None else grad_sum.add_(g_sum)  # type: ignore[arg-type]
             grad_abs_sum = g_abs if grad_abs_sum is None else grad_abs_sum.add_(g_abs)  # type: ignore[arg-type]
-        target = grad[:, :n]
+        target = grad[:, : affinity.shape[1]]
         through_sums = None
         if grad_sum is not None:
             through_sums = cpu_propagation.ring_sums_backward(affinity, grad_sum, grad_abs_sum, ctx.kernel_size)
@@ -723,7 +733,7 @@ def dyspn_guidance_weights(guidance: Tensor, kernel_size: int, iterations: int) 
     n, per = num_neighbours(kernel_size), num_rings(kernel_size) + 1
     if guidance.dim() != 4 or guidance.shape[1] != n + per * iterations or iterations < 1:
         return None
-    if not (_weights_on_cpu_kernels(guidance) and cpu_propagation.takes(guidance)):
+    if not _kernels_form_weights(guidance):
         return None
     affinity, *flat = _DySPNGuidanceWeights.apply(guidance, kernel_size, iterations)
     return [(affinity, *flat[3 * t : 3 * t + 3]) for t in range(iterations)]
