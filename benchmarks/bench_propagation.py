@@ -23,6 +23,9 @@ through ``propagate`` with and without the buffer pool of ``models/memory.py`` (
 
 DySPN runs with factored weights (affinity x per-ring scale, ``dyspn_factored_weights``), as the refiner
 does; the weight maps counted as traffic are then the k*k-1 affinities, the R ring scales and self/anchor.
+The T-step rows through ``propagate`` form every step's weights from the guidance with the refiner's own
+``step_weights`` (``refiner_and_guidance``; for DySPN on the C++ kernels one autograd node, its attention's
+sigmoid included), so they time what a trial runs.
 Every time is the fastest of ``repeats`` calls (``timing.timeit``); the two times of each
 forward+backward / forward ratio are taken interleaved, in rounds (``timing.timeit_interleaved``), and so
 is the clone that the forward's fraction of clone bandwidth divides by.
@@ -54,6 +57,7 @@ from spntune.models.propagation import (
     propagate_step_reference,
     set_propagation_backend,
 )
+from spntune.models.refiners import REFINERS
 
 
 class PeakAlloc(TorchDispatchMode):
@@ -118,11 +122,25 @@ def _fwd_bwd(step, x0, aff, att, name: str, k: int, iterations: int, factored: b
     h.sum().backward()
 
 
-def _propagate_fwd_bwd(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
-    """T steps through ``propagate``, as the refiners run them: one autograd node on the fused CPU kernels
-    (the neighbour weights are one tensor for every step), step by step elsewhere."""
-    aff, att = aff.detach().requires_grad_(), att.detach().requires_grad_()
-    h, _ = propagate(x0, step_weights(name, k, aff, att, iterations), k)
+def refiner_and_guidance(name: str, k: int, aff: torch.Tensor, att: torch.Tensor, iterations: int,
+                         classes: int) -> tuple[Any, torch.Tensor]:  # fmt: skip
+    """The refiner of ``name`` (``REFINERS``) and the guidance it would take for these weights: CSPN's is the
+    affinity; DySPN's the affinity, then each step's attention logits (``att``'s logit: the refiner takes their
+    sigmoid). Its ``step_weights`` of that guidance is how a trial forms every step's weights: for DySPN on the
+    C++ kernels one autograd node (``propagation.dyspn_guidance_weights``), elsewhere op by op."""
+    refiner = REFINERS[name](classes, kernel_size=k, iterations=iterations)
+    if name == "cspn":
+        return refiner, aff
+    logits = torch.logit(att[:, : (num_rings(k) + 1) * iterations], eps=1e-6)
+    return refiner, torch.cat([aff, logits], dim=1)
+
+
+def _propagate_fwd_bwd(x0: torch.Tensor, refiner: Any, guidance: torch.Tensor) -> None:
+    """T steps through ``propagate`` with their weights, as a trial runs them (``refiner_and_guidance``):
+    one autograd node on the fused CPU kernels (the neighbour weights are one tensor for every step), step
+    by step elsewhere."""
+    guidance = guidance.detach().requires_grad_()
+    h, _ = propagate(x0, refiner.step_weights(guidance), refiner.kernel_size)
     h.sum().backward()
 
 
@@ -161,10 +179,10 @@ def _clone_bandwidth(x: torch.Tensor, seconds: float) -> float:
     return 2 * x.numel() * x.element_size() / seconds
 
 
-def _propagate_forward(x0, aff, att, name: str, k: int, iterations: int) -> None:  # type: ignore[no-untyped-def]
+def _propagate_forward(x0: torch.Tensor, refiner: Any, guidance: torch.Tensor) -> None:
     """T steps through ``propagate`` without autograd (the weights included, as in ``_propagate_fwd_bwd``)."""
     with torch.no_grad():
-        propagate(x0, step_weights(name, k, aff, att, iterations), k)
+        propagate(x0, refiner.step_weights(guidance), refiner.kernel_size)
 
 
 def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> float | None:  # type: ignore[no-untyped-def, type-arg]
@@ -274,6 +292,7 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
         for name, k in (("cspn", 3), ("cspn", 7), ("dyspn", 7)):
             aff = torch.randn(b, k * k - 1, h, w)
             att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w)
+            trial = refiner_and_guidance(name, k, aff, att, iterations, c)
             best = {"pool_ms": float("inf"), "no_pool_ms": float("inf")}
             for order in (("0", None), (None, "0")):
                 for setting in order:
@@ -281,7 +300,7 @@ def measure_pool(shape: tuple[int, int, int, int] = (8, 21, 256, 256), repeats: 
                         os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)
                     else:
                         os.environ["SPNTUNE_BUFFER_POOL_MB"] = setting
-                    s = timeit(partial(_propagate_fwd_bwd, x0, aff, att, name, k, iterations), repeats)
+                    s = timeit(partial(_propagate_fwd_bwd, x0, *trial), repeats)
                     key = "no_pool_ms" if setting else "pool_ms"
                     best[key] = min(best[key], 1000 * s)
             os.environ.pop("SPNTUNE_BUFFER_POOL_MB", None)  # the pool on (the loop ended with it off)
@@ -351,14 +370,15 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
                  "autograd through loop": (_accumulate, False), "unfold": (propagate_step_reference, True)}  # fmt: skip
         chains = {label: partial(_fwd_bwd, step, x0, aff, att, name, k, iterations, factored)
                   for label, (step, factored) in steps.items()}  # fmt: skip
-        chains["propagate"] = partial(_propagate_fwd_bwd, x0, aff, att, name, k, iterations)
+        trial = refiner_and_guidance(name, k, aff, att, iterations, c)
+        chains["propagate"] = partial(_propagate_fwd_bwd, x0, *trial)
         # The ratios near 1 (step by step / propagate, shifted slices / picked) interleaved: timed one after the
         # other, the DySPN 7x7 step by step / propagate row once read 0.66 where interleaved it was 0.96-1.03.
         # The slow references (10-30x) are timed once each.
         close = ("picked", "shifted slice", "propagate")
         train = timeit_interleaved({label: chains[label] for label in close}, max(3, repeats // 2))
         train |= {label: timeit(fn, max(1, repeats // 2)) for label, fn in chains.items() if label not in close}
-        prop_fwd_s = timeit(partial(_propagate_forward, x0, aff, att, name, k, iterations), repeats)
+        prop_fwd_s = timeit(partial(_propagate_forward, x0, *trial), repeats)
         kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
         cold_fwd_s, cold_step_s = _cold_step_times(x, x0, weights, k, repeats * 2, flush)
         # the roofline's compute side: the forward's multiply-adds at matmul's FMA rate, and the forward at one

@@ -68,3 +68,34 @@ def test_step_bytes_match_a_hand_count(monkeypatch):
     assert step_bytes((1, 2, 3, 4), 3, True, True, True) == (17 * 48, 32 * 48)
     fwd, bwd = step_bytes((4, 11, 192, 256), 3, False, True, False)
     assert round((fwd + bwd) / fwd, 2) == 2.74  # the README's CSPN 3x3 figure
+
+
+@pytest.mark.parametrize("name,k", [("cspn", 3), ("dyspn", 7), ("dyspn", 3)])
+def test_bench_t_step_rows_form_the_weights_a_trial_forms(monkeypatch, name, k):
+    """The T-step rows run the refiner's own step_weights on a guidance built from the bench's affinity and
+    attention (``refiner_and_guidance``): the same weights as the op-by-op ``step_weights`` (DySPN's attention
+    through logit and the refiner's sigmoid, equal within float32 rounding), so T steps propagate the same
+    maps; and for DySPN on the C++ kernels they come from the one-node path a trial takes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "bench_propagation", raising=False)
+    monkeypatch.delitem(sys.modules, "timing", raising=False)
+    import torch
+    from bench_propagation import refiner_and_guidance, step_weights
+
+    from spntune.models import cpu_propagation
+    from spntune.models.propagation import num_rings, propagate
+
+    torch.manual_seed(0)
+    b, c, h, w, iterations = 2, 3, 9, 20, 3
+    aff = torch.randn(b, k * k - 1, h, w)
+    att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w) * 0.98 + 0.01
+    x0 = torch.rand(b, c, h, w)
+    refiner, guidance = refiner_and_guidance(name, k, aff, att, iterations, c)
+    assert refiner.kernel_size == k and refiner.iterations == iterations
+    expected, _ = propagate(x0, step_weights(name, k, aff, att, iterations), k)
+    guidance = guidance.requires_grad_()
+    weights = refiner.step_weights(guidance)
+    got, _ = propagate(x0, weights, k)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    if name == "dyspn" and cpu_propagation.takes(guidance):
+        assert type(weights[0][1].grad_fn).__name__ == "_DySPNGuidanceWeightsBackward"
