@@ -276,7 +276,7 @@ def _kernels_match_torch(run, names, tol):
         for name in names:
             fn = getattr(cpu_propagation, name)
             mp.setattr(cpu_propagation, name,
-                       lambda *args, fn=fn, name=name: calls.append(name) or _declined_is_an_error(fn(*args)))  # fmt: skip
+                       lambda *args, fn=fn, name=name, **kw: calls.append(name) or _declined_is_an_error(fn(*args, **kw)))  # fmt: skip
         mine = run()
     assert calls == list(names)
     set_propagation_backend("torch")
@@ -334,6 +334,32 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
         return (*[t.detach() for t in sums], leaf.grad)
 
     _kernels_match_torch(run, ("ring_sums", "ring_sums_backward"), tol)
+
+
+@pytest.mark.parametrize(("k", "dtype"), [(3, torch.float64), (7, torch.float32)])
+@pytest.mark.parametrize("sums", ["both", "abs_sum"])
+def test_ring_sums_backward_adds_its_addend_into_a_channel_slice(k, dtype, sums):
+    """ring_sums_backward with an addend, written into the affinity's channels of a larger tensor (what DySPN's
+    weights node does with the propagation's gradient): bit for bit the plain gradient plus the addend, and
+    the channels around the slice untouched. A slice whose channels are not contiguous is refused."""
+    g = torch.Generator().manual_seed(4)
+    b, h, w = 3, 7, 37  # 37 columns: the kernel's vector loop and its scalar tail
+    n, r = k * k - 1, num_rings(k)
+    a = torch.randn(b, n, h, w, generator=g, dtype=dtype)
+    a[0, 1, 2, 3] = 0.0
+    g_sum = torch.randn(b, r, h, w, generator=g, dtype=dtype) if sums == "both" else None
+    g_abs = torch.randn(b, r, h, w, generator=g, dtype=dtype)
+    addend = torch.randn(b, n, h, w, generator=g, dtype=dtype)
+    plain = cpu_propagation.ring_sums_backward(a, g_sum, g_abs, k)
+    big = torch.full((b, n + 5, h, w), 7.0, dtype=dtype)
+    out = cpu_propagation.ring_sums_backward(a, g_sum, g_abs, k, addend=addend, out=big[:, 2 : 2 + n])
+    assert out is not None and plain is not None
+    assert out.data_ptr() == big[:, 2:].data_ptr()
+    assert torch.equal(big[:, 2 : 2 + n], plain + addend)
+    assert torch.equal(big[:, :2], torch.full_like(big[:, :2], 7.0))
+    assert torch.equal(big[:, 2 + n :], torch.full_like(big[:, 2 + n :], 7.0))
+    with pytest.raises(ValueError, match="channels contiguous"):
+        cpu_propagation.ring_sums_backward(a, g_sum, g_abs, k, out=torch.empty(b, h, n, w, dtype=dtype).transpose(1, 2))
 
 
 @pytest.mark.parametrize(("k", "dtype", "tol"), [(3, torch.float64, 1e-12), (5, torch.float64, 1e-12),

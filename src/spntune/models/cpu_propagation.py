@@ -60,7 +60,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 8
+_ABI_VERSION = 9
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -172,7 +172,7 @@ def _load(path: Path) -> ctypes.CDLL:
         rings = getattr(lib, f"spn_ring_sums_{suffix}")
         rings.argtypes, rings.restype = [ptr] * 3 + [long_, int_, long_, int_], None
         rings_bwd = getattr(lib, f"spn_ring_sums_backward_{suffix}")
-        rings_bwd.argtypes, rings_bwd.restype = [ptr] * 4 + [long_, int_, long_, int_], None
+        rings_bwd.argtypes, rings_bwd.restype = [ptr] * 5 + [long_, int_, long_, long_, int_], None
         step_w = getattr(lib, f"spn_dyspn_step_weights_{suffix}")
         step_w.argtypes, step_w.restype = [ptr] * 6 + [long_] * 3 + [ctypes.c_double, int_], None
         step_w_bwd = getattr(lib, f"spn_dyspn_step_weights_backward_{suffix}")
@@ -432,18 +432,25 @@ def ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor, Tenso
     return sums, abs_sums, a
 
 
-def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None,
-                       kernel_size: int) -> Tensor | None:  # fmt: skip
+def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None, kernel_size: int,
+                       addend: Tensor | None = None, out: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """The affinity's gradient through ``ring_sums`` (``d a_j = grad_sum[ring(j)] + sign(a_j)
-    grad_abs_sum[ring(j)]``, None: zero), or None where the kernels do not apply."""
-    tensors = (affinity, grad_sum, grad_abs_sum)
+    grad_abs_sum[ring(j)]``, None: zero), plus ``addend`` where given (another ``[B, k*k-1, H, W]`` gradient
+    of the affinity, added in the same pass), into ``out`` where given (``affinity``'s shape; each batch item's
+    channels contiguous, as a channel slice of a contiguous tensor is) else a fresh tensor; or None where the
+    kernels do not apply."""
+    tensors = (affinity, grad_sum, grad_abs_sum, addend, out)
     fn = _entry("ring_sums_backward", *tensors)
     if fn is None:
         return None
-    a, gs, ga = (t.contiguous() if t is not None else None for t in tensors)
+    a, gs, ga, add = (t.contiguous() if t is not None else None for t in tensors[:4])
     b, _, h, w = a.shape  # type: ignore[union-attr]
-    out = empty_like(a)  # type: ignore[arg-type]
-    fn(_ptr(a), _ptr(gs), _ptr(ga), _ptr(out), b, kernel_size, h * w, torch.get_num_threads())
+    if out is None:
+        out = empty_like(a)  # type: ignore[arg-type]
+    elif out.shape != a.shape or out.stride()[1:] != (h * w, w, 1):  # type: ignore[union-attr]
+        raise ValueError(f"out must be {list(a.shape)} with each item's channels contiguous, "  # type: ignore[union-attr]
+                         f"got {list(out.shape)} strides {out.stride()}")  # fmt: skip
+    fn(_ptr(a), _ptr(gs), _ptr(ga), _ptr(add), _ptr(out), b, kernel_size, h * w, out.stride(0), torch.get_num_threads())
     return out
 
 

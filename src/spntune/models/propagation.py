@@ -711,16 +711,14 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
             grad_sum = g_sum if grad_sum is None else grad_sum.add_(g_sum)  # type: ignore[arg-type]
             grad_abs_sum = g_abs if grad_abs_sum is None else grad_abs_sum.add_(g_abs)  # type: ignore[arg-type]
         target = grad[:, : affinity.shape[1]]
-        through_sums = None
-        if grad_sum is not None:
-            through_sums = cpu_propagation.ring_sums_backward(affinity, grad_sum, grad_abs_sum, ctx.kernel_size)
-            assert through_sums is not None
-        if grad_affinity is None and through_sums is None:
+        if grad_sum is not None:  # the ring sums' share plus the propagation's, written into the slice in one pass
+            written = cpu_propagation.ring_sums_backward(affinity, grad_sum, grad_abs_sum, ctx.kernel_size,
+                                                         addend=grad_affinity, out=target)  # fmt: skip
+            assert written is not None
+        elif grad_affinity is None:
             target.zero_()
-        elif grad_affinity is None or through_sums is None:
-            target.copy_(grad_affinity if grad_affinity is not None else through_sums)  # type: ignore[arg-type]
         else:
-            torch.add(grad_affinity, through_sums, out=target)
+            target.copy_(grad_affinity)
         return grad, None, None
 
 

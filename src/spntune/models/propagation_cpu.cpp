@@ -1357,10 +1357,14 @@ void ring_sums(const T* a, T* sum, T* abs_sum, long B, int k, long HW, int threa
     }
 }
 
-// Its backward: out_j = sign(a_j) * g_abs[ring(j)] + g_sum[ring(j)], either gradient null for zero; out
-// is written once (non-temporal from 32 MB on, as cspn_normalise's).
+// Its backward: out_j = sign(a_j) * g_abs[ring(j)] + g_sum[ring(j)], either gradient null for zero, plus
+// addend_j where given (a [B, K, HW] gradient of the affinity from elsewhere: DySPN's weights node adds the
+// propagation's in this pass instead of one of its own over three maps). Batch item b of out starts at
+// out + b * out_stride (the affinity's channels of a guidance-sized gradient: out_stride is its channel count
+// times HW). out is written once (non-temporal from 32 MB on, as cspn_normalise's).
 template <typename T>
-void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long B, int k, long HW, int threads) {
+void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, const T* addend, T* out, long B, int k, long HW,
+                        long out_stride, int threads) {
     using V = typename Wide<T>::V;
     constexpr long lanes = Wide<T>::lanes;
     const Offsets off(k);
@@ -1376,16 +1380,19 @@ void ring_sums_backward(const T* a, const T* g_sum, const T* g_abs, T* out, long
                 const T* __restrict__ aj = a + (b * K + j) * HW + x0;
                 const T* __restrict__ gs = g_sum ? g_sum + ring : nullptr;
                 const T* __restrict__ ga = g_abs ? g_abs + ring : nullptr;
-                T* __restrict__ oj = out + (b * K + j) * HW + x0;
+                const T* __restrict__ dj = addend ? addend + (b * K + j) * HW + x0 : nullptr;
+                T* __restrict__ oj = out + b * out_stride + j * HW + x0;
                 long x = 0;
                 for (; x + lanes <= n; x += lanes) {
                     V v = gs ? ld<V>(gs + x) : V{} + T(0);
                     if (ga) v += sign_of(ld<V>(aj + x)) * ld<V>(ga + x);
+                    if (dj) v += ld<V>(dj + x);
                     put(oj + x, v, stream);
                 }
                 for (; x < n; ++x) {
                     const T sg = T(aj[x] > T(0)) - T(aj[x] < T(0));
-                    oj[x] = (gs ? gs[x] : T(0)) + (ga ? sg * ga[x] : T(0));
+                    const T v = (gs ? gs[x] : T(0)) + (ga ? sg * ga[x] : T(0));
+                    oj[x] = dj ? v + dj[x] : v;
                 }
             }
         }
@@ -1497,7 +1504,7 @@ void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* 
 // cache_bytes: the last-level cache's size, for the choice of RowPrefetch (results do not depend on it).
 extern "C" {
 
-int spn_abi_version() { return 8; }
+int spn_abi_version() { return 9; }
 
 int spn_vector_bytes() { return SPN_VBYTES; }
 
@@ -1559,14 +1566,14 @@ void spn_ring_sums_f64(const double* a, double* sum, double* abs_sum, long B, in
     ring_sums<double>(a, sum, abs_sum, B, k, HW, threads);
 }
 
-void spn_ring_sums_backward_f32(const float* a, const float* g_sum, const float* g_abs, float* out, long B, int k,
-                                long HW, int threads) {
-    ring_sums_backward<float>(a, g_sum, g_abs, out, B, k, HW, threads);
+void spn_ring_sums_backward_f32(const float* a, const float* g_sum, const float* g_abs, const float* addend, float* out,
+                                long B, int k, long HW, long out_stride, int threads) {
+    ring_sums_backward<float>(a, g_sum, g_abs, addend, out, B, k, HW, out_stride, threads);
 }
 
-void spn_ring_sums_backward_f64(const double* a, const double* g_sum, const double* g_abs, double* out, long B,
-                                int k, long HW, int threads) {
-    ring_sums_backward<double>(a, g_sum, g_abs, out, B, k, HW, threads);
+void spn_ring_sums_backward_f64(const double* a, const double* g_sum, const double* g_abs, const double* addend,
+                                double* out, long B, int k, long HW, long out_stride, int threads) {
+    ring_sums_backward<double>(a, g_sum, g_abs, addend, out, B, k, HW, out_stride, threads);
 }
 
 void spn_dyspn_step_weights_f32(const float* att, const float* S, const float* A, float* sw, float* aw, float* scale,
