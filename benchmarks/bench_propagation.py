@@ -185,9 +185,11 @@ def _propagate_forward(x0: torch.Tensor, refiner: Any, guidance: torch.Tensor) -
         propagate(x0, refiner.step_weights(guidance), refiner.kernel_size)
 
 
-def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> float | None:  # type: ignore[no-untyped-def, type-arg]
-    """One step's (forward + backward) / forward on the backend's kernels alone, every gradient buffer
-    preallocated: what the step costs without autograd and without paging in fresh gradient memory."""
+def _kernel_times(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> dict[str, float] | None:  # type: ignore[no-untyped-def, type-arg]
+    """One step's forward and backward seconds on the backend's kernels alone, every gradient buffer
+    preallocated: what the step costs without autograd and without paging in fresh gradient memory. On the C++
+    kernels also the streaming floor of each (``cpu_propagation.stream_rows``: the same maps read and written
+    row by row in the kernels' order, no arithmetic), all four timed interleaved. None where no kernels ran."""
     try:
         if backend == "cpp":
             from spntune.models import cpu_propagation as kernels
@@ -204,11 +206,19 @@ def _kernel_ratio(backend: str, x, x0, weights: tuple, k: int, repeats: int) -> 
     rs = weights[3] if len(weights) > 3 else None
     nw, sw, aw, rs = (t.contiguous() if t is not None else None for t in (nw, sw, aw, rs))
     grads = [torch.zeros_like(t) if t is not None else None for t in (x, x0, nw, rs, sw, aw)]
-    best = timeit_interleaved({
+    fns = {
         "forward": lambda: kernels.forward_step(x, x0, nw, sw, aw, rs, k),
         "backward": lambda: kernels.backward_step(x0, x, x0, nw, rs, sw, aw, *grads, kernel_size=k, accumulate=False),
-    }, repeats)  # fmt: skip
-    return (best["forward"] + best["backward"]) / best["forward"]
+    }  # fmt: skip
+    if backend == "cpp" and x.dtype == torch.float32:
+        maps = [t for t in (nw, rs, sw, aw) if t is not None]
+        h0 = [x0] if aw is not None else []  # read (and its gradient written) only with an anchor weight
+        fwd_in, fwd_out = [x, *h0, *maps], [torch.empty_like(x)]
+        bwd_in = [x0, x, *h0, *maps]  # g, h, h0 and the weight maps
+        bwd_out = [grads[0], *([grads[1]] if aw is not None else []), *[g for g in grads[2:] if g is not None]]
+        fns["forward floor"] = lambda: kernels.stream_rows(fwd_in, fwd_out)
+        fns["backward floor"] = lambda: kernels.stream_rows(bwd_in, bwd_out)
+    return timeit_interleaved(fns, repeats)
 
 
 def _shifted_slice(*args: Any) -> torch.Tensor:
@@ -379,7 +389,16 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
         train = timeit_interleaved({label: chains[label] for label in close}, max(3, repeats // 2))
         train |= {label: timeit(fn, max(1, repeats // 2)) for label, fn in chains.items() if label not in close}
         prop_fwd_s = timeit(partial(_propagate_forward, x0, *trial), repeats)
-        kernel_ratio = _kernel_ratio(backend, x, x0, weights, k, repeats * 2)
+        kernel = _kernel_times(backend, x, x0, weights, k, repeats * 2) or {}
+        kernel_ratio = (kernel["forward"] + kernel["backward"]) / kernel["forward"] if kernel else None
+        floors = {}
+        if "forward floor" in kernel:  # the C++ kernels: each pass against its streaming floor
+            ff, bf = kernel["forward floor"], kernel["backward floor"]
+            floors = {"kernel_forward_ms": 1000 * kernel["forward"], "kernel_backward_ms": 1000 * kernel["backward"],
+                      "forward_streaming_floor_ms": 1000 * ff, "backward_streaming_floor_ms": 1000 * bf,
+                      "kernel_forward_of_streaming_floor": ff / kernel["forward"],
+                      "kernel_backward_of_streaming_floor": bf / kernel["backward"],
+                      "streaming_floor_fwd_bwd_over_fwd": (ff + bf) / ff}  # fmt: skip
         cold_fwd_s, cold_step_s = _cold_step_times(x, x0, weights, k, repeats * 2, flush)
         # the roofline's compute side: the forward's multiply-adds at matmul's FMA rate, and the forward at one
         # batch item (1/B of the working set: inside a server CPU's L3 at the bench shape)
@@ -403,6 +422,7 @@ def measure(shape: tuple[int, int, int, int] = (4, 11, 192, 256), repeats: int =
             "T_propagate_forward_ms": 1000 * prop_fwd_s,
             "T_propagate_fwd_bwd_over_fwd": train["propagate"] / prop_fwd_s,
             "kernel_fwd_bwd_over_fwd": kernel_ratio,
+            **floors,
             "cold_forward_ms": 1000 * cold_fwd_s, "cold_forward_backward_ms": 1000 * cold_step_s,
             "cold_fwd_bwd_over_fwd": cold_step_s / cold_fwd_s,
             "forward_multiply_adds": fwd_fma, "backward_multiply_adds": bwd_fma,
@@ -465,6 +485,12 @@ def main(argv: list[str] | None = None) -> None:
             f"forward counted in multiply-adds {m['fwd_bwd_over_fwd_in_multiply_adds']:.2f}, in bytes "
             f"{m['fwd_bwd_over_fwd_in_bytes']:.2f}"
         )
+        if "forward_streaming_floor_ms" in m:
+            print(f"{case} streaming floor (the step's maps read and written row by row, no arithmetic): forward "
+                  f"{m['forward_streaming_floor_ms']:.2f} ms, backward {m['backward_streaming_floor_ms']:.2f} ms, their "
+                  f"(forward+backward) / forward {m['streaming_floor_fwd_bwd_over_fwd']:.2f}; the kernels alone: forward "
+                  f"{m['kernel_forward_ms']:.2f} ms at {m['kernel_forward_of_streaming_floor']:.2f} of its floor, backward "
+                  f"{m['kernel_backward_ms']:.2f} ms at {m['kernel_backward_of_streaming_floor']:.2f}")  # fmt: skip
         base = m["T_fwd_bwd_ms"]["picked"]
         print(f"{case} T={args.iterations} forward+backward: "
               + ", ".join(f"{lbl} {t:.0f} ms ({t / base:.1f}x)" for lbl, t in m["T_fwd_bwd_ms"].items()))  # fmt: skip

@@ -98,6 +98,30 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                     if m["kernel_fwd_bwd_over_fwd"] is not None
                     else []
                 ),
+                *(
+                    [
+                        (
+                            name,
+                            f"{case} same, at the streaming floor (maps read and written row by row, no arithmetic)",
+                            m["streaming_floor_fwd_bwd_over_fwd"],
+                            "",
+                        ),
+                        (
+                            name,
+                            f"{case} kernels' forward, fraction of its streaming floor",
+                            m["kernel_forward_of_streaming_floor"],
+                            "",
+                        ),
+                        (
+                            name,
+                            f"{case} kernels' backward, fraction of its streaming floor",
+                            m["kernel_backward_of_streaming_floor"],
+                            "",
+                        ),
+                    ]
+                    if "streaming_floor_fwd_bwd_over_fwd" in m
+                    else []
+                ),
                 (
                     name,
                     f"{case} same, each call from a cold cache (1 GiB written before)",

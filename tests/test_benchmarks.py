@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from spntune import allocator
+from spntune.models import cpu_propagation
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMVID = ROOT.parent / "shared" / "data" / "camvid-mini"
@@ -27,6 +28,9 @@ def test_make_bench_quick_runs_every_benchmark(tmp_path):
     measures = {row["measure"] for row in report["table"]}
     assert "dyspn_7x7 step forward+backward / forward" in measures
     assert "cspn_7x7 same, each call from a cold cache (1 GiB written before)" in measures
+    if cpu_propagation.library() is not None:  # the C++ kernels ran: each pass against its streaming floor
+        assert "dyspn_7x7 kernels' backward, fraction of its streaming floor" in measures
+        assert "cspn_3x3 same, at the streaming floor (maps read and written row by row, no arithmetic)" in measures
     assert "cspn_3x3 the target's forward time / memory floor (256 MiB copy bandwidth)" in measures
     assert any(m.startswith("dyspn_7x7 forward, fraction of the map's clone bandwidth at [") for m in measures)
     assert all(isinstance(row["value"], float) for row in report["table"])

@@ -336,6 +336,21 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
     _kernels_match_torch(run, ("ring_sums", "ring_sums_backward"), tol)
 
 
+def test_stream_rows_reads_every_input_row_and_writes_every_output_row():
+    """make bench's streaming floor moves exactly the maps it is given: the sum it returns is every input
+    element's (37 columns: the vector loop and the scalar tail), every output element is written, and maps of
+    another size are refused; float64 is not measured (None)."""
+    g = torch.Generator().manual_seed(5)
+    ins = [torch.rand(3, c, 5, 37, generator=g) for c in (2, 7, 1)]
+    outs = [torch.full((3, c, 5, 37), float("nan")) for c in (4, 1)]
+    total = cpu_propagation.stream_rows(ins, outs)
+    assert total == pytest.approx(sum(t.double().sum().item() for t in ins), rel=1e-5)
+    assert not any(o.isnan().any() for o in outs)
+    with pytest.raises(ValueError, match="one B, H and W"):
+        cpu_propagation.stream_rows(ins, [torch.empty(3, 1, 5, 36)])
+    assert cpu_propagation.stream_rows([t.double() for t in ins], [o.double() for o in outs]) is None
+
+
 @pytest.mark.parametrize(("k", "dtype"), [(3, torch.float64), (7, torch.float32)])
 @pytest.mark.parametrize("sums", ["both", "abs_sum"])
 def test_ring_sums_backward_adds_its_addend_into_a_channel_slice(k, dtype, sums):

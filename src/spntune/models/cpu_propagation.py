@@ -52,6 +52,7 @@ __all__ = [
     "library",
     "propagate_cpu",
     "propagate_step_cpu",
+    "stream_rows",
     "supports",
     "takes",
     "vector_bytes",
@@ -60,7 +61,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 9
+_ABI_VERSION = 10
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -160,6 +161,8 @@ def _load(path: Path) -> ctypes.CDLL:
     if lib.spn_abi_version() != _ABI_VERSION:
         raise KernelBuildError(f"{path} has ABI {lib.spn_abi_version()}, expected {_ABI_VERSION}")
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.spn_stream_rows_f32.argtypes = [ptr, ptr, int_, ptr, ptr, int_, long_, long_, long_, long_, int_]
+    lib.spn_stream_rows_f32.restype = ctypes.c_double
     for suffix in _DTYPES.values():
         fwd = getattr(lib, f"spn_forward_{suffix}")
         fwd.argtypes, fwd.restype = [ptr] * 7 + [long_] * 4 + [int_] * 2 + [long_], None
@@ -485,3 +488,27 @@ def dyspn_step_weights_backward(attention: Tensor, ring_sum: Tensor, ring_abs_su
     fn(*(_ptr(t) for t in (att, rsum, rabs, gsw, gaw, gscale, out[0], out[1], out[2])), b, r, h * w, eps,
        torch.get_num_threads())  # fmt: skip
     return out[0], out[1], out[2]
+
+
+def stream_rows(inputs: list[Tensor], outputs: list[Tensor]) -> float | None:
+    """The streaming floor of a step's traffic (``stream_rows`` in ``propagation_cpu.cpp``; ``make bench``'s
+    yardstick): reads every row of ``inputs`` and writes every row of ``outputs`` (contiguous float32 ``[B, *,
+    H, W]`` maps of one B, H, W) in the kernels' order, with their choice of non-temporal stores, and no
+    arithmetic; returns the sum read, or None where the kernels do not apply."""
+    if not takes(*inputs, *outputs) or any(t.dtype != torch.float32 or not t.is_contiguous() for t in inputs + outputs):
+        return None
+    b, _, h, w = inputs[0].shape
+    if any(t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (b, h, w) for t in inputs + outputs):
+        raise ValueError("stream_rows: every map must be [B, *, H, W] with one B, H and W")
+
+    def arrays(ts: list[Tensor]) -> tuple[Any, Any]:
+        return (ctypes.c_void_p * len(ts))(*(t.data_ptr() for t in ts)), (ctypes.c_long * len(ts))(
+            *(t.shape[1] for t in ts)
+        )
+
+    ins, in_ch = arrays(inputs)
+    outs, out_ch = arrays(outputs)
+    lib = library()
+    assert lib is not None  # takes() built it
+    return float(lib.spn_stream_rows_f32(ins, in_ch, len(inputs), outs, out_ch, len(outputs), b, h, w, cache_bytes(),
+                                         torch.get_num_threads()))  # fmt: skip

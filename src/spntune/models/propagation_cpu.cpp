@@ -1497,6 +1497,53 @@ void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* 
 
 }  // namespace
 
+// The streaming floor of a step's traffic (benchmarks/bench_propagation.py), no arithmetic but the reads'
+// sum: for every row (b, y) of the [B, *, H, W] maps, in the kernels' order (each thread a block of rows),
+// reads row y of each of the in_ch[i] channels of every input ins[i] and writes row y of each channel of
+// every output outs[o], with non-temporal stores where the kernels would stream (spreads: the step moves
+// more than half of cache_bytes). Plain vector loads and stores, no software prefetch: what the hardware
+// gives these 30-80 row streams without help. Returns the sum read (so that nothing is left out).
+template <typename T>
+double stream_rows(const T* const* ins, const long* in_ch, int n_in, T* const* outs, const long* out_ch, int n_out,
+                   long B, long H, long W, long cache_bytes, int threads) {
+    using V = typename Wide<T>::V;
+    constexpr long lanes = Wide<T>::lanes;
+    const long HW = H * W;
+    long maps = 0;
+    for (int i = 0; i < n_in; ++i) maps += in_ch[i];
+    for (int o = 0; o < n_out; ++o) maps += out_ch[o];
+    const bool stream = spreads(B * maps * HW * long(sizeof(T)), cache_bytes);
+    double total = 0;
+#pragma omp parallel num_threads(std::max(1, threads)) reduction(+ : total)
+    {
+        long begin, end;
+        thread_rows(B * H, begin, end);
+        V acc = V{} + T(0);
+        T tail = 0;
+        for (long row = begin; row < end; ++row) {
+            const long b = row / H, y = row % H;
+            for (int i = 0; i < n_in; ++i)
+                for (long c = 0; c < in_ch[i]; ++c) {
+                    const T* p = ins[i] + (b * in_ch[i] + c) * HW + y * W;
+                    long x = 0;
+                    for (; x + lanes <= W; x += lanes) acc += ld<V>(p + x);
+                    for (; x < W; ++x) tail += p[x];
+                }
+            for (int o = 0; o < n_out; ++o)
+                for (long c = 0; c < out_ch[o]; ++c) {
+                    T* p = outs[o] + (b * out_ch[o] + c) * HW + y * W;
+                    long x = 0;
+                    for (; x + lanes <= W; x += lanes) put(p + x, acc, stream);
+                    for (; x < W; ++x) p[x] = tail;
+                }
+        }
+        fence_streams();
+        for (long l = 0; l < lanes; ++l) total += double(acc[l]);
+        total += double(tail);
+    }
+    return total;
+}
+
 // Pointers: nw is the neighbour weight (or the affinity where rs is given); rs, sw, aw may be null; of
 // the gradients, any output may be null (not computed), grs only means something with rs. With
 // accumulate != 0 the backward adds gnw and gh0 into what those buffers hold (the steps of one
@@ -1504,9 +1551,14 @@ void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* 
 // cache_bytes: the last-level cache's size, for the choice of RowPrefetch (results do not depend on it).
 extern "C" {
 
-int spn_abi_version() { return 9; }
+int spn_abi_version() { return 10; }
 
 int spn_vector_bytes() { return SPN_VBYTES; }
+
+double spn_stream_rows_f32(const float* const* ins, const long* in_ch, int n_in, float* const* outs, const long* out_ch,
+                           int n_out, long B, long H, long W, long cache_bytes, int threads) {
+    return stream_rows<float>(ins, in_ch, n_in, outs, out_ch, n_out, B, H, W, cache_bytes, threads);
+}
 
 void spn_forward_f32(const float* h, const float* h0, const float* nw, const float* rs, const float* sw,
                      const float* aw, float* out, long B, long C, long H, long W, int k, int threads,
