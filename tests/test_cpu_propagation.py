@@ -336,6 +336,35 @@ def test_fused_ring_sums_match_the_torch_ops(k, shape, dtype, tol, use):
     _kernels_match_torch(run, ("ring_sums", "ring_sums_backward"), tol)
 
 
+@pytest.mark.parametrize(("k", "dtype"), [(3, torch.float64), (7, torch.float32)])
+def test_dyspn_step_weights_backward_through_the_sigmoid_into_a_channel_slice(k, dtype):
+    """With logits_out the step weights' backward writes the attention logits' gradient (through the sigmoid)
+    into a channel slice of a larger tensor, what DySPN's weights node does with the guidance's gradient:
+    bit for bit torch's sigmoid_backward of the plain gradient, the channels around it untouched; the other
+    two gradients unchanged. A slice whose channels are not contiguous is refused."""
+    g = torch.Generator().manual_seed(6)
+    b, h, w, r = 2, 5, 37, num_rings(k)  # 37 columns: the kernels' blocks end mid-row
+    att = torch.rand(b, r + 1, h, w, generator=g, dtype=dtype) * 0.98 + 0.01  # a sigmoid's output
+    sums = [torch.randn(b, r, h, w, generator=g, dtype=dtype) for _ in range(2)]
+    sums[1] = sums[1].abs() + sums[0].abs()  # abs sums at least as large as the sums
+    grads = (torch.randn(b, 1, h, w, generator=g, dtype=dtype), torch.randn(b, 1, h, w, generator=g, dtype=dtype),
+             torch.randn(b, r, h, w, generator=g, dtype=dtype))  # fmt: skip
+    plain = cpu_propagation.dyspn_step_weights_backward(att, *sums, grads, (True, True, True), 1e-6)
+    big = torch.full((b, r + 4, h, w), 7.0, dtype=dtype)
+    fused = cpu_propagation.dyspn_step_weights_backward(att, *sums, grads, (True, True, True), 1e-6,
+                                                        logits_out=big[:, 2 : 3 + r])  # fmt: skip
+    assert plain is not None and fused is not None
+    assert fused[0] is not None and fused[0].data_ptr() == big[:, 2:].data_ptr()
+    assert torch.equal(big[:, 2 : 3 + r], torch.ops.aten.sigmoid_backward(plain[0], att))
+    assert torch.equal(big[:, :2], torch.full_like(big[:, :2], 7.0)) and torch.equal(
+        big[:, 3 + r :], big[:, 3 + r :] * 0 + 7
+    )
+    assert torch.equal(fused[1], plain[1]) and torch.equal(fused[2], plain[2])
+    with pytest.raises(ValueError, match="channels contiguous"):
+        cpu_propagation.dyspn_step_weights_backward(att, *sums, grads, (True, True, True), 1e-6,
+                                                    logits_out=torch.empty(b, h, r + 1, w, dtype=dtype).transpose(1, 2))  # fmt: skip
+
+
 def test_stream_rows_reads_every_input_row_and_writes_every_output_row():
     """make bench's streaming floor moves exactly the maps it is given: the sum it returns is every input
     element's (37 columns: the vector loop and the scalar tail), every output element is written, and maps of

@@ -61,7 +61,7 @@ __all__ = [
 SOURCE = Path(__file__).with_name("propagation_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _BUILD_TIMEOUT_S = 300
-_ABI_VERSION = 10
+_ABI_VERSION = 11
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 log = logging.getLogger("spntune.kernels")
@@ -179,7 +179,7 @@ def _load(path: Path) -> ctypes.CDLL:
         step_w = getattr(lib, f"spn_dyspn_step_weights_{suffix}")
         step_w.argtypes, step_w.restype = [ptr] * 6 + [long_] * 3 + [ctypes.c_double, int_], None
         step_w_bwd = getattr(lib, f"spn_dyspn_step_weights_backward_{suffix}")
-        step_w_bwd.argtypes, step_w_bwd.restype = [ptr] * 9 + [long_] * 3 + [ctypes.c_double, int_], None
+        step_w_bwd.argtypes, step_w_bwd.restype = [ptr] * 9 + [long_] * 4 + [int_, ctypes.c_double, int_], None
     return lib
 
 
@@ -475,18 +475,27 @@ def dyspn_step_weights(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor
 
 def dyspn_step_weights_backward(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor,
                                 grads: tuple[Tensor | None, Tensor | None, Tensor | None], needs: tuple[bool, bool, bool],
-                                eps: float) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:  # fmt: skip
+                                eps: float, logits_out: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None] | None:  # fmt: skip
     """The gradients of ``(attention, ring_sum, ring_abs_sum)`` (each None where ``needs`` says so) from those of
-    ``(self, anchor, ring_scale)`` (None: zero), or None where the kernels do not apply."""
-    fn = _entry("dyspn_step_weights_backward", attention, ring_sum, ring_abs_sum, *grads)
+    ``(self, anchor, ring_scale)`` (None: zero), or None where the kernels do not apply. With ``logits_out``
+    (``attention``'s shape, each batch item's channels contiguous, as a channel slice of a contiguous tensor is)
+    the attention is a sigmoid's output and the gradient of its logits is written there instead (``d attention
+    * (1 - attention) * attention``, as torch's ``sigmoid_backward``), and returned first."""
+    fn = _entry("dyspn_step_weights_backward", attention, ring_sum, ring_abs_sum, *grads, logits_out)
     if fn is None:
         return None
     att, rsum, rabs = (t.contiguous() for t in (attention, ring_sum, ring_abs_sum))
     gsw, gaw, gscale = (g.contiguous() if g is not None else None for g in grads)
     out = [torch.empty_like(t) if need else None for t, need in zip((att, rsum, rabs), needs, strict=True)]
     b, r, h, w = rsum.shape
-    fn(*(_ptr(t) for t in (att, rsum, rabs, gsw, gaw, gscale, out[0], out[1], out[2])), b, r, h * w, eps,
-       torch.get_num_threads())  # fmt: skip
+    if logits_out is not None:
+        if logits_out.shape != att.shape or logits_out.stride()[1:] != (h * w, w, 1):
+            raise ValueError(f"logits_out must be {list(att.shape)} with each item's channels contiguous, "
+                             f"got {list(logits_out.shape)} strides {logits_out.stride()}")  # fmt: skip
+        out[0] = logits_out
+    stride = out[0].stride(0) if out[0] is not None else (r + 1) * h * w
+    fn(*(_ptr(t) for t in (att, rsum, rabs, gsw, gaw, gscale, out[0], out[1], out[2])), b, r, h * w, stride,
+       int(logits_out is not None), eps, torch.get_num_threads())  # fmt: skip
     return out[0], out[1], out[2]
 
 

@@ -703,11 +703,11 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
             if all(g is None for g in step_grads):  # nothing reached this step's weights
                 target.zero_()
                 continue
+            # the attention logits' gradient (through the sigmoid) written straight into the guidance's gradient
             step = cpu_propagation.dyspn_step_weights_backward(a, ring_sum, ring_abs_sum, step_grads,  # type: ignore[arg-type]
-                                                               (True, True, True), _EPS)  # fmt: skip
+                                                               (True, True, True), _EPS, logits_out=target)  # fmt: skip
             assert step is not None
-            grad_a, g_sum, g_abs = step
-            torch.ops.aten.sigmoid_backward.grad_input(grad_a, a, grad_input=target)
+            _, g_sum, g_abs = step
             grad_sum = g_sum if grad_sum is None else grad_sum.add_(g_sum)  # type: ignore[arg-type]
             grad_abs_sum = g_abs if grad_abs_sum is None else grad_abs_sum.add_(g_abs)  # type: ignore[arg-type]
         target = grad[:, : affinity.shape[1]]

@@ -1451,10 +1451,14 @@ void dyspn_step_weights(const T* att, const T* S, const T* A, T* sw, T* aw, T* s
 
 // Its backward, from the gradients of self, anchor and scale (any null: zero), with G = (-p gs + (Q + p) ga
 // - sum_r a_r gr_r) / s^2:  d p = (gs - ga) / s + G,  d a_r = (gr_r - ga S_r) / s + A_r G,  d A_r = a_r G,
-// d S_r = -ga a_r / s. Writes g_att [B, R+1, HW], g_S and g_A [B, R, HW] (null: not wanted).
+// d S_r = -ga a_r / s. Writes g_att [B, R+1, HW], g_S and g_A [B, R, HW] (null: not wanted). Batch item b of
+// g_att starts at g_att + b * att_stride. With `logits` the attention is a sigmoid's output and g_att gets the
+// gradient of its logits instead, d att * (1 - att) * att in torch's sigmoid_backward's order (DySPN's weights
+// node writes it straight into the guidance's gradient: att_stride its channel count times HW).
 template <typename T>
 void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* gsw, const T* gaw, const T* gscale,
-                                 T* g_att, T* g_S, T* g_A, long B, long R, long HW, double eps, int threads) {
+                                 T* g_att, T* g_S, T* g_A, long B, long R, long HW, long att_stride, bool logits,
+                                 double eps, int threads) {
     const long per = (HW + kNormBlock - 1) / kNormBlock;
 #pragma omp parallel for schedule(static) num_threads(std::max(1, threads))
     for (long blk = 0; blk < B * per; ++blk) {
@@ -1470,24 +1474,30 @@ void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* 
         const T* __restrict__ p = att + (b * (R + 1) + R) * HW + x0;
         const T* __restrict__ gs = gsw ? gsw + b * HW + x0 : nullptr;
         const T* __restrict__ ga = gaw ? gaw + b * HW + x0 : nullptr;
-        T* __restrict__ gp = g_att ? g_att + (b * (R + 1) + R) * HW + x0 : nullptr;
+        T* __restrict__ gp = g_att ? g_att + b * att_stride + R * HW + x0 : nullptr;
         for (long x = 0; x < n; ++x) {
             const T sp = sbuf[x], gsx = gs ? gs[x] : T(0), gax = ga ? ga[x] : T(0);
             const T G = (gbuf[x] - p[x] * gsx + (qbuf[x] + p[x]) * gax) / (sp * sp);
             gbuf[x] = G;
-            if (gp) gp[x] = (gsx - gax) / sp + G;
+            if (gp) {
+                const T v = (gsx - gax) / sp + G;
+                gp[x] = logits ? v * (T(1) - p[x]) * p[x] : v;
+            }
         }
         for (long r = 0; r < R; ++r) {
             const T* __restrict__ a = att + (b * (R + 1) + r) * HW + x0;
             const T* __restrict__ ar = A + (b * R + r) * HW + x0;
             const T* __restrict__ sr = S + (b * R + r) * HW + x0;
             const T* __restrict__ gr = gscale ? gscale + (b * R + r) * HW + x0 : nullptr;
-            T* __restrict__ ga_r = g_att ? g_att + (b * (R + 1) + r) * HW + x0 : nullptr;
+            T* __restrict__ ga_r = g_att ? g_att + b * att_stride + r * HW + x0 : nullptr;
             T* __restrict__ gA_r = g_A ? g_A + (b * R + r) * HW + x0 : nullptr;
             T* __restrict__ gS_r = g_S ? g_S + (b * R + r) * HW + x0 : nullptr;
             for (long x = 0; x < n; ++x) {
                 const T gax = ga ? ga[x] : T(0);
-                if (ga_r) ga_r[x] = ((gr ? gr[x] : T(0)) - gax * sr[x]) / sbuf[x] + ar[x] * gbuf[x];
+                if (ga_r) {
+                    const T v = ((gr ? gr[x] : T(0)) - gax * sr[x]) / sbuf[x] + ar[x] * gbuf[x];
+                    ga_r[x] = logits ? v * (T(1) - a[x]) * a[x] : v;
+                }
                 if (gA_r) gA_r[x] = a[x] * gbuf[x];
                 if (gS_r) gS_r[x] = -gax * a[x] / sbuf[x];
             }
@@ -1551,7 +1561,7 @@ double stream_rows(const T* const* ins, const long* in_ch, int n_in, T* const* o
 // cache_bytes: the last-level cache's size, for the choice of RowPrefetch (results do not depend on it).
 extern "C" {
 
-int spn_abi_version() { return 10; }
+int spn_abi_version() { return 11; }
 
 int spn_vector_bytes() { return SPN_VBYTES; }
 
@@ -1640,14 +1650,18 @@ void spn_dyspn_step_weights_f64(const double* att, const double* S, const double
 
 void spn_dyspn_step_weights_backward_f32(const float* att, const float* S, const float* A, const float* gsw,
                                          const float* gaw, const float* gscale, float* g_att, float* g_S, float* g_A,
-                                         long B, long R, long HW, double eps, int threads) {
-    dyspn_step_weights_backward<float>(att, S, A, gsw, gaw, gscale, g_att, g_S, g_A, B, R, HW, eps, threads);
+                                         long B, long R, long HW, long att_stride, int logits, double eps,
+                                         int threads) {
+    dyspn_step_weights_backward<float>(att, S, A, gsw, gaw, gscale, g_att, g_S, g_A, B, R, HW, att_stride, logits != 0,
+                                       eps, threads);
 }
 
 void spn_dyspn_step_weights_backward_f64(const double* att, const double* S, const double* A, const double* gsw,
                                          const double* gaw, const double* gscale, double* g_att, double* g_S,
-                                         double* g_A, long B, long R, long HW, double eps, int threads) {
-    dyspn_step_weights_backward<double>(att, S, A, gsw, gaw, gscale, g_att, g_S, g_A, B, R, HW, eps, threads);
+                                         double* g_A, long B, long R, long HW, long att_stride, int logits, double eps,
+                                         int threads) {
+    dyspn_step_weights_backward<double>(att, S, A, gsw, gaw, gscale, g_att, g_S, g_A, B, R, HW, att_stride,
+                                        logits != 0, eps, threads);
 }
 
 }  // extern "C"
