@@ -435,6 +435,15 @@ def ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor, Tenso
     return sums, abs_sums, a
 
 
+def _check_channel_slice(name: str, out: Tensor, shape: torch.Size) -> None:
+    """Refuses an output the kernels cannot write item by item with a batch stride: not of ``shape``, or a batch
+    item's channels not contiguous (a channel slice of a contiguous tensor passes)."""
+    _, _, h, w = shape
+    if out.shape != shape or out.stride()[1:] != (h * w, w, 1):
+        raise ValueError(f"{name} must be {list(shape)} with each item's channels contiguous, "
+                         f"got {list(out.shape)} strides {out.stride()}")  # fmt: skip
+
+
 def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None, kernel_size: int,
                        addend: Tensor | None = None, out: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """The affinity's gradient through ``ring_sums`` (``d a_j = grad_sum[ring(j)] + sign(a_j)
@@ -450,9 +459,8 @@ def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: 
     b, _, h, w = a.shape  # type: ignore[union-attr]
     if out is None:
         out = empty_like(a)  # type: ignore[arg-type]
-    elif out.shape != a.shape or out.stride()[1:] != (h * w, w, 1):  # type: ignore[union-attr]
-        raise ValueError(f"out must be {list(a.shape)} with each item's channels contiguous, "  # type: ignore[union-attr]
-                         f"got {list(out.shape)} strides {out.stride()}")  # fmt: skip
+    else:
+        _check_channel_slice("out", out, a.shape)  # type: ignore[union-attr]
     fn(_ptr(a), _ptr(gs), _ptr(ga), _ptr(add), _ptr(out), b, kernel_size, h * w, out.stride(0), torch.get_num_threads())
     return out
 
@@ -489,9 +497,7 @@ def dyspn_step_weights_backward(attention: Tensor, ring_sum: Tensor, ring_abs_su
     out = [torch.empty_like(t) if need else None for t, need in zip((att, rsum, rabs), needs, strict=True)]
     b, r, h, w = rsum.shape
     if logits_out is not None:
-        if logits_out.shape != att.shape or logits_out.stride()[1:] != (h * w, w, 1):
-            raise ValueError(f"logits_out must be {list(att.shape)} with each item's channels contiguous, "
-                             f"got {list(logits_out.shape)} strides {logits_out.stride()}")  # fmt: skip
+        _check_channel_slice("logits_out", logits_out, att.shape)
         out[0] = logits_out
     stride = out[0].stride(0) if out[0] is not None else (r + 1) * h * w
     fn(*(_ptr(t) for t in (att, rsum, rabs, gsw, gaw, gscale, out[0], out[1], out[2])), b, r, h * w, stride,
