@@ -210,6 +210,18 @@ def rows_of(name: str, r: dict[str, Any]) -> list[tuple[str, str, float, str]]:
                 rows += [
                     (name, f"{shape} {case} forward speed-up triton / torch", m["fwd_speedup"], ""),
                     (name, f"{shape} {case} T fwd+bwd speed-up triton / torch", m["train_speedup"], ""),
+                    (
+                        name,
+                        f"{shape} {case} triton step forward+backward / forward",
+                        m["triton"]["step_fwd_bwd_over_fwd"],
+                        "",
+                    ),
+                    (
+                        name,
+                        f"{shape} {case} triton T={r['iterations']} propagate forward+backward / forward",
+                        m["triton"]["T_fwd_bwd_over_fwd"],
+                        "",
+                    ),
                     (name, f"{shape} {case} triton forward, fraction of clone bandwidth", m["triton_of_clone"], ""),
                 ]
     elif name == "loader":

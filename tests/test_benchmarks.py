@@ -1,7 +1,9 @@
 """`make bench` keeps working: every benchmark runs (tiny settings) and lands in one table and bench.json.
 The numbers of a --quick run mean nothing; speed targets live in the benchmarks, never in tests."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,69 @@ def test_bench_t_step_rows_form_the_weights_a_trial_forms(monkeypatch, name, k):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     if name == "dyspn" and cpu_propagation.takes(guidance):
         assert type(weights[0][1].grad_fn).__name__ == "_DySPNGuidanceWeightsBackward"
+
+
+@pytest.mark.parametrize("name,k", [("cspn", 3), ("dyspn", 7)])
+def test_gpu_bench_case_times_what_a_trial_runs(monkeypatch, name, k):
+    """``bench_triton_gpu.measure_case`` (the GPU table's rows) runs on the CPU too, here on the shifted-slice
+    path and the C++ kernels: every field it reports, and its T-step rows form every step's weights with the
+    refiner's own ``step_weights`` from a guidance (``refiner_and_guidance``), as the CPU bench's do, both for
+    the forward and the forward+backward, on each backend."""
+    for module in ("bench_triton_gpu", "bench_propagation", "timing"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_triton_gpu
+    import torch
+    from bench_propagation import step_bytes
+
+    calls = []
+    real = bench_triton_gpu.refiner_and_guidance
+
+    def spying(*args):
+        refiner, guidance = real(*args)
+        step_weights = refiner.step_weights
+        refiner.step_weights = lambda g: calls.append(g.requires_grad) or step_weights(g)
+        return refiner, guidance
+
+    monkeypatch.setattr(bench_triton_gpu, "refiner_and_guidance", spying)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 20)
+    x0 = torch.randn_like(x)
+    backends = ("torch", "cpp") if cpu_propagation.library() is not None else ("torch", "torch")
+    m = bench_triton_gpu.measure_case(x, x0, name, k, iterations=2, repeats=3, backends=backends)
+    for backend in backends:
+        t = m[backend]
+        assert all(t[f"{label}_ms"] > 0 for label in ("forward", "step", "T_forward", "T_fwd_bwd"))
+        assert t["step_fwd_bwd_over_fwd"] == pytest.approx(t["step_ms"] / t["forward_ms"])
+        assert t["T_fwd_bwd_over_fwd"] == pytest.approx(t["T_fwd_bwd_ms"] / t["T_forward_ms"])
+    slow, fast = m[backends[0]], m[backends[-1]]
+    assert m["fwd_speedup"] == pytest.approx(slow["forward_ms"] / fast["forward_ms"])
+    assert m["train_speedup"] == pytest.approx(slow["T_fwd_bwd_ms"] / fast["T_fwd_bwd_ms"])
+    terms = (False, True, False) if name == "cspn" else (True, True, True)  # self, anchor, ring scale
+    assert m["forward_bytes"] == step_bytes((1, 3, 12, 20), k, *terms)[0]
+    # every timed T-step call (one warm-up and one timed call per round, three rounds, both passes, both
+    # backends) formed its weights through the refiner: without grad for the forward, with it for the backward
+    assert calls.count(False) == calls.count(True) == 2 * 3 * len(backends)
+
+
+@pytest.mark.slow  # ~30 s: Triton's interpreter runs the kernels in numpy
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_bench_cases_run_on_the_triton_backend():
+    """The GPU table's three cases through ``measure_case`` with the Triton kernels, on the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``, set before triton is imported: a subprocess): a device session finds
+    the benchmark's own code already run against the backend it times."""
+    script = (
+        "import json, torch, bench_triton_gpu as g\n"
+        "x = torch.randn(1, 3, 8, 16); x0 = torch.randn_like(x)\n"
+        "for name, k in g.CASES:\n"
+        "    m = g.measure_case(x, x0, name, k, 2, 3)\n"
+        "    print(json.dumps({'case': f'{name}_{k}', 'fields': sorted(m['triton'])}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["cspn_3", "cspn_7", "dyspn_7"]
+    expected = sorted(["forward_ms", "step_ms", "T_forward_ms", "T_fwd_bwd_ms", "step_fwd_bwd_over_fwd",
+                       "T_fwd_bwd_over_fwd"])  # fmt: skip
+    assert all(r["fields"] == expected for r in rows)
