@@ -365,6 +365,31 @@ def test_dyspn_step_weights_backward_through_the_sigmoid_into_a_channel_slice(k,
                                                     logits_out=torch.empty(b, h, r + 1, w, dtype=dtype).transpose(1, 2))  # fmt: skip
 
 
+def test_dyspn_step_weight_kernels_refuse_shapes_they_would_read_past():
+    """The DySPN step-weight kernels take their sizes from the ring sums: an attention with R channels instead of
+    R+1 (a guidance cut one channel short), ring sums of two shapes, or a gradient of another shape is refused
+    with a ValueError naming it, before the kernel reads past a tensor's end."""
+    if cpu_propagation.library() is None:
+        pytest.skip("no C++ compiler here: the kernels do not run")
+    b, r, h, w = 2, 3, 4, 5
+    att, rsum, rabs = torch.rand(b, r + 1, h, w), torch.randn(b, r, h, w), torch.rand(b, r, h, w)
+    grads = (torch.randn(b, 1, h, w), torch.randn(b, 1, h, w), torch.randn(b, r, h, w))
+    assert cpu_propagation.dyspn_step_weights(att, rsum, rabs, 1e-6) is not None
+    assert cpu_propagation.dyspn_step_weights_backward(att, rsum, rabs, grads, (True, True, True), 1e-6) is not None
+    with pytest.raises(ValueError, match=r"attention must be \[2, 4, 4, 5\].*got \[2, 3, 4, 5\]"):
+        cpu_propagation.dyspn_step_weights(att[:, :r], rsum, rabs, 1e-6)
+    with pytest.raises(ValueError, match="ring_abs_sum must be"):
+        cpu_propagation.dyspn_step_weights(att, rsum, rabs[:, :2], 1e-6)
+    with pytest.raises(ValueError, match="attention must be"):
+        cpu_propagation.dyspn_step_weights_backward(att[:, :, :3], rsum, rabs, grads, (True, True, True), 1e-6)
+    with pytest.raises(ValueError, match=r"grad_ring_scale must be \[2, 3, 4, 5\]"):
+        cpu_propagation.dyspn_step_weights_backward(att, rsum, rabs, (*grads[:2], grads[2][:, :2]),
+                                                    (True, True, True), 1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="grad_self must be"):
+        cpu_propagation.dyspn_step_weights_backward(att, rsum, rabs, (grads[0][:, :, :2], None, None),
+                                                    (True, True, True), 1e-6)  # fmt: skip
+
+
 def test_stream_rows_reads_every_input_row_and_writes_every_output_row():
     """make bench's streaming floor moves exactly the maps it is given: the sum it returns is every input
     element's (37 columns: the vector loop and the scalar tail), every output element is written, and maps of

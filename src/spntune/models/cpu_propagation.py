@@ -444,6 +444,22 @@ def _check_channel_slice(name: str, out: Tensor, shape: torch.Size) -> None:
                          f"got {list(out.shape)} strides {out.stride()}")  # fmt: skip
 
 
+def _check_step_weight_shapes(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor,
+                              grads: tuple[Tensor | None, ...] = ()) -> None:  # fmt: skip
+    """Refuses (ValueError) tensors the DySPN step-weight kernels would read out of bounds: the ring sums of
+    one ``[B, R, H, W]`` shape, the attention ``[B, R+1, H, W]``, the gradients of ``(self, anchor,
+    ring_scale)`` ``[B, 1, H, W]``, ``[B, 1, H, W]``, ``[B, R, H, W]`` (None: zero)."""
+    b, r, h, w = ring_sum.shape
+    expected = {"ring_abs_sum": (ring_abs_sum, (b, r, h, w)), "attention": (attention, (b, r + 1, h, w))}
+    for name, g, shape in zip(("grad_self", "grad_anchor", "grad_ring_scale"), grads,
+                              ((b, 1, h, w), (b, 1, h, w), (b, r, h, w))):  # fmt: skip
+        expected[name] = (g, shape)
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} for ring sums of {list(ring_sum.shape)}, "
+                             f"got {list(t.shape)}")  # fmt: skip
+
+
 def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None, kernel_size: int,
                        addend: Tensor | None = None, out: Tensor | None = None) -> Tensor | None:  # fmt: skip
     """The affinity's gradient through ``ring_sums`` (``d a_j = grad_sum[ring(j)] + sign(a_j)
@@ -473,6 +489,7 @@ def dyspn_step_weights(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor
     fn = _entry("dyspn_step_weights", *tensors)
     if fn is None:
         return None
+    _check_step_weight_shapes(*tensors)
     att, rsum, rabs = (t.contiguous() for t in tensors)
     b, r, h, w = rsum.shape
     sw, aw = att.new_empty(b, 1, h, w), att.new_empty(b, 1, h, w)
@@ -492,6 +509,7 @@ def dyspn_step_weights_backward(attention: Tensor, ring_sum: Tensor, ring_abs_su
     fn = _entry("dyspn_step_weights_backward", attention, ring_sum, ring_abs_sum, *grads, logits_out)
     if fn is None:
         return None
+    _check_step_weight_shapes(attention, ring_sum, ring_abs_sum, grads)
     att, rsum, rabs = (t.contiguous() for t in (attention, ring_sum, ring_abs_sum))
     gsw, gaw, gscale = (g.contiguous() if g is not None else None for g in grads)
     out = [torch.empty_like(t) if need else None for t, need in zip((att, rsum, rabs), needs, strict=True)]

@@ -47,6 +47,7 @@ __all__ = [
     "AFFINITY_NORMS",
     "CENTRE_PLACEMENTS",
     "cspn_weights",
+    "dyspn_attention_channels",
     "dyspn_factored_weights",
     "dyspn_guidance_weights",
     "dyspn_ring_sums",
@@ -656,8 +657,9 @@ def dyspn_factored_weights(
     return affinity, self_weight, anchor, pi_ring / s_prime
 
 
-def _attention_channels(kernel_size: int, t: int) -> slice:
-    """Step t's R+1 attention channels in DySPN's guidance (after the k*k-1 affinities)."""
+def dyspn_attention_channels(kernel_size: int, t: int) -> slice:
+    """Step t's R+1 attention logits in DySPN's guidance ``[B, k*k-1 + (R+1)*T, H, W]``: after the k*k-1
+    affinities, iteration-major (``DySPNRefiner``'s layout, read here and by its ``step_weight``)."""
     n, per = num_neighbours(kernel_size), num_rings(kernel_size) + 1
     return slice(n + per * t, n + per * (t + 1))
 
@@ -679,7 +681,7 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
         sums = cpu_propagation.ring_sums(affinity, kernel_size)
         assert sums is not None  # dyspn_guidance_weights checked that the kernels take the guidance
         ring_sum, ring_abs_sum, _ = sums
-        attention = [guidance[:, _attention_channels(kernel_size, t)].sigmoid() for t in range(iterations)]
+        attention = [guidance[:, dyspn_attention_channels(kernel_size, t)].sigmoid() for t in range(iterations)]
         out: list[Tensor] = [affinity]
         for a in attention:
             step = cpu_propagation.dyspn_step_weights(a, ring_sum, ring_abs_sum, _EPS)
@@ -698,7 +700,7 @@ class _DySPNGuidanceWeights(torch.autograd.Function):
         grad_sum: Tensor | None = None
         grad_abs_sum: Tensor | None = None
         for t, a in enumerate(attention):
-            target = grad[:, _attention_channels(ctx.kernel_size, t)]
+            target = grad[:, dyspn_attention_channels(ctx.kernel_size, t)]
             step_grads = grad_steps[3 * t : 3 * t + 3]
             if all(g is None for g in step_grads):  # nothing reached this step's weights
                 target.zero_()

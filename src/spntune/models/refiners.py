@@ -19,6 +19,7 @@ from spntune.models.coarse import build_coarse
 from spntune.models.memory import contiguous
 from spntune.models.propagation import (
     cspn_weights,
+    dyspn_attention_channels,
     dyspn_factored_weights,
     dyspn_guidance_weights,
     dyspn_ring_sums,
@@ -341,10 +342,8 @@ class DySPNRefiner(_PropagationRefiner):
         """Factored weights ``(affinity, self, anchor, ring_scale)`` of step t alone (the recomputation of
         ``checkpoint_steps``): per step only ``[B, R+1, H, W]`` maps are computed; the ``[B, k*k-1, H, W]``
         neighbour weights are formed by the propagation kernel."""
-        n = num_neighbours(self.kernel_size)
-        start = n + (self.n_rings + 1) * t
-        attention = guidance[:, start : start + self.n_rings + 1].sigmoid()
-        return dyspn_factored_weights(guidance[:, :n], attention, self.kernel_size)
+        attention = guidance[:, dyspn_attention_channels(self.kernel_size, t)].sigmoid()
+        return dyspn_factored_weights(guidance[:, : num_neighbours(self.kernel_size)], attention, self.kernel_size)
 
     def step_weights(self, guidance: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         fused = dyspn_guidance_weights(guidance, self.kernel_size, self.iterations)  # one node on the C++ kernels
