@@ -365,10 +365,11 @@ def test_dyspn_step_weights_backward_through_the_sigmoid_into_a_channel_slice(k,
                                                     logits_out=torch.empty(b, h, r + 1, w, dtype=dtype).transpose(1, 2))  # fmt: skip
 
 
-def test_dyspn_step_weight_kernels_refuse_shapes_they_would_read_past():
-    """The DySPN step-weight kernels take their sizes from the ring sums: an attention with R channels instead of
-    R+1 (a guidance cut one channel short), ring sums of two shapes, or a gradient of another shape is refused
-    with a ValueError naming it, before the kernel reads past a tensor's end."""
+def test_weight_kernels_refuse_shapes_they_would_read_past():
+    """The weight-forming kernels take their sizes from one tensor (the DySPN step weights' from the ring sums, the
+    ring sums' and CSPN normalisation's from the affinity): an attention with R channels instead of R+1 (a guidance
+    cut one channel short), ring sums of two shapes, an affinity of another kernel size or a gradient of another
+    shape is refused with a ValueError naming it, before the kernel reads past a tensor's end."""
     if cpu_propagation.library() is None:
         pytest.skip("no C++ compiler here: the kernels do not run")
     b, r, h, w = 2, 3, 4, 5
@@ -388,6 +389,21 @@ def test_dyspn_step_weight_kernels_refuse_shapes_they_would_read_past():
     with pytest.raises(ValueError, match="grad_self must be"):
         cpu_propagation.dyspn_step_weights_backward(att, rsum, rabs, (grads[0][:, :, :2], None, None),
                                                     (True, True, True), 1e-6)  # fmt: skip
+    # the weight-forming kernels around them take their sizes from the affinity and kernel_size
+    aff = torch.randn(b, 48, h, w)
+    with pytest.raises(ValueError, match=r"affinity must be \[2, 8, 4, 5\] for kernel_size=3, got \[2, 48, 4, 5\]"):
+        cpu_propagation.ring_sums(aff, 3)
+    with pytest.raises(ValueError, match=r"grad_sum must be \[2, 3, 4, 5\]"):
+        cpu_propagation.ring_sums_backward(aff, rsum[:, :2], None, 7)
+    with pytest.raises(ValueError, match="addend must be"):
+        cpu_propagation.ring_sums_backward(aff, rsum, rabs, 7, addend=aff[:, :8])
+    assert cpu_propagation.ring_sums_backward(aff, rsum, rabs, 7, addend=aff) is not None
+    saved = cpu_propagation.cspn_normalise(aff, 1e-6)[1:4]
+    with pytest.raises(ValueError, match=r"grad_kappa must be \[2, 48, 4, 5\]"):
+        cpu_propagation.cspn_normalise_backward(aff, aff[:, :8], None, saved, 1e-6)
+    with pytest.raises(ValueError, match="grad_centre must be"):
+        cpu_propagation.cspn_normalise_backward(aff, aff, aff[:, :2], saved, 1e-6)
+    assert cpu_propagation.cspn_normalise_backward(aff, aff, aff[:, :1], saved, 1e-6) is not None
 
 
 def test_stream_rows_reads_every_input_row_and_writes_every_output_row():

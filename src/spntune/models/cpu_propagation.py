@@ -413,8 +413,11 @@ def cspn_normalise_backward(affinity: Tensor, grad_kappa: Tensor | None, grad_ce
     fn = _entry("cspn_normalise_backward", *tensors)
     if fn is None:
         return None
+    b, k, h, w = affinity.shape
+    one = (b, 1, h, w)
+    _check_shapes(f"for an affinity of {list(affinity.shape)}", grad_kappa=(grad_kappa, affinity.shape),
+                  grad_centre=(grad_centre, one), abs_sum=(saved[0], one), inv=(saved[1], one), total=(saved[2], one))  # fmt: skip
     a, gk, gc, abs_sum, inv, total = (t.contiguous() if t is not None else None for t in tensors)
-    b, k, h, w = a.shape  # type: ignore[union-attr]
     out = empty_like(a)  # type: ignore[arg-type]
     fn(*(_ptr(t) for t in (a, gk, gc, abs_sum, inv, total, out)), b, k, h * w, floor, torch.get_num_threads())
     return out
@@ -427,8 +430,9 @@ def ring_sums(affinity: Tensor, kernel_size: int) -> tuple[Tensor, Tensor, Tenso
     fn = _entry("ring_sums", affinity)
     if fn is None:
         return None
+    b, _, h, w = affinity.shape
+    _check_shapes(f"for kernel_size={kernel_size}", affinity=(affinity, (b, kernel_size * kernel_size - 1, h, w)))
     a = contiguous(affinity)
-    b, _, h, w = a.shape
     sums = a.new_empty(b, kernel_size // 2, h, w)
     abs_sums = torch.empty_like(sums)
     fn(_ptr(a), _ptr(sums), _ptr(abs_sums), b, kernel_size, h * w, torch.get_num_threads())
@@ -444,20 +448,23 @@ def _check_channel_slice(name: str, out: Tensor, shape: torch.Size) -> None:
                          f"got {list(out.shape)} strides {out.stride()}")  # fmt: skip
 
 
+def _check_shapes(context: str, **expected: tuple[Tensor | None, tuple[int, ...]]) -> None:
+    """Refuses (ValueError naming it) a tensor the kernels would read or write out of bounds: each ``name=(tensor,
+    shape)`` not of its shape (None passes). The kernels take every size from one tensor (``context`` names it)."""
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must be {list(shape)} {context}, got {list(t.shape)}")
+
+
 def _check_step_weight_shapes(attention: Tensor, ring_sum: Tensor, ring_abs_sum: Tensor,
                               grads: tuple[Tensor | None, ...] = ()) -> None:  # fmt: skip
-    """Refuses (ValueError) tensors the DySPN step-weight kernels would read out of bounds: the ring sums of
-    one ``[B, R, H, W]`` shape, the attention ``[B, R+1, H, W]``, the gradients of ``(self, anchor,
-    ring_scale)`` ``[B, 1, H, W]``, ``[B, 1, H, W]``, ``[B, R, H, W]`` (None: zero)."""
+    """The DySPN step-weight kernels' shapes: the ring sums one ``[B, R, H, W]``, the attention ``[B, R+1, H, W]``,
+    the gradients of ``(self, anchor, ring_scale)`` ``[B, 1, H, W]``, ``[B, 1, H, W]``, ``[B, R, H, W]``."""
     b, r, h, w = ring_sum.shape
-    expected = {"ring_abs_sum": (ring_abs_sum, (b, r, h, w)), "attention": (attention, (b, r + 1, h, w))}
-    for name, g, shape in zip(("grad_self", "grad_anchor", "grad_ring_scale"), grads,
-                              ((b, 1, h, w), (b, 1, h, w), (b, r, h, w))):  # fmt: skip
-        expected[name] = (g, shape)
-    for name, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {list(shape)} for ring sums of {list(ring_sum.shape)}, "
-                             f"got {list(t.shape)}")  # fmt: skip
+    shapes = ((b, 1, h, w), (b, 1, h, w), (b, r, h, w))
+    gradients = dict(zip(("grad_self", "grad_anchor", "grad_ring_scale"), zip(grads, shapes)))
+    _check_shapes(f"for ring sums of {list(ring_sum.shape)}", ring_abs_sum=(ring_abs_sum, (b, r, h, w)),
+                  attention=(attention, (b, r + 1, h, w)), **gradients)  # fmt: skip
 
 
 def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: Tensor | None, kernel_size: int,
@@ -471,8 +478,12 @@ def ring_sums_backward(affinity: Tensor, grad_sum: Tensor | None, grad_abs_sum: 
     fn = _entry("ring_sums_backward", *tensors)
     if fn is None:
         return None
+    b, _, h, w = affinity.shape
+    r = kernel_size // 2
+    _check_shapes(f"for kernel_size={kernel_size} and an affinity of {list(affinity.shape)}",
+                  affinity=(affinity, (b, kernel_size * kernel_size - 1, h, w)), grad_sum=(grad_sum, (b, r, h, w)),
+                  grad_abs_sum=(grad_abs_sum, (b, r, h, w)), addend=(addend, affinity.shape))  # fmt: skip
     a, gs, ga, add = (t.contiguous() if t is not None else None for t in tensors[:4])
-    b, _, h, w = a.shape  # type: ignore[union-attr]
     if out is None:
         out = empty_like(a)  # type: ignore[arg-type]
     else:
