@@ -1505,8 +1505,6 @@ void dyspn_step_weights_backward(const T* att, const T* S, const T* A, const T* 
     }
 }
 
-}  // namespace
-
 // The streaming floor of a step's traffic (benchmarks/bench_propagation.py), no arithmetic but the reads'
 // sum: for every row (b, y) of the [B, *, H, W] maps, in the kernels' order (each thread a block of rows),
 // reads row y of each of the in_ch[i] channels of every input ins[i] and writes row y of each channel of
@@ -1553,6 +1551,8 @@ double stream_rows(const T* const* ins, const long* in_ch, int n_in, T* const* o
     }
     return total;
 }
+
+}  // namespace
 
 // Pointers: nw is the neighbour weight (or the affinity where rs is given); rs, sw, aw may be null; of
 // the gradients, any output may be null (not computed), grs only means something with rs. With
