@@ -28,7 +28,8 @@
 // The backward is a gather by output row too: grad_h of row y collects nw * g from the rows whose
 // neighbours land on y (the replicate padding folded back onto the border), from zero-padded
 // copies of those rows, so no two threads ever write the same element and no atomics are needed.
-// Rows at least r from the top and bottom gather through stencil_block as well.
+// Rows at least r from the top and bottom gather through stencil_block as well; for radius 1 on rows a whole
+// number of vectors wide, those rows take the whole backward in one sweep instead (fused_backward_row3).
 //
 // Each output row asks for the rows the next one reads first from memory (RowPrefetch): in a burst where
 // the step fits in the last-level cache, spread over the row's chunks where it does not; such a step also
@@ -922,6 +923,103 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
     fence_streams();
 }
 
+#ifndef SPN_FUSED3
+#define SPN_FUSED3 1
+#endif
+
+// The whole backward of one row at least R from the top and bottom, radius 1, for rows a whole number of vectors
+// wide: grad_h's gather, the weight gradients and the extras in one sweep over the row's chunks, each chunk one
+// pass over the channels. Per channel it loads g's three rows and h's three (two aligned vectors each, lane
+// shifts for the columns), and g's centre vector serves the gather, every weight gradient, grad_h0, the self
+// weight's term and gaw. Apart (backward_rows' passes), g's rows went through L1 three times and grad_h through
+// a padded row and a fold pass. CSPN 3x3, the backward alone on preallocated buffers, passes -> one sweep, the
+// two builds alternating in one process, 2-core Xeon VM: [4, 11, 192, 256] 2.210 / 2.233 / 2.247 -> 1.949 /
+// 1.881 / 1.890 ms; one thread, [2, 11, 192, 256] 1.80 -> 1.67-1.69 ms, [1, 11, 32, 256] (in L2) 0.165 ->
+// 0.132-0.136 ms. One step forward+backward through autograd 3.31-3.45 -> 3.01-3.09 ms, T=6 propagate
+// 24.98-26.48 -> 23.65-24.97 ms (four rounds). The sweep alone on rows in L1 (a standalone harness) took
+// 1.37-1.52 us per 256-column row of 11 channels, 20-22 cycles per channel and chunk at 2.6 GHz; in the
+// kernel a row takes about 4 us: the rest is the rings' and the weights' copies and the caches below L1.
+// SPN_FUSED3=0 builds without it (the A/B above).
+//   rows[i]: g's zero-padded ring row y + 1 - i (image column x at [2 + x]); ws[i * 3 + s]: the gather's weight
+//   rows by window position, indexed by padded target column (target x at [1 + x]), the centre a row of zeros;
+//   hrows[i]: h's replicate-padded ring row y + i - 1 (column x at [1 + x]); wouts[p]: the weight gradients'
+//   rows by window position (centre null). gh, gh0: channel 0 of grad_h's and grad_h0's row, channels HW
+//   apart; h0 likewise; sw, aw, gsw, gaw: the rows of those maps (null: absent / not wanted).
+template <class P, typename T>
+inline void fused_backward_row3(long W, long C, long HW, long gcs, long hcs, const T* const* rows,
+                                const T* const* ws, const T* const* hrows, T* const* wouts, T* gh, T* gh0,
+                                const T* h0, const T* sw, const T* aw, T* gsw, T* gaw, bool accumulate,
+                                bool stream_w, bool stream_g, const RowPrefetch& pf) {
+    using V = typename P::V;
+    constexpr long L = P::lanes;
+    using Lanes = std::make_integer_sequence<int, int(L)>;
+    for (long u = 0; u < W; u += L) {
+        pf.chunk<T>(u, L, W);
+        V wv[9], acc[9];
+#pragma GCC unroll 9
+        for (int p = 0; p < 9; ++p) {
+            wv[p] = p == 4 ? V{} + T(0) : ld<V>(ws[p] + u + 1);
+            acc[p] = V{} + T(0);
+        }
+        const V swv = sw ? ld<V>(sw + u) : V{} + T(0), awv = aw ? ld<V>(aw + u) : V{} + T(0);
+        V saw = V{} + T(0);
+        for (long c = 0; c < C; ++c) {
+            V out = V{} + T(0), gy{};
+#pragma GCC unroll 3
+            for (int i = 0; i < 3; ++i) {
+                const T* row = rows[i] + c * gcs + u;
+                const V a = ld<V>(row), b = ld<V>(row + L);
+                if (i == 1) {
+                    gy = lane_shift<2>(a, b, Lanes{});
+                    out += wv[3] * lane_shift<1>(a, b, Lanes{}) + wv[5] * lane_shift<3>(a, b, Lanes{});
+                } else {
+                    out += wv[3 * i] * lane_shift<1>(a, b, Lanes{}) + wv[3 * i + 1] * lane_shift<2>(a, b, Lanes{}) +
+                           wv[3 * i + 2] * lane_shift<3>(a, b, Lanes{});
+                }
+            }
+#pragma GCC unroll 3
+            for (int i = 0; i < 3; ++i) {
+                const T* row = hrows[i] + c * hcs + u;
+                const V a = ld<V>(row), b = ld<V>(row + L);
+                acc[3 * i] += gy * a;
+                acc[3 * i + 1] += gy * lane_shift<1>(a, b, Lanes{});
+                acc[3 * i + 2] += gy * lane_shift<2>(a, b, Lanes{});
+            }
+            if (gaw) saw += gy * ld<V>(h0 + c * HW + u);
+            if (sw) out += swv * gy;
+            if (gh0) {
+                T* o = gh0 + c * HW + u;
+                if (accumulate)
+                    st(o, ld<V>(o) + awv * gy);
+                else
+                    put(o, awv * gy, stream_g);
+            }
+            // the adjoint of the replicate padding: targets x = -1 and x = W fold onto columns 0 and W - 1
+            if (u == 0) {
+                T left = 0;
+                for (int p = 0; p < 9; ++p) left += ws[p][0] * rows[p / 3][c * gcs + p % 3];
+                out[0] += left;
+            }
+            if (u + L == W) {
+                T right = 0;
+                for (int p = 0; p < 9; ++p) right += ws[p][W + 1] * rows[p / 3][c * gcs + W + 1 + p % 3];
+                out[L - 1] += right;
+            }
+            put(gh + c * HW + u, out, stream_g);
+        }
+        for (int p = 0; p < 9; ++p) {
+            if (p == 4) continue;
+            T* o = wouts[p] + u;
+            if (accumulate)
+                st(o, ld<V>(o) + acc[p]);
+            else
+                put(o, acc[p], stream_w);
+        }
+        if (gsw) st(gsw + u, acc[4]);
+        if (gaw) st(gaw + u, saw);
+    }
+}
+
 template <typename T, class P>
 void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs, const T* sw, const T* aw, T* gh,
                    T* gh0, T* gnw, T* grs, T* gsw, T* gaw, long B, long C, long H, long W, const Offsets& off,
@@ -986,6 +1084,9 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     std::vector<const T*> hrows(D), fscale(D * D), faff(D * D);
     std::vector<T*> wouts(D * D, nullptr), fgring(D * D);  // by window position; wouts' centre stays null
     RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
+    // Rows r from the border, radius 1, every chunk a whole vector: the one sweep of fused_backward_row3.
+    const bool fused = SPN_FUSED3 && r == 1 && stencil && gnw && !rs && W % P::lanes == 0 && P::lanes >= 4;
+    std::vector<T*> fouts(fused ? D * D : 0, nullptr);  // grad_nw's rows by window position
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
@@ -1031,6 +1132,27 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                 if (gh0)
                     for (long c = 0; c < C; ++c) pf.add(gh0 + ((nb * C + c) * H + ny) * W, W);
             }
+        }
+        if constexpr (stencil_fits<P>(1)) {
+          if (fused && y >= r && y < H - r) {
+            for (int d = -r; d <= r; ++d) hrows[d + r] = hring.at(hring.slot(b, y + d), 0);
+            for (int j = 0; j < K; ++j) wrow[j] = nw + (b * K + j) * HW + (y - off.dy[j]) * W;
+            for (int q = 0; q < std::min(K, SPN_AHEAD); ++q) prefetch_row(wrow[q], W);
+            for (int j = 0; j < K; ++j) {
+                if (j + SPN_AHEAD < K) prefetch_row(wrow[j + SPN_AHEAD], W);
+                T* pad = nwpad.data() + j * wide;
+                std::memcpy(pad + 2 * r, wrow[j], sizeof(T) * W);
+                ws[(off.dy[j] + r) * D + r - off.dx[j]] = pad + r - off.dx[j];
+                fouts[(off.dy[j] + r) * D + off.dx[j] + r] = gnw + (b * K + j) * HW + at;
+            }
+            for (int d = -r; d <= r; ++d) rows[d + r] = gring.at(gring.slot(b, y - d), 0);
+            const long item = b * C * HW + at, plane = b * HW + at;
+            fused_backward_row3<P>(W, C, HW, gring.channel_stride(), hring.channel_stride(), rows.data(), ws.data(),
+                                   hrows.data(), fouts.data(), gh + item, gh0 ? gh0 + item : nullptr, h0 ? h0 + item : nullptr,
+                                   sw ? sw + plane : nullptr, aw ? aw + plane : nullptr, gsw ? gsw + plane : nullptr,
+                                   gaw ? gaw + plane : nullptr, accumulate, stream_w, stream_g, pf);
+            continue;
+          }
         }
         Extras<T> e;  // with the weight gradients where they are wanted, else on their own below
         e.gsw = gsw ? gsw + b * HW + at : nullptr;
