@@ -117,8 +117,8 @@ def test_3x3_rows_of_whole_vectors_match_the_reference(variant, dtype, tol):
     """3x3 steps on rows a whole number of vectors wide (16 float32 or 8 float64 lanes with AVX-512, 8 / 4
     with AVX2) run their backward on rows one from the border in one sweep (fused_backward_row3: grad_h's
     gather with the border folds, the weight gradients, the self and anchor terms): every gradient against the
-    unfold reference, at one inner row (height 3), several, one vector per row, and 11 channels. Materialised
-    DySPN weights take that sweep too, factored ones (a ring scale) do not."""
+    unfold reference, at one inner row (height 3), several, one vector per row, and 11 channels; DySPN's
+    factored weights too (the affinity's gradient times the ring scale, the ring scale's summed over the window)."""
     for shape in ((2, 5, 3, 32), (1, 11, 7, 64), (2, 3, 6, 16)):
         errors = _errors(propagate_step, 3, variant, shape, dtype)
         assert max(errors.values()) <= tol, (shape, errors)

@@ -939,17 +939,22 @@ void forward_rows(const T* h, const T* h0, const T* nw, const T* rs, const T* sw
 // 24.98-26.48 -> 23.65-24.97 ms (four rounds). The sweep alone on rows in L1 (a standalone harness) took
 // 1.37-1.52 us per 256-column row of 11 channels, 20-22 cycles per channel and chunk at 2.6 GHz; in the
 // kernel a row takes about 4 us: the rest is the rings' and the weights' copies and the caches below L1.
-// SPN_FUSED3=0 builds without it (the A/B above).
+// DySPN 3x3 (factored weights), the backward alone at [4, 11, 192, 256]: 2.257 / 2.132 / 2.221 -> 1.816 / 1.844
+// / 1.830 ms. SPN_FUSED3=0 builds without it (the A/B above).
 //   rows[i]: g's zero-padded ring row y + 1 - i (image column x at [2 + x]); ws[i * 3 + s]: the gather's weight
 //   rows by window position, indexed by padded target column (target x at [1 + x]), the centre a row of zeros;
 //   hrows[i]: h's replicate-padded ring row y + i - 1 (column x at [1 + x]); wouts[p]: the weight gradients'
 //   rows by window position (centre null). gh, gh0: channel 0 of grad_h's and grad_h0's row, channels HW
 //   apart; h0 likewise; sw, aw, gsw, gaw: the rows of those maps (null: absent / not wanted).
+//   Factored weights (DySPN's, its one ring at radius 1): aff[p], the affinity's rows by window position, and
+//   scale, the ring scale's row (ws then hold their products); wouts get the gradient times scale and grs (null:
+//   not wanted) the sum over the window of the gradient times aff[p]. aff null: plain weights.
 template <class P, typename T>
 inline void fused_backward_row3(long W, long C, long HW, long gcs, long hcs, const T* const* rows,
                                 const T* const* ws, const T* const* hrows, T* const* wouts, T* gh, T* gh0,
-                                const T* h0, const T* sw, const T* aw, T* gsw, T* gaw, bool accumulate,
-                                bool stream_w, bool stream_g, const RowPrefetch& pf) {
+                                const T* h0, const T* sw, const T* aw, T* gsw, T* gaw, const T* const* aff,
+                                const T* scale, T* grs, bool accumulate, bool stream_w, bool stream_g,
+                                const RowPrefetch& pf) {
     using V = typename P::V;
     constexpr long L = P::lanes;
     using Lanes = std::make_integer_sequence<int, int(L)>;
@@ -1007,14 +1012,19 @@ inline void fused_backward_row3(long W, long C, long HW, long gcs, long hcs, con
             }
             put(gh + c * HW + u, out, stream_g);
         }
+        const V sv = aff ? ld<V>(scale + u) : V{} + T(1);
+        V ring = V{} + T(0);
         for (int p = 0; p < 9; ++p) {
             if (p == 4) continue;
+            if (aff && grs) ring += acc[p] * ld<V>(aff[p] + u);
+            const V d = aff ? acc[p] * sv : acc[p];
             T* o = wouts[p] + u;
             if (accumulate)
-                st(o, ld<V>(o) + acc[p]);
+                st(o, ld<V>(o) + d);
             else
-                put(o, acc[p], stream_w);
+                put(o, d, stream_w);
         }
+        if (aff && grs) st(grs + u, ring);
         if (gsw) st(gsw + u, acc[4]);
         if (gaw) st(gaw + u, saw);
     }
@@ -1085,8 +1095,9 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     std::vector<T*> wouts(D * D, nullptr), fgring(D * D);  // by window position; wouts' centre stays null
     RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
     // Rows r from the border, radius 1, every chunk a whole vector: the one sweep of fused_backward_row3.
-    const bool fused = SPN_FUSED3 && r == 1 && stencil && gnw && !rs && W % P::lanes == 0 && P::lanes >= 4;
+    const bool fused = SPN_FUSED3 && r == 1 && stencil && gnw && W % P::lanes == 0 && P::lanes >= 4;
     std::vector<T*> fouts(fused ? D * D : 0, nullptr);  // grad_nw's rows by window position
+    std::vector<const T*> faffs(fused ? D * D : 0, nullptr);  // the affinity's rows by window position (rs)
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
@@ -1141,16 +1152,25 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             for (int j = 0; j < K; ++j) {
                 if (j + SPN_AHEAD < K) prefetch_row(wrow[j + SPN_AHEAD], W);
                 T* pad = nwpad.data() + j * wide;
-                std::memcpy(pad + 2 * r, wrow[j], sizeof(T) * W);
+                if (rs) {  // the effective weight row: affinity times its ring's scale (one ring at radius 1)
+                    const T* a = wrow[j];
+                    const T* scale = rs + b * HW + (y - off.dy[j]) * W;
+                    for (long x = 0; x < W; ++x) pad[2 * r + x] = a[x] * scale[x];
+                } else {
+                    std::memcpy(pad + 2 * r, wrow[j], sizeof(T) * W);
+                }
                 ws[(off.dy[j] + r) * D + r - off.dx[j]] = pad + r - off.dx[j];
                 fouts[(off.dy[j] + r) * D + off.dx[j] + r] = gnw + (b * K + j) * HW + at;
+                faffs[(off.dy[j] + r) * D + off.dx[j] + r] = nw + (b * K + j) * HW + at;
             }
             for (int d = -r; d <= r; ++d) rows[d + r] = gring.at(gring.slot(b, y - d), 0);
             const long item = b * C * HW + at, plane = b * HW + at;
             fused_backward_row3<P>(W, C, HW, gring.channel_stride(), hring.channel_stride(), rows.data(), ws.data(),
                                    hrows.data(), fouts.data(), gh + item, gh0 ? gh0 + item : nullptr, h0 ? h0 + item : nullptr,
                                    sw ? sw + plane : nullptr, aw ? aw + plane : nullptr, gsw ? gsw + plane : nullptr,
-                                   gaw ? gaw + plane : nullptr, accumulate, stream_w, stream_g, pf);
+                                   gaw ? gaw + plane : nullptr, rs ? faffs.data() : nullptr,
+                                   rs ? rs + plane : nullptr, grs ? grs + plane : nullptr, accumulate, stream_w,
+                                   stream_g, pf);
             continue;
           }
         }
