@@ -1144,26 +1144,56 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
                     for (long c = 0; c < C; ++c) pf.add(gh0 + ((nb * C + c) * H + ny) * W, W);
             }
         }
-        if constexpr (stencil_fits<P>(1)) {
-          if (fused && y >= r && y < H - r) {
-            for (int d = -r; d <= r; ++d) hrows[d + r] = hring.at(hring.slot(b, y + d), 0);
-            for (int j = 0; j < K; ++j) wrow[j] = nw + (b * K + j) * HW + (y - off.dy[j]) * W;
-            for (int q = 0; q < std::min(K, SPN_AHEAD); ++q) prefetch_row(wrow[q], W);
-            for (int j = 0; j < K; ++j) {
-                if (j + SPN_AHEAD < K) prefetch_row(wrow[j + SPN_AHEAD], W);
-                T* pad = nwpad.data() + j * wide;
-                if (rs) {  // the effective weight row: affinity times its ring's scale (one ring at radius 1)
-                    const T* a = wrow[j];
-                    const T* scale = rs + b * HW + (y - off.dy[j]) * W;
-                    for (long x = 0; x < W; ++x) pad[2 * r + x] = a[x] * scale[x];
-                } else {
-                    std::memcpy(pad + 2 * r, wrow[j], sizeof(T) * W);
+        // grad_h of row y: for every unclamped target row v that clamps to y (y itself; also -r..-1 for
+        // y = 0 and H..H-1+r for y = H-1) and every neighbour j whose source row q = v - dy_j is in the
+        // image, target column u receives nw[j][q][u - dx_j] * g[q][u - dx_j]. Targets u in [-r, W+r) are
+        // gathered into tpad[u + r] from the zero-padded rows, then the padding is folded onto columns 0
+        // and W-1 (the adjoint of replicate padding).
+        // The weight rows are copied zero-padded into nwpad (w[n], the source rows' g at src[n]); rows whose 2r+1
+        // source rows are all in the image (inner) take the stencil path: neighbour j's source row q = y - dy_j is
+        // stencil row dy_j + r, read at shift r - dx_j (the centre at zero weight). Returns the pairs' count.
+        const bool inner = stencil && y >= r && y < H - r;
+        auto gather_weights = [&]() {
+            const long v_lo = y == 0 ? -r : y, v_hi = y == H - 1 ? H - 1 + r : y;
+            int n = 0;  // (v, j) pairs with the source row in the image
+            int pairs = 0;  // their weight rows, asked for SPN_AHEAD ahead of the one copied
+            for (long v = v_lo; v <= v_hi; ++v)
+                for (int j = 0; j < K; ++j)
+                    if (const long q = v - off.dy[j]; q >= 0 && q < H) wrow[pairs++] = nw + (b * K + j) * HW + q * W;
+            for (int q = 0; q < std::min(pairs, SPN_AHEAD); ++q) prefetch_row(wrow[q], W);
+            for (long v = v_lo; v <= v_hi; ++v) {
+                for (int j = 0; j < K; ++j) {
+                    const long q = v - off.dy[j];
+                    if (q < 0 || q >= H) continue;
+                    if (n + SPN_AHEAD < pairs) prefetch_row(wrow[n + SPN_AHEAD], W);
+                    T* pad = nwpad.data() + n * wide;
+                    const T* a = wrow[n];
+                    if (rs) {  // the effective weight row: affinity times its ring's scale
+                        const T* scale = rs + (b * R + off.ring[j]) * HW + q * W;
+                        for (long x = 0; x < W; ++x) pad[2 * r + x] = a[x] * scale[x];
+                    } else {
+                        std::memcpy(pad + 2 * r, a, sizeof(T) * W);
+                    }
+                    w[n] = pad + r - off.dx[j];
+                    const long slot = gring.slot(b, q);
+                    src[n] = gring.at(slot, 0) + r - off.dx[j];
+                    ++n;
                 }
-                ws[(off.dy[j] + r) * D + r - off.dx[j]] = pad + r - off.dx[j];
+            }
+            if (inner) {
+                for (int d = -r; d <= r; ++d) rows[d + r] = gring.at(gring.slot(b, y - d), 0);
+                for (int j = 0; j < K; ++j) ws[(off.dy[j] + r) * D + r - off.dx[j]] = w[j];
+            }
+            return n;
+        };
+        if constexpr (stencil_fits<P>(1)) {
+          if (fused && inner) {
+            for (int d = -r; d <= r; ++d) hrows[d + r] = hring.at(hring.slot(b, y + d), 0);
+            gather_weights();  // an inner row: neighbour j is pair j, its padded weight row ws' by window position
+            for (int j = 0; j < K; ++j) {
                 fouts[(off.dy[j] + r) * D + off.dx[j] + r] = gnw + (b * K + j) * HW + at;
                 faffs[(off.dy[j] + r) * D + off.dx[j] + r] = nw + (b * K + j) * HW + at;
             }
-            for (int d = -r; d <= r; ++d) rows[d + r] = gring.at(gring.slot(b, y - d), 0);
             const long item = b * C * HW + at, plane = b * HW + at;
             fused_backward_row3<P>(W, C, HW, gring.channel_stride(), hring.channel_stride(), rows.data(), ws.data(),
                                    hrows.data(), fouts.data(), gh + item, gh0 ? gh0 + item : nullptr, h0 ? h0 + item : nullptr,
@@ -1271,46 +1301,9 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
             }
         }
         if (!gh) continue;
-        // grad_h of row y: for every unclamped target row v that clamps to y (y itself; also -r..-1 for
-        // y = 0 and H..H-1+r for y = H-1) and every neighbour j whose source row q = v - dy_j is in the
-        // image, target column u receives nw[j][q][u - dx_j] * g[q][u - dx_j]. Targets u in [-r, W+r) are
-        // gathered into tpad[u + r] from the zero-padded rows, then the padding is folded onto columns 0
-        // and W-1 (the adjoint of replicate padding).
-        const long v_lo = y == 0 ? -r : y, v_hi = y == H - 1 ? H - 1 + r : y;
-        int n = 0;  // (v, j) pairs with the source row in the image
-        int pairs = 0;  // their weight rows, asked for SPN_AHEAD ahead of the one copied
-        for (long v = v_lo; v <= v_hi; ++v)
-            for (int j = 0; j < K; ++j)
-                if (const long q = v - off.dy[j]; q >= 0 && q < H) wrow[pairs++] = nw + (b * K + j) * HW + q * W;
-        for (int q = 0; q < std::min(pairs, SPN_AHEAD); ++q) prefetch_row(wrow[q], W);
-        for (long v = v_lo; v <= v_hi; ++v) {
-            for (int j = 0; j < K; ++j) {
-                const long q = v - off.dy[j];
-                if (q < 0 || q >= H) continue;
-                if (n + SPN_AHEAD < pairs) prefetch_row(wrow[n + SPN_AHEAD], W);
-                T* pad = nwpad.data() + n * wide;
-                const T* a = wrow[n];
-                if (rs) {  // the effective weight row: affinity times its ring's scale
-                    const T* scale = rs + (b * R + off.ring[j]) * HW + q * W;
-                    for (long x = 0; x < W; ++x) pad[2 * r + x] = a[x] * scale[x];
-                } else {
-                    std::memcpy(pad + 2 * r, a, sizeof(T) * W);
-                }
-                w[n] = pad + r - off.dx[j];
-                const long slot = gring.slot(b, q);
-                src[n] = gring.at(slot, 0) + r - off.dx[j];
-                ++n;
-            }
-        }
         auto zero = [&](long, long) { return V{} + T(0); };
         auto store = [&](long c, long t, V a) { st(tpad.data() + c * tlen + t, a); };
-        // Rows whose 2r+1 source rows are all in the image take the stencil path: neighbour j's source
-        // row q = y - dy_j is stencil row dy_j + r, read at shift r - dx_j (the centre at zero weight).
-        const bool inner = stencil && y >= r && y < H - r;
-        if (inner) {
-            for (int d = -r; d <= r; ++d) rows[d + r] = gring.at(gring.slot(b, y - d), 0);
-            for (int j = 0; j < K; ++j) ws[(off.dy[j] + r) * D + r - off.dx[j]] = w[j];
-        }
+        const int n = gather_weights();
         forward_row<P, false>(inner ? r : 0, tlen, C, n, gring.channel_stride(), w.data(), w.data(), src.data(),
                               ws.data(), ws.data(), rows.data(), zero, store, pf);
         const T* swr = sw ? sw + b * HW + at : nullptr;
