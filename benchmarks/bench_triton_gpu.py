@@ -47,11 +47,6 @@ SHAPES = ([4, 11, 192, 256], [8, 21, 512, 512])
 CASES = (("cspn", 3), ("cspn", 7), ("dyspn", 7))
 
 
-def _forward(x: torch.Tensor, x0: torch.Tensor, weights: tuple, k: int) -> None:  # type: ignore[type-arg]
-    with torch.no_grad():
-        _call(propagate_step, x, x0, weights, k)
-
-
 def measure_case(x: torch.Tensor, x0: torch.Tensor, name: str, k: int, iterations: int, repeats: int,
                  backends: tuple[str, ...] = ("torch", "triton")) -> dict[str, Any]:  # fmt: skip
     """One case on ``x``'s device, per backend (``set_propagation_backend``): one step's forward and
@@ -65,7 +60,7 @@ def measure_case(x: torch.Tensor, x0: torch.Tensor, name: str, k: int, iteration
     att = torch.rand(b, (num_rings(k) + 1) * iterations, h, w, device=x.device)  # DySPN: each step's attention
     weights = first_step_weights(name, k, aff, att)
     trial = refiner_and_guidance(name, k, aff, att, iterations, c)
-    fns = {"forward": partial(_forward, x, x0, weights, k),
+    fns = {"forward": partial(_call, propagate_step, x, x0, weights, k),  # no input requires grad: no graph
            "step": partial(_step_fwd_bwd, propagate_step, x, x0, weights, k),
            "T_forward": partial(_propagate_forward, x0, *trial),
            "T_fwd_bwd": partial(_propagate_fwd_bwd, x0, *trial)}  # fmt: skip
