@@ -956,10 +956,16 @@ def test_the_group_budget_is_half_the_last_level_cache(tmp_path, monkeypatch):
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: None)
         assert cpu_propagation.group_bytes() == 16 << 20  # unknown: the default
         # a server's L3 seen from a VM with 2 CPUs (480 MB in sysfs): at most 16 MB per usable CPU is counted
+        # for the prefetch choice, 32 MB for the groups
         cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 480 << 20)
         monkeypatch.setattr(cpu_propagation, "usable_cpus", lambda: 2)
+        assert (cpu_propagation.cache_bytes(), cpu_propagation.group_bytes()) == (32 << 20, 32 << 20)
+        cpu_propagation._machine_cache_bytes.cache_clear()
+        monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 32 << 20)  # the EPYC VM: its L3
         assert (cpu_propagation.cache_bytes(), cpu_propagation.group_bytes()) == (32 << 20, 16 << 20)
+        cpu_propagation._machine_cache_bytes.cache_clear()
+        monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 480 << 20)
         cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "usable_cpus", lambda: 64)  # the whole socket: all of it
         assert (cpu_propagation.cache_bytes(), cpu_propagation.group_bytes()) == (480 << 20, 240 << 20)

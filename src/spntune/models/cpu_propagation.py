@@ -317,6 +317,21 @@ def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cach
 # EPYC VM where the kernels were tuned (32 MB L3, 2 CPUs) the cap changes nothing, unless the process is pinned
 # to one of the two CPUs (taskset): 16 MB then.
 _MAX_CACHE_PER_CPU = 16 << 20
+# Item-major groups (group_bytes) count twice that share of such an L3: the groups' budget there was half of
+# 32 MB, so one item took a group wherever its step moved 8 MB or more, and each group's T steps cost a kernel
+# call per step, rings filled anew and Python around each. T=6 steps through propagate forward / forward+
+# backward, group budget 16 -> 32 MB, alternating in one process on the Xeon VM (best of 7), ms:
+# - [8, 11, 192, 256] (configs/camvid.yaml's maps; groups 1 -> 3 items for 3x3, 1 -> 2 for 7x7): CSPN 3x3 17.1 /
+#   51.7 -> 13.2 / 47.6 (with 64 MB: 13.0 / 46.7; another run 16.5 / 54.6 -> 12.7 / 47.5 at 64 MB), CSPN 7x7
+#   49.5 / 147.0 -> 46.1 / 144.9, DySPN 7x7 62.6 / 195.1 -> 62.5 / 194.3;
+# - [8, 21, 256, 256] (one item a group either way, every step moves 19-30 MB an item): 92.3 / 289.4, 113.0 /
+#   360.1 and 36.6 / 117.4 against 90.6 / 288.6, 112.7 / 363.8 and 37.0 / 123.4: this host's noise;
+# - the whole batch as one group (what a budget of 32 MB gives at [8, 11, 96, 128] and [4, 11, 192, 256]) against
+#   the 16 MB groups: at [8, 11, 96, 128] CSPN 7x7 11.1 / 43.1 against 13.5 / 45.5, DySPN 7x7 14.8 / 55.9
+#   against 17.7 / 62.0, CSPN 3x3 4.8 / 15.0 against 4.9 / 16.8; at [4, 11, 192, 256] 24.0 / 76.4, 31.0 / 109.4
+#   and 7.0 / 26.2 against 26.6 / 78.3, 34.7 / 109.3 and 8.0 / 26.9.
+# On a CPU whose L3 is at most 16 MB a CPU (the EPYC VM) both caps leave its size.
+_MAX_GROUP_CACHE_PER_CPU = 32 << 20
 
 
 def usable_cpus() -> int:
@@ -328,10 +343,10 @@ def usable_cpus() -> int:
 
 
 @cache
-def _machine_cache_bytes() -> int:
-    """The last-level cache's size, at most ``_MAX_CACHE_PER_CPU`` per usable CPU; 32 MB where unknown."""
+def _machine_cache_bytes(per_cpu: int = _MAX_CACHE_PER_CPU) -> int:
+    """The last-level cache's size, at most ``per_cpu`` per usable CPU; 32 MB where unknown."""
     size = last_level_cache_bytes() or _DEFAULT_CACHE_BYTES
-    return min(size, _MAX_CACHE_PER_CPU * usable_cpus())
+    return min(size, per_cpu * usable_cpus())
 
 
 def cache_bytes() -> int:
@@ -344,10 +359,11 @@ def cache_bytes() -> int:
 
 def group_bytes() -> int:
     """The step traffic one group of batch items may take (``fused_propagation.group_size``): half the
-    last-level cache as ``_machine_cache_bytes`` counts it, so that a group's maps and weights stay there from
-    step to step (16 MB where the cache size is unknown). Measured with 16 MB on the 2-core EPYC VM (32 MB L3): ``forward_steps``. Not moved
-    by ``_CACHE_BYTES`` (``fused_propagation._GROUP_BYTES`` fixes it)."""
-    return _machine_cache_bytes() // 2
+    last-level cache, at most ``_MAX_GROUP_CACHE_PER_CPU`` per usable CPU, so that a group's maps and weights
+    stay there from step to step (16 MB where the cache size is unknown). Measured with 16 MB on the 2-core
+    EPYC VM (32 MB L3): ``forward_steps``; on the 2-vCPU Xeon VM the cap's comment. Not moved by
+    ``_CACHE_BYTES`` (``fused_propagation._GROUP_BYTES`` fixes it)."""
+    return _machine_cache_bytes(_MAX_GROUP_CACHE_PER_CPU) // 2
 
 
 def backward_step(g: Tensor, h: Tensor, *tensors: Tensor | None, kernel_size: int, accumulate: bool) -> None:
