@@ -964,7 +964,6 @@ def test_the_group_budget_is_half_the_last_level_cache(tmp_path, monkeypatch):
         cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 32 << 20)  # the EPYC VM: its L3
         assert (cpu_propagation.cache_bytes(), cpu_propagation.group_bytes()) == (32 << 20, 16 << 20)
-        cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "last_level_cache_bytes", lambda: 480 << 20)
         cpu_propagation._machine_cache_bytes.cache_clear()
         monkeypatch.setattr(cpu_propagation, "usable_cpus", lambda: 64)  # the whole socket: all of it

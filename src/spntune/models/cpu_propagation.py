@@ -317,20 +317,22 @@ def last_level_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cach
 # EPYC VM where the kernels were tuned (32 MB L3, 2 CPUs) the cap changes nothing, unless the process is pinned
 # to one of the two CPUs (taskset): 16 MB then.
 _MAX_CACHE_PER_CPU = 16 << 20
-# Item-major groups (group_bytes) count twice that share of such an L3: the groups' budget there was half of
-# 32 MB, so one item took a group wherever its step moved 8 MB or more, and each group's T steps cost a kernel
-# call per step, rings filled anew and Python around each. T=6 steps through propagate forward / forward+
-# backward, group budget 16 -> 32 MB, alternating in one process on the Xeon VM (best of 7), ms:
-# - [8, 11, 192, 256] (configs/camvid.yaml's maps; groups 1 -> 3 items for 3x3, 1 -> 2 for 7x7): CSPN 3x3 17.1 /
-#   51.7 -> 13.2 / 47.6 (with 64 MB: 13.0 / 46.7; another run 16.5 / 54.6 -> 12.7 / 47.5 at 64 MB), CSPN 7x7
-#   49.5 / 147.0 -> 46.1 / 144.9, DySPN 7x7 62.6 / 195.1 -> 62.5 / 194.3;
-# - [8, 21, 256, 256] (one item a group either way, every step moves 19-30 MB an item): 92.3 / 289.4, 113.0 /
-#   360.1 and 36.6 / 117.4 against 90.6 / 288.6, 112.7 / 363.8 and 37.0 / 123.4: this host's noise;
-# - the whole batch as one group (what a budget of 32 MB gives at [8, 11, 96, 128] and [4, 11, 192, 256]) against
-#   the 16 MB groups: at [8, 11, 96, 128] CSPN 7x7 11.1 / 43.1 against 13.5 / 45.5, DySPN 7x7 14.8 / 55.9
-#   against 17.7 / 62.0, CSPN 3x3 4.8 / 15.0 against 4.9 / 16.8; at [4, 11, 192, 256] 24.0 / 76.4, 31.0 / 109.4
-#   and 7.0 / 26.2 against 26.6 / 78.3, 34.7 / 109.3 and 8.0 / 26.9.
-# On a CPU whose L3 is at most 16 MB a CPU (the EPYC VM) both caps leave its size.
+# Item-major groups (group_bytes) count twice that share of such an L3. With 16 MB a CPU their budget there was
+# 16 MB: at 192x256 and 11 classes one item's step moves 7.9 MB (CSPN 3x3), 15.4 MB (CSPN 7x7) or 16.1 MB
+# (DySPN 7x7), so groups held 2, 1 and 1 items, and each group's T steps cost a kernel call per step, its rings
+# filled anew and Python around each call; with 32 MB they hold 4, 2 and 1. T=6 steps through propagate forward
+# / forward+backward, group budget 16 -> 32 MB, alternating in one process on the Xeon VM (best of 7), ms:
+# - [8, 11, 192, 256] (configs/camvid.yaml's maps): CSPN 3x3 17.1 / 51.7 -> 13.2 / 47.6 (another run, 16 ->
+#   64 MB: 16.5 / 54.6 -> 12.7 / 47.5), CSPN 7x7 49.5 / 147.0 -> 46.1 / 144.9, DySPN 7x7 (the same groups)
+#   62.6 / 195.1 -> 62.5 / 194.3;
+# - [4, 11, 192, 256] (the bench's maps; 3x3: the whole batch): CSPN 3x3 10.9 / 32.7 -> 8.6 / 29.4, CSPN 7x7
+#   27.4 / 80.0 -> 23.6 / 79.0, DySPN 7x7 (the same groups) 35.4 / 111.0 -> 36.8 / 110.8;
+# - [8, 11, 96, 128] (groups of 7 and 3 items -> the whole batch and 7): CSPN 3x3 4.2 / 16.4 -> 4.0 / 16.7,
+#   CSPN 7x7 14.1 / 47.0 -> 12.3 / 42.6, DySPN 7x7 19.2 / 61.8 -> 16.6 / 57.8;
+# - [8, 21, 256, 256] (one item a group either way: 19-30 MB an item): 36.6 / 117.4, 92.3 / 289.4 and 113.0 /
+#   360.1 against 37.0 / 123.4, 90.6 / 288.6 and 112.7 / 363.8, this host's noise.
+# Larger budgets (64 MB, the whole batch) made that shape's 7x7 steps 4-6 % slower (two items a group). On a CPU
+# whose L3 is at most 16 MB a CPU (the EPYC VM) both caps leave its size.
 _MAX_GROUP_CACHE_PER_CPU = 32 << 20
 
 
@@ -358,9 +360,9 @@ def cache_bytes() -> int:
 
 
 def group_bytes() -> int:
-    """The step traffic one group of batch items may take (``fused_propagation.group_size``): half the
-    last-level cache, at most ``_MAX_GROUP_CACHE_PER_CPU`` per usable CPU, so that a group's maps and weights
-    stay there from step to step (16 MB where the cache size is unknown). Measured with 16 MB on the 2-core
+    """The step traffic one group of batch items may take (``fused_propagation.group_size``): half of
+    min(last-level cache, ``_MAX_GROUP_CACHE_PER_CPU`` x usable CPUs), so that a group's maps and weights stay
+    in the cache from step to step (16 MB where the cache size is unknown). Measured with 16 MB on the 2-core
     EPYC VM (32 MB L3): ``forward_steps``; on the 2-vCPU Xeon VM the cap's comment. Not moved by
     ``_CACHE_BYTES`` (``fused_propagation._GROUP_BYTES`` fixes it)."""
     return _machine_cache_bytes(_MAX_GROUP_CACHE_PER_CPU) // 2
