@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 UV_VERSION := 0.13.9
 
-.PHONY: install lock demo test test-slow bench lint clean
+.PHONY: install lock demo test test-slow bench gpu-wheels lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# For a session lent a GPU: the wheels benchmarks/gpu_check.sh installs on the device, whose Python 3.12 image
+# holds torch and triton but not segmentation-models-pytorch (pure Python; its own needs are all there).
+gpu-wheels: $(STAMP)
+	rm -rf .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	    $$(grep -m1 '^segmentation-models-pytorch==' $(LOCK))
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -23,6 +23,7 @@ backends (the tests run it on the CPU).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from functools import partial
 from importlib.util import find_spec
@@ -131,12 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=6, help="T for the forward+backward timing")
+    parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args(argv)
     _print_resources()
     r = measure(args.repeats, args.iterations)
     if r is None:
         print("bench_triton_gpu: no CUDA device or no triton here; nothing to measure.")
         return 0
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
     print(f"device {r['device']}, fp32, T={args.iterations}")
     header = (
         f"{'shape':>18} {'step':>9} | {'fwd torch':>9} {'fwd triton':>10} {'speed-up':>8} {'f+b/f':>6} | "

@@ -171,3 +171,70 @@ def test_gpu_bench_cases_run_on_the_triton_backend():
     expected = sorted(["forward_ms", "step_ms", "T_forward_ms", "T_fwd_bwd_ms", "step_fwd_bwd_over_fwd",
                        "T_fwd_bwd_over_fwd"])  # fmt: skip
     assert all(r["fields"] == expected for r in rows)
+
+
+def _check_module(monkeypatch):
+    monkeypatch.delitem(sys.modules, "check_triton_gpu", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import check_triton_gpu
+
+    return check_triton_gpu
+
+
+def test_gpu_check_passes_correct_kernels_and_catches_a_wrong_one(monkeypatch, capsys):
+    """``check_triton_gpu`` (what a device session runs before the GPU benchmark) on the CPU: the C++ kernels
+    (or the shifted slices, without a compiler) pass every check, in float64 and float32, one step and T steps
+    through ``propagate``; a step whose output is off by one part in a million fails both kinds, and gradients
+    off by as much fail too. Without CUDA its command line says so and exits 0."""
+    import torch
+
+    check = _check_module(monkeypatch)
+    backend = "cpp" if cpu_propagation.library() is not None else "torch"
+    records = check.run_checks("cpu", backend)
+    assert len(records) == 2 * 2 * len(check.CASES)
+    assert all(r["ok"] for r in records), [r for r in records if not r["ok"]]
+    assert {r["check"] for r in records} == {"step", "T=3"}
+
+    class Off(torch.autograd.Function):  # the output right, its gradient scaled by 1 + 1e-6
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * (1 + 1e-6)
+
+    real_step, real_propagate = check.propagate_step, check.propagate
+    cases = check.CASES[3:4]  # DySPN 7x7
+    monkeypatch.setattr(check, "propagate_step", lambda *a: real_step(*a) * (1 + 1e-6))
+    monkeypatch.setattr(
+        check, "propagate", lambda *a, **kw: (lambda o: (o[0] * (1 + 1e-6), o[1]))(real_propagate(*a, **kw))
+    )
+    wrong = check.run_checks("cpu", backend, (torch.float64,), cases)
+    assert [r["ok"] for r in wrong] == [False, False]
+    assert all(r["errors"]["output"] > r["tolerance"] for r in wrong)
+    monkeypatch.setattr(check, "propagate_step", lambda *a: Off.apply(real_step(*a)))
+    monkeypatch.setattr(check, "propagate", real_propagate)
+    wrong = check.run_checks("cpu", backend, (torch.float64,), cases)
+    assert wrong[0]["errors"]["output"] <= wrong[0]["tolerance"] < wrong[0]["errors"]["grad_aff"]
+    assert not wrong[0]["ok"] and wrong[1]["ok"]
+    assert check.main([]) == 0
+    assert "no CUDA device or no triton here; nothing checked" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~30 s: Triton's interpreter runs the kernels in numpy
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_check_runs_on_the_triton_kernels_under_the_interpreter():
+    """``check_triton_gpu``'s checks on the Triton kernels, on the CPU under Triton's interpreter
+    (``TRITON_INTERPRET=1`` before triton is imported: a subprocess), CSPN 3x3 and DySPN 7x7 in float64: a
+    device session finds the check already run against the backend it checks."""
+    script = (
+        "import json, torch, sys, check_triton_gpu as c\n"
+        "records = c.run_checks('cpu', 'triton', (torch.float64,), (c.CASES[1], c.CASES[3]))\n"
+        "print(json.dumps({'ok': [r['ok'] for r in records], 'triton': 'spntune.models.triton_propagation' in sys.modules}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result == {"ok": [True] * 4, "triton": True}
