@@ -150,6 +150,15 @@ def test_gpu_bench_case_times_what_a_trial_runs(monkeypatch, name, k):
     assert calls.count(False) == calls.count(True) == 2 * 3 * len(backends)
 
 
+def _interpreted(script: str) -> str:
+    """The output of ``script`` run with benchmarks/ on the path under Triton's interpreter
+    (``TRITON_INTERPRET=1``, set before triton is imported: a subprocess); fails the test where it fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.slow  # ~30 s: Triton's interpreter runs the kernels in numpy
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_gpu_bench_cases_run_on_the_triton_backend():
@@ -163,10 +172,7 @@ def test_gpu_bench_cases_run_on_the_triton_backend():
         "    m = g.measure_case(x, x0, name, k, 2, 3)\n"
         "    print(json.dumps({'case': f'{name}_{k}', 'fields': sorted(m['triton'])}))\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in _interpreted(script).splitlines() if line.startswith("{")]
     assert [r["case"] for r in rows] == ["cspn_3", "cspn_7", "dyspn_7"]
     expected = sorted(["forward_ms", "step_ms", "T_forward_ms", "T_fwd_bwd_ms", "step_fwd_bwd_over_fwd",
                        "T_fwd_bwd_over_fwd"])  # fmt: skip
@@ -233,8 +239,5 @@ def test_gpu_check_runs_on_the_triton_kernels_under_the_interpreter():
         "records = c.run_checks('cpu', 'triton', (torch.float64,), (c.CASES[1], c.CASES[3]))\n"
         "print(json.dumps({'ok': [r['ok'] for r in records], 'triton': 'spntune.models.triton_propagation' in sys.modules}))\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
+    result = json.loads(_interpreted(script).splitlines()[-1])
     assert result == {"ok": [True] * 4, "triton": True}
