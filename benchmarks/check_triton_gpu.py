@@ -89,8 +89,8 @@ def check_steps(device: str, backend: str, variant: str, k: int, shape: tuple[in
                 dtype: torch.dtype, iterations: int = 3) -> dict[str, float]:  # fmt: skip
     """``iterations`` steps through ``propagate`` on ``backend`` (one autograd node where it fuses them) against
     the same steps one by one on the reference, with a loss on an intermediate step as well as the last."""
-    _, h0, aff, att = leaves = _leaves(k, shape, dtype, device)
-    leaves = leaves[1:]
+    _, *leaves = _leaves(k, shape, dtype, device)  # h0, the affinity and the attention (h^0 is h0)
+    h0, aff, att = leaves
     if variant == "dyspn-factored":  # one affinity for every step, each step its own attention (the refiner's)
         steps = [_weights(variant, k, aff, att * s) for s in (1.0, 0.5, 0.25, 0.125, 0.0625)[:iterations]]
     else:  # CSPN: one set of weights for every step

@@ -1096,8 +1096,6 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
     RowPrefetch pf(spread && gh);  // spread over grad_h's gather, the one pass over a row's chunks always run
     // Rows r from the border, radius 1, every chunk a whole vector: the one sweep of fused_backward_row3.
     const bool fused = SPN_FUSED3 && r == 1 && stencil && gnw && W % P::lanes == 0 && P::lanes >= 4;
-    std::vector<T*> fouts(fused ? D * D : 0, nullptr);  // grad_nw's rows by window position
-    std::vector<const T*> faffs(fused ? D * D : 0, nullptr);  // the affinity's rows by window position (rs)
     for (long row = begin; row < end; ++row) {
         const long b = row / H, y = row % H, at = y * W;
         const T* gb = g + b * C * HW + at;
@@ -1190,15 +1188,15 @@ void backward_rows(const T* g, const T* h, const T* h0, const T* nw, const T* rs
           if (fused && inner) {
             for (int d = -r; d <= r; ++d) hrows[d + r] = hring.at(hring.slot(b, y + d), 0);
             gather_weights();  // an inner row: neighbour j is pair j, its padded weight row ws' by window position
-            for (int j = 0; j < K; ++j) {
-                fouts[(off.dy[j] + r) * D + off.dx[j] + r] = gnw + (b * K + j) * HW + at;
-                faffs[(off.dy[j] + r) * D + off.dx[j] + r] = nw + (b * K + j) * HW + at;
+            for (int j = 0; j < K; ++j) {  // grad_nw's and the affinity's rows by window position
+                wouts[(off.dy[j] + r) * D + off.dx[j] + r] = gnw + (b * K + j) * HW + at;
+                faff[(off.dy[j] + r) * D + off.dx[j] + r] = nw + (b * K + j) * HW + at;
             }
             const long item = b * C * HW + at, plane = b * HW + at;
             fused_backward_row3<P>(W, C, HW, gring.channel_stride(), hring.channel_stride(), rows.data(), ws.data(),
-                                   hrows.data(), fouts.data(), gh + item, gh0 ? gh0 + item : nullptr, h0 ? h0 + item : nullptr,
+                                   hrows.data(), wouts.data(), gh + item, gh0 ? gh0 + item : nullptr, h0 ? h0 + item : nullptr,
                                    sw ? sw + plane : nullptr, aw ? aw + plane : nullptr, gsw ? gsw + plane : nullptr,
-                                   gaw ? gaw + plane : nullptr, rs ? faffs.data() : nullptr,
+                                   gaw ? gaw + plane : nullptr, rs ? faff.data() : nullptr,
                                    rs ? rs + plane : nullptr, grs ? grs + plane : nullptr, accumulate, stream_w,
                                    stream_g, pf);
             continue;
